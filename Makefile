@@ -1,0 +1,48 @@
+# Every target installs first (idempotent: a stamp file records the installed requirements).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WORK   ?= work
+DATASET ?= synthetic
+ENCODERS ?=
+ANNOTATIONS ?=
+VIDEOS ?=
+FRAMES ?= 12
+WORKERS ?= 2
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 0
+
+.PHONY: install test demo extract bench clean-work help
+
+help:
+	@echo "make demo                 set up and run the synthetic benchmark end to end"
+	@echo "make test                 set up and run the test suite"
+	@echo "make extract DATASET=name [ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' WORK=dir]"
+	@echo "make bench                extraction throughput benchmark"
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) cli.py demo --work-dir $(WORK)
+
+extract: $(STAMP)
+	$(PY) cli.py extract --dataset $(DATASET) --work-dir $(WORK) --frames $(FRAMES) --workers $(WORKERS) \
+		$(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(VIDEOS),--videos $(VIDEOS)) \
+		$(foreach e,$(ENCODERS),--encoder $(e))
+
+bench: $(STAMP)
+	$(PY) bench/extract.py
+
+clean-work:
+	rm -rf $(WORK)
