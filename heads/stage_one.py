@@ -1,0 +1,164 @@
+"""Stage-one heads: cached frame / text embeddings -> a joint space scored by cosine similarity.
+
+Both heads share the text side (L2-normalise the frozen text embedding, a linear projection
+initialised to the identity, L2-normalise again) and a learnable logit scale (CLIP's
+parametrisation: ``scale = exp(logit_scale)``, initialised to ``1/0.07``, clamped at 100).
+
+* ``MeanP`` (CLIP4Clip's meanP): video = L2-normalised masked mean of the L2-normalised frame
+  embeddings. The video side is deliberately parameter-free, as in CLIP4Clip; with the identity
+  text projection it *is* zero-shot CLIP.
+* ``SeqTransf`` (CLIP4Clip's seqTransf, made to start at meanP): frames + learned position
+  embeddings go through a small pre-norm transformer (padded frames masked out as keys); its
+  output passes a zero-initialised linear layer and is added to the input frames, so at
+  initialisation the head equals meanP exactly and training moves away from it.
+
+Inputs are normalised first because frozen encoders differ in embedding scale; a padded (masked)
+frame never influences the output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (B, T, E) over valid frames ``mask`` (B, T); all-masked rows give zeros."""
+    x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
+
+
+def clean_frames(frame_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised frames with padded ones set to zero (so garbage or NaN there cannot leak)."""
+    x = torch.where(mask.unsqueeze(-1), frame_emb.float(), torch.zeros((), device=frame_emb.device))
+    return F.normalize(x, dim=-1)
+
+
+class StageOneHead(nn.Module):
+    """Common text side, logit scale and scoring of stage-one heads."""
+
+    name: str = "base"
+
+    def __init__(self, embed_dim: int, logit_scale: float = CLIP_LOGIT_SCALE, text_proj: bool = True) -> None:
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self._logit_scale_init = float(logit_scale)
+        self._use_text_proj = bool(text_proj)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.text_proj: nn.Linear | None = None
+        if text_proj:
+            self.text_proj = nn.Linear(embed_dim, embed_dim)
+            with torch.no_grad():
+                self.text_proj.weight.copy_(torch.eye(embed_dim))
+                self.text_proj.bias.zero_()
+
+    # -- interface -------------------------------------------------------------------------
+    def encode_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """(C, E) frozen text embeddings -> (C, E) unit vectors."""
+        x = F.normalize(text_emb.float(), dim=-1)
+        if self.text_proj is not None:
+            x = self.text_proj(x)
+        return F.normalize(x, dim=-1)
+
+    def encode_video(self, frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """(V, T, E) frame embeddings + (V, T) bool mask -> (V, E) unit vectors."""
+        raise NotImplementedError
+
+    def scale(self) -> torch.Tensor:
+        """The (clamped) multiplicative logit scale."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def logits(self, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine logits (C, V) from unit text / video embeddings."""
+        return self.scale() * text @ video.t()
+
+    def forward(self, frame_emb: torch.Tensor, frame_mask: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Scaled logits (C, V) between a batch of texts and a batch of videos."""
+        return self.logits(self.encode_text(text_emb), self.encode_video(frame_emb, frame_mask))
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able keyword arguments that rebuild this head with ``build_stage_one(**config)``."""
+        return {
+            "name": self.name,
+            "embed_dim": self.embed_dim,
+            "logit_scale": self._logit_scale_init,
+            "text_proj": self._use_text_proj,
+        }
+
+
+class MeanP(StageOneHead):
+    """Masked mean pooling of normalised frame embeddings (no video-side parameters)."""
+
+    name = "meanP"
+
+    def encode_video(self, frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        mask = frame_mask.bool()
+        return F.normalize(masked_mean(clean_frames(frame_emb, mask), mask), dim=-1)
+
+
+class SeqTransf(StageOneHead):
+    """Temporal transformer over frame embeddings, residual from meanP (see module docstring)."""
+
+    name = "seqTransf"
+
+    def __init__(
+        self,
+        embed_dim: int,
+        logit_scale: float = CLIP_LOGIT_SCALE,
+        text_proj: bool = True,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        ff_mult: float = 2.0,
+        dropout: float = 0.1,
+        max_frames: int = 64,
+    ) -> None:
+        super().__init__(embed_dim, logit_scale, text_proj)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self._arch = {
+            "num_layers": int(num_layers),
+            "num_heads": int(num_heads),
+            "ff_mult": float(ff_mult),
+            "dropout": float(dropout),
+            "max_frames": int(max_frames),
+        }
+        self.pos_emb = nn.Parameter(torch.randn(max_frames, embed_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model=embed_dim,
+            nhead=num_heads,
+            dim_feedforward=int(round(ff_mult * embed_dim)),
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(
+            layer, num_layers=num_layers, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
+        )
+        self.out = nn.Linear(embed_dim, embed_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def encode_video(self, frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        mask = frame_mask.bool()
+        num_frames = frame_emb.shape[1]
+        if num_frames > self.pos_emb.shape[0]:
+            raise ValueError(f"{num_frames} frames > max_frames {self.pos_emb.shape[0]} of this head")
+        frames = clean_frames(frame_emb, mask)
+        # Rows with no valid frame would make attention all -inf (NaN); let them attend freely,
+        # their pooled output is zero anyway.
+        padding = ~mask & mask.any(dim=1, keepdim=True)
+        x = frames + self.pos_emb[:num_frames]
+        delta = self.out(self.transformer(x, src_key_padding_mask=padding))
+        frames = F.normalize(frames + delta, dim=-1)
+        return F.normalize(masked_mean(frames, mask), dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), **self._arch}
