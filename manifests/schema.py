@@ -211,6 +211,7 @@ class Manifest:
         """Raise :class:`ManifestError` on the first problem found (names file and row)."""
         self.videos = _normalize(self.videos, VIDEO_COLUMNS, videos_name)
         self.captions = _normalize(self.captions, CAPTION_COLUMNS, captions_name)
+        self._paths = None
         _check_rows(self.videos, self.captions, videos_name, captions_name)
 
     # -- queries --------------------------------------------------------------------------
@@ -406,3 +407,119 @@ def finish(manifest: Manifest, out_dir: str | Path | None, missing: Sequence[str
     if out_dir is not None:
         return Manifest.read(manifest.write(out_dir))
     return manifest
+
+
+def annotation_file(explicit: str | Path | None, annotations_dir: str | Path | None,
+                    default_names: Sequence[str], what: str, required: bool = True) -> Path | None:
+    """Resolve one annotation file: the explicit path, else the first of ``default_names``
+    found in ``annotations_dir``. Raises :class:`ManifestError` naming what was tried."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ManifestError(f"{path}: {what} file not found")
+        return path
+    if annotations_dir is not None:
+        base = Path(annotations_dir).expanduser()
+        for name in default_names:
+            if (base / name).is_file():
+                return base / name
+        if required:
+            raise ManifestError(f"{base}: no {what} file (tried {', '.join(default_names)})")
+        return None
+    if required:
+        raise ManifestError(f"no {what} file: give annotations_dir or the file path")
+    return None
+
+
+def load_json(path: Path) -> Any:
+    """Parse a JSON annotation file, naming it in any error."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: invalid JSON: {exc}") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc}") from None
+
+
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line_number, text)`` of the non-blank lines of a text file (stripped)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc}") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+class RecordCollector:
+    """Accumulates video and caption rows for a builder, locating video files as it goes."""
+
+    def __init__(self, dataset: str, video_dir: str | Path | None, default_ext: str = ".mp4",
+                 extensions: Sequence[str] = VIDEO_EXTENSIONS):
+        if video_dir is None:
+            raise ManifestError(f"{dataset}: video_dir is required (the directory of the video "
+                                f"files; missing files are allowed unless require_videos=True)")
+        self.dataset = dataset
+        self.locator = VideoLocator(video_dir, extensions)
+        self.default_ext = default_ext
+        self.videos: list[dict[str, Any]] = []
+        self.captions: list[dict[str, Any]] = []
+        self.missing: list[str] = []
+        self.skipped_blank = 0
+        self._split: dict[str, str] = {}
+        self._origin: dict[str, str] = {}
+        self._count: dict[str, int] = {}
+
+    def has_video(self, video_id: str) -> bool:
+        return video_id in self._split
+
+    def split_of(self, video_id: str) -> str | None:
+        return self._split.get(video_id)
+
+    def add_video(self, video_id: str, split: str, origin: str,
+                  stems: Sequence[str] | None = None, path: Path | None = None,
+                  found: bool | None = None, start: float | None = None,
+                  end: float | None = None, **extra: Any) -> None:
+        """Add one video. The file is looked up from ``stems`` (default: the id) unless
+        ``path``/``found`` are given. ``origin`` names the annotation file for errors."""
+        if video_id in self._split:
+            raise ManifestError(f"{origin}: video {video_id!r} already listed in "
+                                f"{self._origin[video_id]} (split {self._split[video_id]!r})")
+        if path is None:
+            path, found = self.locator.locate(list(stems or [video_id]), self.default_ext)
+        if not found:
+            self.missing.append(video_id)
+        self._split[video_id] = split
+        self._origin[video_id] = origin
+        self.videos.append({"video_id": video_id, "path": str(path), "split": split,
+                            "start": start, "end": end, **extra})
+
+    def add_caption(self, video_id: str, text: Any, origin: str,
+                    caption_id: str | None = None) -> None:
+        """Add one caption of a known video (stripped; blank texts are skipped and counted)."""
+        if video_id not in self._split:
+            raise ManifestError(f"{origin}: caption for unknown video {video_id!r}")
+        if not isinstance(text, str):
+            raise ManifestError(f"{origin}: caption of video {video_id!r} is not a string: "
+                                f"{text!r}")
+        text = text.strip()
+        if not text:
+            self.skipped_blank += 1
+            return
+        n = self._count.get(video_id, 0)
+        self._count[video_id] = n + 1
+        self.captions.append({"caption_id": caption_id or f"{video_id}#{n}",
+                              "video_id": video_id, "text": text,
+                              "split": self._split[video_id]})
+
+    def caption_count(self, video_id: str) -> int:
+        return self._count.get(video_id, 0)
+
+    def finish(self, source: dict, out_dir: str | Path | None,
+               require_videos: bool) -> Manifest:
+        """Validate, record provenance, enforce ``require_videos``, write if ``out_dir``."""
+        source = {"video_dir": str(self.locator.video_dir), **source,
+                  "skipped_blank_captions": self.skipped_blank}
+        root = Path(out_dir) if out_dir is not None else self.locator.video_dir
+        m = Manifest.from_records(self.dataset, self.videos, self.captions, root, source)
+        return finish(m, out_dir, self.missing, require_videos)
