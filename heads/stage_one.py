@@ -7,8 +7,9 @@ parametrisation: ``scale = exp(logit_scale)``, initialised to ``1/0.07``, clampe
 * ``MeanP`` (CLIP4Clip's meanP): video = L2-normalised masked mean of the L2-normalised frame
   embeddings. The video side is deliberately parameter-free, as in CLIP4Clip; with the identity
   text projection it *is* zero-shot CLIP.
-* ``SeqTransf`` (CLIP4Clip's seqTransf, made to start at meanP): frames + learned position
-  embeddings go through a small pre-norm transformer (padded frames masked out as keys); its
+* ``SeqTransf`` (CLIP4Clip's seqTransf, made to start at meanP): frames (linearly mapped to the
+  transformer width, 256 by default, for CPU speed) + learned position embeddings go through a
+  small pre-norm transformer (padded frames masked out as keys); its
   output passes a zero-initialised linear layer and is added to the input frames, so at
   initialisation the head equals meanP exactly and training moves away from it.
 
@@ -114,35 +115,41 @@ class SeqTransf(StageOneHead):
         logit_scale: float = CLIP_LOGIT_SCALE,
         text_proj: bool = True,
         num_layers: int = 2,
-        num_heads: int = 8,
+        num_heads: int = 4,
+        width: int | None = 256,
         ff_mult: float = 2.0,
         dropout: float = 0.1,
         max_frames: int = 64,
     ) -> None:
         super().__init__(embed_dim, logit_scale, text_proj)
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        width = int(embed_dim if width is None else width)
+        if width % num_heads:
+            raise ValueError(f"transformer width {width} is not divisible by num_heads {num_heads}")
         self._arch = {
             "num_layers": int(num_layers),
             "num_heads": int(num_heads),
+            "width": width,
             "ff_mult": float(ff_mult),
             "dropout": float(dropout),
             "max_frames": int(max_frames),
         }
-        self.pos_emb = nn.Parameter(torch.randn(max_frames, embed_dim) * 0.02)
+        # A narrower transformer than the embedding keeps CPU training fast; the residual
+        # branch maps back to embed_dim.
+        self.inp: nn.Module = nn.Identity() if width == embed_dim else nn.Linear(embed_dim, width)
+        self.pos_emb = nn.Parameter(torch.randn(max_frames, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            d_model=embed_dim,
+            d_model=width,
             nhead=num_heads,
-            dim_feedforward=int(round(ff_mult * embed_dim)),
+            dim_feedforward=int(round(ff_mult * width)),
             dropout=dropout,
             activation="gelu",
             batch_first=True,
             norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(
-            layer, num_layers=num_layers, norm=nn.LayerNorm(embed_dim), enable_nested_tensor=False
+            layer, num_layers=num_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False
         )
-        self.out = nn.Linear(embed_dim, embed_dim)
+        self.out = nn.Linear(width, embed_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -155,7 +162,7 @@ class SeqTransf(StageOneHead):
         # Rows with no valid frame would make attention all -inf (NaN); let them attend freely,
         # their pooled output is zero anyway.
         padding = ~mask & mask.any(dim=1, keepdim=True)
-        x = frames + self.pos_emb[:num_frames]
+        x = self.inp(frames) + self.pos_emb[:num_frames]
         delta = self.out(self.transformer(x, src_key_padding_mask=padding))
         frames = F.normalize(frames + delta, dim=-1)
         return F.normalize(masked_mean(frames, mask), dim=-1)
