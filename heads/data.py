@@ -1,0 +1,166 @@
+"""Batches from a staged split without loading whole arrays into memory.
+
+A *staged split* is any object with the attributes of ``pipeline.store.StagedSplit``
+(``split``, ``video_ids``, ``caption_video``, ``frame_emb``, ``frame_mask``, ``text_emb``, ...);
+its arrays are usually ``np.memmap``. Only the rows of one batch are read, with sorted fancy
+indexing (sequential reads), and a background thread can prepare the next batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+class StagedSplitLike(Protocol):
+    """The attributes of ``pipeline.store.StagedSplit`` that heads use."""
+
+    store_fingerprint: str
+    encoder_identity: dict
+    split: str
+    video_ids: Sequence[str]
+    caption_ids: Sequence[str]
+    caption_video: np.ndarray
+    frame_emb: np.ndarray
+    frame_mask: np.ndarray
+    text_emb: np.ndarray
+
+
+def gather_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``array[index]`` as an in-memory copy, reading the distinct rows in ascending order."""
+    index = np.asarray(index, dtype=np.int64)
+    uniq, inverse = np.unique(index, return_inverse=True)
+    rows = np.asarray(array[uniq])
+    return rows[inverse.reshape(-1)]
+
+
+@dataclass
+class Batch:
+    """One training batch: caption ``i`` belongs to video ``i`` (square positives)."""
+
+    video_index: torch.Tensor  # (B,) int64 rows in the split's videos
+    caption_index: torch.Tensor  # (B,) int64 rows in the split's captions
+    frame_emb: torch.Tensor  # (B, T, E) float32
+    frame_mask: torch.Tensor  # (B, T) bool
+    text_emb: torch.Tensor  # (B, E) float32
+
+    def to(self, device: str | torch.device) -> "Batch":
+        """Move every tensor to ``device``."""
+        return Batch(*(t.to(device, non_blocking=True) for t in (
+            self.video_index, self.caption_index, self.frame_emb, self.frame_mask, self.text_emb)))
+
+
+class EpochSampler:
+    """Per epoch: one random caption per captioned video, videos shuffled, cut into batches.
+
+    Deterministic: epoch ``e`` with seed ``s`` always yields the same batches. Batches of a
+    single pair (no negatives) are dropped; ``drop_last`` drops any short final batch.
+    """
+
+    def __init__(self, caption_video: np.ndarray, num_videos: int, batch_size: int, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {batch_size}")
+        cv = np.asarray(caption_video, dtype=np.int64)
+        order = np.argsort(cv, kind="stable")
+        counts = np.bincount(cv, minlength=num_videos)
+        self.videos = np.flatnonzero(counts > 0)  # videos that can be a training pair
+        if self.videos.size < 2:
+            raise ValueError(f"need at least 2 captioned videos to train, got {self.videos.size}")
+        starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        self._captions_sorted = order
+        self._start = starts[self.videos]
+        self._count = counts[self.videos]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+
+    def __len__(self) -> int:
+        n, b = self.videos.size, self.batch_size
+        full, rest = divmod(n, b)
+        return full + (0 if self.drop_last or rest < 2 else 1)
+
+    def epoch(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(video_index, caption_index), ...]`` for this epoch."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        pick = self._start + (rng.random(self.videos.size) * self._count).astype(np.int64)
+        captions = self._captions_sorted[pick]
+        perm = rng.permutation(self.videos.size)
+        videos, captions = self.videos[perm], captions[perm]
+        batches = []
+        for start in range(0, videos.size, self.batch_size):
+            v = videos[start : start + self.batch_size]
+            if v.size < 2 or (self.drop_last and v.size < self.batch_size):
+                continue
+            batches.append((v, captions[start : start + self.batch_size]))
+        return batches
+
+
+def load_batch(split: Any, video_index: np.ndarray, caption_index: np.ndarray) -> Batch:
+    """Read the rows of one batch from the (memory-mapped) arrays of ``split``."""
+    return Batch(
+        video_index=torch.from_numpy(np.asarray(video_index, dtype=np.int64)),
+        caption_index=torch.from_numpy(np.asarray(caption_index, dtype=np.int64)),
+        frame_emb=torch.from_numpy(gather_rows(split.frame_emb, video_index).astype(np.float32, copy=False)),
+        frame_mask=torch.from_numpy(gather_rows(split.frame_mask, video_index).astype(bool, copy=False)),
+        text_emb=torch.from_numpy(gather_rows(split.text_emb, caption_index).astype(np.float32, copy=False)),
+    )
+
+
+_END = object()
+
+
+def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2) -> Iterator[Batch]:
+    """Yield ``load_batch`` for each planned batch; ``prefetch > 0`` reads ahead in a thread."""
+    if prefetch <= 0:
+        for v, c in plan:
+            yield load_batch(split, v, c)
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for v, c in plan:
+                if stop.is_set():
+                    return
+                item = load_batch(split, v, c)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            q.put(_END)
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=worker, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+def blocks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(n)``."""
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
