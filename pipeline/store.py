@@ -1,0 +1,582 @@
+"""The Zarr v3 feature cache (docs/ARCHITECTURE.md, section 4) and its local staging.
+
+Layout (schema version 1; ``V`` videos, ``T`` frames, ``N`` visual tokens of width ``D``,
+``E`` embedding width, ``C`` captions, ``L`` text tokens of width ``Dt``, ``S`` shard size,
+``St`` text shard size)::
+
+    <store>/                    attrs: format, schema_version, dataset, manifest_sha256, encoder,
+                                sampling {num_frames, strategy}, max_text_tokens, shard_size,
+                                num_shards, text_shard_size, num_text_shards, num_videos,
+                                num_captions, dims, compressor, created_by
+      videos/ids          (V,) str            chunk S
+      videos/split        (V,) str            chunk S
+      videos/status       (V,) int8           chunk S   0 pending, 1 ok, 2 failed
+      videos/error        (V,) str            chunk S   failure reason ("" when ok)
+      videos/tokens       (V,T,N,D) float16   chunk (1,T,N,D) inside shards (S,T,N,D)
+      videos/frame_emb    (V,T,E) float32     chunk (S,T,E)
+      videos/frame_mask   (V,T) bool          chunk (S,T)
+      videos/frame_index  (V,T) int32         chunk (S,T)   -1 for padding
+      videos/frame_time   (V,T) float32       chunk (S,T)   seconds, -1 for padding
+      texts/ids           (C,) str            chunk St
+      texts/video_index   (C,) int64          chunk St  row of the caption's video
+      texts/split         (C,) str            chunk St
+      texts/tokens        (C,L,Dt) float16    chunk (St,L,Dt)
+      texts/mask          (C,L) bool          chunk (St,L)
+      texts/emb           (C,E) float32       chunk (St,E)
+      shards/done         (num_shards,) bool       chunk 1: video shard i written whole
+      shards/text_done    (num_text_shards,) bool  chunk 1: text shard j written whole
+
+Every array is aligned to the shards, so video shard ``i`` (rows ``[i*S, (i+1)*S)``) and text
+shard ``j`` are each written whole by exactly one writer, then marked done; separate processes
+may fill disjoint shards of one store. Rows: videos sorted by (split, video_id); captions by
+(video row, caption_id). Strings use zarr 3's variable-length UTF-8 dtype. Arrays are
+uncompressed unless a compressor is chosen (``"zstd"`` or ``"blosc-zstd"``, applied to the token
+arrays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT = "crosstvr-feature-cache"
+CREATED_BY = "pipeline.store (crosstvr-cache 0.1.0)"
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+STAGE_ARRAYS = ("frame_emb", "tokens", "text")
+_STAGE_NAMES = {"frame_emb", "frame_mask", "text_emb", "tokens", "text", "text_tokens"}
+_STAGE_BLOCK_BYTES = 128 << 20  # read at most this much of one array at a time when staging
+# Keys of the attrs that must equal the request for a store to be reused.
+MATCH_KEYS = ("schema_version", "dataset", "manifest_sha256", "encoder", "sampling",
+              "max_text_tokens", "shard_size", "text_shard_size", "num_videos", "num_captions")
+
+
+class StoreError(ValueError):
+    """A path is not a feature cache of this schema, or the cache cannot serve a request."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was made for another manifest, encoder or sampling."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """What a store holds: identity of its content plus array sizes."""
+
+    dataset: str
+    manifest_sha256: str
+    encoder: dict
+    num_frames: int
+    num_tokens: int
+    token_dim: int
+    embed_dim: int
+    text_dim: int
+    max_text_tokens: int = 32
+    shard_size: int = 64
+    text_shard_size: int = 1024
+    strategy: str = "uniform-midpoint"
+    compressor: str | None = None
+
+    def attrs(self, num_videos: int, num_captions: int) -> dict:
+        """The store's root attributes."""
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "dataset": self.dataset,
+            "manifest_sha256": self.manifest_sha256,
+            "encoder": json.loads(json.dumps(self.encoder)),
+            "sampling": {"num_frames": int(self.num_frames), "strategy": self.strategy},
+            "max_text_tokens": int(self.max_text_tokens),
+            "shard_size": int(self.shard_size),
+            "num_shards": _ceil_div(num_videos, self.shard_size),
+            "text_shard_size": int(self.text_shard_size),
+            "num_text_shards": _ceil_div(num_captions, self.text_shard_size),
+            "num_videos": int(num_videos),
+            "num_captions": int(num_captions),
+            "dims": {"num_tokens": self.num_tokens, "token_dim": self.token_dim,
+                     "embed_dim": self.embed_dim, "text_dim": self.text_dim},
+            "compressor": self.compressor,
+            "created_by": CREATED_BY,
+        }
+
+
+@dataclass
+class StagedSplit:
+    """One split of a store copied to local ``.npy`` files (arrays are ``np.memmap``, or plain
+    arrays in tests). Only videos with status ok; ``caption_video`` indexes this split's videos."""
+
+    store_fingerprint: str
+    encoder_identity: dict
+    split: str
+    video_ids: list[str]
+    caption_ids: list[str]
+    caption_video: np.ndarray
+    frame_emb: np.ndarray
+    frame_mask: np.ndarray
+    text_emb: np.ndarray
+    tokens: np.ndarray | None = None
+    text_tokens: np.ndarray | None = None
+    text_mask: np.ndarray | None = None
+    frame_time: np.ndarray | None = None
+    store_attrs: dict = field(default_factory=dict)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _json_norm(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def fingerprint_of(attrs: dict) -> str:
+    """sha256 of what determines a store's content: schema, encoder identity, sampling,
+    manifest hash and text length."""
+    key = {k: attrs.get(k) for k in ("schema_version", "encoder", "sampling", "manifest_sha256",
+                                     "max_text_tokens")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _codecs(compressor: str | None) -> Any:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if compressor in (None, "", "none"):
+        return None
+    if compressor == "zstd":
+        return (ZstdCodec(level=3),)
+    if compressor == "blosc-zstd":
+        return (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
+    raise StoreError(f"unknown compressor {compressor!r} (none, zstd, blosc-zstd)")
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _local_path(url_or_path: str | os.PathLike) -> Path | None:
+    s = os.fspath(url_or_path)
+    if s.startswith("file://"):
+        return Path(s[len("file://"):])
+    return None if _is_url(s) else Path(s)
+
+
+def _open_group(url_or_path: str | os.PathLike, mode: str, storage_options: dict | None = None):
+    import zarr
+
+    local = _local_path(url_or_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is not in the v3 spec yet
+        if local is not None:
+            if mode == "r" and not (local / "zarr.json").is_file():
+                raise StoreError(f"{url_or_path}: not a feature cache store (no zarr.json)")
+            return zarr.open_group(str(local), mode=mode, zarr_format=3)
+        try:
+            return zarr.open_group(os.fspath(url_or_path), mode=mode, zarr_format=3,
+                                   storage_options=storage_options)
+        except FileNotFoundError as exc:
+            raise StoreError(f"{url_or_path}: not a feature cache store ({exc})") from exc
+
+
+class CacheStore:
+    """Reader (and, when opened writable, writer) of one feature cache store."""
+
+    def __init__(self, group: Any, url: str, writable: bool = False) -> None:
+        self._g = group
+        self.url = url
+        self.writable = writable
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{url}: not a feature cache store (attrs format="
+                             f"{attrs.get('format')!r}, expected {FORMAT!r})")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{url}: store schema_version {attrs.get('schema_version')!r} is not "
+                             f"supported (this code reads version {SCHEMA_VERSION})")
+        self.attrs: dict = attrs
+        self._cache: dict[str, Any] = {}
+
+    # -- opening / creation -----------------------------------------------------------------
+    @classmethod
+    def open(cls, url_or_path: str | os.PathLike, mode: str = "r",
+             storage_options: dict | None = None) -> "CacheStore":
+        """Open a store: local path, ``file://``, ``http(s)://`` (needs aiohttp and
+        consolidated metadata) or ``s3://`` (needs s3fs). ``mode`` is ``"r"`` or ``"r+"``."""
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        group = _open_group(url_or_path, mode, storage_options)
+        return cls(group, os.fspath(url_or_path), writable=mode == "r+")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, layout: StoreLayout, video_ids: Sequence[str],
+               video_splits: Sequence[str], caption_ids: Sequence[str],
+               caption_video: Sequence[int], caption_splits: Sequence[str]) -> "CacheStore":
+        """Create a new store with every array (data arrays empty, ids filled) and consolidated
+        metadata. Fails if something already exists at ``path``."""
+        import zarr
+
+        local = _local_path(path)
+        if local is not None and local.exists() and any(local.iterdir()):
+            raise StoreError(f"{path}: already exists; open it instead")
+        V, C = len(video_ids), len(caption_ids)
+        if not (len(video_splits) == V and len(caption_video) == C and len(caption_splits) == C):
+            raise ValueError("ids, splits and caption_video lengths disagree")
+        S, St, T = layout.shard_size, layout.text_shard_size, layout.num_frames
+        N, D, E = layout.num_tokens, layout.token_dim, layout.embed_dim
+        L, Dt = layout.max_text_tokens, layout.text_dim
+        if S < 1 or St < 1:
+            raise ValueError("shard sizes must be >= 1")
+        g = zarr.open_group(str(local) if local is not None else os.fspath(path), mode="w-",
+                            zarr_format=3)
+        g.attrs.update(layout.attrs(V, C))
+        big = _codecs(layout.compressor)
+        vs, ts = max(1, S), max(1, St)
+
+        def arr(name: str, shape: tuple, chunks: tuple, dtype: Any, fill: Any,
+                compressors: Any = None, shards: tuple | None = None) -> Any:
+            kw = {} if dtype is str else {"compressors": compressors}
+            return g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                                  fill_value=fill, **kw)
+
+        arr("videos/ids", (V,), (vs,), str, "")[...] = np.asarray(list(video_ids), dtype=str)
+        arr("videos/split", (V,), (vs,), str, "")[...] = np.asarray(list(video_splits), dtype=str)
+        arr("videos/status", (V,), (vs,), "int8", STATUS_PENDING)
+        arr("videos/error", (V,), (vs,), str, "")
+        arr("videos/tokens", (V, T, N, D), (1, T, N, D), "float16", 0, big, shards=(vs, T, N, D))
+        arr("videos/frame_emb", (V, T, E), (vs, T, E), "float32", 0)
+        arr("videos/frame_mask", (V, T), (vs, T), "bool", False)
+        arr("videos/frame_index", (V, T), (vs, T), "int32", -1)
+        arr("videos/frame_time", (V, T), (vs, T), "float32", -1.0)
+        arr("texts/ids", (C,), (ts,), str, "")[...] = np.asarray(list(caption_ids), dtype=str)
+        arr("texts/video_index", (C,), (ts,), "int64", -1)[...] = np.asarray(caption_video,
+                                                                          dtype=np.int64)
+        arr("texts/split", (C,), (ts,), str, "")[...] = np.asarray(list(caption_splits), dtype=str)
+        arr("texts/tokens", (C, L, Dt), (ts, L, Dt), "float16", 0, big)
+        arr("texts/mask", (C, L), (ts, L), "bool", False)
+        arr("texts/emb", (C, E), (ts, E), "float32", 0)
+        arr("shards/done", (_ceil_div(V, S),), (1,), "bool", False)
+        arr("shards/text_done", (_ceil_div(C, St),), (1,), "bool", False)
+        store = cls(g, os.fspath(path), writable=True)
+        store.consolidate()
+        return store
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, layout: StoreLayout,
+                       video_ids: Sequence[str], video_splits: Sequence[str],
+                       caption_ids: Sequence[str], caption_video: Sequence[int],
+                       caption_splits: Sequence[str]) -> "CacheStore":
+        """Open an existing store for writing after checking it was made for the same request
+        (else :class:`StoreMismatchError`), or create it."""
+        local = _local_path(path)
+        if local is not None and not (local / "zarr.json").is_file():
+            store = None
+        else:
+            try:
+                store = cls.open(path, mode="r+")
+            except StoreError:
+                if local is not None:
+                    raise
+                store = None  # remote store that does not exist yet
+        if store is None:
+            return cls.create(path, layout, video_ids, video_splits, caption_ids, caption_video,
+                              caption_splits)
+        want = _json_norm(layout.attrs(len(video_ids), len(caption_ids)))
+        have = _json_norm(store.attrs)
+        diff = [k for k in MATCH_KEYS if want.get(k) != have.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: store has {_short(have.get(k))}, request has "
+                                f"{_short(want.get(k))}" for k in diff)
+            raise StoreMismatchError(f"{path}: existing store was made for a different request "
+                                     f"({details}); use another store path or delete it")
+        if (store.video_ids != list(video_ids) or store.caption_ids != list(caption_ids)):
+            raise StoreMismatchError(f"{path}: existing store lists other video/caption ids")
+        return store
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def encoder_identity(self) -> dict:
+        return self.attrs["encoder"]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.attrs)
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.attrs["num_videos"])
+
+    @property
+    def num_captions(self) -> int:
+        return int(self.attrs["num_captions"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.attrs["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.attrs["num_shards"])
+
+    @property
+    def text_shard_size(self) -> int:
+        return int(self.attrs["text_shard_size"])
+
+    @property
+    def num_text_shards(self) -> int:
+        return int(self.attrs["num_text_shards"])
+
+    def array(self, name: str) -> Any:
+        """The zarr array ``name`` (e.g. ``"videos/tokens"``)."""
+        if name not in self._cache:
+            self._cache[name] = self._g[name]
+        return self._cache[name]
+
+    def _strings(self, name: str) -> list[str]:
+        return [str(s) for s in self.array(name)[...].tolist()] if self.array(name).shape[0] else []
+
+    @property
+    def video_ids(self) -> list[str]:
+        if "_vids" not in self._cache:
+            self._cache["_vids"] = self._strings("videos/ids")
+        return self._cache["_vids"]
+
+    @property
+    def caption_ids(self) -> list[str]:
+        if "_cids" not in self._cache:
+            self._cache["_cids"] = self._strings("texts/ids")
+        return self._cache["_cids"]
+
+    def splits(self) -> list[str]:
+        """Split names present among the videos (train, val, test order first)."""
+        present = set(self._strings("videos/split"))
+        order = ["train", "val", "test"]
+        return [s for s in order if s in present] + sorted(present - set(order))
+
+    def shard_range(self, i: int) -> tuple[int, int]:
+        """Video rows ``[lo, hi)`` of shard ``i``."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
+        return i * self.shard_size, min((i + 1) * self.shard_size, self.num_videos)
+
+    def text_shard_range(self, j: int) -> tuple[int, int]:
+        """Caption rows ``[lo, hi)`` of text shard ``j``."""
+        if not 0 <= j < self.num_text_shards:
+            raise IndexError(f"text shard {j} out of range 0..{self.num_text_shards - 1}")
+        return j * self.text_shard_size, min((j + 1) * self.text_shard_size, self.num_captions)
+
+    def done_shards(self) -> set[int]:
+        """Video shards written whole."""
+        if not self.num_shards:
+            return set()
+        return set(np.flatnonzero(self.array("shards/done")[...]).tolist())
+
+    def done_text_shards(self) -> set[int]:
+        """Text shards written whole."""
+        if not self.num_text_shards:
+            return set()
+        return set(np.flatnonzero(self.array("shards/text_done")[...]).tolist())
+
+    def is_complete(self) -> bool:
+        return (len(self.done_shards()) == self.num_shards
+                and len(self.done_text_shards()) == self.num_text_shards)
+
+    def status(self) -> np.ndarray:
+        """(V,) int8 status per video."""
+        return np.asarray(self.array("videos/status")[...])
+
+    def failures(self) -> dict[str, str]:
+        """``{video_id: reason}`` for videos with status failed."""
+        st = self.status()
+        rows = np.flatnonzero(st == STATUS_FAILED)
+        if not rows.size:
+            return {}
+        err = self.array("videos/error")[...]
+        ids = self.video_ids
+        return {ids[r]: str(err[r]) for r in rows}
+
+    # -- writing ----------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.url}: store opened read-only")
+
+    def write_shard(self, i: int, *, status: np.ndarray, error: Sequence[str],
+                    tokens: np.ndarray, frame_emb: np.ndarray, frame_mask: np.ndarray,
+                    frame_index: np.ndarray, frame_time: np.ndarray) -> None:
+        """Write every array of video shard ``i`` at once, then mark it done."""
+        self._check_writable()
+        lo, hi = self.shard_range(i)
+        n = hi - lo
+        data = {"videos/status": np.asarray(status, dtype=np.int8),
+                "videos/error": np.asarray(list(error), dtype=str).reshape(-1),
+                "videos/tokens": np.asarray(tokens, dtype=np.float16),
+                "videos/frame_emb": np.asarray(frame_emb, dtype=np.float32),
+                "videos/frame_mask": np.asarray(frame_mask, dtype=bool),
+                "videos/frame_index": np.asarray(frame_index, dtype=np.int32),
+                "videos/frame_time": np.asarray(frame_time, dtype=np.float32)}
+        for name, value in data.items():
+            want = (n,) + self.array(name).shape[1:]
+            if value.shape != want:
+                raise ValueError(f"shard {i}: {name} has shape {value.shape}, expected {want}")
+        for name, value in data.items():
+            self.array(name)[lo:hi] = value
+        self.array("shards/done")[i] = True
+
+    def write_text_shard(self, j: int, *, tokens: np.ndarray, mask: np.ndarray,
+                         emb: np.ndarray) -> None:
+        """Write every array of text shard ``j`` at once, then mark it done."""
+        self._check_writable()
+        lo, hi = self.text_shard_range(j)
+        n = hi - lo
+        data = {"texts/tokens": np.asarray(tokens, dtype=np.float16),
+                "texts/mask": np.asarray(mask, dtype=bool),
+                "texts/emb": np.asarray(emb, dtype=np.float32)}
+        for name, value in data.items():
+            want = (n,) + self.array(name).shape[1:]
+            if value.shape != want:
+                raise ValueError(f"text shard {j}: {name} has shape {value.shape}, "
+                                 f"expected {want}")
+        for name, value in data.items():
+            self.array(name)[lo:hi] = value
+        self.array("shards/text_done")[j] = True
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata (needed by HTTP readers)."""
+        import zarr
+
+        self._check_writable()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self._g.store)
+
+    # -- staging ----------------------------------------------------------------------------
+    def stage(self, split: str, stage_dir: str | os.PathLike,
+              arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
+        """Copy one split's ok videos and their captions into ``stage_dir/<split>/*.npy``.
+
+        ``frame_emb``, ``frame_mask``, ``frame_time`` and ``text_emb`` are always staged;
+        ``"tokens"`` adds the visual tokens, ``"text"`` (or ``"text_tokens"``) the text tokens
+        and mask. Copies shard by shard (never a whole array in memory). Idempotent: a
+        ``staged.json`` records the store fingerprint, the arrays and the status of the split's
+        videos; an identical request just reopens the memmaps.
+        """
+        unknown = set(arrays) - _STAGE_NAMES
+        if unknown:
+            raise ValueError(f"unknown staged arrays {sorted(unknown)} (known: "
+                             f"{sorted(_STAGE_NAMES)})")
+        want_tokens = "tokens" in arrays
+        want_text = "text" in arrays or "text_tokens" in arrays
+        out = Path(stage_dir) / split
+        splits = np.array(self._strings("videos/split"), dtype=object)
+        status = self.status()
+        in_split = splits == split
+        if not in_split.any():
+            raise StoreError(f"{self.url}: no videos of split {split!r} (splits: {self.splits()})")
+        rows = np.flatnonzero(in_split & (status == STATUS_OK))
+        vidx = np.asarray(self.array("texts/video_index")[...]) if self.num_captions \
+            else np.zeros(0, dtype=np.int64)
+        crows = np.flatnonzero(np.isin(vidx, rows)) if rows.size else np.zeros(0, np.int64)
+        needed_text = sorted({int(c) // self.text_shard_size for c in crows})
+        missing = sorted(set(needed_text) - self.done_text_shards())
+        if missing:
+            raise StoreError(f"{self.url}: text shards {missing[:5]} not written yet; finish the "
+                             f"extraction first")
+        key = {"fingerprint": self.fingerprint, "split": split, "tokens": want_tokens,
+               "text_tokens": want_text,
+               "status_sha256": hashlib.sha256(status[in_split].tobytes()).hexdigest(),
+               "num_videos": int(rows.size), "num_captions": int(crows.size)}
+        meta_path = out / "staged.json"
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                meta = {}
+            if meta.get("key") == key:
+                return self._load_staged(out, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        ids, cids = self.video_ids, self.caption_ids
+        T = int(self.attrs["sampling"]["num_frames"])
+        dims = self.attrs["dims"]
+        L = int(self.attrs["max_text_tokens"])
+        plan: list[tuple[str, str, tuple, Any, np.ndarray, int]] = [
+            ("frame_emb", "videos/frame_emb", (T, dims["embed_dim"]), np.float32, rows,
+             self.shard_size),
+            ("frame_mask", "videos/frame_mask", (T,), np.bool_, rows, self.shard_size),
+            ("frame_time", "videos/frame_time", (T,), np.float32, rows, self.shard_size),
+            ("text_emb", "texts/emb", (dims["embed_dim"],), np.float32, crows,
+             self.text_shard_size)]
+        if want_tokens:
+            plan.append(("tokens", "videos/tokens", (T, dims["num_tokens"], dims["token_dim"]),
+                         np.float16, rows, self.shard_size))
+        if want_text:
+            plan += [("text_tokens", "texts/tokens", (L, dims["text_dim"]), np.float16, crows,
+                      self.text_shard_size),
+                     ("text_mask", "texts/mask", (L,), np.bool_, crows, self.text_shard_size)]
+        for fname, src, shape, dtype, sel, block in plan:
+            mm = np.lib.format.open_memmap(out / f"{fname}.npy", mode="w+", dtype=dtype,
+                                           shape=(len(sel),) + tuple(shape))
+            pos = 0
+            for lo, part in _blocks(sel, block, int(np.prod(shape)) * np.dtype(dtype).itemsize):
+                data = np.asarray(self.array(src)[lo:int(part[-1]) + 1])
+                mm[pos:pos + len(part)] = data[part - lo]
+                pos += len(part)
+            mm.flush()
+            del mm
+        caption_video = np.searchsorted(rows, vidx[crows]).astype(np.int64)
+        np.save(out / "caption_video.npy", caption_video)
+        meta = {"key": key, "video_ids": [ids[r] for r in rows],
+                "caption_ids": [cids[c] for c in crows], "store_url": self.url,
+                "encoder_identity": self.encoder_identity, "store_attrs": self.attrs}
+        tmp = out / "staged.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(meta_path)
+        return self._load_staged(out, meta)
+
+    @staticmethod
+    def _load_staged(out: Path, meta: dict) -> StagedSplit:
+        def mm(name: str) -> np.ndarray | None:
+            p = out / f"{name}.npy"
+            return np.load(p, mmap_mode="r") if p.is_file() else None
+
+        key = meta["key"]
+        return StagedSplit(
+            store_fingerprint=key["fingerprint"], encoder_identity=meta["encoder_identity"],
+            split=key["split"], video_ids=list(meta["video_ids"]),
+            caption_ids=list(meta["caption_ids"]), caption_video=np.load(out / "caption_video.npy"),
+            frame_emb=mm("frame_emb"), frame_mask=mm("frame_mask"), text_emb=mm("text_emb"),
+            tokens=mm("tokens"), text_tokens=mm("text_tokens"), text_mask=mm("text_mask"),
+            frame_time=mm("frame_time"), store_attrs=meta.get("store_attrs", {}))
+
+
+def _blocks(sel: np.ndarray, shard: int, row_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Split sorted row indices ``sel`` into runs inside one shard and at most
+    ``_STAGE_BLOCK_BYTES`` of rows; yields ``(first_row_of_run, rows)``."""
+    if not len(sel):
+        return
+    max_rows = max(1, _STAGE_BLOCK_BYTES // max(1, row_bytes))
+    shard_of = sel // shard
+    start = 0
+    for k in range(1, len(sel) + 1):
+        if (k == len(sel) or shard_of[k] != shard_of[start]
+                or sel[k] - sel[start] >= max_rows):
+            part = sel[start:k]
+            yield int(part[0]), part
+            start = k
+
+
+def _short(value: Any) -> str:
+    s = json.dumps(value, sort_keys=True)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def layout_dict(layout: StoreLayout) -> dict:
+    """A layout as a plain dict (for reports)."""
+    return asdict(layout)
