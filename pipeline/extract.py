@@ -1,0 +1,317 @@
+"""The offline extraction job: decode each video once, run every encoder, write the stores.
+
+Unit of work: a shard of ``shard_size`` consecutive videos (rows sorted by split, then id),
+decoded once, encoded by every encoder whose store lacks that shard, and written whole into each
+of those stores; captions likewise in text shards. Re-running skips done shards and does no work
+twice. A store whose attributes do not match the request raises ``StoreMismatchError``. Failed
+videos get status 2 and their reason in the store (and ``failures.json`` next to the arrays of a
+local store) and are skipped; the run always finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
+from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder, parse_encoder
+from pipeline.sampling import PAD_INDEX, PAD_TIME, STRATEGY
+from pipeline.store import (STATUS_FAILED, STATUS_OK, CacheStore, StoreLayout, _local_path)
+
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass
+class ExtractReport:
+    """What one ``extract`` call did."""
+
+    stores: list[str]
+    videos: int = 0            # videos in the manifest
+    ok: int = 0                # decoded and encoded in this run
+    failed: int = 0            # failed in this run (reason in ``failures``)
+    skipped: int = 0           # already done in every store
+    captions_encoded: int = 0  # captions encoded in this run (per encoder counted once)
+    captions_skipped: int = 0
+    seconds: float = 0.0
+    decode_wait_seconds: float = 0.0   # time the encoder loop waited for decoded videos
+    encode_seconds: float = 0.0        # video encoding incl. preprocessing
+    text_seconds: float = 0.0
+    frames_encoded: int = 0            # per encoder
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for humans."""
+        rate = self.ok / self.seconds if self.seconds > 0 else 0.0
+        return (f"videos: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (done) "
+                f"of {self.videos}; captions: {self.captions_encoded} encoded, "
+                f"{self.captions_skipped} skipped; {self.seconds:.1f}s ({rate:.2f} videos/s)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Rows:
+    """Manifest content in store row order."""
+
+    video_ids: list[str]
+    video_splits: list[str]
+    tasks: list[DecodeTask]
+    caption_ids: list[str]
+    caption_video: list[int]
+    caption_splits: list[str]
+    caption_texts: list[str]
+
+
+def _none_if_nan(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if x != x else x
+
+
+def manifest_rows(manifest: Any) -> _Rows:
+    """Videos sorted by (split, video_id); captions by (video row, caption_id)."""
+    v = manifest.videos
+    ids = v.column("video_id").to_pylist()
+    splits = v.column("split").to_pylist()
+    starts = v.column("start").to_pylist()
+    ends = v.column("end").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: (SPLIT_ORDER.get(splits[i], 9), splits[i], ids[i]))
+    vids = [ids[i] for i in order]
+    row_of = {vid: r for r, vid in enumerate(vids)}
+    tasks = [DecodeTask(ids[i], str(manifest.video_path(ids[i])), _none_if_nan(starts[i]),
+                        _none_if_nan(ends[i])) for i in order]
+    c = manifest.captions
+    cids = c.column("caption_id").to_pylist()
+    cvid = c.column("video_id").to_pylist()
+    texts = c.column("text").to_pylist()
+    csplit = c.column("split").to_pylist()
+    corder = sorted(range(len(cids)), key=lambda i: (row_of[cvid[i]], cids[i]))
+    return _Rows(vids, [splits[i] for i in order], tasks, [cids[i] for i in corder],
+                 [row_of[cvid[i]] for i in corder], [csplit[i] for i in corder],
+                 [texts[i] for i in corder])
+
+
+def _in_part(i: int, part: tuple[int, int] | None) -> bool:
+    return part is None or i % part[1] == part[0]
+
+
+def _as_encoder(e: EncoderSpec | str | FrozenEncoder, device: str) -> FrozenEncoder:
+    if isinstance(e, FrozenEncoder):
+        return e
+    return load_encoder(parse_encoder(e) if isinstance(e, str) else e, device=device)
+
+
+class _ShardBuffer:
+    """Per-encoder arrays of one video shard, filled batch by batch."""
+
+    def __init__(self, n: int, T: int, enc: FrozenEncoder) -> None:
+        self.tokens = np.zeros((n, T, enc.num_tokens, enc.token_dim), dtype=np.float16)
+        self.emb = np.zeros((n, T, enc.embed_dim), dtype=np.float32)
+
+
+def _encode_batch(enc: FrozenEncoder, items: list[tuple[int, DecodeResult]],
+                  buf: _ShardBuffer) -> int:
+    """Encode the valid frames of ``items`` (local row, result) in one forward pass."""
+    import torch
+
+    xs = [enc.preprocess(torch.from_numpy(r.valid_frames)) for _, r in items]
+    tokens, emb = enc.encode_images(torch.cat(xs))
+    tokens = tokens.to(torch.float16).cpu().numpy()
+    emb = emb.float().cpu().numpy()
+    pos = 0
+    for row, r in items:
+        k = int(r.mask.sum())
+        where = np.flatnonzero(r.mask)
+        buf.tokens[row, where] = tokens[pos:pos + k]
+        buf.emb[row, where] = emb[pos:pos + k]
+        pos += k
+    return pos
+
+
+def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder],
+            store_paths: Sequence[str | os.PathLike], num_frames: int = 12,
+            shard_size: int = 64, workers: int = 2, timeout: float = 60.0,
+            max_text_tokens: int = 32, device: str = "cpu", batch_size: int = 96,
+            text_batch_size: int = 256, text_shard_size: int = 1024,
+            compressor: str | None = None, part: tuple[int, int] | None = None,
+            progress: bool = True, decode_fn: DecodeFn | None = None) -> ExtractReport:
+    """Extract features of ``manifest`` for every encoder into its store (one path each).
+
+    ``batch_size`` frames per encoder forward pass; ``part=(k, n)`` processes only shards with
+    ``index % n == k`` (to split one store's work between processes that share it);
+    ``decode_fn`` replaces :func:`pipeline.decode.decode_video` (tests).
+    """
+
+    t_start = time.perf_counter()
+    if len(encoders) != len(store_paths):
+        raise ValueError(f"{len(encoders)} encoders but {len(store_paths)} store paths")
+    if not encoders:
+        raise ValueError("no encoders given")
+    if len({os.fspath(p) for p in store_paths}) != len(store_paths):
+        raise ValueError("each encoder needs its own store path")
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
+    rows = manifest_rows(manifest)
+    encs = [_as_encoder(e, device) for e in encoders]
+    msha = manifest.sha256()
+    stores: list[CacheStore] = []
+    for enc, path in zip(encs, store_paths):
+        layout = StoreLayout(dataset=manifest.dataset, manifest_sha256=msha,
+                             encoder=enc.identity(), num_frames=num_frames,
+                             num_tokens=enc.num_tokens, token_dim=enc.token_dim,
+                             embed_dim=enc.embed_dim, text_dim=enc.text_dim,
+                             max_text_tokens=max_text_tokens, shard_size=shard_size,
+                             text_shard_size=text_shard_size, strategy=STRATEGY,
+                             compressor=compressor)
+        stores.append(CacheStore.open_or_create(path, layout, rows.video_ids, rows.video_splits,
+                                                rows.caption_ids, rows.caption_video,
+                                                rows.caption_splits))
+    report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids))
+    S = shard_size
+    V = len(rows.video_ids)
+    num_shards = stores[0].num_shards
+    done = [s.done_shards() for s in stores]
+    todo: list[tuple[int, list[int]]] = []  # (shard, encoders that need it)
+    for i in range(num_shards):
+        need = [k for k in range(len(stores)) if i not in done[k]]
+        if need and _in_part(i, part):
+            todo.append((i, need))
+        elif not need:
+            report.skipped += min(S, V - i * S)
+    tasks = [rows.tasks[r] for i, _ in todo for r in range(i * S, min(V, (i + 1) * S))]
+
+    pool = None
+    results = None
+    try:
+        if tasks:
+            pool = DecodePool(num_frames, max(e.image_size for e in encs), workers=workers,
+                              timeout=timeout, decode_fn=decode_fn)
+            results = pool.map(tasks)  # decoding starts now, overlapping the text pass
+        _extract_texts(encs, stores, rows, max_text_tokens, text_batch_size, part, report,
+                       progress)
+        if results is not None:
+            _extract_videos(encs, stores, todo, results, num_frames, S, V, batch_size, report,
+                            progress)
+    finally:
+        if results is not None:
+            results.close()
+        if pool is not None:
+            pool.close()
+    for store, path in zip(stores, store_paths):
+        store.consolidate()
+        local = _local_path(path)
+        if local is not None:
+            fails = store.failures()
+            tmp = local / "failures.json.tmp"
+            tmp.write_text(json.dumps(fails, indent=1, sort_keys=True) + "\n")
+            tmp.replace(local / "failures.json")
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _extract_texts(encs: list[FrozenEncoder], stores: list[CacheStore], rows: _Rows,
+                   max_text_tokens: int, batch: int, part: tuple[int, int] | None,
+                   report: ExtractReport, progress: bool) -> None:
+    """Encode every pending text shard of every store."""
+    import torch
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    counted: set[int] = set()
+    for enc, store in zip(encs, stores):
+        done = store.done_text_shards()
+        pending = [j for j in range(store.num_text_shards) if j not in done and _in_part(j, part)]
+        sizes = [store.text_shard_range(j) for j in pending]
+        bar = tqdm(total=sum(b - a for a, b in sizes),
+                   unit="caption", desc=f"texts {enc.spec.short_name()}",
+                   disable=not progress or not pending, leave=False)
+        for j in range(store.num_text_shards):
+            lo, hi = store.text_shard_range(j)
+            if j not in pending:
+                if j in done and j not in counted:
+                    report.captions_skipped += hi - lo
+                counted.add(j)
+                continue
+            toks, masks, embs = [], [], []
+            for b in range(lo, hi, batch):
+                t, m, e = enc.encode_texts(rows.caption_texts[b:min(hi, b + batch)],
+                                           max_tokens=max_text_tokens)
+                toks.append(t.to(torch.float16).cpu().numpy())
+                masks.append(m.cpu().numpy())
+                embs.append(e.float().cpu().numpy())
+                bar.update(min(hi, b + batch) - b)
+            store.write_text_shard(j, tokens=np.concatenate(toks), mask=np.concatenate(masks),
+                                   emb=np.concatenate(embs))
+            if j not in counted:
+                report.captions_encoded += hi - lo
+                counted.add(j)
+        bar.close()
+    report.text_seconds += time.perf_counter() - t0
+
+
+def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
+                    todo: list[tuple[int, list[int]]], results: Any, T: int, S: int, V: int,
+                    batch_size: int, report: ExtractReport, progress: bool) -> None:
+    """Consume decoded videos shard by shard; encode in frame batches; write whole shards."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(min(V, (i + 1) * S) - i * S for i, _ in todo), unit="video",
+               desc="videos", disable=not progress)
+    for i, need in todo:
+        lo, hi = i * S, min(V, (i + 1) * S)
+        n = hi - lo
+        bufs = {k: _ShardBuffer(n, T, encs[k]) for k in need}
+        status = np.zeros(n, dtype=np.int8)
+        error = [""] * n
+        mask = np.zeros((n, T), dtype=bool)
+        index = np.full((n, T), PAD_INDEX, dtype=np.int32)
+        times = np.full((n, T), PAD_TIME, dtype=np.float32)
+        pending: list[tuple[int, DecodeResult]] = []
+        pending_frames = 0
+
+        def flush() -> None:
+            nonlocal pending, pending_frames
+            if not pending:
+                return
+            t0 = time.perf_counter()
+            for k in need:
+                report.frames_encoded += _encode_batch(encs[k], pending, bufs[k])
+            report.encode_seconds += time.perf_counter() - t0
+            pending, pending_frames = [], 0
+
+        for row in range(n):
+            t0 = time.perf_counter()
+            res = next(results)
+            report.decode_wait_seconds += time.perf_counter() - t0
+            if res.video_id != stores[need[0]].video_ids[lo + row]:
+                raise RuntimeError(f"decode results out of order: got {res.video_id!r} for "
+                                   f"row {lo + row}")
+            if res.ok:
+                status[row] = STATUS_OK
+                mask[row], index[row], times[row] = res.mask, res.indices, res.times
+                pending.append((row, res))
+                pending_frames += int(res.mask.sum())
+                report.ok += 1
+                if pending_frames >= batch_size:
+                    flush()
+            else:
+                status[row] = STATUS_FAILED
+                error[row] = res.reason or "failed"
+                report.failed += 1
+                report.failures[res.video_id] = error[row]
+            bar.update(1)
+        flush()
+        for k in need:
+            stores[k].write_shard(i, status=status, error=error, tokens=bufs[k].tokens,
+                                  frame_emb=bufs[k].emb, frame_mask=mask, frame_index=index,
+                                  frame_time=times)
+    bar.close()
