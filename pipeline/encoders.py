@@ -168,6 +168,7 @@ class FrozenEncoder:
             raise EncoderError(f"{spec}: text tower {type(self._text).__name__} is not supported "
                                f"(need open_clip's TextTransformer)")
         self.context_length: int = int(getattr(model, "context_length", 77))
+        self._causal_only = self._text_is_causal_only()
         with torch.no_grad():
             tok, emb = self.encode_frames(torch.zeros(1, self.image_size, self.image_size, 3,
                                                       dtype=torch.uint8))
@@ -178,6 +179,17 @@ class FrozenEncoder:
         self.text_dim: int = int(ttok.shape[2])
         if temb.shape[1] != self.embed_dim:
             raise EncoderError(f"{spec}: image embed {self.embed_dim} != text embed {temb.shape[1]}")
+
+    def _text_is_causal_only(self) -> bool:
+        """Whether the text tower attends with a causal mask only (no padding mask / cls)."""
+        t = self._text if self._text is not None else self.model
+        if getattr(t, "attn_mask", None) is None:
+            return False
+        if self._text is not None and (getattr(t, "use_pad_mask", False)
+                                       or getattr(t, "cls_emb", None) is not None):
+            return False
+        pool = getattr(t, "pool_type", getattr(t, "text_pool_type", "argmax"))
+        return pool in ("argmax", "eos", "first")
 
     # -- identity -------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -242,28 +254,36 @@ class FrozenEncoder:
         Tokens are taken after ``ln_final`` from a pass over the full context (so ``emb`` equals
         the model's own ``encode_text``); positions past ``max_tokens`` are dropped.
         """
+        from open_clip.transformer import text_global_pool
+
         ids = self.tokenize(texts)
+        # With a purely causal mask, positions after the last real token do not change earlier
+        # ones: run only up to the longest text (or max_tokens), identical results, much faster.
+        keep = ids.shape[1]
+        if self._causal_only and ids.shape[0]:
+            longest = int((ids != 0).sum(dim=1).max())
+            keep = min(ids.shape[1], max(longest, max_tokens, 1))
+        run = ids[:, :keep]
         if self._text is not None:
             t = self._text
             if getattr(t, "cls_emb", None) is not None:
                 raise EncoderError(f"{self.spec}: text towers with a class token are not supported")
-            x, attn_mask = t._embeds(ids)
+            x, attn_mask = t._embeds(run)
+            if attn_mask is not None and attn_mask.ndim == 2:
+                attn_mask = attn_mask[:keep, :keep]
             x = t.transformer(x, attn_mask=attn_mask)
             x = t.ln_final(x)
-            from open_clip.transformer import text_global_pool
-
-            pooled = text_global_pool(x, ids, pool_type=t.pool_type,
+            pooled = text_global_pool(x, run, pool_type=t.pool_type,
                                       eos_token_id=getattr(t, "eos_id", None))
             proj = t.text_projection
         else:
             m = self.model
-            from open_clip.transformer import text_global_pool
-
-            x = m.token_embedding(ids).to(self.dtype)
-            x = x + m.positional_embedding.to(self.dtype)
-            x = m.transformer(x, attn_mask=m.attn_mask)
+            attn_mask = m.attn_mask[:keep, :keep] if m.attn_mask is not None else None
+            x = m.token_embedding(run).to(self.dtype)
+            x = x + m.positional_embedding[:keep].to(self.dtype)
+            x = m.transformer(x, attn_mask=attn_mask)
             x = m.ln_final(x)
-            pooled = text_global_pool(x, ids, m.text_pool_type,
+            pooled = text_global_pool(x, run, m.text_pool_type,
                                       eos_token_id=getattr(m, "text_eos_id", None))
             proj = m.text_projection
         if proj is not None:
