@@ -65,20 +65,20 @@ RGB: dict[str, tuple[int, int, int]] = {
 
 # Wording used by the caption grammar (also used by tests to check every attribute is named).
 MOTION_PHRASES: dict[str, list[str]] = {
-    "left": ["moves to the left", "slides left", "drifts leftward", "travels to the left"],
-    "right": ["moves to the right", "slides right", "drifts rightward", "travels to the right"],
-    "up": ["moves up", "rises", "drifts upward", "travels upward"],
-    "down": ["moves down", "sinks", "drifts downward", "travels downward"],
+    "left": ["moves to the left", "slides left", "heads left", "travels to the left"],
+    "right": ["moves to the right", "slides right", "heads right", "travels to the right"],
+    "up": ["moves up", "rises", "drifts up", "travels upward"],
+    "down": ["moves down", "sinks", "drifts down", "travels downward"],
     "still": ["stays still", "does not move", "remains in place", "stands still"],
     "grow": ["grows", "gets bigger", "expands", "grows larger"],
 }
 TIMING_PHRASES: dict[str, list[str]] = {
-    "throughout": ["is there the whole time", "is visible throughout",
-                   "stays for the entire clip", "is present all along"],
-    "appears": ["appears halfway through", "shows up midway", "appears in the second half",
+    "throughout": ["stays the whole time", "is visible throughout",
+                   "stays the whole clip", "is present all along"],
+    "appears": ["appears halfway through", "shows up midway", "appears midway",
                 "only shows up halfway"],
     "disappears": ["disappears halfway through", "vanishes midway",
-                   "is gone in the second half", "goes away halfway"],
+                   "is gone after halfway", "goes away halfway"],
 }
 CORNER_PHRASES: dict[str, list[str]] = {
     "top left": ["top left corner", "upper left corner"],
@@ -93,7 +93,7 @@ SHAPE_WORDS: dict[str, list[str]] = {
 _BIG = ["large", "big"]
 _SMALL = ["small", "tiny", "little"]
 _BG = ["on a {c} background", "against a {c} backdrop", "over a {c} background"]
-_IN = ["in the", "at the", "sitting in the"]
+_IN = ["in the", "at the"]
 
 ATTR_COLUMNS: tuple[str, ...] = ("bg_color", "main_shape", "main_color", "motion",
                                  "detail_shape", "detail_color", "corner", "timing")
@@ -138,7 +138,7 @@ def video_caption(attrs: Mapping[str, Any], rng: np.random.Generator) -> str:
     elif k == 3:
         text = f"{main} {bg} {motion}. {detail} {corner} {timing}."
     else:
-        text = f"{corner}, {detail} {timing}, and {main} {motion} {bg}."
+        text = f"{corner}, {detail} {timing}; {main} {motion} {bg}."
     text = text.replace(". a ", ". A ")
     return text[0].upper() + text[1:]
 
