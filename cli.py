@@ -138,6 +138,37 @@ def pretrain_encoder_cmd(work_dir, manifest, options) -> None:
     click.echo(f"encoder: {spec}")
 
 
+@main.command("probe-encoder")
+@click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
+@click.option("--manifest", type=click.Path(), help="Synthetic manifest dir (default: build it under work-dir).")
+@click.option("--encoder", "encoders", multiple=True,
+              help="Encoder spec to probe; repeatable (default: the pretrained synthetic encoder and the same "
+                   "config with random weights).")
+@click.option("--steps", default=300, show_default=True, help="Optimisation steps of each linear probe.")
+@click.option("--out", type=click.Path(), help="JSON output (default work-dir/reports/probes.json).")
+def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
+    """Calibration of the synthetic world: linear probes (train -> test) on the CLS embedding, the
+    mean patch token and the detail's patch token, plus zero-shot retrieval, per encoder."""
+    from pipeline.probes import format_probes, probe_encoder, write_probes
+
+    work = _work(work_dir)
+    m = _load_or_build_manifest("synthetic", manifest, work, None, None, {})
+    if m.dataset != "synthetic":
+        raise click.UsageError(f"probe-encoder needs the synthetic benchmark's manifest, got {m.dataset!r}")
+    specs = list(encoders)
+    if not specs:
+        pretrained = _synthetic_encoder(work, m)
+        specs = [pretrained, pretrained.split(":", 1)[0]]
+    names = {}
+    for s in specs:
+        label = "random" if ":" not in s else ("pretrained" if s.startswith("synth-vit-b32-tiny:") else s)
+        names[label if label not in names else s] = s
+    results = {label: probe_encoder(m, s, work / "encoders", steps=steps) for label, s in names.items()}
+    path = write_probes(results, out or work / "reports" / "probes.json")
+    click.echo(format_probes(results))
+    click.echo(f"probes: {path}")
+
+
 # --------------------------------------------------------------------------- extraction
 
 
@@ -198,7 +229,9 @@ def _stage(store_url: str, split: str, stage_dir: str | None, work: Path, arrays
 
 @main.command("train-stage-one")
 @click.option("--store", required=True, help="Token store path or URL (file://, http(s)://, s3://).")
-@click.option("--head", default="seqTransf", show_default=True, help="Stage-one head (meanP, seqTransf).")
+@click.option("--head", default="seqTransf", show_default=True, help="Stage-one head (meanP, seqTransf, clip2video).")
+@click.option("--head-option", "head_options", multiple=True,
+              help="Head option key=value, repeatable (e.g. num_centers=5 weight=0.5 for clip2video, num_layers=1).")
 @click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
 @click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
 @click.option("--out", help="Run directory (default work-dir/runs/stage1-<head>).")
@@ -207,7 +240,8 @@ def _stage(store_url: str, split: str, stage_dir: str | None, work: Path, arrays
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def train_stage_one_cmd(store, head, work_dir, stage_dir, out, epochs, batch_size, lr, seed, device) -> None:
+def train_stage_one_cmd(store, head, head_options, work_dir, stage_dir, out, epochs, batch_size, lr, seed,
+                        device) -> None:
     """Train a stage-one (cosine) head from cached frame and text embeddings; model selection on val."""
     from heads.train import train_stage_one
 
@@ -216,7 +250,8 @@ def train_stage_one_cmd(store, head, work_dir, stage_dir, out, epochs, batch_siz
     val = _stage(store, "val", stage_dir, work) if _has_split(store, "val") else None
     out_dir = Path(out) if out else work / "runs" / f"stage1-{head}"
     ckpt = train_stage_one(train, val, head=head, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
-                           lr=lr, seed=seed, device=_device(device))
+                           lr=lr, seed=seed, device=_device(device),
+                           head_config=_parse_options(head_options) or None)
     click.echo(f"checkpoint: {ckpt}")
 
 
