@@ -285,6 +285,96 @@ def eval_cmd(store, stage_one, split, work_dir, stage_dir, out) -> None:
     click.echo(f"report: {json_path}")
 
 
+# --------------------------------------------------------------------------- stage-one comparison
+
+
+def _default_store(work: Path) -> str:
+    """The demo's store: the single ``work/stores/synthetic-*.zarr``."""
+    found = sorted((work / "stores").glob("synthetic-*.zarr"))
+    if len(found) != 1:
+        raise click.UsageError(
+            f"give --store: found {len(found)} synthetic stores under {work / 'stores'} "
+            f"({', '.join(p.name for p in found) or 'none; run `python cli.py demo` first'})")
+    return str(found[0])
+
+
+def _per_head_options(pairs: tuple[str, ...], heads: list[str]) -> dict[str, dict]:
+    """`HEAD:key=value` pairs -> {head: {key: value}} (values parsed as in `--option`)."""
+    out: dict[str, dict] = {h: {} for h in heads}
+    for pair in pairs:
+        head, sep, rest = pair.partition(":")
+        if not sep or head not in out:
+            raise click.BadParameter(f"expected HEAD:key=value with HEAD one of {', '.join(heads)}, got {pair!r}",
+                                     param_hint="--head-option")
+        out[head].update(_parse_options((rest,)))
+    return out
+
+
+@main.command("compare-stage-one")
+@click.option("--store", help="Token store path or URL (default: the demo store work-dir/stores/synthetic-*.zarr).")
+@click.option("--heads", "head_list", default="meanP,seqTransf,clip2video", show_default=True,
+              help="Comma-separated stage-one heads to train and compare.")
+@click.option("--head-option", "head_options", multiple=True,
+              help="HEAD:key=value, repeatable (e.g. clip2video:num_centers=5).")
+@click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
+@click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
+@click.option("--out", help="Directory for the runs and the report (default work-dir/compare-stage-one).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, out, epochs, batch_size, lr, seed,
+                          device) -> None:
+    """Train each stage-one head (selection on val), evaluate all on test, print and write one table.
+
+    The table starts with the untrained meanP baseline (zero-shot CLIP on the cached embeddings).
+    Writes OUT/compare-stage-one.{json,txt} and OUT/compare-stage-one.runs.json (per head: checkpoint,
+    selected epoch, val rsum, options, parameters, training seconds).
+    """
+    from heads import STAGE_ONE
+    from heads.evaluate import evaluate, untrained_baseline, write_report
+    from heads.metrics import metrics_to_json
+    from heads.train import load_stage_one, train_stage_one
+
+    work = _work(work_dir)
+    names = [h.strip() for h in head_list.split(",") if h.strip()]
+    unknown = [h for h in names if h not in STAGE_ONE]
+    if not names or unknown:
+        raise click.BadParameter(f"unknown head(s) {unknown} (known: {', '.join(STAGE_ONE)})", param_hint="--heads")
+    options = _per_head_options(head_options, names)
+    store = store or _default_store(work)
+    out_dir = Path(out) if out else work / "compare-stage-one"
+    dev = _device(device)
+    train = _stage(store, "train", stage_dir, work)
+    val = _stage(store, "val", stage_dir, work) if _has_split(store, "val") else None
+    if val is None:
+        click.echo("no val split in the store: each head keeps its last epoch")
+    test = _stage(store, "test", stage_dir, work)
+    results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test, device=dev)}
+    runs: dict[str, dict] = {}
+    for name in names:
+        click.echo(f"[{name}] training {epochs} epochs on {train.split} ({len(train.video_ids)} videos)")
+        t0 = time.time()
+        ckpt = train_stage_one(train, val, head=name, out_dir=out_dir / "runs" / f"stage1-{name}", epochs=epochs,
+                               batch_size=batch_size, lr=lr, seed=seed, device=dev,
+                               head_config=options[name] or None)
+        seconds = time.time() - t0
+        loaded = load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity)
+        results[f"{name} (trained)"] = evaluate(loaded.head, test, device=dev)
+        runs[name] = {"checkpoint": str(ckpt), "best_epoch": loaded.history.get("best_epoch"),
+                      "val_rsum": loaded.history.get("best_score"), "config": loaded.config,
+                      "parameters": sum(p.numel() for p in loaded.head.parameters()),
+                      "train_seconds": round(seconds, 1)}
+        click.echo(f"      best epoch {runs[name]['best_epoch']}, {seconds:.0f}s")
+    json_path, table = write_report(results, out_dir, name="compare-stage-one")
+    meta = {"store": store, "store_fingerprint": train.store_fingerprint, "test_split": test.split,
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": dev, "heads": runs}
+    (out_dir / "compare-stage-one.runs.json").write_text(metrics_to_json(meta) + "\n")
+    click.echo(table)
+    click.echo(f"report: {json_path}")
+
+
 # --------------------------------------------------------------------------- demo
 
 

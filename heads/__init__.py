@@ -22,9 +22,10 @@ class UnknownHeadError(KeyError):
 
 
 def _stage_one_registry() -> dict[str, type]:
+    from heads.clip2video import CLIP2Video
     from heads.stage_one import MeanP, SeqTransf
 
-    return {"meanP": MeanP, "seqTransf": SeqTransf}
+    return {"meanP": MeanP, "seqTransf": SeqTransf, "clip2video": CLIP2Video}
 
 
 def build_stage_one(name: str, embed_dim: int, **cfg: Any) -> "StageOneHead":
@@ -32,7 +33,14 @@ def build_stage_one(name: str, embed_dim: int, **cfg: Any) -> "StageOneHead":
     registry = _stage_one_registry()
     if name not in registry:
         raise UnknownHeadError(f"unknown stage-one head {name!r}; known heads: {', '.join(sorted(registry))}")
-    return registry[name](embed_dim, **cfg)
+    cls = registry[name]
+    import inspect
+
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "embed_dim")]
+    unknown = sorted(set(cfg) - set(accepted))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for stage-one head {name!r}; its options: {', '.join(accepted)}")
+    return cls(embed_dim, **cfg)
 
 
 def __getattr__(attr: str) -> Any:

@@ -41,18 +41,46 @@ def gather_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Batch:
-    """One training batch: caption ``i`` belongs to video ``i`` (square positives)."""
+    """One training batch: caption ``i`` belongs to video ``i`` (square positives).
+
+    ``text_tokens`` / ``text_mask`` are only loaded for heads that use word tokens
+    (``uses_text_tokens``); otherwise they are ``None``.
+    """
 
     video_index: torch.Tensor  # (B,) int64 rows in the split's videos
     caption_index: torch.Tensor  # (B,) int64 rows in the split's captions
     frame_emb: torch.Tensor  # (B, T, E) float32
     frame_mask: torch.Tensor  # (B, T) bool
     text_emb: torch.Tensor  # (B, E) float32
+    text_tokens: torch.Tensor | None = None  # (B, L, Dt) float32
+    text_mask: torch.Tensor | None = None  # (B, L) bool
 
     def to(self, device: str | torch.device) -> "Batch":
         """Move every tensor to ``device``."""
-        return Batch(*(t.to(device, non_blocking=True) for t in (
-            self.video_index, self.caption_index, self.frame_emb, self.frame_mask, self.text_emb)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in (
+            self.video_index, self.caption_index, self.frame_emb, self.frame_mask, self.text_emb,
+            self.text_tokens, self.text_mask)))
+
+    def text_kwargs(self) -> dict[str, torch.Tensor]:
+        """``{"text_tokens": ..., "text_mask": ...}`` when loaded, else ``{}`` (for head calls)."""
+        if self.text_tokens is None:
+            return {}
+        return {"text_tokens": self.text_tokens, "text_mask": self.text_mask}
+
+
+def uses_text_tokens(head: Any) -> bool:
+    """Whether a stage-one head (instance or class) needs the caption word tokens."""
+    return bool(getattr(head, "uses_text_tokens", False))
+
+
+def require_text_tokens(split: Any, head_name: str) -> None:
+    """Refuse a split without staged text tokens for a head that needs them, with a clear error."""
+    if getattr(split, "text_tokens", None) is None or getattr(split, "text_mask", None) is None:
+        raise ValueError(
+            f"head {head_name!r} uses the caption word tokens, but split {getattr(split, 'split', '?')!r} "
+            f"has no text_tokens/text_mask; stage it with the text tokens "
+            f"(CacheStore.stage(..., arrays=('frame_emb', 'text')))"
+        )
 
 
 class EpochSampler:
@@ -101,25 +129,36 @@ class EpochSampler:
         return batches
 
 
-def load_batch(split: Any, video_index: np.ndarray, caption_index: np.ndarray) -> Batch:
-    """Read the rows of one batch from the (memory-mapped) arrays of ``split``."""
+def load_batch(split: Any, video_index: np.ndarray, caption_index: np.ndarray,
+               text_tokens: bool = False) -> Batch:
+    """Read the rows of one batch from the (memory-mapped) arrays of ``split``.
+
+    ``text_tokens=True`` also reads the captions' word tokens and mask.
+    """
+    words = mask = None
+    if text_tokens:
+        words = torch.from_numpy(gather_rows(split.text_tokens, caption_index).astype(np.float32, copy=False))
+        mask = torch.from_numpy(gather_rows(split.text_mask, caption_index).astype(bool, copy=False))
     return Batch(
         video_index=torch.from_numpy(np.asarray(video_index, dtype=np.int64)),
         caption_index=torch.from_numpy(np.asarray(caption_index, dtype=np.int64)),
         frame_emb=torch.from_numpy(gather_rows(split.frame_emb, video_index).astype(np.float32, copy=False)),
         frame_mask=torch.from_numpy(gather_rows(split.frame_mask, video_index).astype(bool, copy=False)),
         text_emb=torch.from_numpy(gather_rows(split.text_emb, caption_index).astype(np.float32, copy=False)),
+        text_tokens=words,
+        text_mask=mask,
     )
 
 
 _END = object()
 
 
-def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2) -> Iterator[Batch]:
+def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2,
+                    text_tokens: bool = False) -> Iterator[Batch]:
     """Yield ``load_batch`` for each planned batch; ``prefetch > 0`` reads ahead in a thread."""
     if prefetch <= 0:
         for v, c in plan:
-            yield load_batch(split, v, c)
+            yield load_batch(split, v, c, text_tokens)
         return
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -129,7 +168,7 @@ def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], p
             for v, c in plan:
                 if stop.is_set():
                     return
-                item = load_batch(split, v, c)
+                item = load_batch(split, v, c, text_tokens)
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)

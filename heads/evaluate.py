@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from heads.data import blocks
+from heads.data import blocks, require_text_tokens, uses_text_tokens
 from heads.metrics import format_table, metrics_to_json, retrieval_metrics
 from heads.stage_one import MeanP, StageOneHead
 
@@ -22,13 +22,19 @@ def encode_videos(head: StageOneHead, split: Any, batch: int = 1024, device: str
         mask = torch.from_numpy(np.array(split.frame_mask[sl], dtype=bool)).to(device)
         out.append(head.encode_video(emb, mask))
     if not out:
-        return torch.zeros(0, head.embed_dim, device=device)
+        return torch.zeros(0, int(getattr(head, "output_dim", head.embed_dim)), device=device)
     return torch.cat(out)
 
 
 @torch.no_grad()
 def similarity(head: StageOneHead, split: Any, batch: int = 1024, device: str = "cpu") -> np.ndarray:
-    """(C, V) float32 cosine similarities (no logit scale) between every caption and video."""
+    """(C, V) float32 cosine similarities (no logit scale) between every caption and video.
+
+    Heads with ``uses_text_tokens`` (clip2video) also get the captions' word tokens and mask.
+    """
+    words = uses_text_tokens(head)
+    if words:
+        require_text_tokens(split, getattr(head, "name", type(head).__name__))
     was_training = head.training
     head.eval()
     try:
@@ -37,7 +43,13 @@ def similarity(head: StageOneHead, split: Any, batch: int = 1024, device: str = 
         sim = np.empty((num_captions, videos.shape[0]), dtype=np.float32)
         for sl in blocks(num_captions, batch):
             text = torch.from_numpy(np.array(split.text_emb[sl], dtype=np.float32)).to(device)
-            sim[sl] = (head.encode_text(text) @ videos.t()).float().cpu().numpy()
+            kwargs = {}
+            if words:
+                kwargs = {
+                    "text_tokens": torch.from_numpy(np.array(split.text_tokens[sl], dtype=np.float32)).to(device),
+                    "text_mask": torch.from_numpy(np.array(split.text_mask[sl], dtype=bool)).to(device),
+                }
+            sim[sl] = (head.encode_text(text, **kwargs) @ videos.t()).float().cpu().numpy()
     finally:
         head.train(was_training)
     return sim

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from heads import build_stage_one
-from heads.data import EpochSampler, iterate_batches
+from heads import STAGE_ONE, build_stage_one
+from heads.data import EpochSampler, iterate_batches, require_text_tokens, uses_text_tokens
 from heads.evaluate import evaluate
 from heads.losses import positive_mask, symmetric_infonce
 from heads.metrics import rsum
@@ -64,6 +64,7 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 def _param_groups(head: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases, norms, position embeddings and the scale are exempt.
 
+    (Position / type embeddings are the parameters named ``*_emb``; VLAD ``centers`` are exempt too.)
     The identity-initialised text projection decays towards the identity, not towards zero
     (see ``_decay_text_proj_to_identity``), so it is exempt here too.
     """
@@ -71,7 +72,8 @@ def _param_groups(head: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in head.named_parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.ndim >= 2 and not name.startswith("text_proj") and name != "pos_emb"
+        is_matrix = (p.ndim >= 2 and not name.startswith("text_proj") and not name.endswith("_emb")
+                     and name != "centers")
         (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -118,6 +120,13 @@ def train_stage_one(
                 f"train and val splits come from different stores "
                 f"({train.store_fingerprint[:12]} vs {val.store_fingerprint[:12]})"
             )
+    head_config = dict(head_config or {})
+    words = uses_text_tokens(STAGE_ONE.get(head))
+    if words:  # e.g. clip2video: word tokens in every batch and in evaluation
+        require_text_tokens(train, head)
+        if val is not None:
+            require_text_tokens(val, head)
+        head_config.setdefault("text_dim", int(train.text_tokens.shape[-1]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     embed_dim = int(train.frame_emb.shape[-1])
@@ -148,9 +157,9 @@ def train_stage_one(
             for epoch in range(epochs):
                 model.train()
                 t0, losses = time.perf_counter(), []
-                for batch in iterate_batches(train, sampler.epoch(epoch), prefetch=prefetch):
+                for batch in iterate_batches(train, sampler.epoch(epoch), prefetch=prefetch, text_tokens=words):
                     batch = batch.to(device)
-                    logits = model(batch.frame_emb, batch.frame_mask, batch.text_emb)
+                    logits = model(batch.frame_emb, batch.frame_mask, batch.text_emb, **batch.text_kwargs())
                     mask = positive_mask(batch.video_index, batch.video_index, batch.text_emb)
                     loss = symmetric_infonce(logits, mask)
                     optimizer.zero_grad(set_to_none=True)

@@ -26,10 +26,10 @@ def _inputs(b: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def test_registry_and_unknown_name() -> None:
-    assert set(heads.STAGE_ONE) == {"meanP", "seqTransf"}
+    assert set(heads.STAGE_ONE) == {"meanP", "seqTransf", "clip2video"}
     assert isinstance(build_stage_one("meanP", E), MeanP)
     assert isinstance(build_stage_one("seqTransf", E, num_layers=1, num_heads=4), SeqTransf)
-    with pytest.raises(UnknownHeadError, match="known heads: meanP, seqTransf"):
+    with pytest.raises(UnknownHeadError, match="known heads: clip2video, meanP, seqTransf"):
         build_stage_one("xpool", E)
 
 
