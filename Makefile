@@ -13,11 +13,12 @@ STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: install test demo extract bench clean-work help
+.PHONY: install test demo compare extract bench clean-work help
 
 help:
 	@echo "make demo                 set up and run the synthetic benchmark end to end"
 	@echo "make test                 set up and run the test suite"
+	@echo "make compare [STORE=zarr] train meanP / seqTransf / clip2video on the demo store, one test table"
 	@echo "make extract DATASET=name [ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' WORK=dir]"
 	@echo "make bench                extraction throughput benchmark"
 
@@ -35,6 +36,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) cli.py demo --work-dir $(WORK)
+
+compare: $(STAMP)
+	$(PY) cli.py compare-stage-one --work-dir $(WORK) $(if $(STORE),--store $(STORE)) $(if $(HEADS),--heads $(HEADS))
 
 extract: $(STAMP)
 	$(PY) cli.py extract --dataset $(DATASET) --work-dir $(WORK) --frames $(FRAMES) --workers $(WORKERS) \
