@@ -1,0 +1,239 @@
+"""Stage-two re-ranking: top-K permutation only, unique-pair scoring, V2T, outputs, DSL, CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from heads.metrics import t2v_ranks, v2t_ranks
+from heads.rerank import lift, rerank, top_k, unique_pairs, write_outputs
+
+IDENTITY = {"name": "toy-encoder", "pretrained": "none"}
+
+
+@dataclass
+class TokenSplit:
+    """Duck-typed staged split whose tokens encode their own row: tokens[v, 0, 0, 0] == v and
+    text_tokens[c, 0, 0] == c, so a fake head can look up a known score per pair."""
+
+    caption_video: np.ndarray
+    num_videos: int
+    split: str = "test"
+    store_fingerprint: str = "toy-store"
+    encoder_identity: dict = field(default_factory=lambda: dict(IDENTITY))
+
+    def __post_init__(self) -> None:
+        c, v = len(self.caption_video), self.num_videos
+        self.video_ids = [f"vid{i}" for i in range(v)]
+        self.caption_ids = [f"cap{i}" for i in range(c)]
+        self.tokens = np.zeros((v, 2, 3, 4), np.float16)
+        self.tokens[:, 0, 0, 0] = np.arange(v)
+        self.frame_mask = np.ones((v, 2), bool)
+        self.text_tokens = np.zeros((c, 3, 4), np.float16)
+        self.text_tokens[:, 0, 0] = np.arange(c)
+        self.text_mask = np.ones((c, 3), bool)
+
+
+class TableHead(nn.Module):
+    """Fake stage-two head: score of (caption c, video v) = table[c, v]; records every pair scored."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+        self.pairs: list[tuple[int, int]] = []
+
+    def score(self, tokens, frame_mask, text_tokens, text_mask):
+        v = tokens[:, 0, 0, 0].long()
+        c = text_tokens[:, 0, 0].long()
+        self.pairs += list(zip(c.tolist(), v.tolist()))
+        return self.table[c, v]
+
+
+# Hand-built world: 3 captions x 4 videos, K = 2 (video 2 has no caption: not a V2T query).
+S = np.array([[0.9, 0.8, 0.1, 0.0],
+              [0.5, 0.7, 0.6, 0.2],
+              [0.3, 0.3, 0.9, 0.4]], dtype=np.float32)
+CV = np.array([1, 3, 0])
+H = np.zeros((3, 4), np.float32)
+H[0, 1] = 1.0    # T2V c0: lifts its video v1 over v0 (both in c0's top 2)
+H[1, 1] = 2.0    # V2T v1: caption c1 overtakes the true caption c0
+H[1, 3] = 100.0  # c1's true video v3 is outside c1's T2V top 2 (never helps T2V), but c1 is in v3's V2T top 2
+H[2, 0] = 50.0   # (c2, v0) is in neither candidate set: must never be scored
+
+
+def test_top_k_breaks_ties_by_index():
+    s = np.array([[1.0, 2.0, 2.0, 0.5, 2.0]])
+    assert top_k(s, 3).tolist() == [[1, 2, 4]]
+    assert top_k(s, 10).shape == (1, 5)
+    with pytest.raises(ValueError, match="K must be"):
+        top_k(s, 0)
+
+
+def test_hand_built_ranks_and_metrics():
+    split = TokenSplit(CV, 4)
+    head = TableHead(H)
+    res = rerank(S, split, head, k=2, progress=False)
+    # T2V: c0 -> v1 moves from rank 1 to 0; c1's v3 (rank 3) and c2's v0 (rank 3, tie) stay
+    assert t2v_ranks(res.stage_one_t2v, CV).tolist() == [1, 3, 3]
+    assert t2v_ranks(res.t2v_matrix, CV).tolist() == [0, 3, 3]
+    # V2T queries v0, v1, v3: v1's true caption c0 drops to 1, v3's true caption c1 rises to 0
+    assert res.v2t_videos.tolist() == [0, 1, 3]
+    assert v2t_ranks(res.stage_one_v2t, CV).tolist() == [2, 0, 1]
+    assert v2t_ranks(res.v2t_matrix, CV).tolist() == [2, 1, 0]
+    m = res.metrics()
+    assert m["stage one"]["t2v"]["R@1"] == 0.0
+    assert m["re-ranked"]["t2v"]["R@1"] == pytest.approx(100 / 3)
+    assert m["stage one"]["t2v"]["R@2"] == pytest.approx(100 / 3)  # stage one's R@K
+    assert m["re-ranked"]["t2v"]["R@2"] == pytest.approx(100 / 3)
+    assert m["stage one"]["t2v"]["MnR"] == pytest.approx((2 + 4 + 4) / 3)
+    assert m["re-ranked"]["t2v"]["MnR"] == pytest.approx((1 + 4 + 4) / 3)
+    assert m["stage one"]["v2t"]["R@1"] == pytest.approx(100 / 3)
+    assert m["re-ranked"]["v2t"]["R@1"] == pytest.approx(100 / 3)
+    assert m["re-ranked"]["v2t"]["MnR"] == pytest.approx((3 + 2 + 1) / 3)
+    # final scores of the candidates are sim + head score
+    assert res.t2v_candidates.tolist() == [[0, 1], [1, 2], [2, 3]]
+    np.testing.assert_allclose(res.t2v_final, [[0.9, 1.8], [2.7, 0.6], [0.9, 0.4]], rtol=1e-6)
+
+
+def test_each_unique_pair_scored_once():
+    split = TokenSplit(CV, 4)
+    head = TableHead(H)
+    res = rerank(S, split, head, k=2, batch_size=3, progress=False)
+    t2v = {(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3)}
+    v2t = {(0, 0), (1, 0), (0, 1), (1, 1), (2, 3), (1, 3)}
+    assert sorted(head.pairs) == sorted(t2v | v2t)  # 8 distinct pairs, none twice
+    assert res.num_pairs == 8 and res.num_candidates == 12
+    assert (2, 0) not in head.pairs
+    caps, vids = unique_pairs(res.t2v_candidates, res.v2t_videos, res.v2t_candidates, 4)
+    assert list(vids) == sorted(vids)  # batches read videos in order
+
+
+def test_t2v_only_scores_t2v_pairs():
+    head = TableHead(H)
+    res = rerank(S, TokenSplit(CV, 4), head, k=2, directions=("t2v",), progress=False)
+    assert len(head.pairs) == 6 and res.v2t_matrix is None
+    assert set(res.metrics()["re-ranked"]) == {"t2v"}
+
+
+def test_oracle_head_fixes_inside_top_k_never_beyond():
+    rng = np.random.default_rng(0)
+    num_v, k = 40, 5
+    cv = np.concatenate([np.arange(num_v - 4), rng.integers(0, num_v - 4, size=30)])  # 4 videos uncaptioned
+    sim = rng.normal(size=(cv.size, num_v)).astype(np.float32)
+    oracle = (cv[:, None] == np.arange(num_v)[None, :]).astype(np.float32) * 10.0
+    res = rerank(sim, TokenSplit(cv, num_v), TableHead(oracle), k=k, progress=False)
+    r1, r2 = t2v_ranks(sim, cv), t2v_ranks(res.t2v_matrix, cv)
+    assert (r1 >= k).any() and (r1[r1 < k] > 0).any()  # the test covers both cases
+    np.testing.assert_array_equal(r2, np.where(r1 < k, 0, r1))
+    v1, v2 = v2t_ranks(sim, cv), v2t_ranks(res.v2t_matrix, cv)
+    np.testing.assert_array_equal(v2, np.where(v1 < k, 0, v1))
+    m = res.metrics()
+    for d in ("t2v", "v2t"):
+        assert m["re-ranked"][d][f"R@{k}"] == m["stage one"][d][f"R@{k}"]
+        assert m["re-ranked"][d]["R@1"] == m["stage one"][d][f"R@{k}"]
+
+
+def test_adversarial_head_only_permutes_top_k():
+    rng = np.random.default_rng(1)
+    cv = np.arange(12)
+    sim = rng.normal(size=(12, 12)).astype(np.float32)
+    res = rerank(sim, TokenSplit(cv, 12), TableHead(rng.normal(size=(12, 12)) * 100), k=4, progress=False)
+    for c in range(12):  # the top 4 set is unchanged, and the rest keep stage-one order
+        new_order = np.argsort(-res.t2v_matrix[c], kind="stable")
+        old_order = np.argsort(-sim[c], kind="stable")
+        assert set(new_order[:4]) == set(old_order[:4])
+        assert new_order[4:].tolist() == old_order[4:].tolist()
+
+
+def test_lift_offset_keeps_lifted_entries_on_top():
+    base = np.array([[0.0, 5.0, -3.0]])
+    out = lift(base, np.array([[0]]), np.array([[2]]), np.array([[-7.0]]))
+    assert out[0, 2] > out[0, 1] and out[0, 1] == 5.0
+
+
+def test_outputs_written(tmp_path):
+    split = TokenSplit(CV, 4)
+    res = rerank(S, split, TableHead(H), k=2, progress=False)
+    paths, table = write_outputs(res, split, tmp_path, meta={"head": "table"})
+    t2v = pq.read_table(paths["t2v"])
+    assert t2v.column_names == ["query_id", "query_index", "rank", "candidate_id", "candidate_index",
+                                "stage_one_rank", "stage_one_score", "head_score", "final_score", "positive"]
+    rows = [r for r in t2v.to_pylist() if r["query_id"] == "cap0"]
+    assert [r["rank"] for r in rows] == [1, 2]
+    assert [r["candidate_id"] for r in rows] == ["vid1", "vid0"]
+    assert [r["stage_one_rank"] for r in rows] == [2, 1]
+    assert [r["positive"] for r in rows] == [True, False]
+    np.testing.assert_allclose([r["final_score"] for r in rows], [1.8, 0.9], rtol=1e-6)
+    np.testing.assert_allclose([r["head_score"] for r in rows], [1.0, 0.0], rtol=1e-6)
+    v2t = pq.read_table(paths["v2t"])
+    assert v2t.num_rows == 3 * 2 and set(v2t.column("query_id").to_pylist()) == {"vid0", "vid1", "vid3"}
+    metrics = json.loads(paths["metrics"].read_text())
+    assert set(metrics) == {"stage one", "re-ranked"} and set(metrics["re-ranked"]) == {"t2v", "v2t"}
+    assert "R@2" in metrics["stage one"]["t2v"]
+    run = json.loads(paths["run"].read_text())
+    assert run["pairs_scored"] == 8 and run["head"] == "table"
+    assert "t2v re-ranked" in table and "v2t stage one" in table
+
+
+def test_dsl_applies_dual_softmax_to_final_matrices(monkeypatch):
+    calls = []
+
+    def fake_dual_softmax(sim, temperature=0.01, direction="t2v"):
+        calls.append(direction)
+        return np.asarray(sim, dtype=np.float64) * 2.0  # rank-preserving
+
+    monkeypatch.setitem(sys.modules, "heads.postprocess",
+                        types.SimpleNamespace(dual_softmax=fake_dual_softmax))
+    split = TokenSplit(CV, 4)
+    plain = rerank(S, split, TableHead(H), k=2, progress=False).metrics()
+    res = rerank(S, split, TableHead(H), k=2, dsl=True, progress=False)
+    assert res.metrics() == plain
+    assert calls.count("t2v") == 2 and calls.count("v2t") == 2  # stage one and re-ranked, per direction
+    np.testing.assert_allclose(res.t2v_final, 2 * np.array([[0.9, 1.8], [2.7, 0.6], [0.9, 0.4]]), rtol=1e-6)
+
+
+def test_real_dual_softmax_runs():
+    pytest.importorskip("heads.postprocess")
+    res = rerank(S, TokenSplit(CV, 4), TableHead(H), k=2, dsl=True, dsl_temperature=1.0, progress=False)
+    assert set(res.metrics()["re-ranked"]) == {"t2v", "v2t"}
+    assert np.isfinite(res.t2v_matrix).all()
+
+
+def test_crosstvr_head_batches_match_single_pairs():
+    from heads.stage_two import build_stage_two
+
+    rng = np.random.default_rng(3)
+    split = TokenSplit(np.array([0, 1, 2, 2, 3]), 5)
+    split.tokens = rng.normal(size=(5, 3, 5, 8)).astype(np.float16)
+    split.frame_mask = np.ones((5, 3), bool)
+    split.frame_mask[4, 2] = False
+    split.text_tokens = rng.normal(size=(5, 4, 6)).astype(np.float16)
+    split.text_mask = np.ones((5, 4), bool)
+    split.text_mask[0, 2:] = False
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", 8, 6, width=16, layers=1, heads=2, num_queries=2, num_selected=2)
+    head.standardizer.fit(split)
+    sim = rng.normal(size=(5, 5)).astype(np.float32)
+    res = rerank(sim, split, head, k=3, batch_size=4, progress=False)
+    c, v = 2, int(res.t2v_candidates[2, 1])
+    with torch.no_grad():
+        one = head.eval().score(torch.from_numpy(split.tokens[[v]]), torch.from_numpy(split.frame_mask[[v]]),
+                                torch.from_numpy(split.text_tokens[[c]]), torch.from_numpy(split.text_mask[[c]]))
+    assert res.t2v_head[2, 1] == pytest.approx(float(one), abs=1e-4)
+
+
+def test_missing_tokens_and_bad_shapes_are_clear_errors():
+    split = TokenSplit(CV, 4)
+    split.tokens = None
+    with pytest.raises(ValueError, match="tokens"):
+        rerank(S, split, TableHead(H), k=2, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        rerank(S[:, :3], TokenSplit(CV, 4), TableHead(H), k=2, progress=False)
