@@ -375,6 +375,279 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
     click.echo(f"report: {json_path}")
 
 
+# --------------------------------------------------------------------------- stage two: training
+
+STAGE_TWO_ARRAYS = ("frame_emb", "tokens", "text")
+
+
+def train_head(store: str, stage_one: str | Path, work: Path, out: str | Path | None = None,
+               stage_dir: str | None = None, head: str = "crosstvr", head_cfg: dict | None = None,
+               **train_kwargs) -> Path:
+    """Stage the store's train (and val) split with tokens and train a stage-two head on them.
+
+    ``train_kwargs`` go to ``heads.train_stage_two.train_stage_two`` (epochs, batch_size, lr,
+    hard_negatives, seed, device, ...). Returns the checkpoint path (``out/stage_two.pt``; default
+    ``out`` = work/runs/stage2-<head>). The demo and the ablation call this.
+    """
+    from heads.train_stage_two import train_stage_two
+
+    train = _stage(store, "train", stage_dir, work, arrays=STAGE_TWO_ARRAYS)
+    val = _stage(store, "val", stage_dir, work, arrays=STAGE_TWO_ARRAYS) if _has_split(store, "val") else None
+    out_dir = Path(out) if out else work / "runs" / f"stage2-{head}"
+    return train_stage_two(train, val, stage_one, out_dir, head=head, head_cfg=head_cfg, **train_kwargs)
+
+
+@main.command("train-head")
+@click.option("--store", required=True, help="Token store path or URL (file://, http(s)://, s3://).")
+@click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
+              help="Stage-one checkpoint: its train similarities drive hard-negative mining.")
+@click.option("--head", default="crosstvr", show_default=True, type=click.Choice(["crosstvr", "t2v2t"]),
+              help="Stage-two head.")
+@click.option("--mode", type=click.Choice(["both", "spatial", "temporal"]),
+              help="CrossTVR attention passes [default: both].")
+@click.option("--unshared", is_flag=True, help="CrossTVR: separate parameters for the temporal pass.")
+@click.option("--num-selected", type=int, help="CrossTVR: tokens kept per frame by the selector (M) [default: 4].")
+@click.option("--head-option", "head_options", multiple=True,
+              help="Other head option key=value, repeatable (e.g. width=128 layers=2 spatial_frames=4).")
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, help="Positive pairs per step (x3 with negatives).")
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--hard-negatives", default="anneal", show_default=True,
+              type=click.Choice(["anneal", "hard", "random"]),
+              help="anneal: random in-batch negatives first, hard ones (stage-one softmax) by mid-training.")
+@click.option("--max-steps", type=int, help="Stop after this many steps (resumable: run again to continue).")
+@click.option("--fresh", is_flag=True, help="Ignore an existing run in --out and start again.")
+@click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
+@click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
+@click.option("--out", help="Run directory (default work-dir/runs/stage2-<head>).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def train_head_cmd(store, stage_one, head, mode, unshared, num_selected, head_options, epochs, batch_size, lr,
+                   hard_negatives, max_steps, fresh, work_dir, stage_dir, out, seed, device) -> None:
+    """Train a stage-two re-ranking head (ITM with hard negatives) on cached patch and text tokens."""
+    cfg = _parse_options(head_options)
+    if head == "crosstvr":
+        if mode is not None:
+            cfg["mode"] = mode
+        if unshared:
+            cfg["shared"] = False
+        if num_selected is not None:
+            cfg["num_selected"] = num_selected
+    elif mode is not None or unshared or num_selected is not None:
+        raise click.UsageError("--mode, --unshared and --num-selected apply to --head crosstvr only")
+    ckpt = train_head(store, stage_one, _work(work_dir), out=out, stage_dir=stage_dir, head=head,
+                      head_cfg=cfg or None, epochs=epochs, batch_size=batch_size, lr=lr,
+                      hard_negatives=hard_negatives, max_steps=max_steps, resume=not fresh, seed=seed,
+                      device=_device(device))
+    click.echo(f"checkpoint: {ckpt}")
+
+
+# --------------------------------------------------------------------------- stage two: re-ranking
+
+
+def _best_stage_one(work: Path) -> Path:
+    """The stage-one checkpoint under work/runs/stage1-* with the best val score (val only)."""
+    import torch
+
+    found = sorted((work / "runs").glob("stage1-*/stage_one.pt"))
+    if not found:
+        raise click.UsageError(f"give --stage-one: no stage-one checkpoint under {work / 'runs'} "
+                               f"(run `python cli.py demo` or `train-stage-one` first)")
+
+    def val_score(p: Path) -> float:
+        hist = torch.load(p, map_location="cpu", weights_only=True).get("history", {}) or {}
+        score = hist.get("best_score")
+        return float("-inf") if score is None else float(score)
+
+    return max(found, key=val_score)
+
+
+def rerank_split(store: str, stage_one: str | Path, head_ckpt: str | Path, work: Path, split: str = "test",
+                 k: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
+                 out: str | Path | None = None, stage_dir: str | None = None, device: str = "cpu",
+                 batch_size: int = 64, sim=None, progress: bool = True):
+    """Stage ``split`` with tokens, re-rank it and write the outputs; returns (paths, table, result).
+
+    ``sim`` (optional) is a precomputed stage-one similarity of that split (the ablation reuses
+    one). Encoder identities are checked: ``StoreMismatchError`` names the differences.
+    """
+    from heads.rerank import load_head, rerank, stage_one_similarity, write_outputs
+
+    data = _stage(store, split, stage_dir, work, arrays=STAGE_TWO_ARRAYS)
+    head, head_info = load_head(head_ckpt, data)
+    s1_info: dict = {"path": str(stage_one)}
+    if sim is None:
+        sim, s1_info = stage_one_similarity(stage_one, data, device=device)
+    res = rerank(sim, data, head, k=k, dsl=dsl, dsl_temperature=dsl_temperature, batch_size=batch_size,
+                 device=device, progress=progress)
+    out_dir = Path(out) if out else work / "reports" / f"rerank-{split}"
+    meta = {"store": str(store), "store_fingerprint": data.store_fingerprint, "stage_one": s1_info,
+            "head": head_info, "device": device, "batch_size": batch_size}
+    title = f"{split}: stage one vs re-ranked top {k}" + (" (DSL)" if dsl else "")
+    paths, table = write_outputs(res, data, out_dir, meta=meta, title=title)
+    return paths, table, res
+
+
+def _mismatch_to_click(fn):
+    """Turn encoder / store mismatches and missing files into a clean CLI error."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from heads.train import StoreMismatchError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StoreMismatchError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+@main.command("rerank")
+@click.option("--store", required=True, help="Token store path or URL (file://, http(s)://, s3://).")
+@click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
+              help="Stage-one checkpoint (stage_one.pt or its run dir) or an imported external similarity dir.")
+@click.option("--head", "head_ckpt", required=True, type=click.Path(exists=True),
+              help="Stage-two checkpoint (stage_two.pt or its run dir).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--k", "k", default=15, show_default=True, help="Candidates re-ranked per query.")
+@click.option("--dsl", is_flag=True, help="Dual-softmax post-processing of stage one and the re-ranked scores.")
+@click.option("--dsl-temperature", type=float, help="Dual-softmax temperature [default: heads.postprocess's].")
+@click.option("--batch-size", default=64, show_default=True, help="Pairs per head forward pass.")
+@click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
+@click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
+@click.option("--out", help="Output directory (default work-dir/reports/rerank-<split>).")
+@click.option("--device", default="auto", show_default=True)
+@_mismatch_to_click
+def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batch_size, work_dir, stage_dir, out,
+               device) -> None:
+    """Re-rank every query's stage-one top K with a stage-two head (final = cosine + head score).
+
+    Writes ranked_t2v.parquet / ranked_v2t.parquet (each query's re-ranked top K), metrics.json
+    (stage one vs re-ranked, T2V and V2T, with stage one's R@K) and prints the table.
+    """
+    paths, table, res = rerank_split(store, stage_one, head_ckpt, _work(work_dir), split=split, k=k, dsl=dsl,
+                                     dsl_temperature=dsl_temperature, out=out, stage_dir=stage_dir,
+                                     device=_device(device), batch_size=batch_size)
+    click.echo(table)
+    click.echo(f"{res.num_pairs} pairs scored in {res.seconds['scoring']:.1f}s; "
+               f"outputs: {paths['metrics'].parent}")
+
+
+ABLATION_VARIANTS: dict[str, tuple[str, str, dict]] = {
+    # name: (table label, head, head_cfg)
+    "spatial": ("+spatial", "crosstvr", {"mode": "spatial"}),
+    "temporal": ("+temporal", "crosstvr", {"mode": "temporal"}),
+    "both": ("both (shared)", "crosstvr", {}),
+    "both-unshared": ("both (unshared)", "crosstvr", {"shared": False}),
+    "t2v2t": ("T2V2T", "t2v2t", {}),
+}
+
+
+def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[str, dict[str, float]]:
+    """One row per model: T2V and V2T R@1/5/10 and MnR, plus stage one's R@K per direction."""
+    rows = {}
+    for label, m in [("stage one", stage_one), *variants.items()]:
+        row = {}
+        for d in ("t2v", "v2t"):
+            if d not in m:
+                continue
+            for key in ("R@1", "R@5", "R@10", "MnR"):
+                row[f"{d.upper()} {key}"] = m[d][key]
+        rows[label] = row
+    for d in ("t2v", "v2t"):
+        if d in stage_one:
+            rows["stage one"][f"{d.upper()} R@{k} (stage one)"] = stage_one[d][f"R@{k}"]
+    return rows
+
+
+@main.command("ablation")
+@click.option("--store", help="Token store (default: the demo store under work-dir; built by the demo if missing).")
+@click.option("--stage-one", "stage_one", type=click.Path(exists=True),
+              help="Stage-one checkpoint (default: the demo's stage-one run with the best val score).")
+@click.option("--variants", default=",".join(ABLATION_VARIANTS), show_default=True,
+              help=f"Comma-separated subset of {', '.join(ABLATION_VARIANTS)}.")
+@click.option("--k", "k", default=15, show_default=True, help="Candidates re-ranked per query.")
+@click.option("--epochs", type=int, help="Stage-two epochs [default: the trainer's].")
+@click.option("--head-option", "head_options", multiple=True,
+              help="Head option key=value applied to every variant (e.g. width=128).")
+@click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
+@click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
+@click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+@_mismatch_to_click
+def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, work_dir, stage_dir, out, seed,
+                 device) -> None:
+    """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) / T2V2T.
+
+    Trains each head on train (epoch selected on val only), re-ranks the test split's stage-one
+    top K with it and writes one table (T2V / V2T R@1/5/10, MnR, stage one's R@K) to
+    OUT/ablation.{json,txt}; each variant's ranked lists and metrics go to OUT/<variant>/. Runs that
+    already finished with the same arguments are reused. Without --store the demo's store is used,
+    and the demo is run first when it is missing.
+    """
+    from heads.evaluate import write_report
+    from heads.metrics import metrics_to_json
+    from heads.rerank import stage_one_similarity
+
+    work = _work(work_dir)
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in ABLATION_VARIANTS]
+    if not names or unknown:
+        raise click.BadParameter(f"unknown variant(s) {unknown} (known: {', '.join(ABLATION_VARIANTS)})",
+                                 param_hint="--variants")
+    if store is None and not sorted((work / "stores").glob("synthetic-*.zarr")):
+        click.echo(f"no demo store under {work / 'stores'}: running the demo first")
+        ctx.invoke(demo_cmd, work_dir=work_dir, seed=seed, device=device)
+    demo_defaults = store is None and stage_one is None and out is None and epochs is None
+    store = store or _default_store(work)
+    stage_one = stage_one or str(_best_stage_one(work))
+    dev = _device(device)
+    out_dir = Path(out) if out else work / "ablation"
+    extra = _parse_options(head_options)
+    train_kwargs = {"seed": seed, "device": dev}
+    if epochs is not None:
+        train_kwargs["epochs"] = epochs
+    test = _stage(store, "test", stage_dir, work, arrays=STAGE_TWO_ARRAYS)
+    sim, s1_info = stage_one_similarity(stage_one, test, device=dev)
+    click.echo(f"stage one: {stage_one}")
+    results: dict[str, dict] = {}
+    runs: dict[str, dict] = {}
+    stage_one_metrics = None
+    for name in names:
+        label, head, cfg = ABLATION_VARIANTS[name]
+        cfg = {**cfg, **extra}
+        click.echo(f"[{label}] training {head} {cfg or ''}")
+        t0 = time.time()
+        # the demo's head (crosstvr, trainer defaults) lives in work/runs/stage2-crosstvr: reuse it
+        run_dir = (work / "runs" / "stage2-crosstvr" if name == "both" and not cfg and demo_defaults
+                   else out_dir / "runs" / name)
+        ckpt = train_head(store, stage_one, work, out=run_dir, stage_dir=stage_dir, head=head,
+                          head_cfg=cfg or None, **train_kwargs)
+        train_s = time.time() - t0
+        paths, table, res = rerank_split(store, stage_one, ckpt, work, split="test", k=k, out=out_dir / name,
+                                         stage_dir=stage_dir, device=dev, sim=sim)
+        m = res.metrics()
+        stage_one_metrics = m["stage one"]
+        results[label] = m["re-ranked"]
+        runs[name] = {"label": label, "head": head, "head_cfg": cfg, "checkpoint": str(ckpt),
+                      "train_seconds": round(train_s, 1), "rerank_seconds": round(res.seconds["total"], 1),
+                      "pairs_scored": res.num_pairs}
+        click.echo(f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one "
+                   f"{m['stage one']['t2v']['R@1']:.1f}), {train_s:.0f}s training, "
+                   f"{res.seconds['total']:.0f}s re-ranking")
+    rows = ablation_table(stage_one_metrics, results, k)
+    json_path, table = write_report(rows, out_dir, name="ablation")
+    meta = {"store": store, "stage_one": s1_info, "split": "test", "k": k, "seed": seed, "device": dev,
+            "variants": runs}
+    (out_dir / "ablation.runs.json").write_text(metrics_to_json(meta) + "\n")
+    click.echo(f"test split, top {k} re-ranked (model selection on val)")
+    click.echo(table)
+    click.echo(f"report: {json_path}")
+
+
 # --------------------------------------------------------------------------- demo
 
 
