@@ -1,0 +1,365 @@
+"""Stage-two heads and their trainer: selector, sharing, widths, hard negatives, ITM training,
+resume, identity checks, test-split refusal, and the ``train-head`` command."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from heads.stage_two import build_stage_two, count_parameters
+from heads.train import ForbiddenSplitError, StoreMismatchError, train_stage_one
+from heads.train_stage_two import (HardNegativeSampler, hard_fraction, load_pairs, load_stage_two,
+                                   score_pairs, stage_one_identity, train_stage_two)
+
+D, T, N, L = 16, 4, 5, 6
+IDENTITY = {"name": "toy-token-encoder", "pretrained": "none", "token_dim": D}
+TINY = dict(width=32, layers=1, heads=2, num_queries=4, num_selected=2, spatial_frames=2, ff_mult=2.0)
+
+
+@dataclass
+class TokenSplit:
+    """A staged split with visual and text tokens (duck-typed ``pipeline.store.StagedSplit``)."""
+
+    split: str
+    video_ids: list[str]
+    caption_ids: list[str]
+    caption_video: np.ndarray
+    frame_emb: np.ndarray
+    frame_mask: np.ndarray
+    text_emb: np.ndarray
+    tokens: np.ndarray
+    text_tokens: np.ndarray
+    text_mask: np.ndarray
+    store_fingerprint: str = "toy-token-store"
+    encoder_identity: dict = field(default_factory=lambda: dict(IDENTITY))
+
+
+def make_token_split(name: str, num_videos: int, captions_per_video: int, seed: int,
+                     directory: Path | None = None) -> TokenSplit:
+    """Each video carries a concept vector in its CLS and one patch per frame; each caption
+    carries its video's concept in its first token. The match is decidable from the tokens;
+    stage-one embeddings are noisy so that stage one makes mistakes for the head to fix."""
+    rng = np.random.default_rng(seed)
+    concept = rng.normal(size=(num_videos, D))
+    tokens = 0.7 * rng.normal(size=(num_videos, T, N, D))
+    tokens[:, :, 0] += concept[:, None]
+    patch = rng.integers(1, N, size=(num_videos, T))
+    tokens[np.arange(num_videos)[:, None], np.arange(T)[None, :], patch] += concept[:, None]
+    lengths = rng.integers(2, T + 1, size=num_videos)
+    frame_mask = np.arange(T)[None, :] < lengths[:, None]
+    cv = np.repeat(np.arange(num_videos), captions_per_video)
+    text_tokens = 0.7 * rng.normal(size=(cv.size, L, D))
+    text_tokens[:, 0] += concept[cv]
+    tl = rng.integers(2, L + 1, size=cv.size)
+    text_mask = np.arange(L)[None, :] < tl[:, None]
+    arrays = {
+        "caption_video": cv.astype(np.int64),
+        "frame_emb": (concept[:, None] + 2.0 * rng.normal(size=(num_videos, T, D))).astype(np.float32),
+        "frame_mask": frame_mask,
+        "text_emb": (concept[cv] + 2.0 * rng.normal(size=(cv.size, D))).astype(np.float32),
+        "tokens": tokens.astype(np.float16),
+        "text_tokens": text_tokens.astype(np.float16),
+        "text_mask": text_mask,
+    }
+    if directory is not None:  # memory-mapped, as staged stores are
+        directory.mkdir(parents=True, exist_ok=True)
+        for key, arr in arrays.items():
+            np.save(directory / f"{key}.npy", arr)
+        arrays = {k: (np.load(directory / f"{k}.npy", mmap_mode="r") if k != "caption_video"
+                      else np.load(directory / f"{k}.npy")) for k in arrays}
+    return TokenSplit(split=name, video_ids=[f"{name}{i}" for i in range(num_videos)],
+                      caption_ids=[f"{name}c{i}" for i in range(cv.size)], **arrays)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("stage_two")
+    train = make_token_split("train", 96, 2, seed=1, directory=root / "train")
+    val = make_token_split("val", 32, 1, seed=2, directory=root / "val")
+    test = make_token_split("test", 32, 1, seed=3, directory=root / "test")
+    s1 = train_stage_one(train, val, head="meanP", out_dir=root / "s1", epochs=2, batch_size=32,
+                         lr=1e-2, seed=0, progress=False)
+    return {"root": root, "train": train, "val": val, "test": test, "stage_one": s1}
+
+
+def _random_inputs(b: int, t: int, n: int, d: int, dt: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(b, t, n, d, generator=g)
+    fm = torch.ones(b, t, dtype=torch.bool)
+    fm[0, -1] = False
+    text = torch.randn(b, L, dt, generator=g)
+    tm = torch.ones(b, L, dtype=torch.bool)
+    tm[1, 3:] = False
+    return tokens, fm, text, tm
+
+
+# -- the head ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep_cls", [True, False])
+def test_selector_keeps_m_tokens_per_frame(keep_cls: bool) -> None:
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D, **{**TINY, "num_selected": 3, "keep_cls": keep_cls})
+    vis = torch.randn(2, T, N, 32)
+    selected, index = head.select_tokens(vis)
+    assert selected.shape == (2, T, 3, 32) and index.shape == (2, T, 3)
+    for b in range(2):
+        for t in range(T):
+            assert len(set(index[b, t].tolist())) == 3  # three distinct tokens of this frame
+    if keep_cls:
+        assert (index[..., 0] == 0).all()
+    expected = vis.gather(2, index[..., None].expand(-1, -1, -1, 32))
+    torch.testing.assert_close(selected, expected)  # the forward pass uses the exact tokens
+
+
+def test_gradients_reach_the_selector() -> None:
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D, **{**TINY, "mode": "temporal"})
+    logits = head(*_random_inputs(3, T, N, D, D))
+    logits[:, 1].sum().backward()
+    grads = [p.grad for p in head.selector.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_shared_mode_shares_parameters() -> None:
+    shared = build_stage_two("crosstvr", D, D, **{**TINY, "shared": True})
+    unshared = build_stage_two("crosstvr", D, D, **{**TINY, "shared": False})
+    assert shared.temporal_block is shared.block
+    for a, b in zip(shared.block.parameters(), shared.temporal_block.parameters()):
+        assert a is b
+    assert unshared.temporal_block is not unshared.block
+    spatial_ids = {id(p) for p in unshared.block.parameters()}
+    assert not spatial_ids & {id(p) for p in unshared.temporal_block.parameters()}
+    block_params = sum(p.numel() for p in shared.block.parameters())
+    assert count_parameters(unshared) == count_parameters(shared) + block_params
+
+
+@pytest.mark.parametrize("name,cfg", [("crosstvr", {"mode": "spatial"}), ("crosstvr", {"mode": "temporal"}),
+                                      ("crosstvr", {"mode": "both"}), ("crosstvr", {"shared": False}),
+                                      ("t2v2t", {})])
+def test_every_variant_runs_and_learns_a_step(name: str, cfg: dict) -> None:
+    torch.manual_seed(0)
+    tiny = {k: v for k, v in TINY.items() if name == "crosstvr" or k in ("width", "layers", "heads",
+                                                                          "spatial_frames", "ff_mult")}
+    head = build_stage_two(name, D, D, **tiny, **cfg)
+    inputs = _random_inputs(3, T, N, D, D)
+    logits = head(*inputs)
+    assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+    assert head.score(*inputs).shape == (3,)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1])).backward()
+    assert head.fc.weight.grad is not None
+    again = build_stage_two(**head.config())
+    assert again.config() == head.config()
+
+
+@pytest.mark.parametrize("token_dim,text_dim", [(768, 512), (1408, 768)])
+@pytest.mark.parametrize("name", ["crosstvr", "t2v2t"])
+def test_encoder_widths(name: str, token_dim: int, text_dim: int) -> None:
+    """ViT-B/32 (768-d tokens, 512-d text) and EVA ViT-g/14 (1408-d tokens, 768-d text) shapes."""
+    torch.manual_seed(0)
+    head = build_stage_two(name, token_dim, text_dim, width=64, layers=1, heads=2)
+    with torch.no_grad():
+        logits = head(*_random_inputs(2, 3, 10, token_dim, text_dim))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+# -- hard negatives ------------------------------------------------------------------------------
+def test_hard_negatives_exclude_positives_and_follow_the_softmax() -> None:
+    rng = np.random.default_rng(0)
+    cv = np.array([0, 0, 1, 2, 2, 2, 3, 4])  # several captions per video
+    sim = rng.uniform(-1, 1, size=(cv.size, 5)).astype(np.float32)
+    tau = 0.5
+    sampler = HardNegativeSampler(sim, cv, temperature=tau, pool=None)
+    draws = 40000
+    captions = np.full(draws, 3)
+    got = sampler.negative_videos(captions, np.random.default_rng(1))
+    assert not (got == cv[3]).any()
+    logits = sim[3] / tau
+    logits[cv[3]] = -np.inf
+    expected = np.exp(logits - logits.max())
+    expected /= expected.sum()
+    freq = np.bincount(got, minlength=5) / draws
+    np.testing.assert_allclose(freq, expected, atol=0.01)
+    # one negative caption per video: never any caption of the same video
+    videos = np.full(draws, 2)
+    got_t = sampler.negative_texts(videos, np.random.default_rng(2))
+    assert not np.isin(got_t, np.flatnonzero(cv == 2)).any()
+    col = sim[:, 2] / tau
+    col[cv == 2] = -np.inf
+    expected_t = np.exp(col - col.max())
+    expected_t /= expected_t.sum()
+    np.testing.assert_allclose(np.bincount(got_t, minlength=cv.size) / draws, expected_t, atol=0.01)
+    # every row, many draws, a restricted pool: still never a positive, always inside the pool
+    small = HardNegativeSampler(sim, cv, temperature=0.05, pool=2)
+    rows = np.repeat(np.arange(cv.size), 200)
+    v = small.negative_videos(rows, np.random.default_rng(3))
+    assert not (v == cv[rows]).any()
+    assert all(v[i] in small.text_cand[rows[i]] for i in range(0, rows.size, 37))
+    t = small.negative_texts(np.repeat(np.arange(5), 200), np.random.default_rng(4))
+    assert not (cv[t] == np.repeat(np.arange(5), 200)).any()
+
+
+def test_anneal_schedule() -> None:
+    assert hard_fraction("random", 50, 100, 0.5) == 0.0 and hard_fraction("hard", 0, 100, 0.5) == 1.0
+    assert hard_fraction("anneal", 0, 100, 0.5) == 0.0
+    assert hard_fraction("anneal", 25, 100, 0.5) == pytest.approx(0.5)
+    assert hard_fraction("anneal", 80, 100, 0.5) == 1.0
+    with pytest.raises(ValueError, match="hard_negatives"):
+        hard_fraction("sometimes", 0, 1, 0.5)
+
+
+def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
+    train = world["train"]
+    batch = load_pairs(train, np.array([5, 3, 5]), np.array([0, 7, 7]), np.array([1, 0, 0]))
+    assert batch.tokens.shape[0] == 2 and batch.text_tokens.shape[0] == 2
+    tok, fm, text, tm = batch.inputs()
+    assert torch.equal(tok[0], torch.from_numpy(np.asarray(train.tokens[5])))
+    assert torch.equal(tok[1], torch.from_numpy(np.asarray(train.tokens[3])))
+    length = int(np.asarray(train.text_mask[[0, 7]]).any(axis=0).nonzero()[0].max()) + 1
+    assert text.shape[1] == length  # padding beyond the longest caption is cut
+    assert torch.equal(text[1], torch.from_numpy(np.asarray(train.text_tokens[7, :length])))
+
+
+# -- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(world: dict) -> Path:
+    return train_stage_two(world["train"], world["val"], world["stage_one"], world["root"] / "head",
+                           head_cfg=TINY, epochs=8, batch_size=16, lr=3e-3, seed=0, progress=False,
+                           val_queries=32, val_k=8, num_threads=1)
+
+
+def test_training_learns_to_match(trained: Path, world: dict) -> None:
+    history = json.loads((trained.parent / "history.json").read_text())
+    epochs = history["epochs"]
+    assert history["finished"] and len(epochs) == 8
+    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"] and epochs[-1]["loss"] < 0.6
+    assert epochs[-1]["hard_share"] == 1.0 and epochs[0]["hard_share"] < 0.5  # annealed
+    best = epochs[history["best_epoch"]]["val"]
+    assert best["itm_acc_balanced"] > 0.7
+    scores = [e["val"]["reranked_R@1"] + 1e-3 * e["val"]["itm_acc_balanced"] for e in epochs]
+    assert history["best_epoch"] == int(np.argmax(scores))
+    # the selected head separates the true pairs from stage one's top candidates on test too
+    head = load_stage_two(trained).head
+    test = world["test"]
+    pos = score_pairs(head, test, np.arange(32), np.arange(32))
+    neg = score_pairs(head, test, (np.arange(32) + 5) % 32, np.arange(32))
+    assert (pos > neg).mean() > 0.8
+
+
+def test_checkpoint_contents(trained: Path, world: dict) -> None:
+    raw = torch.load(trained, weights_only=True)
+    assert raw["kind"] == "stage_two" and raw["store_fingerprint"] == "toy-token-store"
+    assert raw["encoder_identity"] == IDENTITY
+    assert raw["stage_one_identity"] == stage_one_identity(world["stage_one"])
+    assert raw["stage_one_identity"]["sha256"] and raw["config"]["name"] == "crosstvr"
+    assert raw["train_args"]["val_split"] == "val" and raw["train_args"]["hard_negatives"] == "anneal"
+    assert bool(raw["state_dict"]["standardizer.fitted"])
+    assert (trained.parent / "train_state.pt").is_file()
+    ckpt = load_stage_two(trained.parent, expect_encoder_identity=dict(IDENTITY))
+    assert not ckpt.head.training and ckpt.config == raw["config"]
+
+
+def test_other_encoder_refused(trained: Path) -> None:
+    with pytest.raises(StoreMismatchError, match="token_dim: expected 1408, found 16"):
+        load_stage_two(trained, expect_encoder_identity={**IDENTITY, "token_dim": 1408})
+
+
+def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: Path, world: dict) -> None:
+    before = trained.stat().st_mtime_ns
+    again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
+                            epochs=8, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
+                            val_k=8, num_threads=1)
+    assert again == trained and trained.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="lr"):
+        train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
+                        epochs=8, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8)
+
+
+def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> None:
+    kwargs = dict(head_cfg={**TINY, "dropout": 0.1}, epochs=3, batch_size=24, lr=3e-3, seed=4, progress=False,
+                  val_queries=16, val_k=4, num_threads=1, hard_negatives="anneal", anneal=0.6)
+    straight = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "a", **kwargs)
+    # 4 steps per epoch: stop inside epoch 0, then inside epoch 2, then finish
+    first = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", max_steps=3,
+                            **kwargs)
+    assert not json.loads((tmp_path / "b" / "history.json").read_text())["finished"]
+    assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["step"] == 3
+    train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", max_steps=10, **kwargs)
+    resumed = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", **kwargs)
+    assert first == resumed
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    sa = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    ha, hb = a["history"]["epochs"], b["history"]["epochs"]
+    assert [e["loss"] for e in ha] == pytest.approx([e["loss"] for e in hb], rel=1e-6)
+    assert a["history"]["best_epoch"] == b["history"]["best_epoch"]
+
+
+def test_trainer_refuses_test_and_bad_input(world: dict, tmp_path: Path) -> None:
+    with pytest.raises(ForbiddenSplitError, match="val split is named 'test'"):
+        train_stage_two(world["train"], world["test"], world["stage_one"], tmp_path, progress=False)
+    with pytest.raises(ForbiddenSplitError, match="train split"):
+        train_stage_two(world["test"], None, world["stage_one"], tmp_path, progress=False)
+    no_tokens = make_token_split("train", 8, 1, seed=9)
+    no_tokens.tokens = None
+    with pytest.raises(ValueError, match="no staged 'tokens'"):
+        train_stage_two(no_tokens, None, world["stage_one"], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        train_stage_two(world["train"], None, world["stage_one"], tmp_path, hard_negatives="easy", progress=False)
+    other = make_token_split("train", 8, 1, seed=9)
+    other.encoder_identity = {**IDENTITY, "name": "other"}
+    with pytest.raises(StoreMismatchError, match="name"):
+        train_stage_two(other, None, world["stage_one"], tmp_path, progress=False)
+    assert not (tmp_path / "stage_two.pt").exists()
+
+
+# -- command line ------------------------------------------------------------------------------
+TINY_WORLD = ["train_groups=2", "train_random=6", "val_groups=1", "val_random=3",
+              "test_groups=1", "test_random=3"]
+
+
+def _run(args: list[str]) -> str:
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_head_help() -> None:
+    out = _run(["train-head", "--help"])
+    for option in ("--store", "--stage-one", "--head", "--mode", "--unshared", "--num-selected",
+                   "--hard-negatives", "--epochs", "--batch-size", "--lr", "--out", "--seed", "--device"):
+        assert option in out
+
+
+def test_train_head_from_the_cli(tmp_path_factory: pytest.TempPathFactory) -> None:
+    work = tmp_path_factory.mktemp("cli_work")
+    opts = [x for o in TINY_WORLD for x in ("--option", o)]
+    _run(["make-manifest", "--dataset", "synthetic", "--work-dir", str(work), *opts])
+    store = work / "stores" / "tiny.zarr"
+    _run(["extract", "--manifest", str(work / "synthetic" / "manifest"), "--work-dir", str(work),
+          "--encoder", "test-vit-micro", "--store", str(store), "--frames", "4", "--shard-size", "8",
+          "--workers", "1"])
+    s1_dir = work / "s1"
+    _run(["train-stage-one", "--store", str(store), "--work-dir", str(work), "--head", "meanP",
+          "--epochs", "1", "--batch-size", "8", "--out", str(s1_dir)])
+    out = _run(["train-head", "--store", str(store), "--work-dir", str(work), "--stage-one",
+                str(s1_dir / "stage_one.pt"), "--epochs", "1", "--batch-size", "4", "--num-selected", "2",
+                "--head-option", "width=32", "--head-option", "layers=1", "--out", str(work / "head"),
+                "--device", "cpu"])
+    ckpt_path = work / "head" / "stage_two.pt"
+    assert f"checkpoint: {ckpt_path}" in out
+    ckpt = load_stage_two(ckpt_path)
+    assert ckpt.config["num_selected"] == 2 and ckpt.config["width"] == 32
+    assert ckpt.encoder_identity["name"] == "test-vit-micro"
+    assert ckpt.history["finished"]
