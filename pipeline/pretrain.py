@@ -163,10 +163,15 @@ def multi_positive_infonce(img: "torch.Tensor", txt: "torch.Tensor", scale: "tor
     return 0.5 * (i2t + t2i)
 
 
-def _normalise(frames_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
+def _normalise(frames_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float],
+               size: int | None = None) -> "torch.Tensor":
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size) (bilinear resize if needed)."""
     import torch
+    import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(frames_uint8)).permute(0, 3, 1, 2).float() / 255.0
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
@@ -237,6 +242,7 @@ def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFI
             if hasattr(model.visual, "preprocess_cfg") else open_clip.OPENAI_DATASET_STD
         with torch.no_grad():
             model.logit_scale.fill_(math.log(init_logit_scale))
+        image_size = int(cfg["vision_cfg"]["image_size"])
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -274,7 +280,7 @@ def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFI
                 named = fdet is not None and any(w in text for w in S.CORNER_PHRASES[lab["corner"]])
                 cap_keys.append((fmain, fdet if named else None))
             pos = torch.from_numpy(positives([keys[i] for i in idx], cap_keys))
-            x = _normalise(frames[idx], mean, std)
+            x = _normalise(frames[idx], mean, std, image_size)
             tok = tokenizer(texts)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
