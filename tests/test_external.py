@@ -1,0 +1,223 @@
+"""External stage one: embeddings / similarity files -> import -> load_external, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from heads import build_stage_one
+from heads.evaluate import encode_videos, similarity
+from heads.external import (
+    EXTERNAL_JSON,
+    ExternalFormatError,
+    SplitIds,
+    import_stage_one,
+    is_external,
+    load_external,
+    read_embeddings,
+)
+from heads.metrics import retrieval_metrics
+from heads.train import StoreMismatchError
+from test_train_eval import E, make_split
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A toy test split, a non-trivial (random) seqTransf head and its embeddings."""
+    split = make_split("test", 24, 2, seed=7)
+    torch.manual_seed(0)
+    head = build_stage_one("seqTransf", E).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        video = encode_videos(head, split).numpy()
+        text = head.encode_text(torch.from_numpy(np.asarray(split.text_emb))).numpy()
+    return split, head, video, text, similarity(head, split)
+
+
+def _perm(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n)
+
+
+def _write_h5(path: Path, ids, emb, **groups) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("emb", data=emb)
+    return path
+
+
+def test_hdf5_import_reproduces_our_own_stage_one(world, tmp_path):
+    split, _, video, text, ref = world
+    pv, pt = _perm(len(split.video_ids), 1), _perm(len(split.caption_ids), 2)  # shuffled files
+    vfile = _write_h5(tmp_path / "video.h5", [split.video_ids[i] for i in pv], video[pv])
+    # captions: one dataset per id (ids with a slash become nested groups)
+    cids = [f"cap/{c}" for c in split.caption_ids]
+    tfile = tmp_path / "text.hdf5"
+    with h5py.File(tfile, "w") as f:
+        for i in pt:
+            f.create_dataset(cids[i], data=text[i])
+    renamed = SplitIds(split="test", video_ids=list(split.video_ids), caption_ids=cids,
+                       store_fingerprint=split.store_fingerprint, encoder_identity=split.encoder_identity)
+    ext = import_stage_one(renamed, tmp_path / "ext", video_emb=vfile, text_emb=tfile, progress=False)
+    sim = ext.similarity()
+    assert sim.shape == ref.shape and sim.dtype == np.float32
+    np.testing.assert_allclose(sim, ref, atol=1e-6)
+    assert retrieval_metrics(sim, split.caption_video) == retrieval_metrics(ref, split.caption_video)
+    ident = json.loads((tmp_path / "ext" / EXTERNAL_JSON).read_text())
+    assert ident["store_fingerprint"] == split.store_fingerprint and ident["split"] == "test"
+    assert {s["role"] for s in ident["sources"]} == {"video_emb", "text_emb"}
+    assert all(len(s["sha256"]) == 64 for s in ident["sources"])
+    assert ident["normalize"] is True and ident["embed_dim"] == E
+    assert is_external(tmp_path / "ext") and is_external(tmp_path / "ext" / EXTERNAL_JSON)
+
+
+def test_npy_parquet_and_similarity_formats_agree(world, tmp_path):
+    split, _, video, text, ref = world
+    np.save(tmp_path / "v.npy", video * 3.0)  # scale: normalisation removes it
+    (tmp_path / "v.ids.txt").write_text("\n".join(split.video_ids) + "\n")
+    pt = _perm(len(split.caption_ids), 3)
+    table = pa.table({"id": [split.caption_ids[i] for i in pt],
+                      "embedding": [row.tolist() for row in text[pt]], "note": ["x"] * len(pt)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    a = import_stage_one(split, tmp_path / "a", video_emb=tmp_path / "v.npy", text_emb=tmp_path / "t.parquet",
+                         progress=False)
+    np.testing.assert_allclose(a.similarity(), ref, atol=1e-6)
+    # the same as a full similarity matrix with extra rows of a video that the split lacks
+    pv = _perm(len(split.video_ids), 4)
+    np.save(tmp_path / "s.npy", ref[:, pv])
+    (tmp_path / "s.json").write_text(json.dumps({"caption_ids": list(split.caption_ids),
+                                                  "video_ids": [split.video_ids[i] for i in pv]}))
+    b = import_stage_one(split, tmp_path / "b", similarity=tmp_path / "s.npy", progress=False)
+    np.testing.assert_array_equal(b.similarity(), ref)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["sim"] = ref[pt]
+        f["caption_ids"] = np.array([split.caption_ids[i] for i in pt], dtype="S")  # bytes ids
+        f["video_ids"] = np.array(split.video_ids, dtype="S")
+    c = import_stage_one(split, tmp_path / "c", similarity=tmp_path / "s.h5", progress=False)
+    np.testing.assert_array_equal(c.similarity(), ref)
+    # raw dot products
+    d = import_stage_one(split, tmp_path / "d", video_emb=tmp_path / "v.npy", text_emb=tmp_path / "t.parquet",
+                         normalize=False, progress=False)
+    np.testing.assert_allclose(d.similarity(), 3.0 * text @ video.T, atol=1e-5)
+
+
+def test_other_split_ids_are_dropped_unknown_ids_refused(world, tmp_path):
+    split, _, video, text, ref = world
+    known = SplitIds(split="test", video_ids=list(split.video_ids), caption_ids=list(split.caption_ids),
+                     store_fingerprint=split.store_fingerprint,
+                     known_video_ids=frozenset([*split.video_ids, "train0"]),
+                     known_caption_ids=frozenset(split.caption_ids))
+    ids = [*split.video_ids, "train0"]
+    emb = np.vstack([video, np.full((1, E), np.nan)])  # values of dropped rows are never used
+    _write_h5(tmp_path / "v.h5", ids, emb)
+    _write_h5(tmp_path / "t.h5", split.caption_ids, text)
+    ext = import_stage_one(known, tmp_path / "ok", video_emb=tmp_path / "v.h5", text_emb=tmp_path / "t.h5",
+                           progress=False)
+    np.testing.assert_allclose(ext.similarity(), ref, atol=1e-6)
+    assert ext.identity["dropped_other_ids"] == {"videos": 1, "captions": 0}
+    _write_h5(tmp_path / "u.h5", [*split.video_ids, "nobody", "ghost"], np.vstack([video, video[:2]]))
+    with pytest.raises(ExternalFormatError, match=r"u\.h5.*2 video id\(s\) are not in the store: 'nobody', 'ghost'"):
+        import_stage_one(known, tmp_path / "x", video_emb=tmp_path / "u.h5", text_emb=tmp_path / "t.h5")
+
+
+def _expect_error(split, tmp_path, match, **files):
+    with pytest.raises(ExternalFormatError, match=match):
+        import_stage_one(split, tmp_path / "err", progress=False, **files)
+    assert not is_external(tmp_path / "err")
+
+
+def test_clear_errors(world, tmp_path):
+    split, _, video, text, _ = world
+    t = _write_h5(tmp_path / "t.h5", split.caption_ids, text)
+    # wrong dims
+    v = _write_h5(tmp_path / "narrow.h5", split.video_ids, video[:, :8])
+    _expect_error(split, tmp_path, r"narrow\.h5\) are 8-d but text embeddings .*t\.h5\) are 32-d", video_emb=v, text_emb=t)
+    # missing ids
+    v = _write_h5(tmp_path / "few.h5", split.video_ids[2:], video[2:])
+    _expect_error(split, tmp_path, r"few\.h5: lacks 2 of the 24 video ids of split 'test': 'test0', 'test1'",
+                  video_emb=v, text_emb=t)
+    # unknown ids (no other ids are known to a plain split)
+    v = _write_h5(tmp_path / "odd.h5", [*split.video_ids, "zz"], np.vstack([video, video[:1]]))
+    _expect_error(split, tmp_path, r"odd\.h5: 1 video id\(s\) are not in the store: 'zz'", video_emb=v, text_emb=t)
+    # duplicated ids
+    v = _write_h5(tmp_path / "dup.h5", [*split.video_ids, "test3"], np.vstack([video, video[:1]]))
+    _expect_error(split, tmp_path, r"dup\.h5: duplicated video ids: 'test3 \(x2\)'", video_emb=v, text_emb=t)
+    # NaN rows, named by id
+    bad = text.copy()
+    bad[5, 3] = np.nan
+    bad[9] = np.inf
+    tb = _write_h5(tmp_path / "nan.h5", split.caption_ids, bad)
+    v = _write_h5(tmp_path / "v.h5", split.video_ids, video)
+    _expect_error(split, tmp_path, r"nan\.h5: 2 caption row\(s\) hold NaN/inf, ids 'testc5', 'testc9'",
+                  video_emb=v, text_emb=tb)
+    # zero vectors cannot be normalised
+    z = video.copy()
+    z[4] = 0
+    vz = _write_h5(tmp_path / "zero.h5", split.video_ids, z)
+    _expect_error(split, tmp_path, r"zero\.h5: 1 video embedding\(s\) are zero vectors.*'test4'", video_emb=vz, text_emb=t)
+    # wrong file types
+    (tmp_path / "v.csv").write_text("id,emb\n")
+    _expect_error(split, tmp_path, r"v\.csv: unsupported file type '\.csv'", video_emb=tmp_path / "v.csv", text_emb=t)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    _expect_error(split, tmp_path, r"junk\.h5: not a readable HDF5 file", video_emb=tmp_path / "junk.h5", text_emb=t)
+    np.save(tmp_path / "noids.npy", video)
+    _expect_error(split, tmp_path, r"noids\.npy: a \.npy embedding file needs its ids in a sidecar",
+                  video_emb=tmp_path / "noids.npy", text_emb=t)
+    np.save(tmp_path / "v3.npy", video[:, None])
+    (tmp_path / "v3.txt").write_text("\n".join(split.video_ids))
+    _expect_error(split, tmp_path, r"v3\.npy: embedding array must be 2-D", video_emb=tmp_path / "v3.npy", text_emb=t)
+    with h5py.File(tmp_path / "sim.h5", "w") as f:
+        f["sim"] = np.zeros((3, 3))
+    _expect_error(split, tmp_path, r"sim\.h5: a similarity HDF5 file needs datasets", similarity=tmp_path / "sim.h5")
+    with pytest.raises(ValueError, match="either"):
+        import_stage_one(split, tmp_path / "err", video_emb=v, text_emb=t, similarity=tmp_path / "sim.h5")
+
+
+def test_load_external_checks_store_split_and_reorders(world, tmp_path):
+    split, _, video, text, ref = world
+    v = _write_h5(tmp_path / "v.h5", split.video_ids, video)
+    t = _write_h5(tmp_path / "t.h5", split.caption_ids, text)
+    import_stage_one(split, tmp_path / "ext", video_emb=v, text_emb=t, progress=False)
+    other = make_split("test", 24, 2, seed=7)
+    other.store_fingerprint = "another-store"
+    with pytest.raises(StoreMismatchError, match="another-stor"):
+        load_external(tmp_path / "ext", other)
+    other = make_split("val", 24, 2, seed=7)
+    with pytest.raises(ExternalFormatError, match="imported for split 'test', not 'val'"):
+        load_external(tmp_path / "ext", other)
+    # the same split listed in another order: the similarity follows the split's order
+    order_c, order_v = _perm(len(split.caption_ids), 5), _perm(len(split.video_ids), 6)
+    shuffled = SplitIds(split="test", video_ids=[split.video_ids[i] for i in order_v],
+                        caption_ids=[split.caption_ids[i] for i in order_c], store_fingerprint=split.store_fingerprint)
+    np.testing.assert_allclose(load_external(tmp_path / "ext", shuffled).similarity(), ref[order_c][:, order_v], atol=1e-6)
+    fewer = SplitIds(split="test", video_ids=split.video_ids[:-1], caption_ids=list(split.caption_ids),
+                     store_fingerprint=split.store_fingerprint)
+    with pytest.raises(ExternalFormatError, match="1 extra.*'test23'"):
+        load_external(tmp_path / "ext", fewer)
+    # a stage-one checkpoint directory is not an external stage one
+    ckpt = tmp_path / "run"
+    ckpt.mkdir()
+    torch.save({"config": {}}, ckpt / "stage_one.pt")
+    assert not is_external(ckpt) and not is_external(ckpt / "stage_one.pt") and not is_external(tmp_path / "nope")
+    with pytest.raises(ExternalFormatError, match="not an external stage-one directory"):
+        load_external(ckpt, split)
+
+
+def test_read_embeddings_hdf5_role_groups(tmp_path):
+    with h5py.File(tmp_path / "both.h5", "w") as f:
+        f["video/ids"] = np.array(["a", "b"], dtype="S")
+        f["video/emb"] = np.eye(2)
+        f["text/ids"] = np.array(["x"], dtype="S")
+        f["text/emb"] = np.ones((1, 2))
+    ids, emb = read_embeddings(tmp_path / "both.h5", "video")
+    assert ids == ["a", "b"] and emb.shape == (2, 2)
+    ids, emb = read_embeddings(tmp_path / "both.h5", "text")
+    assert ids == ["x"] and emb.tolist() == [[1.0, 1.0]]
