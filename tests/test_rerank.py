@@ -237,3 +237,78 @@ def test_missing_tokens_and_bad_shapes_are_clear_errors():
         rerank(S, split, TableHead(H), k=2, progress=False)
     with pytest.raises(ValueError, match="shape"):
         rerank(S[:, :3], TokenSplit(CV, 4), TableHead(H), k=2, progress=False)
+
+
+# ---------------------------------------------------------------------------- command line
+TINY_WORLD = ["train_groups=2", "train_random=6", "val_groups=1", "val_random=3",
+              "test_groups=1", "test_random=3"]
+TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
+             "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
+
+
+def _invoke(args: list[str]):
+    from click.testing import CliRunner
+
+    import cli
+
+    return CliRunner().invoke(cli.main, args, catch_exceptions=False)
+
+
+def _run(args: list[str]) -> str:
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Tiny synthetic world -> test-vit-micro store -> meanP stage one -> a small CrossTVR head."""
+    pytest.importorskip("heads.train_stage_two")
+    work = tmp_path_factory.mktemp("work")
+    opts = [x for o in TINY_WORLD for x in ("--option", o)]
+    _run(["make-manifest", "--dataset", "synthetic", "--work-dir", str(work), *opts])
+    store = work / "stores" / "tiny.zarr"
+    _run(["extract", "--manifest", str(work / "synthetic" / "manifest"), "--work-dir", str(work),
+          "--encoder", "test-vit-micro", "--store", str(store), "--frames", "4", "--shard-size", "8",
+          "--workers", "1"])
+    _run(["train-stage-one", "--store", str(store), "--work-dir", str(work), "--head", "meanP",
+          "--epochs", "1", "--batch-size", "8", "--out", str(work / "s1")])
+    _run(["train-head", "--store", str(store), "--stage-one", str(work / "s1" / "stage_one.pt"),
+          "--work-dir", str(work), "--epochs", "1", "--batch-size", "4", "--out", str(work / "s2"),
+          "--device", "cpu", *TINY_HEAD])
+    return work, store, work / "s1" / "stage_one.pt", work / "s2" / "stage_two.pt"
+
+
+def test_rerank_help():
+    out = _run(["rerank", "--help"])
+    for opt in ("--store", "--stage-one", "--head", "--split", "--k", "--dsl", "--out"):
+        assert opt in out
+    assert "ablation" in _run(["--help"])
+
+
+def test_rerank_cli_on_a_tiny_store(tiny_runs, tmp_path):
+    work, store, s1, s2 = tiny_runs
+    out = _run(["rerank", "--store", str(store), "--stage-one", str(s1), "--head", str(s2), "--split", "test",
+                "--k", "3", "--work-dir", str(work), "--out", str(tmp_path / "rr"), "--device", "cpu"])
+    assert "t2v re-ranked" in out and "v2t stage one" in out and "R@3" in out
+    metrics = json.loads((tmp_path / "rr" / "metrics.json").read_text())
+    assert metrics["stage one"]["t2v"]["R@3"] == metrics["re-ranked"]["t2v"]["R@3"]
+    t2v = pq.read_table(tmp_path / "rr" / "ranked_t2v.parquet")
+    assert t2v.num_rows == 3 * metrics["stage one"]["t2v"]["n"]
+    run = json.loads((tmp_path / "rr" / "run.json").read_text())
+    assert run["pairs_scored"] <= run["candidates"]
+
+
+def test_rerank_refuses_a_head_of_another_encoder(tiny_runs, tmp_path):
+    work, store, s1, s2 = tiny_runs
+    for path, name in ((s2, "stage_two.pt"), (s1, "stage_one.pt")):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["encoder_identity"] = {**ckpt["encoder_identity"], "name": "some-other-encoder"}
+        bad = tmp_path / path.parent.name / name
+        bad.parent.mkdir()
+        torch.save(ckpt, bad)
+        args = {"stage_two.pt": (s1, bad), "stage_one.pt": (bad, s2)}[name]
+        result = _invoke(["rerank", "--store", str(store), "--stage-one", str(args[0]), "--head", str(args[1]),
+                          "--k", "3", "--work-dir", str(work), "--out", str(tmp_path / "x"), "--device", "cpu"])
+        assert result.exit_code != 0
+        assert "different encoder" in result.output and "some-other-encoder" in result.output
