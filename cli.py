@@ -263,26 +263,112 @@ def _has_split(store_url: str, split: str) -> bool:
 
 @main.command("eval")
 @click.option("--store", required=True, help="Token store path or URL.")
-@click.option("--stage-one", "stage_one", type=click.Path(exists=True), help="Stage-one checkpoint (omit for the untrained meanP baseline).")
+@click.option("--stage-one", "stage_one", type=click.Path(exists=True),
+              help="Stage-one checkpoint or an imported external stage-one dir (omit for the untrained meanP baseline).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
 @click.option("--stage-dir")
 @click.option("--out", help="Report directory (default work-dir/reports/<split>).")
-def eval_cmd(store, stage_one, split, work_dir, stage_dir, out) -> None:
+@click.option("--dsl", is_flag=True, help="Also report dual-softmax (DSL) post-processed scores.")
+@click.option("--dsl-temperature", type=float, help="DSL temperature [default: heads.postprocess's, 0.01].")
+@click.option("--qb-norm", "qb_norm", is_flag=True, help="Also report QB-Norm (querybank = --qb-bank split).")
+@click.option("--qb-bank", default="val", show_default=True, help="QB-Norm querybank split (never a test split).")
+@click.option("--qb-k", default=1, show_default=True, help="QB-Norm activation set: top-k of each bank query.")
+@click.option("--qb-beta", default=20.0, show_default=True, help="QB-Norm inverse temperature.")
+def eval_cmd(store, stage_one, split, work_dir, stage_dir, out, dsl, dsl_temperature, qb_norm, qb_bank, qb_k,
+             qb_beta) -> None:
     """Evaluate stage one (or the zero-shot meanP baseline): T2V/V2T R@1/5/10, MdR, MnR -> JSON + table."""
-    from heads.evaluate import evaluate, untrained_baseline, write_report
+    import numpy as np
+
+    from heads.evaluate import similarity, untrained_baseline, write_report
+    from heads.external import is_external, load_external
+    from heads.metrics import retrieval_metrics
     from heads.train import load_stage_one
 
     work = _work(work_dir)
     data = _stage(store, split, stage_dir, work)
-    if stage_one:
-        head, name = load_stage_one(stage_one, expect_encoder_identity=data.encoder_identity).head, Path(stage_one).parent.name
+    head = None
+    if stage_one and is_external(stage_one):
+        ext = load_external(stage_one, data)
+        sim, name = ext.similarity(), f"external {ext.name}"
     else:
-        head, name = untrained_baseline(data.frame_emb.shape[-1]), "meanP (untrained)"
-    results = {name: evaluate(head, data)}
+        if stage_one:
+            head, name = load_stage_one(stage_one, expect_encoder_identity=data.encoder_identity).head, Path(stage_one).parent.name
+        else:
+            head, name = untrained_baseline(data.frame_emb.shape[-1]), "meanP (untrained)"
+        sim = similarity(head, data)
+    cv = np.asarray(data.caption_video)
+    results = {name: retrieval_metrics(sim, cv)}
+    if dsl:
+        from heads.postprocess import DEFAULT_DSL_TEMPERATURE, dual_softmax_metrics
+
+        t = DEFAULT_DSL_TEMPERATURE if dsl_temperature is None else dsl_temperature
+        results[f"{name} +DSL(t={t:g})"] = dual_softmax_metrics(sim, cv, temperature=t)
+    if qb_norm:
+        from heads.postprocess import check_querybank_split, qb_norm_metrics, stage_one_querybanks
+
+        if head is None:
+            raise click.UsageError("--qb-norm needs our own stage-one head (its querybank is encoded from the "
+                                   f"{qb_bank!r} split); an external stage one brings no querybank")
+        try:
+            check_querybank_split(qb_bank, split)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--qb-bank") from exc
+        bank = _stage(store, qb_bank, stage_dir, work)
+        text_bank, video_bank = stage_one_querybanks(head, data, bank)
+        results[f"{name} +QB-Norm({qb_bank}, k={qb_k}, beta={qb_beta:g})"] = qb_norm_metrics(
+            sim, cv, text_bank, video_bank, k=qb_k, beta=qb_beta)
     json_path, table = write_report(results, Path(out) if out else work / "reports" / split)
     click.echo(table)
     click.echo(f"report: {json_path}")
+
+
+# --------------------------------------------------------------------------- external stage one
+
+
+@main.command("import-stage-one")
+@click.option("--store", required=True, help="Token store path or URL whose split the ids are checked against.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--video-emb", type=click.Path(exists=True, dir_okay=False),
+              help="Video embeddings: HDF5 (ids + emb), .npy + ids sidecar, .npz or Parquet (id + list column).")
+@click.option("--text-emb", type=click.Path(exists=True, dir_okay=False), help="Caption embeddings, same formats.")
+@click.option("--similarity", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of embeddings: a (captions x videos) matrix, HDF5 (sim, caption_ids, video_ids), "
+                   ".npy + ids.json sidecar or .npz.")
+@click.option("--no-normalize", is_flag=True, help="Raw dot products of the embeddings (default: cosine).")
+@click.option("--name", help="Name in reports (default: the output directory's name).")
+@click.option("--out", help="Output directory (default work-dir/external/<split>).")
+@click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
+def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_normalize, name, out, work_dir) -> None:
+    """Import an external stage one (embeddings or a similarity matrix keyed by the manifest's ids).
+
+    Validates ids, shapes and values, reorders to the split's order and writes
+    external_stage_one.json + similarity.npy (+ report.json of its metrics); `rerank --stage-one DIR`
+    and `eval --stage-one DIR` then use it like our own stage one.
+    """
+    from heads.evaluate import write_report
+    from heads.external import ExternalFormatError, import_stage_one, split_ids_from_store
+    from heads.metrics import retrieval_metrics
+    from pipeline.store import StoreError
+
+    if similarity is None and (video_emb is None or text_emb is None):
+        raise click.UsageError("give --video-emb and --text-emb, or --similarity")
+    if similarity is not None and (video_emb or text_emb):
+        raise click.UsageError("give either embeddings (--video-emb/--text-emb) or --similarity, not both")
+    out_dir = Path(out) if out else _work(work_dir) / "external" / split
+    try:
+        ids = split_ids_from_store(store, split)
+        ext = import_stage_one(ids, out_dir, video_emb=video_emb, text_emb=text_emb, similarity=similarity,
+                               normalize=not no_normalize, name=name)
+    except (ExternalFormatError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    results = {f"external {ext.name}": retrieval_metrics(ext.similarity(), ids.caption_video)}
+    _, table = write_report(results, out_dir, name="report")
+    click.echo(table)
+    click.echo(f"imported {ext.identity['num_captions']} captions x {ext.identity['num_videos']} videos of split "
+               f"{split!r} ({ext.identity['similarity_from']}); dropped ids of other splits: "
+               f"{ext.identity['dropped_other_ids']}")
+    click.echo(f"external stage one: {out_dir}")
 
 
 # --------------------------------------------------------------------------- stage-one comparison
@@ -324,8 +410,9 @@ def _per_head_options(pairs: tuple[str, ...], heads: list[str]) -> dict[str, dic
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=int, help="Torch CPU threads while training (default: all cores).")
 def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, out, epochs, batch_size, lr, seed,
-                          device) -> None:
+                          device, threads) -> None:
     """Train each stage-one head (selection on val), evaluate all on test, print and write one table.
 
     The table starts with the untrained meanP baseline (zero-shot CLIP on the cached embeddings).
@@ -358,7 +445,7 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
         t0 = time.time()
         ckpt = train_stage_one(train, val, head=name, out_dir=out_dir / "runs" / f"stage1-{name}", epochs=epochs,
                                batch_size=batch_size, lr=lr, seed=seed, device=dev,
-                               head_config=options[name] or None)
+                               head_config=options[name] or None, num_threads=threads)
         seconds = time.time() - t0
         loaded = load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity)
         results[f"{name} (trained)"] = evaluate(loaded.head, test, device=dev)
@@ -369,7 +456,8 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
         click.echo(f"      best epoch {runs[name]['best_epoch']}, {seconds:.0f}s")
     json_path, table = write_report(results, out_dir, name="compare-stage-one")
     meta = {"store": store, "store_fingerprint": train.store_fingerprint, "test_split": test.split,
-            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": dev, "heads": runs}
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "device": dev, "threads": threads,
+            "heads": runs}
     (out_dir / "compare-stage-one.runs.json").write_text(metrics_to_json(meta) + "\n")
     click.echo(table)
     click.echo(f"report: {json_path}")

@@ -125,6 +125,7 @@ class SplitIds:
     encoder_identity: dict = field(default_factory=dict)
     known_video_ids: frozenset = frozenset()
     known_caption_ids: frozenset = frozenset()
+    caption_video: np.ndarray | None = None  # (C,) row of each caption's video in video_ids
 
 
 def split_ids_from_store(store_url: str, split: str) -> SplitIds:
@@ -144,7 +145,8 @@ def split_ids_from_store(store_url: str, split: str) -> SplitIds:
     vids, cids = store.video_ids, store.caption_ids
     return SplitIds(split=split, video_ids=[vids[r] for r in rows], caption_ids=[cids[c] for c in crows],
                     store_fingerprint=store.fingerprint, encoder_identity=dict(store.encoder_identity),
-                    known_video_ids=frozenset(vids), known_caption_ids=frozenset(cids))
+                    known_video_ids=frozenset(vids), known_caption_ids=frozenset(cids),
+                    caption_video=np.searchsorted(rows, vidx[crows]).astype(np.int64))
 
 
 # --------------------------------------------------------------------------- readers

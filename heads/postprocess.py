@@ -40,6 +40,7 @@ __all__ = [
     "log_softmax",
     "qb_norm",
     "qb_norm_metrics",
+    "stage_one_querybanks",
 ]
 
 DEFAULT_DSL_TEMPERATURE = 0.01  # softmax(sim / 0.01) == softmax(100 * sim): CLIP's logit scale on cosines
@@ -206,6 +207,27 @@ def qb_norm_metrics(sim: np.ndarray, caption_video: np.ndarray, text_bank_sim: n
     t2v = sim if text_bank_sim is None else qb_norm(sim, text_bank_sim, k=k, beta=beta)
     v2t = sim if video_bank_sim is None else qb_norm(sim.T, video_bank_sim, k=k, beta=beta).T
     return {"t2v": t2v_metrics(t2v, caption_video, ks), "v2t": v2t_metrics(v2t, caption_video, ks)}
+
+
+def stage_one_querybanks(head, split, bank) -> tuple[np.ndarray, np.ndarray]:
+    """QB-Norm querybanks of a stage-one head: ``(text_bank (B_t, V), video_bank (B_v, C))``.
+
+    ``text_bank``: ``bank``'s captions against ``split``'s videos (for T2V); ``video_bank``:
+    ``bank``'s videos against ``split``'s captions (for V2T). ``bank`` must be another, non-test
+    split (train or val) of the same store (``check_querybank_split``). Needs torch (imported here).
+    """
+    from types import SimpleNamespace
+
+    from heads.evaluate import similarity
+
+    check_querybank_split(bank.split, split.split)
+    if getattr(bank, "store_fingerprint", None) != getattr(split, "store_fingerprint", None):
+        raise ValueError(f"QB-Norm querybank split {bank.split!r} comes from another store than {split.split!r}")
+    texts = SimpleNamespace(video_ids=split.video_ids, frame_emb=split.frame_emb, frame_mask=split.frame_mask,
+                            text_emb=bank.text_emb)
+    videos = SimpleNamespace(video_ids=bank.video_ids, frame_emb=bank.frame_emb, frame_mask=bank.frame_mask,
+                             text_emb=split.text_emb)
+    return similarity(head, texts), similarity(head, videos).T
 
 
 # --------------------------------------------------------------------------- padded captions

@@ -39,7 +39,7 @@ def world():
         for p in head.parameters():
             p.add_(0.05 * torch.randn_like(p))
         video = encode_videos(head, split).numpy()
-        text = head.encode_text(torch.from_numpy(np.asarray(split.text_emb))).numpy()
+        text = head.encode_text(torch.from_numpy(np.array(split.text_emb))).numpy()
     return split, head, video, text, similarity(head, split)
 
 
@@ -221,3 +221,91 @@ def test_read_embeddings_hdf5_role_groups(tmp_path):
     assert ids == ["a", "b"] and emb.shape == (2, 2)
     ids, emb = read_embeddings(tmp_path / "both.h5", "text")
     assert ids == ["x"] and emb.tolist() == [[1.0, 1.0]]
+
+
+# --------------------------------------------------------------------------- CLI on a tiny store
+
+
+def _tiny_store(path: Path):
+    """A complete 3-split store with random embeddings (no video decoding)."""
+    from pipeline.store import CacheStore, StoreLayout
+
+    T_, N_, D_, L_, DT_ = 3, 2, 4, 4, 4
+    vids = [f"v{i:02d}" for i in range(12)]
+    vsplit = ["train"] * 4 + ["val"] * 3 + ["test"] * 5
+    cvid = [v for v in range(12) for _ in range(1 + v % 3)]  # 1..3 captions per video
+    cids = [f"c{i:02d}" for i in range(len(cvid))]
+    csplit = [vsplit[v] for v in cvid]
+    lay = StoreLayout(dataset="toy", manifest_sha256="m" * 64, encoder={"name": "toy", "weights": "r"},
+                      num_frames=T_, num_tokens=N_, token_dim=D_, embed_dim=E, text_dim=DT_,
+                      max_text_tokens=L_, shard_size=4, text_shard_size=8)
+    store = CacheStore.create(path, lay, vids, vsplit, cids, cvid, csplit)
+    rng = np.random.default_rng(0)
+    concept = rng.normal(size=(12, E))
+    for i in range(store.num_shards):
+        lo, hi = store.shard_range(i)
+        n = hi - lo
+        store.write_shard(i, status=np.ones(n, np.int8), error=[""] * n,
+                          tokens=np.zeros((n, T_, N_, D_), np.float16),
+                          frame_emb=(concept[lo:hi, None] + 0.5 * rng.normal(size=(n, T_, E))).astype(np.float32),
+                          frame_mask=np.ones((n, T_), bool), frame_index=np.tile(np.arange(T_, dtype=np.int32), (n, 1)),
+                          frame_time=np.tile(np.arange(T_, dtype=np.float32), (n, 1)))
+    cv = np.array(cvid)
+    for j in range(store.num_text_shards):
+        lo, hi = store.text_shard_range(j)
+        n = hi - lo
+        store.write_text_shard(j, tokens=np.zeros((n, L_, DT_)), mask=np.ones((n, L_), bool),
+                               emb=(concept[cv[lo:hi]] + 0.8 * rng.normal(size=(n, E))).astype(np.float32))
+    store.consolidate()
+    return store
+
+
+def _cli(args: list[str], ok: bool = True):
+    import cli
+
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    return result.output
+
+
+def test_import_stage_one_cli_round_trip(tmp_path):
+    from heads.evaluate import untrained_baseline
+    from pipeline.store import CacheStore
+
+    store = tmp_path / "toy.zarr"
+    _tiny_store(store)
+    work = tmp_path / "work"
+    test = CacheStore.open(store).stage("test", tmp_path / "st")
+    head = untrained_baseline(E)
+    # export the zero-shot head's test embeddings, plus a train video (dropped as another split's)
+    with torch.no_grad():
+        video = encode_videos(head, test).numpy()
+        text = head.encode_text(torch.from_numpy(np.array(test.text_emb))).numpy()
+    _write_h5(tmp_path / "v.h5", [*test.video_ids, "v00"], np.vstack([video, video[:1]]))
+    _write_h5(tmp_path / "t.h5", test.caption_ids, text)
+    out = _cli(["import-stage-one", "--store", str(store), "--split", "test", "--video-emb", str(tmp_path / "v.h5"),
+                "--text-emb", str(tmp_path / "t.h5"), "--out", str(tmp_path / "ext"), "--work-dir", str(work)])
+    assert "R@1" in out and "'videos': 1" in out
+    ext = load_external(tmp_path / "ext", test)
+    ref = similarity(head, test)
+    np.testing.assert_allclose(ext.similarity(), ref, atol=1e-6)
+    report = json.loads((tmp_path / "ext" / "report.json").read_text())
+    assert report["external ext"] == json.loads(json.dumps(retrieval_metrics(ref, test.caption_video)))
+    # eval reads the external dir like a stage one, with DSL; and QB-Norm with our own head
+    out = _cli(["eval", "--store", str(store), "--stage-one", str(tmp_path / "ext"), "--work-dir", str(work),
+                "--out", str(tmp_path / "r1"), "--dsl"])
+    assert "external ext t2v" in out and "+DSL(t=0.01) v2t" in out
+    out = _cli(["eval", "--store", str(store), "--work-dir", str(work), "--out", str(tmp_path / "r2"), "--qb-norm",
+                "--dsl", "--dsl-temperature", "0.05"])
+    assert "+QB-Norm(val, k=1, beta=20) t2v" in out and "+DSL(t=0.05)" in out
+    out = _cli(["eval", "--store", str(store), "--work-dir", str(work), "--out", str(tmp_path / "r3"), "--qb-norm",
+                "--qb-bank", "test"], ok=False)
+    assert "evaluated split" in out
+    # clear CLI errors: unknown id, wrong split contents
+    _write_h5(tmp_path / "bad.h5", [*test.video_ids, "nobody"], np.vstack([video, video[:1]]))
+    out = _cli(["import-stage-one", "--store", str(store), "--video-emb", str(tmp_path / "bad.h5"),
+                "--text-emb", str(tmp_path / "t.h5"), "--out", str(tmp_path / "x"), "--work-dir", str(work)], ok=False)
+    assert "bad.h5" in out and "'nobody'" in out
+    out = _cli(["import-stage-one", "--store", str(store), "--video-emb", str(tmp_path / "v.h5"),
+                "--out", str(tmp_path / "x"), "--work-dir", str(work)], ok=False)
+    assert "--text-emb" in out
