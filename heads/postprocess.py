@@ -45,6 +45,8 @@ __all__ = [
 
 DEFAULT_DSL_TEMPERATURE = 0.01  # softmax(sim / 0.01) == softmax(100 * sim): CLIP's logit scale on cosines
 DEFAULT_QB_K = 1
+_QB_BLOCK_ELEMENTS = 1 << 22  # bank entries per block when building QB-Norm's activation set
+_DSL_BLOCK_ELEMENTS = 1 << 23  # float64 entries per block of the dual softmax (64 MiB temporaries)
 DEFAULT_QB_BETA = 20.0
 
 
@@ -92,7 +94,7 @@ def dual_softmax(sim: np.ndarray, temperature: float = DEFAULT_DSL_TEMPERATURE,
 
     DSL is transductive: the T2V prior of a video depends on all captions of the evaluated set.
     """
-    sim = check_finite(sim, "similarity matrix for dual softmax").astype(np.float64, copy=False)
+    sim = check_finite(sim, "similarity matrix for dual softmax")
     t = _check_temperature(temperature)
     if direction == "t2v":
         axis = 0
@@ -100,13 +102,20 @@ def dual_softmax(sim: np.ndarray, temperature: float = DEFAULT_DSL_TEMPERATURE,
         axis = 1
     else:
         raise ValueError(f"direction must be 't2v' or 'v2t', got {direction!r}")
-    with np.errstate(over="ignore"):
-        logits = sim / t
-    if not np.isfinite(logits).all():
-        raise ValueError(f"dual softmax temperature {t!r} is too small for scores up to "
-                         f"{np.abs(sim).max():.3g}: sim / temperature overflows")
-    prior = np.exp(log_softmax(logits, axis=axis))
-    return sim * prior
+    out = np.empty(sim.shape, dtype=np.float64)
+    # slices along the ranked axis are independent: process them in blocks to bound temporaries
+    n = sim.shape[1 - axis]
+    step = max(1, _DSL_BLOCK_ELEMENTS // max(1, sim.shape[axis]))
+    for lo in range(0, n, step):
+        sl = (slice(None), slice(lo, lo + step)) if axis == 0 else (slice(lo, lo + step), slice(None))
+        block = np.asarray(sim[sl], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            logits = block / t
+        if not np.isfinite(logits).all():
+            raise ValueError(f"dual softmax temperature {t!r} is too small for scores up to "
+                             f"{np.abs(block).max():.3g}: sim / temperature overflows")
+        out[sl] = block * np.exp(log_softmax(logits, axis=axis))
+    return out
 
 
 def dual_softmax_both(sim: np.ndarray, temperature: float = DEFAULT_DSL_TEMPERATURE
@@ -180,13 +189,16 @@ def qb_norm(sim: np.ndarray, bank_sim: np.ndarray, k: int = DEFAULT_QB_K,
     if sim.shape[0] == 0 or sim.shape[1] == 0:
         return out
     kk = min(k, bank.shape[1])
-    # stable sort of -score: equal scores keep column order, so ties go to the lower column
-    top = np.argsort(-bank, axis=1, kind="stable")[:, :kk]
     active = np.zeros(bank.shape[1], dtype=bool)
-    active[np.unique(top)] = True
-    scaled = beta * bank
-    m = scaled.max(axis=0)
-    log_norm = m + np.log(np.exp(scaled - m).sum(axis=0))  # (G,) log n[g]
+    m = beta * bank.max(axis=0)  # (G,) shift for the log-sum-exp
+    total = np.zeros(bank.shape[1], dtype=np.float64)
+    step = max(1, _QB_BLOCK_ELEMENTS // max(1, bank.shape[1]))
+    for lo in range(0, bank.shape[0], step):  # bank rows in blocks: bounded temporaries
+        b = bank[lo:lo + step]
+        # stable sort of -score: equal scores keep column order, so ties go to the lower column
+        active[np.unique(np.argsort(-b, axis=1, kind="stable")[:, :kk])] = True
+        total += np.exp(beta * b - m).sum(axis=0)
+    log_norm = m + np.log(total)  # (G,) log n[g]
     rows = active[np.argmax(sim, axis=1)]  # argmax returns the first (lowest) column on ties
     out[rows] = beta * sim[rows] - log_norm[None, :]
     return out

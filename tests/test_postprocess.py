@@ -162,3 +162,27 @@ def test_querybank_must_not_be_the_test_queries() -> None:
         check_querybank_split("test", "test")
     with pytest.raises(ValueError, match="test split"):
         check_querybank_split("test-2", "val")
+
+
+def test_dsl_blocks_match_one_block(monkeypatch) -> None:
+    import heads.postprocess as pp
+
+    rng = np.random.default_rng(2)
+    sim = rng.normal(size=(300, 70)).astype(np.float32)
+    whole = {d: dual_softmax(sim, 0.05, d) for d in ("t2v", "v2t")}
+    monkeypatch.setattr(pp, "_DSL_BLOCK_ELEMENTS", 500)  # many small blocks
+    for d in ("t2v", "v2t"):
+        np.testing.assert_allclose(dual_softmax(sim, 0.05, d), whole[d], rtol=1e-12, atol=0)
+    e = np.exp(sim.astype(np.float64) / 0.05)
+    np.testing.assert_allclose(whole["t2v"], sim * e / e.sum(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(whole["v2t"], sim * e / e.sum(axis=1, keepdims=True), rtol=1e-10)
+
+
+def test_qb_norm_blocks_match_one_block(monkeypatch) -> None:
+    import heads.postprocess as pp
+
+    rng = np.random.default_rng(3)
+    sim, bank = rng.normal(size=(40, 25)), rng.normal(size=(90, 25)).round(1)  # ties in the bank
+    whole = qb_norm(sim, bank, k=3, beta=5.0)
+    monkeypatch.setattr(pp, "_QB_BLOCK_ELEMENTS", 30)
+    np.testing.assert_allclose(qb_norm(sim, bank, k=3, beta=5.0), whole, rtol=1e-12)
