@@ -19,7 +19,9 @@ from heads.train_stage_two import (HardNegativeSampler, hard_fraction, load_pair
                                    score_pairs, stage_one_identity, train_stage_two)
 
 D, T, N, L = 16, 4, 5, 6
+ATTRS, VALUES = 3, 5
 IDENTITY = {"name": "toy-token-encoder", "pretrained": "none", "token_dim": D}
+TOY_EPOCHS = 60  # ~5 s on 2 cores; 8-30 epochs stay near the class-prior loss (measured)
 TINY = dict(width=32, layers=1, heads=2, num_queries=4, num_selected=2, spatial_frames=2, ff_mult=2.0)
 
 
@@ -43,21 +45,28 @@ class TokenSplit:
 
 def make_token_split(name: str, num_videos: int, captions_per_video: int, seed: int,
                      directory: Path | None = None) -> TokenSplit:
-    """Each video carries a concept vector in its CLS and one patch per frame; each caption
-    carries its video's concept in its first token. The match is decidable from the tokens;
-    stage-one embeddings are noisy so that stage one makes mistakes for the head to fix."""
+    """A tiny attribute world: every video has ``ATTRS`` attributes with ``VALUES`` values each,
+    shown by one patch per attribute in every frame (a fixed visual vector per value, plus noise);
+    a caption names them with one word token per attribute (a different fixed vector per value).
+    The match is decidable from the tokens; stage-one embeddings are noisy so that stage one
+    makes mistakes for the head to fix."""
+    world = np.random.default_rng(1234)  # the same vocabulary in every split
+    visual_vocab = world.normal(size=(ATTRS, VALUES, D))
+    word_vocab = world.normal(size=(ATTRS, VALUES, D))
     rng = np.random.default_rng(seed)
-    concept = rng.normal(size=(num_videos, D))
-    tokens = 0.7 * rng.normal(size=(num_videos, T, N, D))
+    attrs = rng.integers(0, VALUES, size=(num_videos, ATTRS))
+    concept = sum(visual_vocab[a, attrs[:, a]] for a in range(ATTRS))
+    tokens = 0.5 * rng.normal(size=(num_videos, T, N, D))
     tokens[:, :, 0] += concept[:, None]
-    patch = rng.integers(1, N, size=(num_videos, T))
-    tokens[np.arange(num_videos)[:, None], np.arange(T)[None, :], patch] += concept[:, None]
+    for a in range(ATTRS):
+        tokens[:, :, 1 + a] += visual_vocab[a, attrs[:, a]][:, None]
     lengths = rng.integers(2, T + 1, size=num_videos)
     frame_mask = np.arange(T)[None, :] < lengths[:, None]
     cv = np.repeat(np.arange(num_videos), captions_per_video)
-    text_tokens = 0.7 * rng.normal(size=(cv.size, L, D))
-    text_tokens[:, 0] += concept[cv]
-    tl = rng.integers(2, L + 1, size=cv.size)
+    text_tokens = 0.5 * rng.normal(size=(cv.size, L, D))
+    for a in range(ATTRS):
+        text_tokens[:, a] += word_vocab[a, attrs[cv, a]]
+    tl = rng.integers(ATTRS, L + 1, size=cv.size)
     text_mask = np.arange(L)[None, :] < tl[:, None]
     arrays = {
         "caption_video": cv.astype(np.int64),
@@ -230,18 +239,19 @@ def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
 @pytest.fixture(scope="module")
 def trained(world: dict) -> Path:
     return train_stage_two(world["train"], world["val"], world["stage_one"], world["root"] / "head",
-                           head_cfg=TINY, epochs=8, batch_size=16, lr=3e-3, seed=0, progress=False,
+                           head_cfg=TINY, epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False,
                            val_queries=32, val_k=8, num_threads=1)
 
 
 def test_training_learns_to_match(trained: Path, world: dict) -> None:
     history = json.loads((trained.parent / "history.json").read_text())
     epochs = history["epochs"]
-    assert history["finished"] and len(epochs) == 8
+    assert history["finished"] and len(epochs) == TOY_EPOCHS
     assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"] and epochs[-1]["loss"] < 0.6
     assert epochs[-1]["hard_share"] == 1.0 and epochs[0]["hard_share"] < 0.5  # annealed
-    best = epochs[history["best_epoch"]]["val"]
-    assert best["itm_acc_balanced"] > 0.7
+    # the head learns to match (val ITM accuracy on stage one's top candidates, balanced) ...
+    assert max(e["val"]["itm_acc_balanced"] for e in epochs) > 0.7
+    # ... and the epoch is selected on val re-ranked R@1 (32 queries: noisy, so not always that epoch)
     scores = [e["val"]["reranked_R@1"] + 1e-3 * e["val"]["itm_acc_balanced"] for e in epochs]
     assert history["best_epoch"] == int(np.argmax(scores))
     # the selected head separates the true pairs from stage one's top candidates on test too
@@ -273,12 +283,12 @@ def test_other_encoder_refused(trained: Path) -> None:
 def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: Path, world: dict) -> None:
     before = trained.stat().st_mtime_ns
     again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
-                            epochs=8, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
+                            epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
                             val_k=8, num_threads=1)
     assert again == trained and trained.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="lr"):
         train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
-                        epochs=8, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8)
+                        epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8)
 
 
 def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> None:
