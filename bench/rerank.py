@@ -1,0 +1,166 @@
+"""Re-ranking speed: 1,000 text queries x 1,000 videos, top K = 15 re-ranked by a CrossTVR head.
+
+    python bench/rerank.py [--videos 1000] [--queries 1000] [--rerank-queries N] [--k 15]
+                           [--threads 2] [--batch-size 64] [--head-option key=value ...]
+
+A synthetic ViT-B/32-shaped cache is written as ``.npy`` memmaps in a temporary directory
+(random data): per video T=12 frames of N=50 CLS+patch tokens of width D=768 (fp16) and 512-d
+frame embeddings; per caption L=32 text tokens of width 512 (fp16, random lengths) and a 512-d
+embedding. The stage-two head is ``CrossTVR`` with its default config and random weights (its
+standardiser fitted on the cache); the stage-one head is untrained meanP (cosine of the mean
+frame embedding and the text embedding).
+
+Measured, on ``--threads`` torch threads:
+
+* stage one alone: similarity matrix (all queries x all videos) + T2V metrics, ms per query;
+* re-ranking: top-K candidates, scoring of every (query, candidate) pair with the head read from
+  the memmaps, full re-ranked matrix + metrics, ms per query (``--rerank-queries`` re-ranks only
+  the first N queries, for a quicker run; the per-query figure does not depend on N);
+* a profile of one batch: share of the head's time spent on per-video work (standardising and
+  projecting the visual tokens, the token selector's MLP), which does not depend on the text and
+  could be computed once per video instead of once per pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cache import MemmapSplit, first_queries, write_cache  # noqa: E402
+
+TARGET_MS = 20.0
+
+
+def profile_batch(head, split: MemmapSplit, batch: int, repeats: int = 2) -> dict:
+    """Seconds per pair of ``head.score`` and of its per-video parts on one batch of pairs."""
+    import torch
+
+    from heads.data import gather_rows
+
+    v = np.arange(batch) % len(split.video_ids)
+    c = np.arange(batch) % len(split.caption_ids)
+    args = (torch.from_numpy(gather_rows(split.tokens, v)), torch.from_numpy(gather_rows(split.frame_mask, v)),
+            torch.from_numpy(gather_rows(split.text_tokens, c)), torch.from_numpy(gather_rows(split.text_mask, c)))
+
+    def timed(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats / batch
+
+    out = {}
+    with torch.inference_mode():
+        out["score"] = timed(lambda: head.score(*args))
+        out["inputs (standardise + project)"] = timed(lambda: head._inputs(*args))
+        if getattr(head, "selector", None) is not None:
+            vis = head._inputs(*args)[0]
+            out["token selector"] = timed(lambda: head.select_tokens(vis))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--videos", type=int, default=1000)
+    p.add_argument("--queries", type=int, default=1000, help="text queries (captions); caption i -> video i mod V")
+    p.add_argument("--rerank-queries", type=int, default=None,
+                   help="re-rank only the first N queries (default: all); ms/query is per re-ranked query")
+    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--tokens", type=int, default=50, help="CLS + patches per frame")
+    p.add_argument("--width", type=int, default=768, help="visual token width")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--text-width", type=int, default=512)
+    p.add_argument("--embed", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per head forward pass")
+    p.add_argument("--head", default="crosstvr")
+    p.add_argument("--head-option", action="append", default=[], help="key=value head option (JSON values)")
+    p.add_argument("--dir", help="directory for the cache (default: a temporary directory, removed after)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from heads.evaluate import similarity, untrained_baseline
+    from heads.metrics import t2v_metrics
+    from heads.rerank import rerank
+    from heads.stage_two import build_stage_two, count_parameters
+
+    torch.set_num_threads(a.threads)
+    cfg = {}
+    for opt in a.head_option:
+        key, _, value = opt.partition("=")
+        try:
+            cfg[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key.replace("-", "_")] = value
+    tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="bench-rerank-")
+    root = Path(a.dir or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        split = write_cache(root, a.videos, a.queries, a.frames, a.tokens, a.width, a.text_len, a.text_width,
+                            a.embed)
+        gib = split.tokens.nbytes / 2**30
+        print(f"cache: {a.videos} videos x {a.frames} frames x {a.tokens} tokens x {a.width} (fp16, {gib:.2f} GiB), "
+              f"{a.queries} captions x {a.text_len} x {a.text_width}; written in {time.perf_counter() - t0:.1f}s")
+        torch.manual_seed(0)
+        head = build_stage_two(a.head, a.width, a.text_width, **cfg).eval()
+        head.standardizer.fit(split)
+        print(f"head: {a.head} {json.dumps(head.config())} ({count_parameters(head):,} parameters), "
+              f"torch threads {torch.get_num_threads()}, batch {a.batch_size} pairs, K={a.k}")
+
+        # stage one alone
+        t0 = time.perf_counter()
+        sim = similarity(untrained_baseline(a.embed), split)
+        t2v_metrics(sim, split.caption_video)
+        s1 = time.perf_counter() - t0
+        s1_ms = 1000 * s1 / a.queries
+
+        # re-ranking (T2V) of the first N queries
+        n = a.queries if a.rerank_queries is None else min(a.queries, a.rerank_queries)
+        sub = first_queries(split, n)
+        t0 = time.perf_counter()
+        res = rerank(sim[:n], sub, head, k=a.k, directions=("t2v",), batch_size=a.batch_size, progress=True)
+        res.metrics()
+        rr = time.perf_counter() - t0
+        rr_ms = 1000 * rr / n
+        per_pair_ms = 1000 * res.seconds["scoring"] / max(1, res.num_pairs)
+        prof = profile_batch(head, split, a.batch_size)
+
+        print(f"stage one alone      : {s1:8.2f} s for {a.queries} queries = {s1_ms:8.2f} ms/query")
+        print(f"re-ranking (top {a.k:2d})  : {rr:8.2f} s for {n} queries = {rr_ms:8.2f} ms/query "
+              f"({res.num_pairs} pairs, {per_pair_ms:.2f} ms/pair; scoring {res.seconds['scoring']:.2f} s, "
+              f"candidates {res.seconds['candidates']:.2f} s, matrices {res.seconds['matrices']:.2f} s)")
+        print(f"stage one + re-rank  : {s1_ms + rr_ms:8.2f} ms/query   target <= {TARGET_MS:.0f} ms/query: "
+              f"{'met' if s1_ms + rr_ms <= TARGET_MS else 'MISSED'}")
+        total = prof["score"]
+        print(f"profile of one batch of {a.batch_size} pairs (ms/pair): head.score {1000 * total:.2f}")
+        for name, sec in prof.items():
+            if name != "score":
+                print(f"    {name:32s} {1000 * sec:7.2f}  ({100 * sec / total:4.1f}% of head.score, per video, "
+                      f"text-independent)")
+        figures = {"videos": a.videos, "queries": a.queries, "rerank_queries": n, "k": a.k, "threads": a.threads,
+                   "batch_size": a.batch_size, "head_config": head.config(), "stage_one_ms_per_query": s1_ms,
+                   "rerank_ms_per_query": rr_ms, "total_ms_per_query": s1_ms + rr_ms, "pairs": res.num_pairs,
+                   "ms_per_pair": per_pair_ms, "profile_ms_per_pair": {k: 1000 * v for k, v in prof.items()},
+                   "cpu_count": os.cpu_count()}
+        if a.json:
+            Path(a.json).write_text(json.dumps(figures, indent=2) + "\n")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
