@@ -111,15 +111,14 @@ def _lookup(pair_caps: np.ndarray, pair_vids: np.ndarray, scores: np.ndarray, nu
 # ------------------------------------------------------------------------------ pair scoring
 def head_scorer(head: Any, split: Any, batch_size: int = DEFAULT_BATCH, device: str = "cpu",
                 progress: bool = True) -> PairScorer:
-    """A ``PairScorer`` running ``head.score`` on the split's cached tokens.
+    """A ``PairScorer`` running the stage-two head on the split's cached tokens.
 
     Reads only the rows of each batch from the (memory-mapped) ``tokens``, ``frame_mask``,
-    ``text_tokens`` and ``text_mask`` of ``split``; never the whole cache.
+    ``text_tokens`` and ``text_mask`` of ``split``, each distinct row once, and runs the head's
+    text-independent work once per distinct video of the batch
+    (``heads.train_stage_two.score_pairs``); never the whole cache.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from heads.data import gather_rows
+    from heads.train_stage_two import score_pairs
 
     for name in ("tokens", "frame_mask", "text_tokens", "text_mask"):
         if getattr(split, name, None) is None:
@@ -130,29 +129,8 @@ def head_scorer(head: Any, split: Any, batch_size: int = DEFAULT_BATCH, device: 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     def score(caps: np.ndarray, vids: np.ndarray) -> np.ndarray:
-        out = np.empty(len(caps), dtype=np.float32)
-        was_training = getattr(head, "training", False)
-        if hasattr(head, "eval"):
-            head.eval()
-        if hasattr(head, "to"):
-            head.to(device)
-        bar = tqdm(total=len(caps), desc="re-rank: scoring pairs", unit="pair", disable=not progress,
-                   leave=False)
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(caps), batch_size):
-                    c, v = caps[start:start + batch_size], vids[start:start + batch_size]
-                    tokens = torch.from_numpy(gather_rows(split.tokens, v)).to(device)
-                    fm = torch.from_numpy(gather_rows(split.frame_mask, v).astype(bool)).to(device)
-                    tt = torch.from_numpy(gather_rows(split.text_tokens, c)).to(device)
-                    tm = torch.from_numpy(gather_rows(split.text_mask, c).astype(bool)).to(device)
-                    s = head.score(tokens, fm, tt, tm)
-                    out[start:start + len(c)] = s.float().cpu().numpy().reshape(-1)
-                    bar.update(len(c))
-        finally:
-            bar.close()
-            if was_training and hasattr(head, "train"):
-                head.train(True)
+        head.to(device)
+        out = score_pairs(head, split, vids, caps, batch=batch_size, device=device, progress=progress)
         if not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out))[0])
             raise ValueError(f"the stage-two head returned a non-finite score for caption row "

@@ -163,15 +163,25 @@ class CrossAttention(nn.Module):
         self.v = nn.Linear(kv_dim, width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` (B, Lq, W) attends to ``kv`` (B, Lk, Dk); ``kv_valid`` (B, Lk) bool marks usable keys."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_valid: torch.Tensor | None = None,
+                kv_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, Lq, W) attends to ``kv`` (B, Lk, Dk); ``kv_valid`` (B, Lk) bool marks usable keys.
+
+        With ``kv_index`` (B,), ``kv`` / ``kv_valid`` hold distinct rows (R, Lk, ...) and row ``i`` of
+        ``x`` attends to row ``kv_index[i]``: the key / value projections run once per distinct row
+        (e.g. once per video when many captions are scored against it).
+        """
         b, lq, w = x.shape
         h = self.heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, t.shape[1], h, w // h).transpose(1, 2)
 
-        q, k, v = split(self.q(x)), split(self.k(kv)), split(self.v(kv))
+        k, v = self.k(kv), self.v(kv)
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]
+            kv_valid = None if kv_valid is None else kv_valid[kv_index]
+        q, k, v = split(self.q(x)), split(k), split(v)
         mask = None if kv_valid is None else kv_valid[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -219,8 +229,9 @@ class QFormerLayer(nn.Module):
         return norm(x + self.drop(fn(x)))
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-                visual: torch.Tensor, visual_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q, W), (B, L, W) -> updated (queries, text)."""
+                visual: torch.Tensor, visual_valid: torch.Tensor,
+                visual_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q, W), (B, L, W) -> updated (queries, text); ``visual_index`` as in ``CrossAttention``."""
         nq = queries.shape[1]
         x = torch.cat([queries, text], dim=1)
         pad = torch.cat([torch.zeros_like(text_valid[:, :1]).expand(-1, nq), ~text_valid], dim=1)
@@ -229,9 +240,10 @@ class QFormerLayer(nn.Module):
         if self.cross_attn is not None:
             vv = _safe_valid(visual_valid)
             if self.text_cross:
-                x = self._res(x, self.norm_cross, lambda h: self.cross_attn(h, visual, vv))
+                x = self._res(x, self.norm_cross, lambda h: self.cross_attn(h, visual, vv, visual_index))
             else:
-                q = self._res(x[:, :nq], self.norm_cross, lambda h: self.cross_attn(h, visual, vv))
+                q = self._res(x[:, :nq], self.norm_cross,
+                              lambda h: self.cross_attn(h, visual, vv, visual_index))
                 x = torch.cat([q, x[:, nq:]], dim=1)
         q = self._res(x[:, :nq], self.norm_ffn_query, self.ffn_query)
         t = self._res(x[:, nq:], self.norm_ffn_text, self.ffn_text)
@@ -252,9 +264,10 @@ class QFormer(nn.Module):
         self.final_norm = nn.LayerNorm(width) if prenorm else nn.Identity()
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-                visual: torch.Tensor, visual_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                visual: torch.Tensor, visual_valid: torch.Tensor,
+                visual_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         for layer in self.layers:
-            queries, text = layer(queries, text, text_valid, visual, visual_valid)
+            queries, text = layer(queries, text, text_valid, visual, visual_valid, visual_index)
         return self.final_norm(queries), self.final_norm(text)
 
 
@@ -321,19 +334,55 @@ class StageTwoHead(nn.Module):
         self.fc = nn.Linear(width, 2)
         self._cfg: dict[str, Any] = {}
 
-    def _inputs(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        fm, tm = frame_mask.bool(), text_mask.bool()
+    def _visual(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised, projected visual tokens (B, T, N, W) (padding frames -> 0) and the bool mask."""
+        fm = frame_mask.bool()
         vis = self.standardizer.visual(tokens)
-        vis = torch.where(fm[:, :, None, None], vis, torch.zeros((), device=vis.device))  # padding -> 0
+        vis = torch.where(fm[:, :, None, None], vis, torch.zeros((), device=vis.device))
+        return self.visual_proj(vis), fm
+
+    def _text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised, projected text tokens (B, L, W) (padding -> 0) and the usable-token mask."""
+        tm = text_mask.bool()
         txt = self.standardizer.text(text_tokens)
         txt = torch.where(tm[:, :, None], txt, torch.zeros((), device=txt.device))
-        return self.visual_proj(vis), fm, self.text_proj(txt), _safe_valid(tm)
+        return self.text_proj(txt), _safe_valid(tm)
+
+    def encode_video(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The text-independent part of the head for ``V`` videos: a dict of (V, ...) tensors."""
+        raise NotImplementedError
+
+    def match(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, text_tokens: torch.Tensor,
+              text_mask: torch.Tensor) -> torch.Tensor:
+        """Match logits (P, 2) of caption ``i`` with video row ``pair_video[i]`` of ``video``."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        """Match logits (B, 2) of ``B`` aligned (video, text) pairs."""
+        video = self.encode_video(tokens, frame_mask)
+        return self.match(video, torch.arange(tokens.shape[0], device=tokens.device), text_tokens, text_mask)
+
+    def pair_logits(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
+                    text_mask: torch.Tensor, pair_video: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
+        """Match logits (P, 2) of pairs (video row ``pair_video[i]``, caption row ``pair_text[i]``).
+
+        ``tokens`` / ``frame_mask`` hold each distinct video once: its text-independent work
+        (``encode_video``) is done once however many captions it is paired with. Equal to
+        ``forward`` on the expanded pairs.
+        """
+        video = self.encode_video(tokens, frame_mask)
+        return self.match(video, pair_video, text_tokens[pair_text], text_mask[pair_text])
 
     def score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
               text_mask: torch.Tensor) -> torch.Tensor:
         """(B,) match log-odds ``logit[1] - logit[0]`` of each pair."""
         logits = self(tokens, frame_mask, text_tokens, text_mask)
+        return logits[:, 1] - logits[:, 0]
+
+    def pair_score(self, *args: torch.Tensor) -> torch.Tensor:
+        """(P,) match log-odds of the pairs of ``pair_logits(*args)``."""
+        logits = self.pair_logits(*args)
         return logits[:, 1] - logits[:, 0]
 
     def config(self) -> dict[str, Any]:
@@ -382,30 +431,41 @@ class CrossTVR(StageTwoHead):
         weights, index = straight_through_topk(scores, self.num_selected, keep_first=self.keep_cls)
         return weights @ visual, index
 
-    def forward(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor) -> torch.Tensor:
-        """Match logits (B, 2) of ``B`` aligned (video, text) pairs."""
-        vis, fm, txt, tv = self._inputs(tokens, frame_mask, text_tokens, text_mask)
+    def encode_video(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Text-independent: the spatial pass's frames and the temporal pass's selected tokens."""
+        vis, fm = self._visual(tokens, frame_mask)
         b, t, n, w = vis.shape
-        queries = self.queries.unsqueeze(0).expand(b, -1, -1)
+        out: dict[str, torch.Tensor] = {}
         if self.mode in ("spatial", "both"):
             idx, valid = pick_frames(fm, self.spatial_frames)  # (B, F)
-            f = idx.shape[1]
-            frames = vis.gather(1, idx[:, :, None, None].expand(-1, -1, n, w)).reshape(b * f, n, w)
-            rep = lambda x: x.unsqueeze(1).expand(-1, f, *x.shape[1:]).reshape(b * f, *x.shape[1:])  # noqa: E731
-            q_out, _ = self.block(rep(queries), rep(txt), rep(tv), frames,
-                                  torch.ones(b * f, n, dtype=torch.bool, device=vis.device))
-            queries = _masked_mean(q_out.view(b, f, -1, q_out.shape[-1]), valid, dim=1)
+            out["frames"] = vis.gather(1, idx[:, :, None, None].expand(-1, -1, n, w))  # (B, F, N, W)
+            out["frame_valid"] = valid
         if self.mode in ("temporal", "both"):
             if t > self.frame_pos.shape[0]:
                 raise ValueError(f"{t} frames > max_frames {self.frame_pos.shape[0]} of this head")
             selected, _ = self.select_tokens(vis)  # (B, T, M, W)
             selected = selected + self.frame_pos[:t, None, :]
             m = selected.shape[2]
-            keys = selected.reshape(b, t * m, -1)
-            kv_valid = fm.unsqueeze(-1).expand(-1, -1, m).reshape(b, t * m)
+            out["keys"] = selected.reshape(b, t * m, -1)
+            out["key_valid"] = fm.unsqueeze(-1).expand(-1, -1, m).reshape(b, t * m)
+        return out
+
+    def match(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, text_tokens: torch.Tensor,
+              text_mask: torch.Tensor) -> torch.Tensor:
+        txt, tv = self._text(text_tokens, text_mask)
+        p = txt.shape[0]
+        queries = self.queries.unsqueeze(0).expand(p, -1, -1)
+        if "frames" in video:
+            frames = video["frames"]
+            vb, f, n, w = frames.shape
+            rows = (pair_video[:, None] * f + torch.arange(f, device=frames.device)[None, :]).reshape(-1)
+            rep = lambda x: x.unsqueeze(1).expand(-1, f, *x.shape[1:]).reshape(p * f, *x.shape[1:])  # noqa: E731
+            q_out, _ = self.block(rep(queries), rep(txt), rep(tv), frames.reshape(vb * f, n, w),
+                                  torch.ones(vb * f, n, dtype=torch.bool, device=frames.device), rows)
+            queries = _masked_mean(q_out.view(p, f, -1, q_out.shape[-1]), video["frame_valid"][pair_video], dim=1)
+        if "keys" in video:
             assert self.temporal_block is not None
-            queries, _ = self.temporal_block(queries, txt, tv, keys, kv_valid)
+            queries, _ = self.temporal_block(queries, txt, tv, video["keys"], video["key_valid"], pair_video)
         return self.fc(queries).mean(dim=1)
 
 
@@ -460,31 +520,33 @@ class T2V2T(StageTwoHead):
         self.v2t = nn.ModuleList(_V2TLayer(width, heads, ff_mult, dropout) for _ in range(layers))
         self.frame_pos = nn.Parameter(torch.randn(max_frames, width) * 0.02)
 
-    def fuse_frames(self, vis: torch.Tensor, fm: torch.Tensor, txt: torch.Tensor,
-                    tv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bypass cross attention per frame: (B, F, N, W) fused tokens and (B, F) frame validity."""
+    def encode_video(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Text-independent: the picked frames' projected tokens with their frame-position embedding."""
+        vis, fm = self._visual(tokens, frame_mask)
         b, t, n, w = vis.shape
         idx, valid = pick_frames(fm, self.spatial_frames)
-        f = idx.shape[1]
         frames = vis.gather(1, idx[:, :, None, None].expand(-1, -1, n, w))
-        frames = (frames + self.frame_pos[idx][:, :, None, :]).reshape(b * f, n, w)
-        rep = lambda x: x.unsqueeze(1).expand(-1, f, *x.shape[1:]).reshape(b * f, *x.shape[1:])  # noqa: E731
-        text_r, tv_r = rep(txt), rep(tv)
-        for layer in self.t2v:
-            frames = layer(frames, text_r, tv_r)
-        return frames.view(b, f, n, w), valid
+        return {"frames": frames + self.frame_pos[idx][:, :, None, :], "frame_valid": valid}
 
-    def forward(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor) -> torch.Tensor:
-        """Match logits (B, 2) of ``B`` aligned (video, text) pairs."""
-        vis, fm, txt, tv = self._inputs(tokens, frame_mask, text_tokens, text_mask)
-        fused, valid = self.fuse_frames(vis, fm, txt, tv)
-        b, f, n, w = fused.shape
-        video = fused.reshape(b, f * n, w)
-        video_valid = valid.unsqueeze(-1).expand(-1, -1, n).reshape(b, f * n)
+    def fuse_frames(self, frames: torch.Tensor, txt: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+        """Bypass cross attention per frame: (P, F, N, W) frames of each pair -> fused tokens."""
+        p, f, n, w = frames.shape
+        rep = lambda x: x.unsqueeze(1).expand(-1, f, *x.shape[1:]).reshape(p * f, *x.shape[1:])  # noqa: E731
+        fused, text_r, tv_r = frames.reshape(p * f, n, w), rep(txt), rep(tv)
+        for layer in self.t2v:
+            fused = layer(fused, text_r, tv_r)
+        return fused.view(p, f, n, w)
+
+    def match(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, text_tokens: torch.Tensor,
+              text_mask: torch.Tensor) -> torch.Tensor:
+        txt, tv = self._text(text_tokens, text_mask)
+        fused = self.fuse_frames(video["frames"][pair_video], txt, tv)
+        p, f, n, w = fused.shape
+        valid = video["frame_valid"][pair_video]
+        video_valid = valid.unsqueeze(-1).expand(-1, -1, n).reshape(p, f * n)
         text = txt
         for layer in self.v2t:
-            text = layer(text, tv, video, video_valid)
+            text = layer(text, tv, fused.reshape(p, f * n, w), video_valid)
         return self.fc(_masked_mean(text, tv, dim=1))
 
 

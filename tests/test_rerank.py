@@ -56,6 +56,9 @@ class TableHead(nn.Module):
         self.pairs += list(zip(c.tolist(), v.tolist()))
         return self.table[c, v]
 
+    def pair_score(self, tokens, frame_mask, text_tokens, text_mask, pair_video, pair_text):
+        return self.score(tokens[pair_video], frame_mask[pair_video], text_tokens[pair_text], text_mask[pair_text])
+
 
 # Hand-built world: 3 captions x 4 videos, K = 2 (video 2 has no caption: not a V2T query).
 S = np.array([[0.9, 0.8, 0.1, 0.0],

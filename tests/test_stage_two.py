@@ -219,6 +219,10 @@ def test_anneal_schedule() -> None:
     assert hard_fraction("anneal", 0, 100, 0.5) == 0.0
     assert hard_fraction("anneal", 25, 100, 0.5) == pytest.approx(0.5)
     assert hard_fraction("anneal", 80, 100, 0.5) == 1.0
+    # a random-only phase first, then the rise
+    assert hard_fraction("anneal", 39, 100, 0.3, start=0.4) == 0.0
+    assert hard_fraction("anneal", 55, 100, 0.3, start=0.4) == pytest.approx(0.5)
+    assert hard_fraction("anneal", 70, 100, 0.3, start=0.4) == 1.0
     with pytest.raises(ValueError, match="hard_negatives"):
         hard_fraction("sometimes", 0, 1, 0.5)
 
@@ -373,3 +377,35 @@ def test_train_head_from_the_cli(tmp_path_factory: pytest.TempPathFactory) -> No
     assert ckpt.config["num_selected"] == 2 and ckpt.config["width"] == 32
     assert ckpt.encoder_identity["name"] == "test-vit-micro"
     assert ckpt.history["finished"]
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("crosstvr", {}), ("crosstvr", {"mode": "spatial"}), ("crosstvr", {"mode": "temporal"}),
+    ("crosstvr", {"shared": False, "text_cross": False}), ("t2v2t", {}),
+])
+def test_pair_logits_encode_each_video_once_and_equal_forward(name: str, cfg: dict) -> None:
+    kw = {k: v for k, v in TINY.items() if name == "crosstvr" or k in ("width", "layers", "heads", "ff_mult")}
+    torch.manual_seed(0)
+    head = build_stage_two(name, D, D, **{**kw, **cfg}).eval()
+    tokens, fm, text, tm = _random_inputs(3, T, N, D, D)
+    pair_video, pair_text = torch.tensor([2, 0, 2, 1, 2]), torch.tensor([0, 1, 2, 2, 1])
+    calls = []
+    original = head.encode_video
+    head.encode_video = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    shared = head.pair_logits(tokens, fm, text, tm, pair_video, pair_text)
+    assert calls == [3]  # three distinct videos, encoded once for five pairs
+    expanded = head(tokens[pair_video], fm[pair_video], text[pair_text], tm[pair_text])
+    torch.testing.assert_close(shared, expanded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.pair_score(tokens, fm, text, tm, pair_video, pair_text),
+                               expanded[:, 1] - expanded[:, 0], rtol=1e-5, atol=1e-5)
+    # gradients agree as well (a video shared by pairs sums its pairs' gradients)
+    head.train()
+    grads = []
+    for fn in (lambda: head.pair_logits(tokens, fm, text, tm, pair_video, pair_text),
+               lambda: head(tokens[pair_video], fm[pair_video], text[pair_text], tm[pair_text])):
+        head.zero_grad()
+        fn()[:, 1].sum().backward()
+        grads.append({k: p.grad.clone() for k, p in head.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-4, atol=1e-5, msg=key)
