@@ -15,7 +15,8 @@ Measured, on ``--threads`` torch threads:
 * stage one alone: similarity matrix (all queries x all videos) + T2V metrics, ms per query;
 * re-ranking: top-K candidates, scoring of every (query, candidate) pair with the head read from
   the memmaps, full re-ranked matrix + metrics, ms per query (``--rerank-queries`` re-ranks only
-  the first N queries, for a quicker run; the per-query figure does not depend on N);
+  the first N queries, for a quicker run; then each video is a candidate of fewer queries and its
+  text-independent work is shared by fewer pairs, so the per-query figure is pessimistic);
 * a profile of one batch: ms per pair of ``head.score`` (the whole head for every pair), of
   ``encode_video`` (the text-independent part: standardising and projecting the visual tokens,
   picking frames, the token selector), and of ``pair_score`` with every video shared by K pairs,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--videos", type=int, default=1000)
     p.add_argument("--queries", type=int, default=1000, help="text queries (captions); caption i -> video i mod V")
     p.add_argument("--rerank-queries", type=int, default=None,
-                   help="re-rank only the first N queries (default: all); ms/query is per re-ranked query")
+                   help="re-rank only the first N queries (default: all); fewer shares less per-video work (pessimistic)")
     p.add_argument("--k", type=int, default=15)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--tokens", type=int, default=50, help="CLS + patches per frame")
