@@ -9,6 +9,7 @@ read comes from disk.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -100,3 +101,15 @@ def evict(split: MemmapSplit) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def head_options(pairs: list[str]) -> dict:
+    """``["width=64", "mode=spatial"]`` -> ``{"width": 64, "mode": "spatial"}`` (JSON values, else strings)."""
+    cfg = {}
+    for opt in pairs:
+        key, _, value = opt.partition("=")
+        try:
+            cfg[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key.replace("-", "_")] = value
+    return cfg

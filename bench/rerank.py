@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cache import MemmapSplit, first_queries, write_cache  # noqa: E402
+from bench.cache import MemmapSplit, first_queries, head_options, write_cache  # noqa: E402
 
 TARGET_MS = 20.0
 
@@ -102,13 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     from heads.stage_two import build_stage_two, count_parameters
 
     torch.set_num_threads(a.threads)
-    cfg = {}
-    for opt in a.head_option:
-        key, _, value = opt.partition("=")
-        try:
-            cfg[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key.replace("-", "_")] = value
+    cfg = head_options(a.head_option)
     tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="bench-rerank-")
     root = Path(a.dir or tmp.name)
     root.mkdir(parents=True, exist_ok=True)

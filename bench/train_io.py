@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cache import evict, in_ram, open_cache, write_cache  # noqa: E402
+from bench.cache import evict, head_options, in_ram, open_cache, write_cache  # noqa: E402
 
 TARGET_RATIO = 0.9
 SHAPE = dict(frames=12, tokens=50, width=768, text_len=32, text_width=512, embed=512)
@@ -81,13 +81,7 @@ def worker(a: argparse.Namespace) -> dict:
     split = open_cache(Path(a.cache), split="train")  # the trainer refuses a test split
     mode = a.worker
     work = Path(tempfile.mkdtemp(prefix="train-io-", dir=a.cache))
-    cfg = {}
-    for opt in a.head_option:
-        key, _, value = opt.partition("=")
-        try:
-            cfg[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key.replace("-", "_")] = value
+    cfg = head_options(a.head_option)
     torch.set_num_threads(a.threads)
     stage_one = train_stage_one(split, None, head="meanP", out_dir=work / "s1", epochs=1, batch_size=256,
                                 progress=False, num_threads=a.threads)
