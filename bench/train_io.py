@@ -72,7 +72,6 @@ class PeakAnon:
 
 def worker(a: argparse.Namespace) -> dict:
     """One measurement in this process: train from a cache directory, print figures as JSON."""
-    import numpy as np
     import torch
 
     from heads.train import train_stage_one
@@ -104,8 +103,7 @@ def worker(a: argparse.Namespace) -> dict:
         full = run(a.steps, "steps")
     figures.update(steps=a.steps, startup_s=start, steps_s=full - start,
                    steps_per_s=a.steps / max(1e-9, full - start), peak_rss_mib=_status_kib("VmHWM") / 1024,
-                   peak_anon_mib=anon.peak / 1024, ram_copy="in the process" if mode == "ram" else None)
-    del np
+                   peak_anon_mib=anon.peak / 1024)
     return figures
 
 
