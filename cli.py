@@ -507,6 +507,9 @@ def train_head(store: str, stage_one: str | Path, work: Path, out: str | Path | 
                    "a linear rise to hard ones (stage-one softmax) over the next --anneal share.")
 @click.option("--anneal-start", default=0.4, show_default=True, help="Share of steps with random negatives only.")
 @click.option("--anneal", default=0.3, show_default=True, help="Share of steps over which hard negatives rise to 100%.")
+@click.option("--rank-weight", default=0.0, show_default=True,
+              help="Weight of a pairwise ranking term added to ITM: each positive's cosine + head score must "
+                   "beat its negatives' (0 = ITM only).")
 @click.option("--max-steps", type=int, help="Stop after this many steps (resumable: run again to continue).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing run in --out and start again.")
 @click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
@@ -515,7 +518,7 @@ def train_head(store: str, stage_one: str | Path, work: Path, out: str | Path | 
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def train_head_cmd(store, stage_one, head, mode, unshared, num_selected, head_options, epochs, batch_size, lr,
-                   hard_negatives, anneal_start, anneal, max_steps, fresh, work_dir, stage_dir, out, seed, device) -> None:
+                   hard_negatives, anneal_start, anneal, rank_weight, max_steps, fresh, work_dir, stage_dir, out, seed, device) -> None:
     """Train a stage-two re-ranking head (ITM with hard negatives) on cached patch and text tokens."""
     cfg = _parse_options(head_options)
     if head == "crosstvr":
@@ -529,7 +532,8 @@ def train_head_cmd(store, stage_one, head, mode, unshared, num_selected, head_op
         raise click.UsageError("--mode, --unshared and --num-selected apply to --head crosstvr only")
     ckpt = train_head(store, stage_one, _work(work_dir), out=out, stage_dir=stage_dir, head=head,
                       head_cfg=cfg or None, epochs=epochs, batch_size=batch_size, lr=lr,
-                      hard_negatives=hard_negatives, anneal_start=anneal_start, anneal=anneal, max_steps=max_steps, resume=not fresh, seed=seed,
+                      hard_negatives=hard_negatives, anneal_start=anneal_start, anneal=anneal, rank_weight=rank_weight,
+                      max_steps=max_steps, resume=not fresh, seed=seed,
                       device=_device(device))
     click.echo(f"checkpoint: {ckpt}")
 

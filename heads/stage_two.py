@@ -229,24 +229,42 @@ class QFormerLayer(nn.Module):
         return norm(x + self.drop(fn(x)))
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-                visual: torch.Tensor, visual_valid: torch.Tensor,
-                visual_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q, W), (B, L, W) -> updated (queries, text); ``visual_index`` as in ``CrossAttention``."""
+                visual: torch.Tensor, visual_valid: torch.Tensor | None,
+                visual_index: torch.Tensor | None = None, expand: int = 1,
+                need_text: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, Q, W), (B, L, W) -> updated (queries, text); ``visual_index`` as in ``CrossAttention``.
+
+        ``expand`` > 1: every input row stands for ``expand`` consecutive rows of ``visual_index``
+        (e.g. one pair's frames); the self-attention, which does not see the visual tokens, runs
+        once per input row and its output is repeated before the cross attention. Outputs have
+        ``B * expand`` rows. ``need_text=False`` (a last layer whose text outputs nobody reads)
+        computes the query rows only: attention and feed-forward act row by row after the
+        self-attention's keys and values, so the query outputs are the same.
+        """
         nq = queries.shape[1]
         x = torch.cat([queries, text], dim=1)
         pad = torch.cat([torch.zeros_like(text_valid[:, :1]).expand(-1, nq), ~text_valid], dim=1)
-        x = self._res(x, self.norm_self,
-                      lambda h: self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+        if need_text:
+            x = self._res(x, self.norm_self,
+                          lambda h: self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+        elif self.prenorm:
+            h = self.norm_self(x)
+            x = x[:, :nq] + self.drop(self.self_attn(h[:, :nq], h, h, key_padding_mask=pad, need_weights=False)[0])
+        else:
+            x = self.norm_self(x[:, :nq] + self.drop(
+                self.self_attn(x[:, :nq], x, x, key_padding_mask=pad, need_weights=False)[0]))
+        if expand > 1:
+            x = x.repeat_interleave(expand, dim=0)
         if self.cross_attn is not None:
-            vv = _safe_valid(visual_valid)
-            if self.text_cross:
+            vv = None if visual_valid is None else _safe_valid(visual_valid)
+            if self.text_cross or not need_text:
                 x = self._res(x, self.norm_cross, lambda h: self.cross_attn(h, visual, vv, visual_index))
             else:
                 q = self._res(x[:, :nq], self.norm_cross,
                               lambda h: self.cross_attn(h, visual, vv, visual_index))
                 x = torch.cat([q, x[:, nq:]], dim=1)
         q = self._res(x[:, :nq], self.norm_ffn_query, self.ffn_query)
-        t = self._res(x[:, nq:], self.norm_ffn_text, self.ffn_text)
+        t = self._res(x[:, nq:], self.norm_ffn_text, self.ffn_text) if need_text else None
         return q, t
 
 
@@ -264,11 +282,18 @@ class QFormer(nn.Module):
         self.final_norm = nn.LayerNorm(width) if prenorm else nn.Identity()
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-                visual: torch.Tensor, visual_valid: torch.Tensor,
-                visual_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers:
-            queries, text = layer(queries, text, text_valid, visual, visual_valid, visual_index)
-        return self.final_norm(queries), self.final_norm(text)
+                visual: torch.Tensor, visual_valid: torch.Tensor | None,
+                visual_index: torch.Tensor | None = None, expand: int = 1,
+                need_text: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the stack; ``expand`` and ``need_text`` as in ``QFormerLayer.forward`` (the first
+        layer expands, the last one skips the text rows when ``need_text`` is False)."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            queries, text = layer(queries, text, text_valid, visual, visual_valid, visual_index,
+                                  expand=expand if i == 0 else 1, need_text=need_text or i < last)
+            if i == 0 and expand > 1:
+                text_valid = text_valid.repeat_interleave(expand, dim=0)
+        return self.final_norm(queries), None if text is None else self.final_norm(text)
 
 
 def straight_through_topk(scores: torch.Tensor, k: int, keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,13 +484,13 @@ class CrossTVR(StageTwoHead):
             frames = video["frames"]
             vb, f, n, w = frames.shape
             rows = (pair_video[:, None] * f + torch.arange(f, device=frames.device)[None, :]).reshape(-1)
-            rep = lambda x: x.unsqueeze(1).expand(-1, f, *x.shape[1:]).reshape(p * f, *x.shape[1:])  # noqa: E731
-            q_out, _ = self.block(rep(queries), rep(txt), rep(tv), frames.reshape(vb * f, n, w),
-                                  torch.ones(vb * f, n, dtype=torch.bool, device=frames.device), rows)
+            q_out, _ = self.block(queries, txt, tv, frames.reshape(vb * f, n, w), None, rows,
+                                  expand=f, need_text=False)  # every token of a frame is valid
             queries = _masked_mean(q_out.view(p, f, -1, q_out.shape[-1]), video["frame_valid"][pair_video], dim=1)
         if "keys" in video:
             assert self.temporal_block is not None
-            queries, _ = self.temporal_block(queries, txt, tv, video["keys"], video["key_valid"], pair_video)
+            queries, _ = self.temporal_block(queries, txt, tv, video["keys"], video["key_valid"], pair_video,
+                                             need_text=False)
         return self.fc(queries).mean(dim=1)
 
 

@@ -355,6 +355,53 @@ def _epoch_plan(sampler: EpochSampler, negatives: HardNegativeSampler | None, ep
     return plan
 
 
+def rank_loss(scores: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
+    """Pairwise ranking loss on a batch laid out as ``_PlanItem.pairs``: ``[positives (b);
+    (negative video, caption) (b); (video, negative caption) (b)]``.
+
+    With ``r = cosine + scores`` (the re-ranking score), the mean of ``softplus(r_neg - r_pos)``
+    over both negatives of each positive. Unlike ITM cross-entropy it cannot be lowered by moving
+    every score towards the class prior, only by ordering the positive above its negatives; and
+    since the cosine is part of ``r``, pairs that stage one already orders by a wide margin give
+    little gradient, so the head learns where stage one is wrong or unsure.
+    """
+    r = cosine.float() + scores
+    b = r.shape[0] // 3
+    pos, neg_v, neg_c = r[:b], r[b:2 * b], r[2 * b:3 * b]
+    return 0.5 * (F.softplus(neg_v - pos).mean() + F.softplus(neg_c - pos).mean())
+
+
+class StageOneCosine:
+    """Stage-one cosine of any (caption row, video row) pair of a split, from unit embeddings
+    computed once (V + C rows of the head's output width, not a C x V matrix)."""
+
+    @torch.no_grad()
+    def __init__(self, head: Any, split: Any, device: str = "cpu", batch: int = 1024) -> None:
+        from heads.data import uses_text_tokens
+        from heads.evaluate import encode_videos
+
+        if uses_text_tokens(head):
+            raise ValueError(f"rank_weight needs a stage-one head whose text embedding does not depend on "
+                             f"the video; {getattr(head, 'name', type(head).__name__)} has text-token "
+                             f"alignment: use rank_weight=0")
+        was_training = head.training
+        head.eval()
+        try:
+            self.video = encode_videos(head, split, batch, device).float().cpu()
+            texts = []
+            for sl in blocks(int(split.text_emb.shape[0]), batch):
+                t = torch.from_numpy(np.array(split.text_emb[sl], dtype=np.float32)).to(device)
+                texts.append(head.encode_text(t).float().cpu())
+            self.text = torch.cat(texts) if texts else torch.zeros(0, self.video.shape[1])
+        finally:
+            head.train(was_training)
+
+    def __call__(self, captions: np.ndarray, videos: np.ndarray) -> torch.Tensor:
+        c = torch.as_tensor(np.asarray(captions, dtype=np.int64))
+        v = torch.as_tensor(np.asarray(videos, dtype=np.int64))
+        return (self.text[c] * self.video[v]).sum(-1)
+
+
 # --------------------------------------------------------------------------------------------
 # scoring and model selection
 # --------------------------------------------------------------------------------------------
@@ -524,6 +571,7 @@ def train_stage_two(
     eval_batch: int = 128,
     num_threads: int | None = None,
     prefetch: int = 2,
+    rank_weight: float = 0.0,
 ) -> Path:
     """Train a stage-two head on ``train``; select the epoch on ``val``; return ``stage_two.pt``.
 
@@ -535,7 +583,9 @@ def train_stage_two(
     negatives. ``max_steps`` stops after that many steps in total (the run stays resumable: call
     again with the same arguments). With ``resume`` a matching ``train_state.pt`` in ``out_dir``
     is continued (a finished run returns at once); other arguments than those in that state
-    raise ``ValueError``. ``resume=False`` starts afresh. Neither split may be a test split
+    raise ``ValueError``. ``resume=False`` starts afresh. ``rank_weight`` > 0 adds a pairwise
+    ranking term on the same pairs (``rank_loss``): the positive's re-ranking score
+    ``cosine + head score`` must beat each of its two negatives'. Neither split may be a test split
     (``ForbiddenSplitError``); both must come from one store (``StoreMismatchError``).
     """
     from heads.evaluate import similarity
@@ -566,7 +616,7 @@ def train_stage_two(
         "neg_pool": neg_pool, "val_k": int(val_k), "val_queries": int(val_queries), "seed": int(seed),
         "train_split": str(train.split), "val_split": None if val is None else str(val.split),
         "store_fingerprint": str(train.store_fingerprint), "stage_one_sha256": s1_identity["sha256"],
-        "device": str(device), "max_steps": max_steps, "num_threads": num_threads, "prefetch": int(prefetch),
+        "rank_weight": float(rank_weight), "device": str(device), "max_steps": max_steps, "num_threads": num_threads, "prefetch": int(prefetch),
     })
     state_path, ckpt_path = out / STATE_NAME, out / CHECKPOINT_NAME
     state = None
@@ -594,6 +644,7 @@ def train_stage_two(
             train_sim = similarity(s1.head, train, device=device)
             negatives = HardNegativeSampler(train_sim, train.caption_video, neg_temperature, neg_pool)
             del train_sim
+        cosine = StageOneCosine(s1.head, train, device) if rank_weight > 0 else None
         valset = None
         if val is not None:
             valset = _ValSet(val, similarity(s1.head, val, device=device), val_k, val_queries, seed)
@@ -636,6 +687,10 @@ def train_stage_two(
                     batch = batch.to(device)
                     logits = model.pair_logits(*batch.pair_inputs())
                     loss = F.cross_entropy(logits, batch.labels)
+                    if cosine is not None:
+                        pv, pc, _ = item.pairs()
+                        loss = loss + rank_weight * rank_loss(
+                            logits[:, 1] - logits[:, 0], cosine(pc, pv).to(logits.device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

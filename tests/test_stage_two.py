@@ -15,8 +15,9 @@ from click.testing import CliRunner
 import cli
 from heads.stage_two import build_stage_two, count_parameters
 from heads.train import ForbiddenSplitError, StoreMismatchError, train_stage_one
-from heads.train_stage_two import (HardNegativeSampler, hard_fraction, load_pairs, load_stage_two,
-                                   score_pairs, stage_one_identity, train_stage_two)
+from heads.train_stage_two import (HardNegativeSampler, StageOneCosine, hard_fraction, load_pairs,
+                                   load_stage_two, rank_loss, score_pairs, stage_one_identity,
+                                   train_stage_two)
 
 D, T, N, L = 16, 4, 5, 6
 ATTRS, VALUES = 3, 5
@@ -214,6 +215,33 @@ def test_hard_negatives_exclude_positives_and_follow_the_softmax() -> None:
     assert not (cv[t] == np.repeat(np.arange(5), 200)).any()
 
 
+def test_rank_loss_orders_positives_above_their_negatives() -> None:
+    # layout [positives; (negative video, caption); (video, negative caption)], b = 2
+    scores = torch.tensor([1.0, 0.0, 0.0, 2.0, -1.0, 0.5])
+    cosine = torch.tensor([0.5, 0.2, 0.4, 0.1, 0.0, 0.2])
+    r = scores + cosine
+    expect = 0.5 * (torch.nn.functional.softplus(r[2:4] - r[:2]).mean()
+                    + torch.nn.functional.softplus(r[4:] - r[:2]).mean())
+    assert float(rank_loss(scores, cosine)) == pytest.approx(float(expect))
+    # a common shift of every score (e.g. towards the class prior) changes nothing ...
+    assert float(rank_loss(scores - 3.0, cosine)) == pytest.approx(float(expect))
+    # ... only the order does: a wide margin for the positives drives it to zero
+    wide = torch.tensor([20.0, 20.0, 0.0, 0.0, 0.0, 0.0])
+    assert float(rank_loss(wide, cosine)) < 1e-6
+    assert float(rank_loss(-wide, cosine)) > 19.0
+
+
+def test_stage_one_cosine_matches_the_similarity_matrix(world: dict) -> None:
+    from heads.evaluate import similarity
+    from heads.train import load_stage_one
+
+    head = load_stage_one(world["stage_one"]).head
+    sim = similarity(head, world["train"])
+    cos = StageOneCosine(head, world["train"])
+    caps, vids = np.array([0, 5, 17, 100]), np.array([3, 5, 90, 0])
+    np.testing.assert_allclose(cos(caps, vids).numpy(), sim[caps, vids], rtol=1e-5, atol=1e-6)
+
+
 def test_anneal_schedule() -> None:
     assert hard_fraction("random", 50, 100, 0.5) == 0.0 and hard_fraction("hard", 0, 100, 0.5) == 1.0
     assert hard_fraction("anneal", 0, 100, 0.5) == 0.0
@@ -320,6 +348,21 @@ def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> N
     assert a["history"]["best_epoch"] == b["history"]["best_epoch"]
 
 
+def test_rank_term_trains_and_is_recorded(world: dict, tmp_path: Path) -> None:
+    ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "rank", head_cfg=TINY,
+                           epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+                           num_threads=1, rank_weight=1.0)
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["train_args"]["rank_weight"] == 1.0
+    plain = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain", head_cfg=TINY,
+                            epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+                            num_threads=1)
+    # same seed and batches: the rank term alone makes the losses differ (it is really added)
+    la = [e["loss"] for e in raw["history"]["epochs"]]
+    lb = [e["loss"] for e in torch.load(plain, weights_only=True)["history"]["epochs"]]
+    assert la != pytest.approx(lb)
+
+
 def test_trainer_refuses_test_and_bad_input(world: dict, tmp_path: Path) -> None:
     with pytest.raises(ForbiddenSplitError, match="val split is named 'test'"):
         train_stage_two(world["train"], world["test"], world["stage_one"], tmp_path, progress=False)
@@ -409,3 +452,30 @@ def test_pair_logits_encode_each_video_once_and_equal_forward(name: str, cfg: di
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         torch.testing.assert_close(grads[0][key], grads[1][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("layers,prenorm,text_cross,cross_every", [
+    (2, False, True, 1), (1, False, True, 1), (3, True, True, 2), (2, False, False, 1), (2, True, False, 1)])
+def test_qformer_shortcuts_give_the_full_computation(layers: int, prenorm: bool, text_cross: bool,
+                                                     cross_every: int) -> None:
+    """Running the first layer's self-attention once per pair (``expand``) and skipping the last
+    layer's unused text rows (``need_text=False``) change the cost, not the query outputs."""
+    from heads.stage_two import QFormer
+
+    torch.manual_seed(0)
+    qf = QFormer(layers, 16, 2, kv_dim=12, cross_every=cross_every, text_cross=text_cross, ff_mult=2.0,
+                 prenorm=prenorm).eval()
+    p, f, nq, lt, nv = 3, 4, 5, 6, 7
+    queries, text = torch.randn(p, nq, 16), torch.randn(p, lt, 16)
+    text_valid = torch.arange(lt)[None, :] < torch.tensor([[6], [3], [1]])
+    visual = torch.randn(2 * f, nv, 12)  # 2 distinct videos x f frames
+    visual_valid = torch.rand(2 * f, nv) > 0.3
+    rows = (torch.tensor([1, 0, 1])[:, None] * f + torch.arange(f)[None, :]).reshape(-1)
+    rep = lambda x: x.repeat_interleave(f, dim=0)  # noqa: E731
+    full_q, full_t = qf(rep(queries), rep(text), rep(text_valid), visual, visual_valid, rows)
+    fast_q, fast_t = qf(queries, text, text_valid, visual, visual_valid, rows, expand=f, need_text=False)
+    assert fast_t is None and full_t is not None
+    torch.testing.assert_close(fast_q, full_q, rtol=1e-5, atol=1e-5)
+    part_q, part_t = qf(queries, text, text_valid, visual, visual_valid, rows, expand=f)
+    torch.testing.assert_close(part_q, full_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part_t, full_t, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,127 @@
+"""Within-group matching accuracy on the synthetic benchmark: can a scorer tell near-duplicates apart?
+
+    python bench/groups.py --store STORE --manifest DIR --stage-one CKPT [--head CKPT ...]
+                           [--split val] [--max-captions N] [--json OUT]
+
+For every caption of a video that belongs to a near-duplicate group (members differ in exactly one
+attribute, the group's ``varied`` column), each scorer ranks the group's members; the caption is
+right when its own video scores highest (ties count against it). Reported per varied attribute,
+for stage one's cosine, for each head's score alone and for ``cosine + head score`` (the
+re-ranking rule), with chance = 1 / group size. This is the offline check DESIGN asks for before a
+head is wired into re-ranking: a head below chance on an attribute cannot help there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def group_members(video_ids: list, manifest_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per split video row: its group label (-1 = not in a group) and the attribute its group varies."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(Path(manifest_dir) / "videos.parquet",
+                      columns=["video_id", "group_id", "varied"]).to_pylist()
+    by_id = {r["video_id"]: r for r in t}
+    group = np.full(len(video_ids), -1, dtype=np.int64)
+    varied = np.empty(len(video_ids), dtype=object)
+    labels: dict = {}
+    for i, vid in enumerate(video_ids):
+        rec = by_id.get(vid)
+        if rec is None:
+            raise KeyError(f"video {vid!r} of the store is not in {manifest_dir}/videos.parquet")
+        g = rec.get("group_id")
+        if g is None or g == "" or (isinstance(g, (int, np.integer)) and g < 0):
+            continue
+        group[i] = labels.setdefault(g, len(labels))
+        varied[i] = rec.get("varied")
+    return group, varied
+
+
+def within_group_accuracy(scores: dict[str, np.ndarray], caps: np.ndarray, cand: np.ndarray,
+                          own: np.ndarray, attr: np.ndarray) -> dict[str, dict[str, float]]:
+    """``scores[name]`` (Q, G): each caption's score against its group's members ``cand`` (Q, G);
+    ``own`` (Q,) column of the right member; ``attr`` (Q,) the varied attribute.
+    Returns {name: {attribute: accuracy %, "all": ...}} (strictly highest counts as right)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, s in scores.items():
+        pos = s[np.arange(len(own)), own]
+        others = np.where(np.arange(s.shape[1])[None, :] == own[:, None], -np.inf, s)
+        right = pos > others.max(axis=1)
+        res = {a: float(100.0 * right[attr == a].mean()) for a in sorted(set(attr.tolist()))}
+        res["all"] = float(100.0 * right.mean())
+        out[name] = res
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--manifest", required=True, help="synthetic manifest directory (videos.parquet)")
+    ap.add_argument("--stage-one", required=True)
+    ap.add_argument("--head", action="append", default=[], help="stage-two checkpoint (repeatable)")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--work-dir", default="work")
+    ap.add_argument("--max-captions", type=int, default=0, help="0 = every grouped caption")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the table here as JSON")
+    args = ap.parse_args(argv)
+
+    import cli
+    from heads.rerank import head_scorer, load_head, stage_one_similarity
+
+    split = cli._stage(args.store, args.split, None, Path(args.work_dir),
+                       arrays=("frame_emb", "tokens", "text"))
+    group, varied = group_members(list(split.video_ids), args.manifest)
+    cv = np.asarray(split.caption_video)
+    caps = np.flatnonzero(group[cv] >= 0)
+    if args.max_captions and caps.size > args.max_captions:
+        caps = np.sort(np.random.default_rng(args.seed).choice(caps, args.max_captions, replace=False))
+    members = defaultdict(list)
+    for v in np.flatnonzero(group >= 0):
+        members[int(group[v])].append(int(v))
+    size = max(len(m) for m in members.values())
+    cand = np.full((caps.size, size), -1, dtype=np.int64)
+    own = np.zeros(caps.size, dtype=np.int64)
+    for i, c in enumerate(caps):
+        m = members[int(group[cv[c]])]
+        cand[i, :len(m)] = m
+        cand[i, len(m):] = m[0]          # pad (only for uneven groups): duplicates never win
+        own[i] = m.index(int(cv[c]))
+    attr = varied[cv[caps]].astype(str)
+    sim, _ = stage_one_similarity(args.stage_one, split)
+    cos = sim[caps[:, None], cand]
+    scores = {"stage one": cos}
+    for path in args.head:
+        head, info = load_head(path, split)
+        head.eval()
+        flat = head_scorer(head, split, progress=False)(np.repeat(caps, size), cand.reshape(-1))
+        hs = flat.reshape(caps.size, size)
+        name = Path(path).parent.name if Path(path).is_file() else Path(path).name
+        scores[f"{name} head"] = hs
+        scores[f"{name} cosine+head"] = cos + hs
+    table = within_group_accuracy(scores, caps, cand, own, attr)
+    counts = {a: int((attr == a).sum()) for a in sorted(set(attr.tolist()))}
+    attrs = sorted(counts)
+    print(f"split {args.split}: {caps.size} grouped captions, groups of {size} (chance {100 / size:.1f}%)")
+    print("| scorer | " + " | ".join(f"{a} (n={counts[a]})" for a in attrs) + " | all |")
+    print("|---|" + "---|" * (len(attrs) + 1))
+    for name, res in table.items():
+        print(f"| {name} | " + " | ".join(f"{res[a]:.1f}" for a in attrs) + f" | {res['all']:.1f} |")
+    result = {"split": args.split, "captions": int(caps.size), "group_size": size, "counts": counts,
+              "accuracy": table}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
