@@ -667,6 +667,9 @@ def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[s
 @click.option("--epochs", type=int, help="Stage-two epochs [default: the trainer's].")
 @click.option("--head-option", "head_options", multiple=True,
               help="Head option key=value applied to every variant (e.g. width=128).")
+@click.option("--rank-weight", type=float, help="Ranking term weight for every variant [default: the trainer's].")
+@click.option("--anneal-start", type=float, help="Share of random-negative steps [default: the trainer's].")
+@click.option("--anneal", type=float, help="Share of steps over which hard negatives rise [default: the trainer's].")
 @click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
 @click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
 @click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")
@@ -674,8 +677,8 @@ def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[s
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
 @_mismatch_to_click
-def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, work_dir, stage_dir, out, seed,
-                 device) -> None:
+def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, rank_weight, anneal_start, anneal,
+                 work_dir, stage_dir, out, seed, device) -> None:
     """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) / T2V2T.
 
     Trains each head on train (epoch selected on val only), re-ranks the test split's stage-one
@@ -697,15 +700,18 @@ def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, work_
     if store is None and not sorted((work / "stores").glob("synthetic-*.zarr")):
         click.echo(f"no demo store under {work / 'stores'}: running the demo first")
         ctx.invoke(demo_cmd, work_dir=work_dir, seed=seed, device=device)
-    demo_defaults = store is None and stage_one is None and out is None and epochs is None
+    demo_defaults = (store is None and stage_one is None and out is None and epochs is None
+                     and rank_weight is None and anneal_start is None and anneal is None)
     store = store or _default_store(work)
     stage_one = stage_one or str(_best_stage_one(work))
     dev = _device(device)
     out_dir = Path(out) if out else work / "ablation"
     extra = _parse_options(head_options)
     train_kwargs = {"seed": seed, "device": dev}
-    if epochs is not None:
-        train_kwargs["epochs"] = epochs
+    for key, value in (("epochs", epochs), ("rank_weight", rank_weight), ("anneal_start", anneal_start),
+                       ("anneal", anneal)):
+        if value is not None:
+            train_kwargs[key] = value
     test = _stage(store, "test", stage_dir, work, arrays=STAGE_TWO_ARRAYS)
     sim, s1_info = stage_one_similarity(stage_one, test, device=dev)
     click.echo(f"stage one: {stage_one}")

@@ -70,6 +70,8 @@ HISTORY_NAME = "history.json"
 HARD_NEGATIVE_MODES = ("random", "hard", "anneal")
 # train arguments that may change between an interrupted run and its resumption
 _RESUME_FREE = frozenset({"device", "max_steps", "progress", "resume", "num_threads", "prefetch"})
+# arguments added after runs were first saved: a saved state without them ran with these values
+_ARG_DEFAULTS = {"rank_weight": 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +624,7 @@ def train_stage_two(
     state = None
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        old = {k: v for k, v in state["train_args"].items() if k not in _RESUME_FREE}
+        old = {k: v for k, v in {**_ARG_DEFAULTS, **state["train_args"]}.items() if k not in _RESUME_FREE}
         new = {k: v for k, v in train_args.items() if k not in _RESUME_FREE}
         diff = identity_diff(old, new)
         if diff:

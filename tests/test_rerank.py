@@ -6,6 +6,7 @@ import json
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -315,3 +316,27 @@ def test_rerank_refuses_a_head_of_another_encoder(tiny_runs, tmp_path):
                           "--k", "3", "--work-dir", str(work), "--out", str(tmp_path / "x"), "--device", "cpu"])
         assert result.exit_code != 0
         assert "different encoder" in result.output and "some-other-encoder" in result.output
+
+
+def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
+    work, store, s1, _ = tiny_runs
+    out_dir = tmp_path / "abl"
+    args = ["ablation", "--store", str(store), "--stage-one", str(s1), "--variants", "spatial,t2v2t",
+            "--k", "3", "--epochs", "1", "--rank-weight", "0.5", "--work-dir", str(work), "--out", str(out_dir),
+            "--device", "cpu", "--head-option", "width=16", "--head-option", "layers=1",
+            "--head-option", "heads=2"]
+    out = _run(args)
+    assert "stage one" in out and "+spatial" in out and "T2V2T" in out
+    table = json.loads((out_dir / "ablation.json").read_text())
+    assert len(table) == 3 and "T2V R@3 (stage one)" in table["stage one"]
+    runs = json.loads((out_dir / "ablation.runs.json").read_text())["variants"]
+    assert set(runs) == {"spatial", "t2v2t"}
+    for name, run in runs.items():
+        ckpt = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
+        assert ckpt["train_args"]["rank_weight"] == 0.5 and ckpt["train_args"]["epochs"] == 1
+        assert (out_dir / name / "metrics.json").is_file()
+    assert torch.load(runs["spatial"]["checkpoint"], weights_only=True)["config"]["mode"] == "spatial"
+    # a second run reuses the finished heads instead of training them again
+    before = {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()}
+    _run(args)
+    assert {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()} == before
