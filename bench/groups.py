@@ -9,6 +9,11 @@ right when its own video scores highest (ties count against it). Reported per va
 for stage one's cosine, for each head's score alone and for ``cosine + head score`` (the
 re-ranking rule), with chance = 1 / group size. This is the offline check DESIGN asks for before a
 head is wired into re-ranking: a head below chance on an attribute cannot help there.
+
+For each CrossTVR head with a token selector it also reports how often the selector's M tokens of a
+frame include the detail object's patch (frames where the detail is visible), against the rate of
+M - 1 random patches (CLS is always kept): a selector that never picks the detail hides it from the
+temporal pass.
 """
 
 from __future__ import annotations
@@ -44,6 +49,47 @@ def group_members(video_ids: list, manifest_dir: str | Path) -> tuple[np.ndarray
         group[i] = labels.setdefault(g, len(labels))
         varied[i] = rec.get("varied")
     return group, varied
+
+
+def selector_hit_rate(head, split, manifest_dir: str | Path, max_videos: int = 256,
+                      seed: int = 0) -> dict[str, float] | None:
+    """Share (%) of frames with a visible detail whose selected tokens include the detail's patch;
+    ``None`` for a head without a selector."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from manifests import synthetic as S
+
+    if getattr(head, "selector", None) is None or not hasattr(head, "select_tokens"):
+        return None
+    rows = {r["video_id"]: r for r in pq.read_table(Path(manifest_dir) / "videos.parquet").to_pylist()}
+    rng = np.random.default_rng(seed)
+    vids = np.sort(rng.choice(len(split.video_ids), size=min(max_videos, len(split.video_ids)), replace=False))
+    n_tok = int(split.tokens.shape[2])
+    grid = int(round(np.sqrt(n_tok - 1)))
+    times = np.asarray(split.frame_time) if getattr(split, "frame_time", None) is not None else None
+    hits = total = 0
+    with torch.no_grad():
+        for start in range(0, vids.size, 32):
+            idx = vids[start:start + 32]
+            tok = torch.from_numpy(np.asarray(split.tokens[idx]))
+            fm = torch.from_numpy(np.asarray(split.frame_mask[idx], dtype=bool))
+            vis, _ = head._visual(tok, fm)
+            _, sel = head.select_tokens(vis)  # (b, T, M)
+            sel = sel.numpy()
+            for j, v in enumerate(idx):
+                attrs = S.video_attrs(rows[split.video_ids[v]])
+                r, c = S.detail_cell(attrs, size=S.SIZE, patch=S.SIZE // grid)
+                cell = 1 + r * grid + c
+                for t in np.flatnonzero(fm[j].numpy()):
+                    tt = (float(times[v, t]) / (S.NUM_FRAMES / S.FPS) if times is not None
+                          else t / fm.shape[1])
+                    if S.detail_visible(attrs, tt):
+                        total += 1
+                        hits += int(cell in sel[j, t])
+    m = int(head.num_selected)
+    chance = (m - 1) / (n_tok - 1) if head.keep_cls else m / n_tok
+    return {"hit_rate": 100.0 * hits / max(1, total), "random": 100.0 * chance, "frames": total}
 
 
 def within_group_accuracy(scores: dict[str, np.ndarray], caps: np.ndarray, cand: np.ndarray,
@@ -100,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     sim, _ = stage_one_similarity(args.stage_one, split)
     cos = sim[caps[:, None], cand]
     scores = {"stage one": cos}
+    selectors: dict[str, dict] = {}
     for path in args.head:
         head, info = load_head(path, split)
         head.eval()
@@ -108,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
         scores[f"{name} head"] = hs
         scores[f"{name} cosine+head"] = cos + hs
+        sel = selector_hit_rate(head, split, args.manifest, seed=args.seed)
+        if sel is not None:
+            selectors[name] = sel
     table = within_group_accuracy(scores, caps, cand, own, attr)
     counts = {a: int((attr == a).sum()) for a in sorted(set(attr.tolist()))}
     attrs = sorted(counts)
@@ -116,8 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|" + "---|" * (len(attrs) + 1))
     for name, res in table.items():
         print(f"| {name} | " + " | ".join(f"{res[a]:.1f}" for a in attrs) + f" | {res['all']:.1f} |")
+    for name, sel in selectors.items():
+        print(f"{name} selector: the detail's patch is among the selected tokens in {sel['hit_rate']:.1f}% "
+              f"of {sel['frames']} frames showing it (random patches: {sel['random']:.1f}%)")
     result = {"split": args.split, "captions": int(caps.size), "group_size": size, "counts": counts,
-              "accuracy": table}
+              "accuracy": table, "selector": selectors}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
