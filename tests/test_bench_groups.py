@@ -20,3 +20,31 @@ def test_within_group_accuracy_per_attribute_and_ties() -> None:
     assert res == pytest.approx({"motion": 50.0, "timing": 50.0, "all": 50.0})
     flipped = within_group_accuracy({"neg": -s}, np.arange(4), cand, own, attr)["neg"]
     assert flipped["all"] == 0.0  # no row has its own video strictly highest after the flip
+
+
+def test_error_types_splits_errors_into_near_duplicates_and_other_scenes(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.error_types import error_types
+
+    man = tmp_path / "manifest"
+    man.mkdir()
+    pq.write_table(pa.table({"video_id": ["a", "b", "c", "d"], "group_id": ["g1", "g1", "", ""],
+                             "varied": ["motion", "motion", "", ""]}), man / "videos.parquet")
+    rows = []
+
+    def query(qid, ranked, stage_one_order, positive):
+        for rank, cand in enumerate(ranked, 1):
+            rows.append({"query_id": qid, "rank": rank, "stage_one_rank": stage_one_order.index(cand) + 1,
+                         "candidate_id": cand, "positive": cand == positive})
+
+    query("a#0", ["a", "b"], ["b", "a"], "a")      # stage one wrong (near-duplicate b), re-ranked right
+    query("b#0", ["c", "b"], ["c", "b"], "b")      # both wrong, on another scene
+    query("c#0", ["c", "d"], ["d", "c"], "c")      # random scene: stage one wrong, re-ranked right
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ranked_t2v.parquet")
+    out = error_types(man, tmp_path)
+    assert out["motion"] == {"n": 2, "stage_one_R@1": 0.0, "reranked_R@1": 50.0, "stage_one_errors": 2,
+                             "stage_one_errors_in_group": 1, "reranked_errors": 1, "reranked_errors_in_group": 0}
+    assert out["random scene"]["stage_one_errors"] == 1 and out["random scene"]["reranked_R@1"] == 100.0
+    assert out["random scene"]["stage_one_errors_in_group"] == 0
