@@ -26,14 +26,27 @@ def encode_videos(head: StageOneHead, split: Any, batch: int = 1024, device: str
     return torch.cat(out)
 
 
+def encode_texts(head: StageOneHead, split: Any, sl: slice | None = None, device: str = "cpu") -> torch.Tensor:
+    """(C', E) unit text embeddings of the captions ``sl`` (default: all) of ``split``; heads with
+    ``uses_text_tokens`` (clip2video) also get the captions' word tokens and mask."""
+    sl = slice(None) if sl is None else sl
+    text = torch.from_numpy(np.array(split.text_emb[sl], dtype=np.float32)).to(device)
+    kwargs = {}
+    if uses_text_tokens(head):
+        kwargs = {
+            "text_tokens": torch.from_numpy(np.array(split.text_tokens[sl], dtype=np.float32)).to(device),
+            "text_mask": torch.from_numpy(np.array(split.text_mask[sl], dtype=bool)).to(device),
+        }
+    return head.encode_text(text, **kwargs)
+
+
 @torch.no_grad()
 def similarity(head: StageOneHead, split: Any, batch: int = 1024, device: str = "cpu") -> np.ndarray:
     """(C, V) float32 cosine similarities (no logit scale) between every caption and video.
 
     Heads with ``uses_text_tokens`` (clip2video) also get the captions' word tokens and mask.
     """
-    words = uses_text_tokens(head)
-    if words:
+    if uses_text_tokens(head):
         require_text_tokens(split, getattr(head, "name", type(head).__name__))
     was_training = head.training
     head.eval()
@@ -42,14 +55,7 @@ def similarity(head: StageOneHead, split: Any, batch: int = 1024, device: str = 
         num_captions = int(split.text_emb.shape[0])
         sim = np.empty((num_captions, videos.shape[0]), dtype=np.float32)
         for sl in blocks(num_captions, batch):
-            text = torch.from_numpy(np.array(split.text_emb[sl], dtype=np.float32)).to(device)
-            kwargs = {}
-            if words:
-                kwargs = {
-                    "text_tokens": torch.from_numpy(np.array(split.text_tokens[sl], dtype=np.float32)).to(device),
-                    "text_mask": torch.from_numpy(np.array(split.text_mask[sl], dtype=bool)).to(device),
-                }
-            sim[sl] = (head.encode_text(text, **kwargs) @ videos.t()).float().cpu().numpy()
+            sim[sl] = (encode_texts(head, split, sl, device) @ videos.t()).float().cpu().numpy()
     finally:
         head.train(was_training)
     return sim

@@ -380,7 +380,7 @@ class StageOneCosine:
     @torch.no_grad()
     def __init__(self, head: Any, split: Any, device: str = "cpu", batch: int = 1024) -> None:
         from heads.data import uses_text_tokens
-        from heads.evaluate import encode_videos
+        from heads.evaluate import encode_texts, encode_videos
 
         if uses_text_tokens(head):
             raise ValueError(f"rank_weight needs a stage-one head whose text embedding does not depend on "
@@ -390,10 +390,8 @@ class StageOneCosine:
         head.eval()
         try:
             self.video = encode_videos(head, split, batch, device).float().cpu()
-            texts = []
-            for sl in blocks(int(split.text_emb.shape[0]), batch):
-                t = torch.from_numpy(np.array(split.text_emb[sl], dtype=np.float32)).to(device)
-                texts.append(head.encode_text(t).float().cpu())
+            texts = [encode_texts(head, split, sl, device).float().cpu()
+                     for sl in blocks(int(split.text_emb.shape[0]), batch)]
             self.text = torch.cat(texts) if texts else torch.zeros(0, self.video.shape[1])
         finally:
             head.train(was_training)
@@ -618,7 +616,8 @@ def train_stage_two(
         "neg_pool": neg_pool, "val_k": int(val_k), "val_queries": int(val_queries), "seed": int(seed),
         "train_split": str(train.split), "val_split": None if val is None else str(val.split),
         "store_fingerprint": str(train.store_fingerprint), "stage_one_sha256": s1_identity["sha256"],
-        "rank_weight": float(rank_weight), "device": str(device), "max_steps": max_steps, "num_threads": num_threads, "prefetch": int(prefetch),
+        "rank_weight": float(rank_weight), "device": str(device), "max_steps": max_steps,
+        "num_threads": num_threads, "prefetch": int(prefetch),
     })
     state_path, ckpt_path = out / STATE_NAME, out / CHECKPOINT_NAME
     state = None
