@@ -240,8 +240,9 @@ def _stage(store_url: str, split: str, stage_dir: str | None, work: Path, arrays
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--fresh", is_flag=True, help="Train again even if --out holds a finished run with the same arguments.")
 def train_stage_one_cmd(store, head, head_options, work_dir, stage_dir, out, epochs, batch_size, lr, seed,
-                        device) -> None:
+                        device, fresh) -> None:
     """Train a stage-one (cosine) head from cached frame and text embeddings; model selection on val."""
     from heads.train import train_stage_one
 
@@ -251,7 +252,7 @@ def train_stage_one_cmd(store, head, head_options, work_dir, stage_dir, out, epo
     out_dir = Path(out) if out else work / "runs" / f"stage1-{head}"
     ckpt = train_stage_one(train, val, head=head, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
                            lr=lr, seed=seed, device=_device(device),
-                           head_config=_parse_options(head_options) or None)
+                           head_config=_parse_options(head_options) or None, reuse=not fresh)
     click.echo(f"checkpoint: {ckpt}")
 
 
@@ -792,7 +793,13 @@ def demo_cmd(work_dir, seed, device) -> None:
     click.echo(f"report: {json_path}")
     click.echo("[5/6] stage-two training (CrossTVR head on the cached tokens, hard negatives from stage one)")
     stage_one = _best_stage_one(work)
-    head_ckpt = train_head(store, stage_one, work, seed=seed, device=dev)
+    from heads.train_stage_two import RunMismatchError
+
+    try:
+        head_ckpt = train_head(store, stage_one, work, seed=seed, device=dev)
+    except RunMismatchError as exc:  # the demo owns its run directory: start it again
+        click.echo(f"      {exc}: training the head again")
+        head_ckpt = train_head(store, stage_one, work, seed=seed, device=dev, resume=False)
     click.echo(f"      stage one {stage_one.parent.name} (best val), head {head_ckpt}  ({time.time() - t0:.0f}s)")
     click.echo("[6/6] test split: stage one vs its top 15 re-ranked")
     paths, table, _ = rerank_split(store, stage_one, head_ckpt, work, split="test", k=15, device=dev)

@@ -103,6 +103,7 @@ def train_stage_one(
     num_threads: int | None = None,
     prefetch: int = 2,
     progress: bool = True,
+    reuse: bool = True,
 ) -> Path:
     """Train a stage-one head on ``train``; keep the epoch with the best val rsum; return the checkpoint.
 
@@ -110,7 +111,10 @@ def train_stage_one(
     last epoch is kept. Neither split may be a test split (``ForbiddenSplitError``), and both must
     come from the same store (``StoreMismatchError``). Uses ``num_threads`` torch threads (default:
     all cores) and restores the previous setting on return. Writes ``out_dir/stage_one.pt`` and
-    ``out_dir/history.json``.
+    ``out_dir/history.json``. With ``reuse`` (default) an ``out_dir/stage_one.pt`` of a finished
+    run with the same training arguments on the same store is returned as is, not trained again
+    (its file, and so the identity stage-two heads record, stays the same); ``reuse=False``
+    always trains.
     """
     check_not_test(train, "train")
     if val is not None:
@@ -136,6 +140,15 @@ def train_stage_one(
         "device": str(device), "head_config": dict(head_config or {}),
         "train_split": str(train.split), "val_split": None if val is None else str(val.split),
     }
+    path = out / CHECKPOINT_NAME
+    if reuse and path.is_file():
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable or partial: train again
+            old = None
+        if (old is not None and old.get("train_args") == train_args
+                and old.get("store_fingerprint") == str(train.store_fingerprint)):
+            return path
     sampler = EpochSampler(train.caption_video, len(train.video_ids), batch_size, seed=seed)
     steps_per_epoch = len(sampler)
     total = max(1, epochs * steps_per_epoch)
@@ -202,7 +215,6 @@ def train_stage_one(
         "train_args": train_args,
         "history": summary,
     }
-    path = out / CHECKPOINT_NAME
     tmp = path.with_suffix(".pt.tmp")
     torch.save(ckpt, tmp)
     tmp.replace(path)

@@ -59,6 +59,7 @@ from heads.train import (ForbiddenSplitError, StoreMismatchError, check_not_test
                          identity_diff)
 
 __all__ = [
+    "RunMismatchError",
     "CHECKPOINT_NAME", "STATE_NAME", "HISTORY_NAME", "HARD_NEGATIVE_MODES", "StageTwoCheckpoint",
     "HardNegativeSampler", "ItmBatch", "train_stage_two", "load_stage_two", "stage_one_identity",
     "score_pairs", "load_pairs", "hard_fraction", "rerank_r1", "ForbiddenSplitError",
@@ -113,6 +114,10 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # hard negatives
 # --------------------------------------------------------------------------------------------
+class RunMismatchError(ValueError):
+    """An output directory holds a run of other training arguments (or another stage one / store)."""
+
+
 class HardNegativeSampler:
     """Samples negatives from the softmax of stage-one similarities, positives excluded.
 
@@ -627,7 +632,7 @@ def train_stage_two(
         new = {k: v for k, v in train_args.items() if k not in _RESUME_FREE}
         diff = identity_diff(old, new)
         if diff:
-            raise ValueError(f"{state_path} belongs to a run with other arguments ({'; '.join(diff)}); "
+            raise RunMismatchError(f"{state_path} belongs to a run with other arguments ({'; '.join(diff)}); "
                              f"use another out_dir or resume=False")
         if state["finished"] and ckpt_path.is_file():
             return ckpt_path

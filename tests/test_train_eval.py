@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,24 @@ def test_seqtransf_trains_and_round_trips(splits: dict[str, ToySplit], tmp_path:
                             head_config={"num_layers": 1, "num_heads": 4})
     again = load_stage_one(fresh)
     assert np.array_equal(similarity(loaded.head, splits["val"]), similarity(again.head, splits["val"]))
+
+
+def test_finished_run_is_reused_not_retrained(splits: dict[str, ToySplit], tmp_path: Path) -> None:
+    import hashlib
+
+    kwargs = dict(head="meanP", out_dir=tmp_path, epochs=1, batch_size=128, lr=1e-3, seed=2, progress=False)
+    path = train_stage_one(splits["train"], splits["val"], **kwargs)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # same arguments, same store: the very same file (stage-two heads record its sha256)
+    assert train_stage_one(splits["train"], splits["val"], **kwargs) == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    # other arguments, or reuse=False: trained again and written again
+    train_stage_one(splits["train"], splits["val"], **{**kwargs, "lr": 2e-3})
+    assert torch.load(path, weights_only=True)["train_args"]["lr"] == 2e-3
+    before = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    train_stage_one(splits["train"], splits["val"], **{**kwargs, "lr": 2e-3}, reuse=False)
+    assert path.stat().st_mtime_ns != before
 
 
 def test_mismatched_encoder_refused(trained: Path) -> None:
