@@ -173,19 +173,34 @@ class CrossAttention(nn.Module):
         """
         b, lq, w = x.shape
         h = self.heads
+        k, v = self.k(kv), self.v(kv)
+        q = self.q(x)
+        if kv_index is not None:
+            # group the query rows by the key/value row they read: the rows of one kv row are laid
+            # end to end as one longer query sequence (attention treats query positions
+            # independently), so keys and values are never copied per query row
+            r = kv.shape[0]
+            order = torch.argsort(kv_index, stable=True)
+            counts = torch.bincount(kv_index, minlength=r)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.empty_like(kv_index)
+            pos[order] = torch.arange(b, device=x.device) - starts[kv_index[order]]
+            m = int(counts.max()) if b else 0
+            grouped = q.new_zeros(r, m, lq, w)
+            grouped[kv_index, pos] = q
+            q = grouped.view(r, m * lq, w)
+        rows = q.shape[0]
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, t.shape[1], h, w // h).transpose(1, 2)
+            return t.reshape(rows, t.shape[1], h, w // h).transpose(1, 2)
 
-        k, v = self.k(kv), self.v(kv)
-        if kv_index is not None:
-            k, v = k[kv_index], v[kv_index]
-            kv_valid = None if kv_valid is None else kv_valid[kv_index]
-        q, k, v = split(self.q(x)), split(k), split(v)
         mask = None if kv_valid is None else kv_valid[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(b, lq, w))
+        o = o.transpose(1, 2).reshape(rows, -1, w)
+        if kv_index is not None:
+            o = o.view(rows, -1, lq, w)[kv_index, pos]
+        return self.out(o)
 
 
 class FeedForward(nn.Module):
@@ -335,6 +350,14 @@ def pick_frames(frame_mask: torch.Tensor, count: int | None) -> tuple[torch.Tens
     return order.gather(1, pos), j < n
 
 
+def _standardised_linear(x: torch.Tensor, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``linear((x - mean) / std)`` with the standardisation folded into the weights
+    (``W / std`` and ``b - (W / std) @ mean``): the per-element work on the wide frozen tokens
+    is skipped; equal up to float rounding."""
+    w = linear.weight / std
+    return F.linear(x.float(), w, linear.bias - w @ mean)
+
+
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
     w = valid.to(x.dtype)
     while w.dim() < x.dim():
@@ -360,18 +383,24 @@ class StageTwoHead(nn.Module):
         self._cfg: dict[str, Any] = {}
 
     def _visual(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised, projected visual tokens (B, T, N, W) (padding frames -> 0) and the bool mask."""
+        """Standardised, projected visual tokens (B, T, N, W) (padding frames -> 0 before the
+        projection) and the bool mask."""
         fm = frame_mask.bool()
+        if isinstance(self.visual_proj, nn.Linear):
+            std = self.standardizer
+            vis = _standardised_linear(tokens, self.visual_proj, std.visual_mean, std.visual_std)
+            return torch.where(fm[:, :, None, None], vis, self.visual_proj.bias), fm
         vis = self.standardizer.visual(tokens)
         vis = torch.where(fm[:, :, None, None], vis, torch.zeros((), device=vis.device))
         return self.visual_proj(vis), fm
 
     def _text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised, projected text tokens (B, L, W) (padding -> 0) and the usable-token mask."""
+        """Standardised, projected text tokens (B, L, W) (padding -> 0 before the projection) and
+        the usable-token mask."""
         tm = text_mask.bool()
-        txt = self.standardizer.text(text_tokens)
-        txt = torch.where(tm[:, :, None], txt, torch.zeros((), device=txt.device))
-        return self.text_proj(txt), _safe_valid(tm)
+        std = self.standardizer
+        txt = _standardised_linear(text_tokens, self.text_proj, std.text_mean, std.text_std)
+        return torch.where(tm[:, :, None], txt, self.text_proj.bias), _safe_valid(tm)
 
     def encode_video(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The text-independent part of the head for ``V`` videos: a dict of (V, ...) tensors."""

@@ -479,3 +479,23 @@ def test_qformer_shortcuts_give_the_full_computation(layers: int, prenorm: bool,
     part_q, part_t = qf(queries, text, text_valid, visual, visual_valid, rows, expand=f)
     torch.testing.assert_close(part_q, full_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(part_t, full_t, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_standardisation_equals_standardise_then_project() -> None:
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D + 3, **TINY).eval()
+    std = head.standardizer
+    std.visual_mean.copy_(torch.randn(D))
+    std.visual_std.copy_(torch.rand(D) + 0.5)
+    std.text_mean.copy_(torch.randn(D + 3))
+    std.text_std.copy_(torch.rand(D + 3) + 0.5)
+    tokens, fm, _, _ = _random_inputs(3, T, N, D, D)
+    text = torch.randn(3, L, D + 3).half()
+    tm = torch.arange(L)[None, :] < torch.tensor([[L], [2], [4]])
+    with torch.no_grad():
+        vis, _ = head._visual(tokens, fm)
+        plain = std.visual(tokens).where(fm[:, :, None, None], torch.zeros(()))
+        torch.testing.assert_close(vis, head.visual_proj(plain), rtol=1e-5, atol=1e-5)
+        txt, _ = head._text(text, tm)
+        plain_t = std.text(text).where(tm[:, :, None], torch.zeros(()))
+        torch.testing.assert_close(txt, head.text_proj(plain_t), rtol=1e-5, atol=1e-5)
