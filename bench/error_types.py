@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def error_types(manifest_dir: str | Path, rerank_dir: str | Path) -> dict[str, dict[str, float]]:
@@ -21,8 +24,9 @@ def error_types(manifest_dir: str | Path, rerank_dir: str | Path) -> dict[str, d
     "reranked_errors", "reranked_errors_in_group"}} from one re-ranking output directory."""
     import pyarrow.parquet as pq
 
-    man = {r["video_id"]: r for r in pq.read_table(Path(manifest_dir) / "videos.parquet",
-                                                   columns=["video_id", "group_id", "varied"]).to_pylist()}
+    from bench.groups import manifest_videos
+
+    man = manifest_videos(manifest_dir)
     rows = pq.read_table(Path(rerank_dir) / "ranked_t2v.parquet",
                          columns=["query_id", "rank", "stage_one_rank", "candidate_id", "positive"]).to_pylist()
     per_query = collections.defaultdict(list)

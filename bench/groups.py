@@ -29,20 +29,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def group_members(video_ids: list, manifest_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per split video row: its group label (-1 = not in a group) and the attribute its group varies."""
+def manifest_videos(manifest_dir: str | Path) -> dict[str, dict]:
+    """``{video_id: row}`` of a synthetic manifest's ``videos.parquet`` (read once, shared)."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(Path(manifest_dir) / "videos.parquet",
-                      columns=["video_id", "group_id", "varied"]).to_pylist()
-    by_id = {r["video_id"]: r for r in t}
+    return {r["video_id"]: r for r in pq.read_table(Path(manifest_dir) / "videos.parquet").to_pylist()}
+
+
+def group_members(video_ids: list, by_id: dict[str, dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Per split video row: its group label (-1 = not in a group) and the attribute its group varies."""
     group = np.full(len(video_ids), -1, dtype=np.int64)
     varied = np.empty(len(video_ids), dtype=object)
     labels: dict = {}
     for i, vid in enumerate(video_ids):
         rec = by_id.get(vid)
         if rec is None:
-            raise KeyError(f"video {vid!r} of the store is not in {manifest_dir}/videos.parquet")
+            raise KeyError(f"video {vid!r} of the store is not in the manifest's videos.parquet")
         g = rec.get("group_id")
         if g is None or g == "" or (isinstance(g, (int, np.integer)) and g < 0):
             continue
@@ -51,18 +53,16 @@ def group_members(video_ids: list, manifest_dir: str | Path) -> tuple[np.ndarray
     return group, varied
 
 
-def selector_hit_rate(head, split, manifest_dir: str | Path, max_videos: int = 256,
+def selector_hit_rate(head, split, rows: dict[str, dict], max_videos: int = 256,
                       seed: int = 0) -> dict[str, float] | None:
     """Share (%) of frames with a visible detail whose selected tokens include the detail's patch;
-    ``None`` for a head without a selector."""
-    import pyarrow.parquet as pq
+    ``None`` for a head without a selector. ``rows``: ``manifest_videos(...)``."""
     import torch
 
     from manifests import synthetic as S
 
     if getattr(head, "selector", None) is None or not hasattr(head, "select_tokens"):
         return None
-    rows = {r["video_id"]: r for r in pq.read_table(Path(manifest_dir) / "videos.parquet").to_pylist()}
     rng = np.random.default_rng(seed)
     vids = np.sort(rng.choice(len(split.video_ids), size=min(max_videos, len(split.video_ids)), replace=False))
     n_tok = int(split.tokens.shape[2])
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     split = cli._stage(args.store, args.split, None, Path(args.work_dir),
                        arrays=("frame_emb", "tokens", "text"))
-    group, varied = group_members(list(split.video_ids), args.manifest)
+    rows = manifest_videos(args.manifest)
+    group, varied = group_members(list(split.video_ids), rows)
     cv = np.asarray(split.caption_video)
     caps = np.flatnonzero(group[cv] >= 0)
     if args.max_captions and caps.size > args.max_captions:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
         scores[f"{name} head"] = hs
         scores[f"{name} cosine+head"] = cos + hs
-        sel = selector_hit_rate(head, split, args.manifest, seed=args.seed)
+        sel = selector_hit_rate(head, split, rows, seed=args.seed)
         if sel is not None:
             selectors[name] = sel
     table = within_group_accuracy(scores, caps, cand, own, attr)
