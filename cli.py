@@ -511,6 +511,16 @@ def train_head(store: str, stage_one: str | Path, work: Path, out: str | Path | 
 @click.option("--rank-weight", default=0.0, show_default=True,
               help="Weight of a pairwise ranking term added to ITM: each positive's cosine + head score must "
                    "beat its negatives' (0 = ITM only).")
+@click.option("--itc-steps", type=int,
+              help="CrossTVR: steps of contrastive (ITC, BLIP-2 stage one) pre-training of the head before ITM "
+                   "[default: 600 for crosstvr, 0 for t2v2t].")
+@click.option("--itc-batch", default=64, show_default=True, help="Videos per contrastive step.")
+@click.option("--itc-cluster", default=1, show_default=True,
+              help="Contrastive batches built from clusters of this many stage-one neighbours (1 = random).")
+@click.option("--itc-lr", default=5e-4, show_default=True, help="Peak learning rate of the contrastive phase.")
+@click.option("--itc-weight", type=float,
+              help="Weight of the positives' contrastive loss added to ITM, as BLIP-2 trains both together "
+                   "[default: 1 for crosstvr, 0 for t2v2t]. With either, the head scores a pair by ITM + ITC.")
 @click.option("--max-steps", type=int, help="Stop after this many steps (resumable: run again to continue).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing run in --out and start again.")
 @click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
@@ -519,7 +529,8 @@ def train_head(store: str, stage_one: str | Path, work: Path, out: str | Path | 
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def train_head_cmd(store, stage_one, head, mode, unshared, num_selected, head_options, epochs, batch_size, lr,
-                   hard_negatives, anneal_start, anneal, rank_weight, max_steps, fresh, work_dir, stage_dir, out, seed, device) -> None:
+                   hard_negatives, anneal_start, anneal, rank_weight, itc_steps, itc_batch, itc_cluster, itc_lr,
+                   itc_weight, max_steps, fresh, work_dir, stage_dir, out, seed, device) -> None:
     """Train a stage-two re-ranking head (ITM with hard negatives) on cached patch and text tokens."""
     cfg = _parse_options(head_options)
     if head == "crosstvr":
@@ -534,7 +545,8 @@ def train_head_cmd(store, stage_one, head, mode, unshared, num_selected, head_op
     ckpt = train_head(store, stage_one, _work(work_dir), out=out, stage_dir=stage_dir, head=head,
                       head_cfg=cfg or None, epochs=epochs, batch_size=batch_size, lr=lr,
                       hard_negatives=hard_negatives, anneal_start=anneal_start, anneal=anneal, rank_weight=rank_weight,
-                      max_steps=max_steps, resume=not fresh, seed=seed,
+                      itc_steps=itc_steps, itc_batch=itc_batch, itc_cluster=itc_cluster, itc_lr=itc_lr,
+                      itc_weight=itc_weight, max_steps=max_steps, resume=not fresh, seed=seed,
                       device=_device(device))
     click.echo(f"checkpoint: {ckpt}")
 
@@ -631,13 +643,14 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
                f"outputs: {paths['metrics'].parent}")
 
 
-ABLATION_VARIANTS: dict[str, tuple[str, str, dict]] = {
-    # name: (table label, head, head_cfg)
-    "spatial": ("+spatial", "crosstvr", {"mode": "spatial"}),
-    "temporal": ("+temporal", "crosstvr", {"mode": "temporal"}),
-    "both": ("both (shared)", "crosstvr", {}),
-    "both-unshared": ("both (unshared)", "crosstvr", {"shared": False}),
-    "t2v2t": ("T2V2T", "t2v2t", {}),
+ABLATION_VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
+    # name: (table label, head, head_cfg, trainer arguments of this variant)
+    "spatial": ("+spatial", "crosstvr", {"mode": "spatial"}, {}),
+    "temporal": ("+temporal", "crosstvr", {"mode": "temporal"}, {}),
+    "both": ("both (shared)", "crosstvr", {}, {}),
+    "both-unshared": ("both (unshared)", "crosstvr", {"shared": False}, {}),
+    "both-itm-only": ("both (shared), ITM only", "crosstvr", {}, {"itc_steps": 0, "itc_weight": 0.0}),
+    "t2v2t": ("T2V2T", "t2v2t", {}, {}),
 }
 
 
@@ -671,6 +684,10 @@ def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[s
 @click.option("--rank-weight", type=float, help="Ranking term weight for every variant [default: the trainer's].")
 @click.option("--anneal-start", type=float, help="Share of random-negative steps [default: the trainer's].")
 @click.option("--anneal", type=float, help="Share of steps over which hard negatives rise [default: the trainer's].")
+@click.option("--itc-steps", type=int,
+              help="Contrastive pre-training steps of the CrossTVR variants [default: the trainer's].")
+@click.option("--itc-weight", type=float,
+              help="Contrastive loss weight during ITM for the CrossTVR variants [default: the trainer's].")
 @click.option("--work-dir", default=DEFAULT_WORK, show_default=True)
 @click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store (default work-dir/staged).")
 @click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")
@@ -679,8 +696,9 @@ def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[s
 @click.pass_context
 @_mismatch_to_click
 def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, rank_weight, anneal_start, anneal,
-                 work_dir, stage_dir, out, seed, device) -> None:
-    """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) / T2V2T.
+                 itc_steps, itc_weight, work_dir, stage_dir, out, seed, device) -> None:
+    """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) /
+    both without the contrastive (ITC) training / T2V2T.
 
     Trains each head on train (epoch selected on val only), re-ranks the test split's stage-one
     top K with it and writes one table (T2V / V2T R@1/5/10, MnR, stage one's R@K) to
@@ -691,6 +709,7 @@ def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, rank_
     from heads.evaluate import write_report
     from heads.metrics import metrics_to_json
     from heads.rerank import stage_one_similarity
+    from heads.train_stage_two import ITC_HEADS
 
     work = _work(work_dir)
     names = [v.strip() for v in variants.split(",") if v.strip()]
@@ -702,7 +721,8 @@ def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, rank_
         click.echo(f"no demo store under {work / 'stores'}: running the demo first")
         ctx.invoke(demo_cmd, work_dir=work_dir, seed=seed, device=device)
     demo_defaults = (store is None and stage_one is None and out is None and epochs is None
-                     and rank_weight is None and anneal_start is None and anneal is None)
+                     and rank_weight is None and anneal_start is None and anneal is None
+                     and itc_steps is None and itc_weight is None)
     store = store or _default_store(work)
     stage_one = stage_one or str(_best_stage_one(work))
     dev = _device(device)
@@ -720,22 +740,27 @@ def ablation_cmd(ctx, store, stage_one, variants, k, epochs, head_options, rank_
     runs: dict[str, dict] = {}
     stage_one_metrics = None
     for name in names:
-        label, head, cfg = ABLATION_VARIANTS[name]
+        label, head, cfg, variant_kwargs = ABLATION_VARIANTS[name]
         cfg = {**cfg, **extra}
+        kwargs = dict(train_kwargs)
+        if head in ITC_HEADS:   # the contrastive options concern heads with learnable queries only
+            kwargs.update({k_: v for k_, v in (("itc_steps", itc_steps), ("itc_weight", itc_weight)) if v is not None})
+        kwargs.update(variant_kwargs)
         click.echo(f"[{label}] training {head} {cfg or ''}")
         t0 = time.time()
         # the demo's head (crosstvr, trainer defaults) lives in work/runs/stage2-crosstvr: reuse it
         run_dir = (work / "runs" / "stage2-crosstvr" if name == "both" and not cfg and demo_defaults
                    else out_dir / "runs" / name)
         ckpt = train_head(store, stage_one, work, out=run_dir, stage_dir=stage_dir, head=head,
-                          head_cfg=cfg or None, **train_kwargs)
+                          head_cfg=cfg or None, **kwargs)
         train_s = time.time() - t0
         paths, table, res = rerank_split(store, stage_one, ckpt, work, split="test", k=k, out=out_dir / name,
                                          stage_dir=stage_dir, device=dev, sim=sim)
         m = res.metrics()
         stage_one_metrics = m["stage one"]
         results[label] = m["re-ranked"]
-        runs[name] = {"label": label, "head": head, "head_cfg": cfg, "checkpoint": str(ckpt),
+        runs[name] = {"label": label, "head": head, "head_cfg": cfg, "train_kwargs": variant_kwargs,
+                      "checkpoint": str(ckpt),
                       "train_seconds": round(train_s, 1), "rerank_seconds": round(res.seconds["total"], 1),
                       "pairs_scored": res.num_pairs}
         click.echo(f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one "

@@ -258,7 +258,7 @@ class QFormerLayer(nn.Module):
         """
         nq = queries.shape[1]
         x = torch.cat([queries, text], dim=1)
-        pad = torch.cat([torch.zeros_like(text_valid[:, :1]).expand(-1, nq), ~text_valid], dim=1)
+        pad = torch.cat([text_valid.new_zeros(text_valid.shape[0], nq), ~text_valid], dim=1)
         if need_text:
             x = self._res(x, self.norm_self,
                           lambda h: self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
@@ -309,6 +309,16 @@ class QFormer(nn.Module):
             if i == 0 and expand > 1:
                 text_valid = text_valid.repeat_interleave(expand, dim=0)
         return self.final_norm(queries), None if text is None else self.final_norm(text)
+
+    def forward_text(self, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        """Text alone through the stack (self-attention and the text feed-forward, no queries and no
+        cross attention): BLIP-2's unimodal text encoding for its contrastive (ITC) objective."""
+        pad = ~text_valid
+        for layer in self.layers:
+            text = layer._res(text, layer.norm_self,
+                              lambda h: layer.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+            text = layer._res(text, layer.norm_ffn_text, layer.ffn_text)
+        return self.final_norm(text)
 
 
 def straight_through_topk(scores: torch.Tensor, k: int, keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,7 +463,8 @@ class CrossTVR(StageTwoHead):
                  num_queries: int = 8, num_selected: int = 4, mode: str = "both", shared: bool = True,
                  text_cross: bool = True, spatial_frames: int | None = 4, keep_cls: bool = True,
                  cross_every: int = 1, ff_mult: float = 4.0, dropout: float = 0.0, prenorm: bool = False,
-                 visual_proj: bool = True, max_frames: int = 64) -> None:
+                 visual_proj: bool = True, max_frames: int = 64, token_pos: bool = False,
+                 max_tokens: int = 257, itc_dim: int = 0) -> None:
         if mode not in ("spatial", "temporal", "both"):
             raise ValueError(f"mode must be 'spatial', 'temporal' or 'both', got {mode!r}")
         super().__init__(token_dim, text_dim, width, visual_proj)
@@ -464,6 +475,16 @@ class CrossTVR(StageTwoHead):
                          keep_cls=bool(keep_cls), cross_every=int(cross_every), ff_mult=float(ff_mult),
                          dropout=float(dropout), prenorm=bool(prenorm), visual_proj=bool(visual_proj),
                          max_frames=int(max_frames))
+        # options absent from the config when off, so configs saved before them build the same head
+        if token_pos:
+            self._cfg.update(token_pos=True, max_tokens=int(max_tokens))
+        self.itc_dim = int(itc_dim)
+        if self.itc_dim:
+            self._cfg.update(itc_dim=self.itc_dim)
+            # BLIP-2's vision_proj / text_proj and temperature (contrastive objective, heads.itc)
+            self.itc_vision = nn.Linear(width, self.itc_dim)
+            self.itc_text = nn.Linear(width, self.itc_dim)
+            self.itc_logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
         self.mode, self.shared = mode, bool(shared)
         self.num_selected, self.keep_cls = int(num_selected), bool(keep_cls)
         self.spatial_frames = self._cfg["spatial_frames"]
@@ -471,6 +492,7 @@ class CrossTVR(StageTwoHead):
         stack = dict(layers=layers, width=width, heads=heads, kv_dim=kv_dim, cross_every=cross_every,
                      text_cross=text_cross, ff_mult=ff_mult, dropout=dropout, prenorm=prenorm)
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.token_pos = nn.Parameter(torch.randn(int(max_tokens), kv_dim) * 0.02) if token_pos else None
         self.block = QFormer(**stack)
         self.temporal_block: QFormer | None = None
         if mode != "spatial":
@@ -489,6 +511,10 @@ class CrossTVR(StageTwoHead):
         """Text-independent: the spatial pass's frames and the temporal pass's selected tokens."""
         vis, fm = self._visual(tokens, frame_mask)
         b, t, n, w = vis.shape
+        if self.token_pos is not None:
+            if n > self.token_pos.shape[0]:
+                raise ValueError(f"{n} tokens per frame > max_tokens {self.token_pos.shape[0]} of this head")
+            vis = vis + self.token_pos[:n]
         out: dict[str, torch.Tensor] = {}
         if self.mode in ("spatial", "both"):
             idx, valid = pick_frames(fm, self.spatial_frames)  # (B, F)
@@ -504,10 +530,11 @@ class CrossTVR(StageTwoHead):
             out["key_valid"] = fm.unsqueeze(-1).expand(-1, -1, m).reshape(b, t * m)
         return out
 
-    def match(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, text_tokens: torch.Tensor,
-              text_mask: torch.Tensor) -> torch.Tensor:
-        txt, tv = self._text(text_tokens, text_mask)
-        p = txt.shape[0]
+    def _passes(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, txt: torch.Tensor,
+                tv: torch.Tensor) -> torch.Tensor:
+        """Query outputs (P, Q, W) of the spatial and / or temporal pass for pairs (video row
+        ``pair_video[i]``, projected text ``txt[i]``); text of length 0 gives the text-free queries."""
+        p = pair_video.shape[0]
         queries = self.queries.unsqueeze(0).expand(p, -1, -1)
         if "frames" in video:
             frames = video["frames"]
@@ -520,7 +547,59 @@ class CrossTVR(StageTwoHead):
             assert self.temporal_block is not None
             queries, _ = self.temporal_block(queries, txt, tv, video["keys"], video["key_valid"], pair_video,
                                              need_text=False)
-        return self.fc(queries).mean(dim=1)
+        return queries
+
+    def match(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, text_tokens: torch.Tensor,
+              text_mask: torch.Tensor) -> torch.Tensor:
+        txt, tv = self._text(text_tokens, text_mask)
+        return self.fc(self._passes(video, pair_video, txt, tv)).mean(dim=1)
+
+    def video_queries(self, video: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Text-free query outputs (V, Q, W) of every video of ``encode_video``'s output: the
+        queries attend to the visual tokens alone, as in BLIP-2's contrastive (ITC) objective."""
+        ref = video["frames"] if "frames" in video else video["keys"]
+        v = ref.shape[0]
+        empty = ref.new_zeros(v, 0, self.width)
+        return self._passes(video, torch.arange(v, device=ref.device), empty,
+                            torch.zeros(v, 0, dtype=torch.bool, device=ref.device))
+
+    def text_features(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean (C, W) of the text tokens passed alone through the (spatial) block stack."""
+        txt, tv = self._text(text_tokens, text_mask)
+        return _masked_mean(self.block.forward_text(txt, tv), tv, dim=1)
+
+    def itc_logits(self, queries: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Contrastive logits (C, V) from text-free query outputs (V, Q, W) and text features (C, W):
+        ``scale * max_q cos(itc_vision(query), itc_text(text))`` (BLIP-2's ITC similarity)."""
+        if not self.itc_dim:
+            raise ValueError("this head was built without a contrastive projection (itc_dim=0)")
+        q = F.normalize(self.itc_vision(queries), dim=-1)
+        t = F.normalize(self.itc_text(text), dim=-1)
+        scale = self.itc_logit_scale.clamp(max=float(np.log(100.0))).exp()
+        return scale * torch.einsum("vqd,cd->cvq", q, t).amax(dim=-1)
+
+    def pair_score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
+                   text_mask: torch.Tensor, pair_video: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
+        """(P,) match score of the pairs: the ITM log-odds, plus, for a head with a contrastive
+        projection (``itc_dim`` > 0), the ITC logit of the pair (BLIP-2's retrieval rule, ITM + ITC).
+        The ITC part costs one text-free pass per distinct video and one text pass per caption."""
+        video = self.encode_video(tokens, frame_mask)
+        logits = self.match(video, pair_video, text_tokens[pair_text], text_mask[pair_text])
+        score = logits[:, 1] - logits[:, 0]
+        if self.itc_dim:
+            queries = self.video_queries(video)  # (V, Q, W)
+            text = self.text_features(text_tokens, text_mask)  # (C, W)
+            q = F.normalize(self.itc_vision(queries), dim=-1)[pair_video]
+            t = F.normalize(self.itc_text(text), dim=-1)[pair_text]
+            scale = self.itc_logit_scale.clamp(max=float(np.log(100.0))).exp()
+            score = score + scale * torch.einsum("pqd,pd->pq", q, t).amax(dim=-1)
+        return score
+
+    def score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
+              text_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) match score of ``B`` aligned pairs (as ``pair_score``)."""
+        ar = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.pair_score(tokens, frame_mask, text_tokens, text_mask, ar, ar)
 
 
 class _BypassLayer(nn.Module):

@@ -61,7 +61,7 @@ from heads.train import (ForbiddenSplitError, StoreMismatchError, check_not_test
 __all__ = [
     "RunMismatchError",
     "CHECKPOINT_NAME", "STATE_NAME", "HISTORY_NAME", "HARD_NEGATIVE_MODES", "StageTwoCheckpoint",
-    "HardNegativeSampler", "ItmBatch", "train_stage_two", "load_stage_two", "stage_one_identity",
+    "HardNegativeSampler", "ItmBatch", "ITC_DEFAULTS", "resolve_itc", "train_stage_two", "load_stage_two", "stage_one_identity",
     "score_pairs", "load_pairs", "hard_fraction", "rerank_r1", "ForbiddenSplitError",
 ]
 
@@ -72,7 +72,8 @@ HARD_NEGATIVE_MODES = ("random", "hard", "anneal")
 # train arguments that may change between an interrupted run and its resumption
 _RESUME_FREE = frozenset({"device", "max_steps", "progress", "resume", "num_threads", "prefetch"})
 # arguments added after runs were first saved: a saved state without them ran with these values
-_ARG_DEFAULTS = {"rank_weight": 0.0}
+_ARG_DEFAULTS = {"rank_weight": 0.0, "itc_steps": 0, "itc_batch": 64, "itc_cluster": 1, "itc_lr": 5e-4,
+                 "itc_weight": 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +535,21 @@ def load_stage_two(path: str | Path, expect_encoder_identity: dict | None = None
                               train_args=ckpt.get("train_args", {}), history=ckpt.get("history", {}))
 
 
+ITC_DEFAULTS = {"itc_steps": 600, "itc_weight": 1.0}
+ITC_HEADS = ("crosstvr",)
+
+
+def resolve_itc(head: str, itc_steps: int | None, itc_weight: float | None) -> tuple[int, float]:
+    """The contrastive settings a run uses: ``None`` -> ``ITC_DEFAULTS`` for heads with learnable
+    queries (``ITC_HEADS``), 0 for the others."""
+    has = head in ITC_HEADS
+    steps = (ITC_DEFAULTS["itc_steps"] if has else 0) if itc_steps is None else int(itc_steps)
+    weight = (ITC_DEFAULTS["itc_weight"] if has else 0.0) if itc_weight is None else float(itc_weight)
+    if steps < 0 or weight < 0:
+        raise ValueError(f"itc_steps and itc_weight must be >= 0, got {steps} and {weight}")
+    return steps, weight
+
+
 def _param_groups(head: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices; biases, norms, queries and position embeddings exempt."""
     decay, no_decay, seen = [], [], set()
@@ -541,7 +557,7 @@ def _param_groups(head: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_matrix = p.ndim >= 2 and not name.endswith(("queries", "frame_pos"))
+        is_matrix = p.ndim >= 2 and not name.endswith(("queries", "frame_pos", "token_pos"))
         (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -577,6 +593,11 @@ def train_stage_two(
     num_threads: int | None = None,
     prefetch: int = 2,
     rank_weight: float = 0.0,
+    itc_steps: int | None = None,
+    itc_batch: int = 64,
+    itc_cluster: int = 1,
+    itc_lr: float = 5e-4,
+    itc_weight: float | None = None,
 ) -> Path:
     """Train a stage-two head on ``train``; select the epoch on ``val``; return ``stage_two.pt``.
 
@@ -590,7 +611,15 @@ def train_stage_two(
     is continued (a finished run returns at once); other arguments than those in that state
     raise ``ValueError``. ``resume=False`` starts afresh. ``rank_weight`` > 0 adds a pairwise
     ranking term on the same pairs (``rank_loss``): the positive's re-ranking score
-    ``cosine + head score`` must beat each of its two negatives'. Neither split may be a test split
+    ``cosine + head score`` must beat each of its two negatives'. ``itc_steps`` > 0 first runs
+    that many steps of contrastive pre-training (``heads.itc.pretrain_itc``: batches of
+    ``itc_batch`` videos, clusters of ``itc_cluster`` stage-one neighbours, peak lr ``itc_lr``);
+    ``max_steps`` counts those steps too. ``itc_weight`` > 0 adds the contrastive loss of each ITM
+    batch's positives (weighted) to the ITM loss, as BLIP-2 trains ITC and ITM together. Either
+    one builds the head with a contrastive projection (``itc_dim``, default 128), whose ITC logit
+    is then part of the head's score. ``None`` (default) means ``ITC_DEFAULTS`` for a head that
+    supports it (crosstvr: 600 steps, weight 1; measured on the synthetic benchmark) and 0 for
+    the others (t2v2t has no learnable queries). Neither split may be a test split
     (``ForbiddenSplitError``); both must come from one store (``StoreMismatchError``).
     """
     from heads.evaluate import similarity
@@ -609,6 +638,7 @@ def train_stage_two(
         raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_MODES}, got {hard_negatives!r}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (random negatives come from the batch), got {batch_size}")
+    itc_steps, itc_weight = resolve_itc(head, itc_steps, itc_weight)
     s1_identity = stage_one_identity(stage_one)
     s1 = load_stage_one(stage_one, expect_encoder_identity=train.encoder_identity)
     out = Path(out_dir)
@@ -622,9 +652,19 @@ def train_stage_two(
         "train_split": str(train.split), "val_split": None if val is None else str(val.split),
         "store_fingerprint": str(train.store_fingerprint), "stage_one_sha256": s1_identity["sha256"],
         "rank_weight": float(rank_weight), "device": str(device), "max_steps": max_steps,
-        "num_threads": num_threads, "prefetch": int(prefetch),
+        "num_threads": num_threads, "prefetch": int(prefetch), "itc_steps": int(itc_steps),
+        "itc_batch": int(itc_batch), "itc_cluster": int(itc_cluster), "itc_lr": float(itc_lr),
+        "itc_weight": float(itc_weight),
     })
+    head_cfg = dict(head_cfg or {})
+    if (itc_steps > 0 or itc_weight > 0) and head in ITC_HEADS:
+        head_cfg.setdefault("itc_dim", 128)
+    elif itc_steps > 0 or itc_weight > 0:
+        raise ValueError(f"contrastive training (itc_steps / itc_weight) needs a Q-Former-style head "
+                         f"({', '.join(ITC_HEADS)}), not {head!r}: use itc_steps=0, itc_weight=0")
     state_path, ckpt_path = out / STATE_NAME, out / CHECKPOINT_NAME
+    if not resume:
+        (out / "itc_state.pt").unlink(missing_ok=True)
     state = None
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -673,10 +713,24 @@ def train_stage_two(
                 step, history = int(state["step"]), list(json.loads(state["history"]))
                 best = {"score": float(state["best_score"]), "epoch": state["best_epoch"],
                         "state": state["best_state"]}
-            bar = tqdm(total=total, initial=step, desc=f"stage two [{head}]", disable=not progress,
-                       dynamic_ncols=True)
             stopped = False
-            while step < total:
+            itc_history: list[dict] = []
+            if state is None and itc_steps > 0:
+                from heads.itc import ITC_STATE_NAME, pretrain_itc
+
+                itc_args = {k: train_args[k] for k in ("itc_steps", "itc_batch", "itc_cluster", "itc_lr", "seed",
+                                                        "weight_decay", "store_fingerprint", "stage_one_sha256",
+                                                        "head", "head_cfg")}
+                done, itc_history = pretrain_itc(
+                    model, train, out / ITC_STATE_NAME, int(itc_steps), batch_size=itc_batch, lr=itc_lr,
+                    weight_decay=weight_decay, seed=seed,
+                    neighbours=None if negatives is None else negatives.text_cand, cluster=itc_cluster,
+                    device=device, max_steps=max_steps, progress=progress, args=itc_args)
+                stopped = not done
+            itm_max_steps = None if max_steps is None else max(0, max_steps - int(itc_steps))
+            bar = tqdm(total=total, initial=step, desc=f"stage two [{head}]", disable=not progress or stopped,
+                       dynamic_ncols=True)
+            while step < total and not stopped:
                 epoch, offset = divmod(step, steps_per_epoch)
                 plan = _epoch_plan(sampler, negatives, epoch, seed, hard_negatives,
                                    epoch * steps_per_epoch, total, anneal, anneal_start)
@@ -687,12 +741,21 @@ def train_stage_two(
                 load = lambda item: (item, load_pairs(train, *item.pairs()))  # noqa: E731
                 batches = prefetched(plan[offset:], load, prefetch)
                 for item, batch in batches:
-                    if max_steps is not None and step >= max_steps:
+                    if itm_max_steps is not None and step >= itm_max_steps:
                         stopped = True
                         break
                     batch = batch.to(device)
-                    logits = model.pair_logits(*batch.pair_inputs())
+                    video = model.encode_video(batch.tokens, batch.frame_mask)
+                    logits = model.match(video, batch.pair_video, batch.text_tokens[batch.pair_text],
+                                         batch.text_mask[batch.pair_text])
                     loss = F.cross_entropy(logits, batch.labels)
+                    if itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
+                        from heads.itc import itc_loss
+
+                        b = item.video.size
+                        queries = model.video_queries(video)[batch.pair_video[:b]]
+                        text = model.text_features(batch.text_tokens, batch.text_mask)[batch.pair_text[:b]]
+                        loss = loss + itc_weight * itc_loss(model.itc_logits(queries, text))
                     if cosine is not None:
                         pv, pc, _ = item.pairs()
                         loss = loss + rank_weight * rank_loss(
@@ -743,8 +806,11 @@ def train_stage_two(
 
     finished = step >= total
     best_state = best["state"] if best["state"] is not None else model.state_dict()
+    if not itc_history and itc_steps > 0 and (out / "itc_state.pt").is_file():
+        itc_history = list(torch.load(out / "itc_state.pt", map_location="cpu", weights_only=True)["history"])
     summary = {
         "best_epoch": best["epoch"], "finished": finished, "steps": step, "total_steps": total,
+        "itc_steps": int(itc_steps), "itc": itc_history,
         "selected_on": None if val is None else f"{val.split} re-ranked T2V R@1 of stage-one top-{val_k}",
         "best_score": None if val is None or best["epoch"] is None else best["score"], "epochs": history,
     }

@@ -9,7 +9,8 @@ both for one encoder spec:
   fixed hyper-parameters, no selection on test) on three frame features: the projected CLS
   embedding (``cls``), the mean of the frame's patch tokens (``patch_mean``) and the patch token
   of the grid cell that holds the detail object (``detail_patch``; an oracle location, it tells
-  whether the detail is in the tokens at all). Frame-level attributes: main colour / shape,
+  whether the detail is in the tokens at all) and every patch token of the frame concatenated
+  (``patch_grid``; where things are, which motion needs). Frame-level attributes: main colour / shape,
   background, and, on frames where the detail is visible, detail colour / shape / corner.
   Video-level attributes that need two moments (motion, timing) are probed on the concatenated
   features of an early and a late frame.
@@ -34,7 +35,7 @@ PROBE_FRAMES = (4, 20)   # an early (t=0.17) and a late (t=0.83) frame of a 24-f
 FRAME_ATTRS = ("bg_color", "main_color", "main_shape")
 DETAIL_ATTRS = ("detail_color", "detail_shape", "corner")
 VIDEO_ATTRS = ("motion", "timing")
-FEATURES = ("cls", "patch_mean", "detail_patch")
+FEATURES = ("cls", "patch_mean", "detail_patch", "patch_grid")
 
 
 def linear_probe(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarray,
@@ -104,7 +105,8 @@ def _split_features(manifest, split: str, encoder, cache_dir: Path, frames: Sequ
         r, c = S.detail_cell(lab, size=S.SIZE, patch=S.SIZE // grid)
         detail[i] = tokens[i, 1 + r * grid + c]
     return {"labels": labels, "cls": emb, "patch_mean": tokens[:, 1:].mean(1),
-            "detail_patch": detail, "num_frames": len(frames)}
+            "detail_patch": detail, "patch_grid": tokens[:, 1:].reshape(len(labels), -1),
+            "num_frames": len(frames)}
 
 
 def _probe_table(train: dict, test: dict, steps: int) -> dict[str, dict[str, float]]:

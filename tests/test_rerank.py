@@ -279,7 +279,7 @@ def tiny_runs(tmp_path_factory):
           "--epochs", "1", "--batch-size", "8", "--out", str(work / "s1")])
     _run(["train-head", "--store", str(store), "--stage-one", str(work / "s1" / "stage_one.pt"),
           "--work-dir", str(work), "--epochs", "1", "--batch-size", "4", "--out", str(work / "s2"),
-          "--device", "cpu", *TINY_HEAD])
+          "--itc-steps", "3", "--itc-batch", "4", "--device", "cpu", *TINY_HEAD])
     return work, store, work / "s1" / "stage_one.pt", work / "s2" / "stage_two.pt"
 
 
@@ -321,16 +321,20 @@ def test_rerank_refuses_a_head_of_another_encoder(tiny_runs, tmp_path):
 def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
     work, store, s1, _ = tiny_runs
     out_dir = tmp_path / "abl"
-    args = ["ablation", "--store", str(store), "--stage-one", str(s1), "--variants", "spatial,t2v2t",
-            "--k", "3", "--epochs", "1", "--rank-weight", "0.5", "--work-dir", str(work), "--out", str(out_dir),
+    args = ["ablation", "--store", str(store), "--stage-one", str(s1), "--variants", "spatial,both-itm-only,t2v2t",
+            "--k", "3", "--epochs", "1", "--rank-weight", "0.5", "--itc-steps", "2", "--work-dir", str(work),
+            "--out", str(out_dir),
             "--device", "cpu", "--head-option", "width=16", "--head-option", "layers=1",
             "--head-option", "heads=2"]
     out = _run(args)
-    assert "stage one" in out and "+spatial" in out and "T2V2T" in out
+    assert "stage one" in out and "+spatial" in out and "T2V2T" in out and "ITM only" in out
     table = json.loads((out_dir / "ablation.json").read_text())
-    assert len(table) == 3 and "T2V R@3 (stage one)" in table["stage one"]
+    assert len(table) == 4 and "T2V R@3 (stage one)" in table["stage one"]
     runs = json.loads((out_dir / "ablation.runs.json").read_text())["variants"]
-    assert set(runs) == {"spatial", "t2v2t"}
+    assert set(runs) == {"spatial", "both-itm-only", "t2v2t"}
+    steps = {name: torch.load(run["checkpoint"], weights_only=True)["train_args"]["itc_steps"]
+             for name, run in runs.items()}
+    assert steps == {"spatial": 2, "both-itm-only": 0, "t2v2t": 0}  # contrastive only where it applies
     for name, run in runs.items():
         ckpt = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
         assert ckpt["train_args"]["rank_weight"] == 0.5 and ckpt["train_args"]["epochs"] == 1

@@ -24,6 +24,7 @@ ATTRS, VALUES = 3, 5
 IDENTITY = {"name": "toy-token-encoder", "pretrained": "none", "token_dim": D}
 TOY_EPOCHS = 60  # ~5 s on 2 cores; 8-30 epochs stay near the class-prior loss (measured)
 TINY = dict(width=32, layers=1, heads=2, num_queries=4, num_selected=2, spatial_frames=2, ff_mult=2.0)
+ITM_ONLY = dict(itc_steps=0, itc_weight=0.0)  # the paper's ITM recipe alone (test_itc.py covers ITC)
 
 
 @dataclass
@@ -272,7 +273,7 @@ def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
 def trained(world: dict) -> Path:
     return train_stage_two(world["train"], world["val"], world["stage_one"], world["root"] / "head",
                            head_cfg=TINY, epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False,
-                           val_queries=32, val_k=8, num_threads=1)
+                           val_queries=32, val_k=8, num_threads=1, **ITM_ONLY)
 
 
 def test_training_learns_to_match(trained: Path, world: dict) -> None:
@@ -316,16 +317,17 @@ def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: P
     before = trained.stat().st_mtime_ns
     again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
                             epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
-                            val_k=8, num_threads=1)
+                            val_k=8, num_threads=1, **ITM_ONLY)
     assert again == trained and trained.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="lr"):
         train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
-                        epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8)
+                        epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8,
+                        **ITM_ONLY)
 
 
 def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> None:
     kwargs = dict(head_cfg={**TINY, "dropout": 0.1}, epochs=3, batch_size=24, lr=3e-3, seed=4, progress=False,
-                  val_queries=16, val_k=4, num_threads=1, hard_negatives="anneal", anneal=0.6)
+                  val_queries=16, val_k=4, num_threads=1, hard_negatives="anneal", anneal=0.6, **ITM_ONLY)
     straight = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "a", **kwargs)
     # 4 steps per epoch: stop inside epoch 0, then inside epoch 2, then finish
     first = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", max_steps=3,
@@ -351,12 +353,12 @@ def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> N
 def test_rank_term_trains_and_is_recorded(world: dict, tmp_path: Path) -> None:
     ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "rank", head_cfg=TINY,
                            epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
-                           num_threads=1, rank_weight=1.0)
+                           num_threads=1, rank_weight=1.0, **ITM_ONLY)
     raw = torch.load(ckpt, weights_only=True)
     assert raw["train_args"]["rank_weight"] == 1.0
     plain = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain", head_cfg=TINY,
                             epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
-                            num_threads=1)
+                            num_threads=1, **ITM_ONLY)
     # same seed and batches: the rank term alone makes the losses differ (it is really added)
     la = [e["loss"] for e in raw["history"]["epochs"]]
     lb = [e["loss"] for e in torch.load(plain, weights_only=True)["history"]["epochs"]]
@@ -413,11 +415,13 @@ def test_train_head_from_the_cli(tmp_path_factory: pytest.TempPathFactory) -> No
     out = _run(["train-head", "--store", str(store), "--work-dir", str(work), "--stage-one",
                 str(s1_dir / "stage_one.pt"), "--epochs", "1", "--batch-size", "4", "--num-selected", "2",
                 "--head-option", "width=32", "--head-option", "layers=1", "--out", str(work / "head"),
-                "--device", "cpu"])
+                "--itc-steps", "3", "--itc-batch", "4", "--device", "cpu"])
     ckpt_path = work / "head" / "stage_two.pt"
     assert f"checkpoint: {ckpt_path}" in out
     ckpt = load_stage_two(ckpt_path)
     assert ckpt.config["num_selected"] == 2 and ckpt.config["width"] == 32
+    assert ckpt.config["itc_dim"] == 128 and ckpt.train_args["itc_steps"] == 3
+    assert ckpt.train_args["itc_weight"] == 1.0  # the default for crosstvr
     assert ckpt.encoder_identity["name"] == "test-vit-micro"
     assert ckpt.history["finished"]
 

@@ -1,0 +1,175 @@
+"""Contrastive (ITC) training of the CrossTVR head: batches, loss, the head's text-free / text-only
+passes and ITM + ITC score, pre-training (learning, resume), and the trainer's ITC options."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heads.itc import batch_itc_loss, itc_batch, itc_loss, pretrain_itc, supports_itc
+from heads.stage_two import build_stage_two
+from heads.train_stage_two import RunMismatchError, load_pairs, load_stage_two, score_pairs, train_stage_two
+from test_stage_two import D, TINY, _random_inputs, world  # noqa: F401  (world is a fixture)
+
+ITC = {**TINY, "itc_dim": 16}
+
+
+def test_itc_batch_random_and_clustered() -> None:
+    cv = np.repeat(np.arange(20), 3)  # 3 captions per video
+    rng = np.random.default_rng(0)
+    videos, captions = itc_batch(cv, 20, 8, rng)
+    assert len(set(videos.tolist())) == 8 and (cv[captions] == videos).all()
+    # clusters: a caption's video first, then its listed neighbours not yet taken
+    neighbours = np.stack([(cv + k) % 20 for k in (1, 2, 3, 4)], axis=1)  # caption -> next videos
+    videos, captions = itc_batch(cv, 20, 8, np.random.default_rng(1), neighbours, cluster=4)
+    assert len(set(videos.tolist())) == 8 and (cv[captions] == videos).all()
+    first = videos[:4]
+    assert (np.diff(first) % 20 == 1).all()  # seed video, then its 3 nearest (v+1, v+2, v+3)
+    with pytest.raises(ValueError, match="no caption"):
+        itc_batch(np.array([0, 0, 2]), 3, 3, np.random.default_rng(0))  # video 1 has no caption
+
+
+def test_itc_loss_hand_values() -> None:
+    b = 5
+    assert float(itc_loss(torch.zeros(b, b))) == pytest.approx(math.log(b))
+    assert float(itc_loss(100.0 * torch.eye(b))) == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(b, b)
+    by_hand = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(b))
+                     + torch.nn.functional.cross_entropy(logits.t(), torch.arange(b)))
+    assert float(itc_loss(logits)) == pytest.approx(float(by_hand))
+
+
+def test_text_free_and_text_only_passes() -> None:
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D, **ITC).eval()
+    tokens, fm, text, tm = _random_inputs(3, 4, 5, D, D)
+    with torch.no_grad():
+        video = head.encode_video(tokens, fm)
+        q = head.video_queries(video)
+        assert q.shape == (3, TINY["num_queries"], TINY["width"])
+        # the queries of a video do not depend on the other videos of the batch
+        alone = head.video_queries(head.encode_video(tokens[1:2], fm[1:2]))
+        torch.testing.assert_close(alone[0], q[1])
+        t = head.text_features(text, tm)
+        assert t.shape == (3, TINY["width"])
+        # padding does not leak into the text feature
+        text2 = text.clone()
+        text2[1, 3:] = 99.0
+        torch.testing.assert_close(head.text_features(text2, tm)[1], t[1])
+
+
+def test_score_is_itm_log_odds_plus_itc_logit() -> None:
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D, **ITC).eval()
+    tokens, fm, text, tm = _random_inputs(3, 4, 5, D, D)
+    pv, pt = torch.tensor([0, 2, 1, 1]), torch.tensor([1, 1, 0, 2])
+    with torch.no_grad():
+        logits = head.pair_logits(tokens, fm, text, tm, pv, pt)
+        video = head.encode_video(tokens, fm)
+        itc = head.itc_logits(head.video_queries(video), head.text_features(text, tm))  # (C, V)
+        expected = logits[:, 1] - logits[:, 0] + itc[pt, pv]
+        torch.testing.assert_close(head.pair_score(tokens, fm, text, tm, pv, pt), expected)
+        ar = torch.arange(3)
+        torch.testing.assert_close(head.score(tokens, fm, text, tm), head.pair_score(tokens, fm, text, tm, ar, ar))
+    # without a contrastive projection the score is the ITM log-odds, and old configs build that head
+    plain = build_stage_two("crosstvr", D, D, **TINY)
+    assert "itc_dim" not in plain.config() and not supports_itc(plain)
+    assert not any(n.startswith("itc_") for n, _ in plain.named_parameters())
+    assert build_stage_two(**head.config()).config()["itc_dim"] == 16 and supports_itc(head)
+
+
+def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:  # noqa: F811
+    train = world["train"]
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        head = build_stage_two("crosstvr", D, D, **ITC)
+        head.standardizer.fit(train)
+        return head
+
+    kw = dict(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=3, save_every=10, progress=False,
+              args={"run": 1})
+    straight = fresh()
+    done, history = pretrain_itc(straight, train, tmp_path / "a.pt", **kw)
+    assert done and [h["step"] for h in history] == [10, 20, 30, 40]
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]  # it learns to tell the videos apart
+    assert history[-1]["acc"] > 0.3  # in-batch caption -> video accuracy (chance 1/16)
+    # interrupted at step 17 (between saves), then continued: the same weights
+    part = fresh()
+    done, _ = pretrain_itc(part, train, tmp_path / "b.pt", max_steps=17, **kw)
+    assert not done and torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 17
+    resumed = fresh()
+    done, _ = pretrain_itc(resumed, train, tmp_path / "b.pt", **kw)
+    assert done
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a finished state is not trained again; other arguments are refused
+    again = fresh()
+    pretrain_itc(again, train, tmp_path / "a.pt", **kw)
+    torch.testing.assert_close(again.state_dict()["queries"], straight.state_dict()["queries"])
+    with pytest.raises(RunMismatchError, match="other arguments"):
+        pretrain_itc(fresh(), train, tmp_path / "a.pt", **{**kw, "args": {"run": 2}})
+    with pytest.raises(ValueError, match="contrastive projection"):
+        pretrain_itc(build_stage_two("crosstvr", D, D, **TINY), train, tmp_path / "c.pt", **kw)
+
+
+def test_batch_itc_loss_matches_the_head_logits(world: dict) -> None:  # noqa: F811
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D, **ITC)
+    head.standardizer.fit(world["train"])
+    batch = load_pairs(world["train"], np.array([5, 1, 9]), np.array([10, 2, 18]))
+    loss, logits = batch_itc_loss(head, batch, batch.pair_video, batch.pair_text)
+    assert logits.shape == (3, 3) and loss.item() == pytest.approx(itc_loss(logits).item())
+
+
+def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:  # noqa: F811
+    kw = dict(head_cfg=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
+              val_k=4, num_threads=1)
+    ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "itc", itc_steps=12,
+                           itc_batch=16, itc_cluster=4, itc_weight=1.0, **kw)
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["config"]["itc_dim"] == 128  # default projection width
+    assert raw["train_args"]["itc_steps"] == 12 and raw["train_args"]["itc_weight"] == 1.0
+    assert raw["history"]["itc_steps"] == 12 and raw["history"]["itc"][-1]["step"] == 12
+    assert (tmp_path / "itc" / "itc_state.pt").is_file()
+    head = load_stage_two(ckpt).head
+    s = score_pairs(head, world["test"], np.arange(8), np.arange(8))
+    assert s.shape == (8,) and np.isfinite(s).all()
+    # the contrastive term is really added to the ITM loss
+    itm_only = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain",
+                               itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=0.0, **kw)
+    la = [e["loss"] for e in raw["history"]["epochs"]]
+    lb = [e["loss"] for e in torch.load(itm_only, weights_only=True)["history"]["epochs"]]
+    assert la != pytest.approx(lb)
+    # stopped inside the contrastive phase, then finished: the result of an uninterrupted run
+    stopped = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
+                              itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=1.0, max_steps=7, **kw)
+    assert not torch.load(stopped, weights_only=True)["history"]["finished"]
+    assert not (tmp_path / "resume" / "train_state.pt").exists()
+    resumed = torch.load(train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
+                                         itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=1.0, **kw),
+                         weights_only=True)
+    for key, value in raw["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    # other contrastive arguments on the same run directory are refused; fresh starts again
+    with pytest.raises(RunMismatchError):
+        train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
+                        itc_steps=12, itc_batch=8, itc_cluster=4, itc_weight=1.0, **kw)
+    with pytest.raises(ValueError, match="crosstvr"):
+        train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "t2v2t", head="t2v2t",
+                        head_cfg={"width": 32, "layers": 1, "heads": 2}, itc_steps=4, progress=False)
+    history = json.loads((tmp_path / "itc" / "history.json").read_text())
+    assert history["itc"] and history["finished"]
+    # defaults: contrastive training for crosstvr, none for t2v2t
+    from heads.train_stage_two import ITC_DEFAULTS, resolve_itc
+
+    assert resolve_itc("crosstvr", None, None) == (ITC_DEFAULTS["itc_steps"], ITC_DEFAULTS["itc_weight"])
+    assert resolve_itc("t2v2t", None, None) == (0, 0.0)
+    assert resolve_itc("crosstvr", 0, 0.0) == (0, 0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_itc("crosstvr", -1, None)
