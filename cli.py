@@ -816,7 +816,8 @@ def demo_cmd(work_dir, seed, device) -> None:
     json_path, table = write_report(results, work / "reports" / "demo")
     click.echo(table)
     click.echo(f"report: {json_path}")
-    click.echo("[5/6] stage-two training (CrossTVR head on the cached tokens, hard negatives from stage one)")
+    click.echo("[5/6] stage-two training (CrossTVR head on the cached tokens: contrastive pre-training, then ITM "
+               "with hard negatives from stage one)")
     stage_one = _best_stage_one(work)
     from heads.train_stage_two import RunMismatchError
 

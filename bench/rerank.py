@@ -6,8 +6,10 @@
 A synthetic ViT-B/32-shaped cache is written as ``.npy`` memmaps in a temporary directory
 (random data): per video T=12 frames of N=50 CLS+patch tokens of width D=768 (fp16) and 512-d
 frame embeddings; per caption L=32 text tokens of width 512 (fp16, random lengths) and a 512-d
-embedding. The stage-two head is ``CrossTVR`` with its default config and random weights (its
-standardiser fitted on the cache); the stage-one head is untrained meanP (cosine of the mean
+embedding. The stage-two head is ``CrossTVR`` with its default config as the trainer builds it
+(with the contrastive projection, ``itc_dim`` 128, so a pair's score is ITM + ITC and every
+distinct video also gets a text-free query pass; ``--head-option itc_dim=0`` measures ITM alone)
+and random weights (its standardiser fitted on the cache); the stage-one head is untrained meanP (cosine of the mean
 frame embedding and the text embedding).
 
 Measured, on ``--threads`` torch threads:
@@ -100,9 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     from heads.metrics import t2v_metrics
     from heads.rerank import rerank
     from heads.stage_two import build_stage_two, count_parameters
+    from heads.train_stage_two import DEFAULT_ITC_DIM, ITC_HEADS
 
     torch.set_num_threads(a.threads)
     cfg = head_options(a.head_option)
+    if a.head in ITC_HEADS:
+        cfg.setdefault("itc_dim", DEFAULT_ITC_DIM)
     tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="bench-rerank-")
     root = Path(a.dir or tmp.name)
     root.mkdir(parents=True, exist_ok=True)

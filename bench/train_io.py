@@ -7,7 +7,10 @@ Writes two ViT-B/32-shaped caches of random data as ``.npy`` memmaps (``bench/ca
 one of ``--videos`` videos and one ``--scale`` times larger (12 frames x 50 tokens x 768, fp16,
 0.88 MiB per video; one 32-token caption per video). Then, each in a fresh subprocess so that its
 peak memory is its own, it runs the real trainer (``heads.train_stage_two.train_stage_two``,
-CrossTVR with its defaults, annealed hard negatives from an untrained meanP stage one):
+CrossTVR with its defaults, annealed hard negatives from an untrained meanP stage one). ``--phase
+itm`` (default) times ITM steps (the contrastive pre-training phase skipped, the positives'
+contrastive loss kept, as in the default ITM phase); ``--phase itc`` times steps of the contrastive
+pre-training phase, which reads ``--itc-batch`` distinct videos per step:
 
 * ``stream``: the small cache read through memmaps, its files evicted from the page cache first;
 * ``ram``: the small cache copied into memory first;
@@ -93,9 +96,10 @@ def worker(a: argparse.Namespace) -> dict:
         else:
             evict(split)
         t0 = time.perf_counter()
+        phase = {"itc_steps": 10**6, "itc_batch": a.itc_batch} if a.phase == "itc" else {"itc_steps": 0}
         train_stage_two(data, None, stage_one, work / name, head_cfg=cfg or None, epochs=1000,
                         batch_size=a.batch_size, max_steps=max_steps, progress=False, num_threads=a.threads,
-                        resume=False, seed=0)
+                        resume=False, seed=0, **phase)
         return time.perf_counter() - t0
 
     with PeakAnon() as anon:
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps timed per run")
     p.add_argument("--batch-size", type=int, default=32, help="positive pairs per step (x3 with negatives)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--phase", choices=["itm", "itc"], default="itm",
+                   help="time ITM steps or steps of the contrastive pre-training phase")
+    p.add_argument("--itc-batch", type=int, default=64, help="videos per contrastive step (--phase itc)")
     p.add_argument("--head-option", action="append", default=[], help="key=value CrossTVR option (JSON values)")
     p.add_argument("--dir", help="directory for the caches (default: a temporary directory, removed after)")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, mode, cache in (("stream", "stream", "small"), ("ram", "ram", "small"),
                                    ("stream-large", "stream", "large")):
             cmd = [sys.executable, __file__, "--worker", mode, "--cache", str(caches[cache]), "--steps",
-                   str(a.steps), "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
+                   str(a.steps), "--batch-size", str(a.batch_size), "--threads", str(a.threads),
+                   "--phase", a.phase, "--itc-batch", str(a.itc_batch)]
             for opt in a.head_option:
                 cmd += ["--head-option", opt]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

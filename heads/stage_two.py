@@ -32,6 +32,13 @@ stuck at loss ln 2 on raw frozen tokens.
 * ``mode``: ``"spatial"`` (spatial pass only), ``"temporal"`` (temporal pass with the learnable
   queries), ``"both"`` (spatial then temporal, the paper's model).
 * One linear layer on the query outputs -> 2 logits, averaged over queries (BLIP-2's ITM).
+* BLIP-2's unimodal passes for its contrastive objective (ITC, ``heads.itc``): ``video_queries``
+  runs the same passes with no text (the queries attend to the visual tokens only),
+  ``text_features`` runs the text alone through the spatial stack (self-attention and the text
+  feed-forward). With ``itc_dim`` > 0 the head has BLIP-2's ``vision_proj`` / ``text_proj`` and
+  temperature, and ``pair_score`` is the ITM log-odds plus the pair's ITC logit
+  (``scale * max_q cos``), BLIP-2's retrieval rule. ``token_pos=True`` adds a learned embedding
+  per token position to the visual tokens (off by default: no gain measured).
 
 Mapping BLIP-2 Q-Former weights (``Blip2QFormerModel``; not implemented here): layer ``i`` ->
 ``layers[i]``: ``attention.self.{query,key,value}`` -> ``self_attn.in_proj_{weight,bias}``

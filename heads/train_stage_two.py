@@ -1,5 +1,13 @@
 """Stage-two trainer: video-text matching (ITM) with hard negatives mined from stage one.
 
+For CrossTVR the run starts (by default) with ``itc_steps`` of BLIP-2-style contrastive
+pre-training (``heads.itc``), and every ITM step adds the contrastive loss of its positives
+(``itc_weight``); the head then scores a pair by ITM log-odds + ITC logit. Measured on the
+synthetic benchmark (BENCHMARKS.md, third round): ITM from scratch learnt none of the
+one-attribute differences, while the contrastive phase taught the queries where a caption's
+details are in the patch tokens; without it (``itc_steps=0, itc_weight=0``) the trainer is the
+paper's ITM recipe alone.
+
 Each training step takes ``B`` positive (video, caption) pairs (one caption per video and epoch,
 ``heads.data.EpochSampler``) and builds ``3B`` pairs for the 2-way match classifier:
 
@@ -61,7 +69,7 @@ from heads.train import (ForbiddenSplitError, StoreMismatchError, check_not_test
 __all__ = [
     "RunMismatchError",
     "CHECKPOINT_NAME", "STATE_NAME", "HISTORY_NAME", "HARD_NEGATIVE_MODES", "StageTwoCheckpoint",
-    "HardNegativeSampler", "ItmBatch", "ITC_DEFAULTS", "resolve_itc", "train_stage_two", "load_stage_two", "stage_one_identity",
+    "HardNegativeSampler", "ItmBatch", "ITC_DEFAULTS", "DEFAULT_ITC_DIM", "resolve_itc", "train_stage_two", "load_stage_two", "stage_one_identity",
     "score_pairs", "load_pairs", "hard_fraction", "rerank_r1", "ForbiddenSplitError",
 ]
 
@@ -536,6 +544,7 @@ def load_stage_two(path: str | Path, expect_encoder_identity: dict | None = None
 
 
 ITC_DEFAULTS = {"itc_steps": 600, "itc_weight": 1.0}
+DEFAULT_ITC_DIM = 128   # width of the contrastive projection of a head trained with ITC
 ITC_HEADS = ("crosstvr",)
 
 
@@ -658,7 +667,7 @@ def train_stage_two(
     })
     head_cfg = dict(head_cfg or {})
     if (itc_steps > 0 or itc_weight > 0) and head in ITC_HEADS:
-        head_cfg.setdefault("itc_dim", 128)
+        head_cfg.setdefault("itc_dim", DEFAULT_ITC_DIM)
     elif itc_steps > 0 or itc_weight > 0:
         raise ValueError(f"contrastive training (itc_steps / itc_weight) needs a Q-Former-style head "
                          f"({', '.join(ITC_HEADS)}), not {head!r}: use itc_steps=0, itc_weight=0")

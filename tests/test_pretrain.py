@@ -79,3 +79,35 @@ def test_pretrain_reuse_and_checkpoint_loads(tiny_world, tmp_path):
 def test_pretrain_needs_train_videos(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="train videos"):
         P.pretrain_encoder(tiny_world.split("test"), tmp_path, config="test-vit-micro", steps=1)
+
+
+def _labels(n_videos: int, frames: int = 3) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for v in range(n_videos):
+        bg, main = ("gray", "navy")[int(rng.integers(2))], ("red", "blue", "green")[int(rng.integers(3))]
+        out += [{"video_id": f"v{v}", "bg_color": bg, "main_color": main} for _ in range(frames)]
+    return out
+
+
+def test_batch_sampler_random_epochs_and_gist_clusters():
+    labels = _labels(40)
+    # cluster_size 0: shuffled epochs, every frame once per epoch (the original pretraining batches)
+    s = P.BatchSampler(labels, 24, 0, np.random.default_rng(5))
+    ref = np.random.default_rng(5).permutation(len(labels))
+    seen = np.concatenate([s.next() for _ in range(5)])
+    assert sorted(seen.tolist()) == sorted(ref[:120].tolist())
+    # cluster_size 4: 6 clusters of 4 frames sharing background and main colour, distinct videos first
+    s = P.BatchSampler(labels, 24, 4, np.random.default_rng(1))
+    for _ in range(20):
+        idx = s.next()
+        assert idx.size == 24 and (np.diff(idx) >= 0).all()
+        keys = [P.gist_key(labels[i]) for i in idx]
+        counts: dict = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        assert all(c % 4 == 0 for c in counts.values())  # whole clusters only
+    cluster = s._cluster(s.clusters[0])
+    assert len({labels[i]["video_id"] for i in cluster}) == 4  # one frame per video while videos last
+    with pytest.raises(ValueError, match="cluster_size"):
+        P.BatchSampler(labels, 8, 9, np.random.default_rng(0))
