@@ -513,7 +513,7 @@ def train_head(store: str, stage_one: str | Path, work: Path, out: str | Path | 
                    "beat its negatives' (0 = ITM only).")
 @click.option("--itc-steps", type=int,
               help="CrossTVR: steps of contrastive (ITC, BLIP-2 stage one) pre-training of the head before ITM "
-                   "[default: 600 for crosstvr, 0 for t2v2t].")
+                   "[default: 1200 for crosstvr, 0 for t2v2t].")
 @click.option("--itc-batch", default=64, show_default=True, help="Videos per contrastive step.")
 @click.option("--itc-cluster", default=1, show_default=True,
               help="Contrastive batches built from clusters of this many stage-one neighbours (1 = random).")

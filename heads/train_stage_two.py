@@ -543,7 +543,7 @@ def load_stage_two(path: str | Path, expect_encoder_identity: dict | None = None
                               train_args=ckpt.get("train_args", {}), history=ckpt.get("history", {}))
 
 
-ITC_DEFAULTS = {"itc_steps": 600, "itc_weight": 1.0}
+ITC_DEFAULTS = {"itc_steps": 1200, "itc_weight": 1.0}
 DEFAULT_ITC_DIM = 128   # width of the contrastive projection of a head trained with ITC
 ITC_HEADS = ("crosstvr",)
 
@@ -627,7 +627,7 @@ def train_stage_two(
     batch's positives (weighted) to the ITM loss, as BLIP-2 trains ITC and ITM together. Either
     one builds the head with a contrastive projection (``itc_dim``, default 128), whose ITC logit
     is then part of the head's score. ``None`` (default) means ``ITC_DEFAULTS`` for a head that
-    supports it (crosstvr: 600 steps, weight 1; measured on the synthetic benchmark) and 0 for
+    supports it (crosstvr: 1,200 steps, weight 1; measured on the synthetic benchmark) and 0 for
     the others (t2v2t has no learnable queries). Neither split may be a test split
     (``ForbiddenSplitError``); both must come from one store (``StoreMismatchError``).
     """
