@@ -575,31 +575,47 @@ class CrossTVR(StageTwoHead):
         txt, tv = self._text(text_tokens, text_mask)
         return _masked_mean(self.block.forward_text(txt, tv), tv, dim=1)
 
+    def _itc_check(self) -> None:
+        if not self.itc_dim:
+            raise ValueError("this head was built without a contrastive projection (itc_dim=0)")
+
+    def _itc_scale(self) -> torch.Tensor:
+        return self.itc_logit_scale.clamp(max=float(np.log(100.0))).exp()
+
     def itc_logits(self, queries: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Contrastive logits (C, V) from text-free query outputs (V, Q, W) and text features (C, W):
         ``scale * max_q cos(itc_vision(query), itc_text(text))`` (BLIP-2's ITC similarity)."""
-        if not self.itc_dim:
-            raise ValueError("this head was built without a contrastive projection (itc_dim=0)")
+        self._itc_check()
         q = F.normalize(self.itc_vision(queries), dim=-1)
         t = F.normalize(self.itc_text(text), dim=-1)
-        scale = self.itc_logit_scale.clamp(max=float(np.log(100.0))).exp()
-        return scale * torch.einsum("vqd,cd->cvq", q, t).amax(dim=-1)
+        return self._itc_scale() * torch.einsum("vqd,cd->cvq", q, t).amax(dim=-1)
+
+    def itc_text_embed(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm contrastive text embeddings (C, itc_dim): they depend on the caption alone, so a
+        caller scoring many pairs computes them once per caption (``pair_score(..., text_embed=)``)."""
+        self._itc_check()
+        return F.normalize(self.itc_text(self.text_features(text_tokens, text_mask)), dim=-1)
 
     def pair_score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
-                   text_mask: torch.Tensor, pair_video: torch.Tensor, pair_text: torch.Tensor) -> torch.Tensor:
+                   text_mask: torch.Tensor, pair_video: torch.Tensor, pair_text: torch.Tensor,
+                   text_embed: torch.Tensor | None = None) -> torch.Tensor:
         """(P,) match score of the pairs: the ITM log-odds, plus, for a head with a contrastive
         projection (``itc_dim`` > 0), the ITC logit of the pair (BLIP-2's retrieval rule, ITM + ITC).
-        The ITC part costs one text-free pass per distinct video and one text pass per caption."""
+        The ITC part costs one text-free pass per distinct video and one text pass per caption;
+        ``text_embed`` (C, itc_dim), rows aligned with ``text_tokens``, supplies the captions'
+        ``itc_text_embed`` computed beforehand."""
         video = self.encode_video(tokens, frame_mask)
         logits = self.match(video, pair_video, text_tokens[pair_text], text_mask[pair_text])
         score = logits[:, 1] - logits[:, 0]
         if self.itc_dim:
-            queries = self.video_queries(video)  # (V, Q, W)
-            text = self.text_features(text_tokens, text_mask)  # (C, W)
-            q = F.normalize(self.itc_vision(queries), dim=-1)[pair_video]
-            t = F.normalize(self.itc_text(text), dim=-1)[pair_text]
-            scale = self.itc_logit_scale.clamp(max=float(np.log(100.0))).exp()
-            score = score + scale * torch.einsum("pqd,pd->pq", q, t).amax(dim=-1)
+            q = F.normalize(self.itc_vision(self.video_queries(video)), dim=-1)[pair_video]  # (P, Q, D)
+            if text_embed is None:
+                text_embed = self.itc_text_embed(text_tokens, text_mask)
+            elif tuple(text_embed.shape) != (text_tokens.shape[0], self.itc_dim):
+                raise ValueError(f"text_embed has shape {tuple(text_embed.shape)}, expected "
+                                 f"({text_tokens.shape[0]}, {self.itc_dim})")
+            t = text_embed[pair_text]
+            score = score + self._itc_scale() * torch.einsum("pqd,pd->pq", q, t).amax(dim=-1)
         return score
 
     def score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,

@@ -70,7 +70,7 @@ __all__ = [
     "RunMismatchError",
     "CHECKPOINT_NAME", "STATE_NAME", "HISTORY_NAME", "HARD_NEGATIVE_MODES", "StageTwoCheckpoint",
     "HardNegativeSampler", "ItmBatch", "ITC_DEFAULTS", "DEFAULT_ITC_DIM", "resolve_itc", "train_stage_two", "load_stage_two", "stage_one_identity",
-    "score_pairs", "load_pairs", "hard_fraction", "rerank_r1", "ForbiddenSplitError",
+    "score_pairs", "caption_itc_embed", "load_pairs", "hard_fraction", "rerank_r1", "ForbiddenSplitError",
 ]
 
 CHECKPOINT_NAME = "stage_two.pt"
@@ -420,9 +420,27 @@ class StageOneCosine:
 # scoring and model selection
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
+def caption_itc_embed(head: StageTwoHead, split: Any, caption_rows: np.ndarray, batch: int = 256,
+                      device: str = "cpu") -> torch.Tensor:
+    """(C, itc_dim) contrastive text embeddings (``itc_text_embed``) of ``caption_rows`` of ``split``."""
+    caption_rows = np.asarray(caption_rows, dtype=np.int64)
+    out = torch.empty(caption_rows.size, head.itc_dim)
+    for sl in blocks(caption_rows.size, batch):
+        tmask = gather_rows(split.text_mask, caption_rows[sl]).astype(bool, copy=False)
+        length = max(1, int(np.flatnonzero(tmask.any(axis=0)).max(initial=-1)) + 1)
+        ttok = np.ascontiguousarray(gather_rows(split.text_tokens, caption_rows[sl])[:, :length])
+        out[sl] = head.itc_text_embed(torch.from_numpy(ttok).to(device),
+                                      torch.from_numpy(np.ascontiguousarray(tmask[:, :length])).to(device)
+                                      ).float().cpu()
+    return out
+
+
+@torch.no_grad()
 def score_pairs(head: StageTwoHead, split: Any, video_index: np.ndarray, caption_index: np.ndarray,
                 batch: int = 128, device: str = "cpu", prefetch: int = 1, progress: bool = False) -> np.ndarray:
-    """(P,) float32 head log-odds of pairs ``(video_index[i], caption_index[i])`` of ``split``."""
+    """(P,) float32 head scores (``pair_score``) of pairs ``(video_index[i], caption_index[i])`` of
+    ``split``. A head with a contrastive projection gets each caption's text embedding computed
+    once (``caption_itc_embed``) rather than once per batch it appears in."""
     _require_tokens(split)
     video_index = np.asarray(video_index, dtype=np.int64)
     caption_index = np.asarray(caption_index, dtype=np.int64)
@@ -433,11 +451,20 @@ def score_pairs(head: StageTwoHead, split: Any, video_index: np.ndarray, caption
     out = np.empty(video_index.size, dtype=np.float32)
     chunks = list(blocks(video_index.size, batch))
     try:
+        text_rows = text_embed = None
+        if int(getattr(head, "itc_dim", 0)) > 0 and hasattr(head, "itc_text_embed") and video_index.size:
+            text_rows = np.unique(caption_index)
+            text_embed = caption_itc_embed(head, split, text_rows, device=device)
         load = lambda sl: (sl, load_pairs(split, video_index[sl], caption_index[sl]))  # noqa: E731
         for sl, b in tqdm(prefetched(chunks, load, prefetch), total=len(chunks), disable=not progress,
                           desc="score pairs", leave=False):
             b = b.to(device)
-            out[sl] = head.pair_score(*b.pair_inputs()).float().cpu().numpy()
+            extra = {}
+            if text_embed is not None:
+                # load_pairs orders the batch's captions as np.unique does
+                rows = np.searchsorted(text_rows, np.unique(caption_index[sl]))
+                extra["text_embed"] = text_embed[torch.from_numpy(rows)].to(device)
+            out[sl] = head.pair_score(*b.pair_inputs(), **extra).float().cpu().numpy()
     finally:
         head.train(was_training)
     return out

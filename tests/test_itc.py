@@ -127,6 +127,31 @@ def test_batch_itc_loss_matches_the_head_logits(world: dict) -> None:  # noqa: F
     assert logits.shape == (3, 3) and loss.item() == pytest.approx(itc_loss(logits).item())
 
 
+def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """score_pairs computes each caption's contrastive embedding once, and scores as pair_score does
+    batch by batch (the caption embeddings are those of a batch's own text pass)."""
+    torch.manual_seed(0)
+    head = build_stage_two("crosstvr", D, D, **ITC).eval()
+    head.standardizer.fit(world["train"])
+    rng = np.random.default_rng(3)
+    vids = np.sort(rng.integers(0, world["test"].tokens.shape[0], size=40))  # sorted by video, as rerank does
+    caps = rng.integers(0, world["test"].text_tokens.shape[0], size=40)
+    expected = []
+    with torch.no_grad():
+        for sl in (slice(0, 16), slice(16, 32), slice(32, 40)):
+            b = load_pairs(world["test"], vids[sl], caps[sl])
+            expected.append(head.pair_score(*b.pair_inputs()).numpy())
+    calls = []
+    original = head.itc_text_embed
+    monkeypatch.setattr(head, "itc_text_embed", lambda t, m: calls.append(t.shape[0]) or original(t, m))
+    got = score_pairs(head, world["test"], vids, caps, batch=16)
+    np.testing.assert_allclose(got, np.concatenate(expected), rtol=1e-4, atol=1e-4)
+    assert sum(calls) == len(np.unique(caps))  # one text pass per distinct caption, not per batch
+    b = load_pairs(world["test"], vids[:4], caps[:4])
+    with pytest.raises(ValueError, match="text_embed has shape"):
+        head.pair_score(*b.pair_inputs(), text_embed=torch.zeros(1, 3))
+
+
 def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:  # noqa: F811
     kw = dict(head_cfg=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
               val_k=4, num_threads=1)
