@@ -451,10 +451,12 @@ class StageTwoHead(nn.Module):
         logits = self(tokens, frame_mask, text_tokens, text_mask)
         return logits[:, 1] - logits[:, 0]
 
-    def pair_score(self, *args: torch.Tensor) -> torch.Tensor:
-        """(P,) match log-odds of the pairs of ``pair_logits(*args)``."""
+    def pair_score(self, *args: torch.Tensor, parts: bool = False) -> torch.Tensor:
+        """(P,) match log-odds of the pairs of ``pair_logits(*args)``; ``parts=True``: (P, 2) of
+        (ITM log-odds, contrastive logit), the latter 0 for a head without one."""
         logits = self.pair_logits(*args)
-        return logits[:, 1] - logits[:, 0]
+        itm = logits[:, 1] - logits[:, 0]
+        return torch.stack([itm, torch.zeros_like(itm)], dim=1) if parts else itm
 
     def config(self) -> dict[str, Any]:
         """JSON-able keyword arguments for ``build_stage_two(**config)``."""
@@ -598,15 +600,17 @@ class CrossTVR(StageTwoHead):
 
     def pair_score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
                    text_mask: torch.Tensor, pair_video: torch.Tensor, pair_text: torch.Tensor,
-                   text_embed: torch.Tensor | None = None) -> torch.Tensor:
+                   text_embed: torch.Tensor | None = None, parts: bool = False) -> torch.Tensor:
         """(P,) match score of the pairs: the ITM log-odds, plus, for a head with a contrastive
         projection (``itc_dim`` > 0), the ITC logit of the pair (BLIP-2's retrieval rule, ITM + ITC).
         The ITC part costs one text-free pass per distinct video and one text pass per caption;
         ``text_embed`` (C, itc_dim), rows aligned with ``text_tokens``, supplies the captions'
-        ``itc_text_embed`` computed beforehand."""
+        ``itc_text_embed`` computed beforehand. ``parts=True`` returns (P, 2): the ITM log-odds and
+        the ITC logit (0 without a contrastive projection), whose sum is the score."""
         video = self.encode_video(tokens, frame_mask)
         logits = self.match(video, pair_video, text_tokens[pair_text], text_mask[pair_text])
         score = logits[:, 1] - logits[:, 0]
+        itc = torch.zeros_like(score)
         if self.itc_dim:
             q = F.normalize(self.itc_vision(self.video_queries(video)), dim=-1)[pair_video]  # (P, Q, D)
             if text_embed is None:
@@ -615,8 +619,10 @@ class CrossTVR(StageTwoHead):
                 raise ValueError(f"text_embed has shape {tuple(text_embed.shape)}, expected "
                                  f"({text_tokens.shape[0]}, {self.itc_dim})")
             t = text_embed[pair_text]
-            score = score + self._itc_scale() * torch.einsum("pqd,pd->pq", q, t).amax(dim=-1)
-        return score
+            itc = self._itc_scale() * torch.einsum("pqd,pd->pq", q, t).amax(dim=-1)
+        if parts:
+            return torch.stack([score, itc], dim=1)
+        return score + itc if self.itc_dim else score
 
     def score(self, tokens: torch.Tensor, frame_mask: torch.Tensor, text_tokens: torch.Tensor,
               text_mask: torch.Tensor) -> torch.Tensor:

@@ -437,10 +437,12 @@ def caption_itc_embed(head: StageTwoHead, split: Any, caption_rows: np.ndarray, 
 
 @torch.no_grad()
 def score_pairs(head: StageTwoHead, split: Any, video_index: np.ndarray, caption_index: np.ndarray,
-                batch: int = 128, device: str = "cpu", prefetch: int = 1, progress: bool = False) -> np.ndarray:
+                batch: int = 128, device: str = "cpu", prefetch: int = 1, progress: bool = False,
+                parts: bool = False) -> np.ndarray:
     """(P,) float32 head scores (``pair_score``) of pairs ``(video_index[i], caption_index[i])`` of
-    ``split``. A head with a contrastive projection gets each caption's text embedding computed
-    once (``caption_itc_embed``) rather than once per batch it appears in."""
+    ``split``; ``parts=True``: (P, 2) of ITM log-odds and contrastive logit. A head with a
+    contrastive projection gets each caption's text embedding computed once
+    (``caption_itc_embed``) rather than once per batch it appears in."""
     _require_tokens(split)
     video_index = np.asarray(video_index, dtype=np.int64)
     caption_index = np.asarray(caption_index, dtype=np.int64)
@@ -448,7 +450,7 @@ def score_pairs(head: StageTwoHead, split: Any, video_index: np.ndarray, caption
         raise ValueError(f"{video_index.shape} video rows vs {caption_index.shape} caption rows")
     was_training = head.training
     head.eval()
-    out = np.empty(video_index.size, dtype=np.float32)
+    out = np.empty((video_index.size, 2) if parts else video_index.size, dtype=np.float32)
     chunks = list(blocks(video_index.size, batch))
     try:
         text_rows = text_embed = None
@@ -464,18 +466,30 @@ def score_pairs(head: StageTwoHead, split: Any, video_index: np.ndarray, caption
                 # load_pairs orders the batch's captions as np.unique does
                 rows = np.searchsorted(text_rows, np.unique(caption_index[sl]))
                 extra["text_embed"] = text_embed[torch.from_numpy(rows)].to(device)
+            if parts:
+                extra["parts"] = True
             out[sl] = head.pair_score(*b.pair_inputs(), **extra).float().cpu().numpy()
     finally:
         head.train(was_training)
     return out
 
 
+def _sign_accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """Accuracy of ``scores > 0`` on the positive and negative pairs, and their mean."""
+    pred = scores > 0
+    pos = float(pred[labels].mean()) if labels.any() else float("nan")
+    neg = float((~pred[~labels]).mean()) if (~labels).any() else float("nan")
+    return pos, neg, float(np.nanmean([pos, neg]))
+
+
 def rerank_r1(sim: np.ndarray, caption_video: np.ndarray, top: np.ndarray, head_scores: np.ndarray,
-              queries: np.ndarray) -> dict[str, float]:
+              queries: np.ndarray, itm_scores: np.ndarray | None = None) -> dict[str, float]:
     """T2V R@1 of stage one and re-ranked (cosine + head score) on ``queries`` with candidates ``top``.
 
     ``top`` (Q, K) candidate videos per query (stage-one order), ``head_scores`` (Q, K). A query
-    whose video is not among its candidates keeps stage one's answer (wrong either way).
+    whose video is not among its candidates keeps stage one's answer (wrong either way). Also the
+    sign accuracy on the candidates' true / false pairs of the head score (``score_acc_*``) and of
+    its ITM log-odds ``itm_scores`` (``itm_acc_*``; the head score itself when not given).
     """
     cv = np.asarray(caption_video)[queries]
     cos = np.take_along_axis(sim[queries], top, axis=1)
@@ -484,13 +498,12 @@ def rerank_r1(sim: np.ndarray, caption_video: np.ndarray, top: np.ndarray, head_
     best = top[np.arange(top.shape[0]), np.argmax(final, axis=1)] == cv
     in_top = (top == cv[:, None]).any(axis=1)
     labels = top == cv[:, None]
-    pred = head_scores > 0
-    pos_acc = float(pred[labels].mean()) if labels.any() else float("nan")
-    neg_acc = float((~pred[~labels]).mean()) if (~labels).any() else float("nan")
+    s_pos, s_neg, s_bal = _sign_accuracy(head_scores, labels)
+    i_pos, i_neg, i_bal = _sign_accuracy(head_scores if itm_scores is None else itm_scores, labels)
     return {"stage_one_R@1": 100.0 * float(hit1.mean()), "reranked_R@1": 100.0 * float(best.mean()),
             f"stage_one_R@{top.shape[1]}": 100.0 * float(in_top.mean()),
-            "itm_acc_pos": pos_acc, "itm_acc_neg": neg_acc,
-            "itm_acc_balanced": float(np.nanmean([pos_acc, neg_acc]))}
+            "itm_acc_pos": i_pos, "itm_acc_neg": i_neg, "itm_acc_balanced": i_bal,
+            "score_acc_pos": s_pos, "score_acc_neg": s_neg, "score_acc_balanced": s_bal}
 
 
 class _ValSet:
@@ -511,8 +524,11 @@ class _ValSet:
     def evaluate(self, head: StageTwoHead, batch: int, device: str) -> dict[str, float]:
         vid = self.top.reshape(-1)
         cap = np.repeat(self.queries, self.top.shape[1])
-        scores = score_pairs(head, self.split, vid, cap, batch=batch, device=device).reshape(self.top.shape)
-        return rerank_r1(self.sim, self.split.caption_video, self.top, scores, self.queries)
+        both = score_pairs(head, self.split, vid, cap, batch=batch, device=device, parts=True)
+        itm = both[:, 0].reshape(self.top.shape)
+        # the head score exactly as pair_score sums it (float32), so selection matches scoring
+        scores = (both[:, 0] + both[:, 1]).reshape(self.top.shape)
+        return rerank_r1(self.sim, self.split.caption_video, self.top, scores, self.queries, itm_scores=itm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -821,7 +837,8 @@ def train_stage_two(
                 if valset is not None:
                     metrics = valset.evaluate(model, eval_batch, device)
                     record["val"] = metrics
-                    score = metrics["reranked_R@1"] + 1e-3 * metrics["itm_acc_balanced"]
+                    # ties in R@1 go to the better sign accuracy of the head score on the candidates
+                    score = metrics["reranked_R@1"] + 1e-3 * metrics["score_acc_balanced"]
                 else:
                     score = float(epoch)  # no val split: keep the last epoch
                 if score > best["score"]:

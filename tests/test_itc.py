@@ -74,6 +74,8 @@ def test_score_is_itm_log_odds_plus_itc_logit() -> None:
         itc = head.itc_logits(head.video_queries(video), head.text_features(text, tm))  # (C, V)
         expected = logits[:, 1] - logits[:, 0] + itc[pt, pv]
         torch.testing.assert_close(head.pair_score(tokens, fm, text, tm, pv, pt), expected)
+        parts = head.pair_score(tokens, fm, text, tm, pv, pt, parts=True)  # (ITM log-odds, ITC logit)
+        torch.testing.assert_close(parts, torch.stack([logits[:, 1] - logits[:, 0], itc[pt, pv]], dim=1))
         ar = torch.arange(3)
         torch.testing.assert_close(head.score(tokens, fm, text, tm), head.pair_score(tokens, fm, text, tm, ar, ar))
     # without a contrastive projection the score is the ITM log-odds, and old configs build that head
@@ -147,6 +149,9 @@ def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: 
     got = score_pairs(head, world["test"], vids, caps, batch=16)
     np.testing.assert_allclose(got, np.concatenate(expected), rtol=1e-4, atol=1e-4)
     assert sum(calls) == len(np.unique(caps))  # one text pass per distinct caption, not per batch
+    parts = score_pairs(head, world["test"], vids, caps, batch=16, parts=True)
+    assert parts.shape == (40, 2)
+    np.testing.assert_array_equal(parts[:, 0] + parts[:, 1], got)  # the same float32 sum
     b = load_pairs(world["test"], vids[:4], caps[:4])
     with pytest.raises(ValueError, match="text_embed has shape"):
         head.pair_score(*b.pair_inputs(), text_embed=torch.zeros(1, 3))
@@ -165,6 +170,9 @@ def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:  # noqa: F811
     head = load_stage_two(ckpt).head
     s = score_pairs(head, world["test"], np.arange(8), np.arange(8))
     assert s.shape == (8,) and np.isfinite(s).all()
+    # val logs the ITM log-odds' accuracy apart from the whole score's (ITM + ITC)
+    val = raw["history"]["epochs"][-1]["val"]
+    assert {"itm_acc_balanced", "score_acc_balanced"} <= set(val)
     # the contrastive term is really added to the ITM loss
     itm_only = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain",
                                itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=0.0, **kw)
