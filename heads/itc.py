@@ -44,10 +44,13 @@ def supports_itc(head: nn.Module) -> bool:
     return hasattr(head, "video_queries") and int(getattr(head, "itc_dim", 0)) > 0
 
 
-def batch_itc_loss(model: nn.Module, batch: Any, videos: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_itc_loss(model: nn.Module, batch: Any, videos: torch.Tensor, captions: torch.Tensor,
+                   video: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ITC loss and (C, V) logits of aligned pairs ``(videos[i], captions[i])`` (rows of ``batch``'s
-    distinct ``tokens`` / ``text_tokens``; videos distinct)."""
-    video = model.encode_video(batch.tokens, batch.frame_mask)
+    distinct ``tokens`` / ``text_tokens``; videos distinct). ``video``: ``model.encode_video`` of
+    the batch's tokens when the caller already has it (the ITM step)."""
+    if video is None:
+        video = model.encode_video(batch.tokens, batch.frame_mask)
     queries = model.video_queries(video)[videos]
     text = model.text_features(batch.text_tokens, batch.text_mask)[captions]
     logits = model.itc_logits(queries, text)

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from heads.data import EpochSampler, blocks, gather_rows
+from heads.itc import ITC_STATE_NAME, batch_itc_loss, pretrain_itc, supports_itc
 from heads.stage_two import StageTwoHead, build_stage_two
 from heads.train import (ForbiddenSplitError, StoreMismatchError, check_not_test, cosine_with_warmup,
                          identity_diff)
@@ -263,6 +264,14 @@ def _require_tokens(split: Any) -> None:
                              f"with arrays=('frame_emb', 'tokens', 'text') for stage-two heads")
 
 
+def _text_rows(split: Any, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Text tokens and bool mask of caption rows ``caps``, cut to the longest caption among them."""
+    tmask = gather_rows(split.text_mask, caps).astype(bool, copy=False)
+    length = max(1, int(np.flatnonzero(tmask.any(axis=0)).max(initial=-1)) + 1)
+    ttok = np.ascontiguousarray(gather_rows(split.text_tokens, caps)[:, :length])
+    return ttok, np.ascontiguousarray(tmask[:, :length])
+
+
 def load_pairs(split: Any, video_index: np.ndarray, caption_index: np.ndarray,
                labels: np.ndarray | None = None) -> ItmBatch:
     """Read the rows needed for pairs ``(video_index[i], caption_index[i])`` from ``split``."""
@@ -272,14 +281,12 @@ def load_pairs(split: Any, video_index: np.ndarray, caption_index: np.ndarray,
     caps, c_inv = np.unique(caption_index, return_inverse=True)
     tokens = gather_rows(split.tokens, vids)
     fmask = gather_rows(split.frame_mask, vids).astype(bool, copy=False)
-    tmask = gather_rows(split.text_mask, caps).astype(bool, copy=False)
-    length = max(1, int(np.flatnonzero(tmask.any(axis=0)).max(initial=-1)) + 1)
-    ttok = np.ascontiguousarray(gather_rows(split.text_tokens, caps)[:, :length])
+    ttok, tmask = _text_rows(split, caps)
     if labels is None:
         labels = np.zeros(video_index.size, dtype=np.int64)
     return ItmBatch(
         tokens=torch.from_numpy(tokens), frame_mask=torch.from_numpy(fmask),
-        text_tokens=torch.from_numpy(ttok), text_mask=torch.from_numpy(np.ascontiguousarray(tmask[:, :length])),
+        text_tokens=torch.from_numpy(ttok), text_mask=torch.from_numpy(tmask),
         pair_video=torch.from_numpy(v_inv.reshape(-1).astype(np.int64)),
         pair_text=torch.from_numpy(c_inv.reshape(-1).astype(np.int64)),
         labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)))
@@ -426,11 +433,8 @@ def caption_itc_embed(head: StageTwoHead, split: Any, caption_rows: np.ndarray, 
     caption_rows = np.asarray(caption_rows, dtype=np.int64)
     out = torch.empty(caption_rows.size, head.itc_dim)
     for sl in blocks(caption_rows.size, batch):
-        tmask = gather_rows(split.text_mask, caption_rows[sl]).astype(bool, copy=False)
-        length = max(1, int(np.flatnonzero(tmask.any(axis=0)).max(initial=-1)) + 1)
-        ttok = np.ascontiguousarray(gather_rows(split.text_tokens, caption_rows[sl])[:, :length])
-        out[sl] = head.itc_text_embed(torch.from_numpy(ttok).to(device),
-                                      torch.from_numpy(np.ascontiguousarray(tmask[:, :length])).to(device)
+        ttok, tmask = _text_rows(split, caption_rows[sl])
+        out[sl] = head.itc_text_embed(torch.from_numpy(ttok).to(device), torch.from_numpy(tmask).to(device)
                                       ).float().cpu()
     return out
 
@@ -454,7 +458,7 @@ def score_pairs(head: StageTwoHead, split: Any, video_index: np.ndarray, caption
     chunks = list(blocks(video_index.size, batch))
     try:
         text_rows = text_embed = None
-        if int(getattr(head, "itc_dim", 0)) > 0 and hasattr(head, "itc_text_embed") and video_index.size:
+        if supports_itc(head) and video_index.size:
             text_rows = np.unique(caption_index)
             text_embed = caption_itc_embed(head, split, text_rows, device=device)
         load = lambda sl: (sl, load_pairs(split, video_index[sl], caption_index[sl]))  # noqa: E731
@@ -716,7 +720,7 @@ def train_stage_two(
                          f"({', '.join(ITC_HEADS)}), not {head!r}: use itc_steps=0, itc_weight=0")
     state_path, ckpt_path = out / STATE_NAME, out / CHECKPOINT_NAME
     if not resume:
-        (out / "itc_state.pt").unlink(missing_ok=True)
+        (out / ITC_STATE_NAME).unlink(missing_ok=True)
     state = None
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -768,8 +772,6 @@ def train_stage_two(
             stopped = False
             itc_history: list[dict] = []
             if state is None and itc_steps > 0:
-                from heads.itc import ITC_STATE_NAME, pretrain_itc
-
                 itc_args = {k: train_args[k] for k in ("itc_steps", "itc_batch", "itc_cluster", "itc_lr", "seed",
                                                         "weight_decay", "store_fingerprint", "stage_one_sha256",
                                                         "head", "head_cfg")}
@@ -802,12 +804,9 @@ def train_stage_two(
                                          batch.text_mask[batch.pair_text])
                     loss = F.cross_entropy(logits, batch.labels)
                     if itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
-                        from heads.itc import itc_loss
-
                         b = item.video.size
-                        queries = model.video_queries(video)[batch.pair_video[:b]]
-                        text = model.text_features(batch.text_tokens, batch.text_mask)[batch.pair_text[:b]]
-                        loss = loss + itc_weight * itc_loss(model.itc_logits(queries, text))
+                        itc, _ = batch_itc_loss(model, batch, batch.pair_video[:b], batch.pair_text[:b], video)
+                        loss = loss + itc_weight * itc
                     if cosine is not None:
                         pv, pc, _ = item.pairs()
                         loss = loss + rank_weight * rank_loss(
@@ -859,8 +858,8 @@ def train_stage_two(
 
     finished = step >= total
     best_state = best["state"] if best["state"] is not None else model.state_dict()
-    if not itc_history and itc_steps > 0 and (out / "itc_state.pt").is_file():
-        itc_history = list(torch.load(out / "itc_state.pt", map_location="cpu", weights_only=True)["history"])
+    if not itc_history and itc_steps > 0 and (out / ITC_STATE_NAME).is_file():
+        itc_history = list(torch.load(out / ITC_STATE_NAME, map_location="cpu", weights_only=True)["history"])
     summary = {
         "best_epoch": best["epoch"], "finished": finished, "steps": step, "total_steps": total,
         "itc_steps": int(itc_steps), "itc": itc_history,
