@@ -1,7 +1,7 @@
 """A ViT-B/32-shaped feature cache of random data, written as ``.npy`` memmaps (for benchmarks).
 
-``write_cache`` writes the arrays a staged split holds (``pipeline.store.StagedSplit``) chunk by
-chunk, so a cache larger than RAM can be made, and returns a ``MemmapSplit`` that the heads'
+``write_cache`` writes the arrays a staged split holds chunk by chunk, so a cache larger than RAM
+can be made, and returns it as a ``core.split.StagedSplit`` of memory maps, which the heads'
 trainers and re-ranker accept. ``in_ram`` copies it into memory; ``evict`` asks the kernel to drop
 its files from the page cache (``posix_fadvise(DONTNEED)``, no privileges needed), so the next
 read comes from disk.
@@ -9,36 +9,22 @@ read comes from disk.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from core.split import StagedSplit
+
 ARRAYS = ("frame_emb", "frame_mask", "text_emb", "tokens", "text_tokens", "text_mask")
 
 
-@dataclass
-class MemmapSplit:
-    """A staged-split look-alike backed by ``.npy`` memmaps."""
-
-    split: str
-    video_ids: list
-    caption_ids: list
-    caption_video: np.ndarray
-    frame_emb: np.ndarray
-    frame_mask: np.ndarray
-    text_emb: np.ndarray
-    tokens: np.ndarray
-    text_tokens: np.ndarray
-    text_mask: np.ndarray
-    store_fingerprint: str = "bench"
-    encoder_identity: dict = field(default_factory=lambda: {"name": "bench-vit-b32-shaped"})
+IDENTITY = {"name": "bench-vit-b32-shaped"}
 
 
 def write_cache(root: Path, videos: int, queries: int, frames: int, tokens: int, width: int, text_len: int,
-                text_width: int, embed: int, seed: int = 0) -> MemmapSplit:
+                text_width: int, embed: int, seed: int = 0) -> StagedSplit:
     """Random ViT-B/32-shaped arrays written chunk by chunk as ``.npy`` files under ``root``; returns
     ``open_cache(root)``. Caption ``i`` belongs to video ``i mod videos``."""
     rng = np.random.default_rng(seed)
@@ -64,31 +50,30 @@ def write_cache(root: Path, videos: int, queries: int, frames: int, tokens: int,
     return open_cache(root)
 
 
-def open_cache(root: Path, split: str = "test") -> MemmapSplit:
+def open_cache(root: Path, split: str = "test") -> StagedSplit:
     """The cache written by ``write_cache`` under ``root`` as split ``split``, every array a read-only memmap."""
     root = Path(root)
     arrays = {name: np.load(root / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     cv = np.load(root / "caption_video.npy")
-    return MemmapSplit(split=split, video_ids=[f"v{i}" for i in range(arrays["tokens"].shape[0])],
-                       caption_ids=[f"c{i}" for i in range(cv.size)], caption_video=cv, **arrays)
+    return StagedSplit(split=split, video_ids=[f"v{i}" for i in range(arrays["tokens"].shape[0])],
+                       caption_ids=[f"c{i}" for i in range(cv.size)], caption_video=cv, **arrays,
+                       store_fingerprint="bench", encoder_identity=dict(IDENTITY))
 
 
-def first_queries(split: MemmapSplit, n: int) -> MemmapSplit:
+def first_queries(split: StagedSplit, n: int) -> StagedSplit:
     """The same split restricted to its first ``n`` captions (memmap views, nothing copied)."""
-    return MemmapSplit(split=split.split, video_ids=split.video_ids, caption_ids=split.caption_ids[:n],
-                       caption_video=split.caption_video[:n], frame_emb=split.frame_emb,
-                       frame_mask=split.frame_mask, text_emb=split.text_emb[:n], tokens=split.tokens,
-                       text_tokens=split.text_tokens[:n], text_mask=split.text_mask[:n])
+    return replace(split, caption_ids=split.caption_ids[:n], caption_video=split.caption_video[:n],
+                   text_emb=split.text_emb[:n], text_tokens=split.text_tokens[:n], text_mask=split.text_mask[:n])
 
 
 
 
-def in_ram(split: MemmapSplit) -> MemmapSplit:
+def in_ram(split: StagedSplit) -> StagedSplit:
     """The same split with every array read into memory."""
     return replace(split, **{name: np.array(getattr(split, name)) for name in ARRAYS})
 
 
-def evict(split: MemmapSplit) -> None:
+def evict(split: StagedSplit) -> None:
     """Drop the split's memmapped files from the page cache (best effort; Linux)."""
     for f in fields(split):
         arr = getattr(split, f.name)
@@ -101,15 +86,3 @@ def evict(split: MemmapSplit) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def head_options(pairs: list[str]) -> dict:
-    """``["width=64", "mode=spatial"]`` -> ``{"width": 64, "mode": "spatial"}`` (JSON values, else strings)."""
-    cfg = {}
-    for opt in pairs:
-        key, _, value = opt.partition("=")
-        try:
-            cfg[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key.replace("-", "_")] = value
-    return cfg

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     from manifests.schema import Manifest
     from pipeline.decode import DecodePool, DecodeTask
     from pipeline.encoders import load_encoder
-    from pipeline.extract import _encode_batch, _ShardBuffer, extract
+    from pipeline.extract import encode_batch, ShardBuffer, extract
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -106,15 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"decode failed for {bad}")
 
     t = time.perf_counter()
-    buf = _ShardBuffer(len(decoded), a.frames, enc)
+    buf = ShardBuffer(len(decoded), a.frames, enc)
     batch: list = []
     for row, r in enumerate(decoded):
         batch.append((row, r))
         if sum(int(x.mask.sum()) for _, x in batch) >= a.batch_size:
-            _encode_batch(enc, batch, buf)
+            encode_batch(enc, batch, buf)
             batch = []
     if batch:
-        _encode_batch(enc, batch, buf)
+        encode_batch(enc, batch, buf)
     t_enc = time.perf_counter() - t
     del decoded
 

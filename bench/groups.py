@@ -7,8 +7,8 @@ For every caption of a video that belongs to a near-duplicate group (members dif
 attribute, the group's ``varied`` column), each scorer ranks the group's members; the caption is
 right when its own video scores highest (ties count against it). Reported per varied attribute,
 for stage one's cosine, for each head's score alone and for ``cosine + head score`` (the
-re-ranking rule), with chance = 1 / group size. This is the offline check DESIGN asks for before a
-head is wired into re-ranking: a head below chance on an attribute cannot help there.
+re-ranking rule), with chance = 1 / group size. This is the offline check of a head before it is
+wired into re-ranking: a head below chance on an attribute cannot help there.
 
 For each CrossTVR head with a token selector it also reports how often the selector's M tokens of a
 frame include the detail object's patch (frames where the detail is visible), against the rate of
@@ -74,7 +74,7 @@ def selector_hit_rate(head, split, rows: dict[str, dict], max_videos: int = 256,
             idx = vids[start:start + 32]
             tok = torch.from_numpy(np.asarray(split.tokens[idx]))
             fm = torch.from_numpy(np.asarray(split.frame_mask[idx], dtype=bool))
-            vis, _ = head._visual(tok, fm)
+            vis, _ = head.visual(tok, fm)
             _, sel = head.select_tokens(vis)  # (b, T, M)
             sel = sel.numpy()
             for j, v in enumerate(idx):
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the table here as JSON")
     args = ap.parse_args(argv)
 
-    import cli
-    from heads.rerank import head_scorer, load_head, stage_one_similarity
+    from heads.evaluation.sources import load_head, stage_one_similarity
+    from heads.stage_two.scoring import pair_scorer
+    from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
-    split = cli._stage(args.store, args.split, None, Path(args.work_dir),
-                       arrays=("frame_emb", "tokens", "text"))
+    split = WorkDir(args.work_dir).stage(args.store, args.split, STAGE_TWO_ARRAYS)
     rows = manifest_videos(args.manifest)
     group, varied = group_members(list(split.video_ids), rows)
     cv = np.asarray(split.caption_video)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     for path in args.head:
         head, info = load_head(path, split)
         head.eval()
-        flat = head_scorer(head, split, progress=False)(np.repeat(caps, size), cand.reshape(-1))
+        flat = pair_scorer(head, split, progress=False)(np.repeat(caps, size), cand.reshape(-1))
         hs = flat.reshape(caps.size, size)
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
         scores[f"{name} head"] = hs

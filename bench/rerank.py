@@ -39,18 +39,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cache import MemmapSplit, first_queries, head_options, write_cache  # noqa: E402
+from bench.cache import first_queries, write_cache  # noqa: E402
+from core.options import parse_key_values  # noqa: E402
+from core.split import StagedSplit  # noqa: E402
 
 TARGET_MS = 20.0
 
 
-def profile_batch(head, split: MemmapSplit, batch: int, k: int, repeats: int = 2) -> dict:
-    """Seconds per pair on one batch of pairs: ``head.score`` (every pair runs the whole head), its
-    per-video part ``encode_video``, and ``pair_score`` with each video shared by ``k`` pairs
-    (re-ranking's case: a video is a candidate of about K queries)."""
+def profile_batch(head, split: StagedSplit, batch: int, k: int, repeats: int = 2) -> dict:
+    """Seconds per pair on one batch of pairs: ``pair_score`` with every pair its own video (the
+    whole head per pair), its per-video part ``encode_video``, and ``pair_score`` with each video
+    shared by ``k`` pairs (re-ranking's case: a video is a candidate of about K queries)."""
     import torch
 
-    from heads.data import gather_rows
+    from heads.training.data import gather_rows
 
     distinct = max(1, batch // k)
     v = np.arange(batch) % len(split.video_ids)
@@ -66,12 +68,13 @@ def profile_batch(head, split: MemmapSplit, batch: int, k: int, repeats: int = 2
         return (time.perf_counter() - t0) / repeats / batch
 
     out = {}
+    pairs = torch.arange(batch)
     with torch.inference_mode():
-        out["score"] = timed(lambda: head.score(*args))
+        out["score"] = timed(lambda: head.pair_score(args[2], args[3], args[0], args[1], pairs, pairs))
         out["encode_video (once per video)"] = timed(lambda: head.encode_video(args[0], args[1]))
         out["pair_score (distinct videos once)"] = timed(
-            lambda: head.pair_score(args[0][:distinct], args[1][:distinct], args[2], args[3],
-                                    torch.arange(batch) % distinct, torch.arange(batch)))
+            lambda: head.pair_score(args[2], args[3], args[0][:distinct], args[1][:distinct], pairs,
+                                    pairs % distinct))
     return out
 
 
@@ -98,15 +101,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from heads.evaluate import similarity, untrained_baseline
-    from heads.metrics import t2v_metrics
-    from heads.rerank import rerank
-    from heads.stage_two import build_stage_two, count_parameters
-    from heads.train_stage_two import DEFAULT_ITC_DIM, ITC_HEADS
+    from core.metrics import t2v_metrics
+    from heads import create_head, supports
+    from heads.evaluation.rerank import rerank
+    from heads.evaluation.similarity import similarity, untrained_baseline
+    from heads.stage_two.config import DEFAULT_ITC_DIM
+    from heads.stage_two.scoring import pair_scorer
 
     torch.set_num_threads(a.threads)
-    cfg = head_options(a.head_option)
-    if a.head in ITC_HEADS:
+    cfg = parse_key_values(a.head_option, "--head-option")
+    if supports(a.head, "contrastive"):  # the trainer's default head scores ITM + ITC
         cfg.setdefault("itc_dim", DEFAULT_ITC_DIM)
     tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="bench-rerank-")
     root = Path(a.dir or tmp.name)
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         head = build_stage_two(a.head, a.width, a.text_width, **cfg).eval()
         head.standardizer.fit(split)
-        print(f"head: {a.head} {json.dumps(head.config())} ({count_parameters(head):,} parameters), "
+        print(f"head: {a.head} {json.dumps(head.config())} ({head.num_parameters():,} parameters), "
               f"torch threads {torch.get_num_threads()}, batch {a.batch_size} pairs, K={a.k}")
 
         # stage one alone
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         n = a.queries if a.rerank_queries is None else min(a.queries, a.rerank_queries)
         sub = first_queries(split, n)
         t0 = time.perf_counter()
-        res = rerank(sim[:n], sub, head, k=a.k, directions=("t2v",), batch_size=a.batch_size, progress=True)
+        res = rerank(sim[:n], sub, pair_scorer(head, sub, batch_size=a.batch_size), k=a.k, directions=("t2v",))
         res.metrics()
         rr = time.perf_counter() - t0
         rr_ms = 1000 * rr / n

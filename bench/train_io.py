@@ -6,7 +6,7 @@
 Writes two ViT-B/32-shaped caches of random data as ``.npy`` memmaps (``bench/cache.py``): a small
 one of ``--videos`` videos and one ``--scale`` times larger (12 frames x 50 tokens x 768, fp16,
 0.88 MiB per video; one 32-token caption per video). Then, each in a fresh subprocess so that its
-peak memory is its own, it runs the real trainer (``heads.train_stage_two.train_stage_two``,
+peak memory is its own, it runs the real trainer (``heads.stage_two.train.train_stage_two``,
 CrossTVR with its defaults, annealed hard negatives from an untrained meanP stage one). ``--phase
 itm`` (default) times ITM steps (the contrastive pre-training phase skipped, the positives'
 contrastive loss kept, as in the default ITM phase); ``--phase itc`` times steps of the contrastive
@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cache import evict, head_options, in_ram, open_cache, write_cache  # noqa: E402
+from bench.cache import evict, in_ram, open_cache, write_cache  # noqa: E402
+from core.options import parse_key_values  # noqa: E402
 
 TARGET_RATIO = 0.9
 SHAPE = dict(frames=12, tokens=50, width=768, text_len=32, text_width=512, embed=512)
@@ -77,13 +78,13 @@ def worker(a: argparse.Namespace) -> dict:
     """One measurement in this process: train from a cache directory, print figures as JSON."""
     import torch
 
-    from heads.train import train_stage_one
-    from heads.train_stage_two import train_stage_two
+    from heads.stage_one.train import train_stage_one
+    from heads.stage_two.train import train_stage_two
 
     split = open_cache(Path(a.cache), split="train")  # the trainer refuses a test split
     mode = a.worker
     work = Path(tempfile.mkdtemp(prefix="train-io-", dir=a.cache))
-    cfg = head_options(a.head_option)
+    cfg = parse_key_values(a.head_option, "--head-option")
     torch.set_num_threads(a.threads)
     stage_one = train_stage_one(split, None, head="meanP", out_dir=work / "s1", epochs=1, batch_size=256,
                                 progress=False, num_threads=a.threads)
@@ -97,7 +98,7 @@ def worker(a: argparse.Namespace) -> dict:
             evict(split)
         t0 = time.perf_counter()
         phase = {"itc_steps": 10**6, "itc_batch": a.itc_batch} if a.phase == "itc" else {"itc_steps": 0}
-        train_stage_two(data, None, stage_one, work / name, head_cfg=cfg or None, epochs=1000,
+        train_stage_two(data, None, stage_one, work / name, head_config=cfg, epochs=1000,
                         batch_size=a.batch_size, max_steps=max_steps, progress=False, num_threads=a.threads,
                         resume=False, seed=0, **phase)
         return time.perf_counter() - t0

@@ -20,7 +20,6 @@ The JSON configs in ``pipeline/model_configs/`` are registered with open_clip on
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.errors import EncoderError
+from core.fileio import sha256_file
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 RANDOM_INIT_SEED = 0
 _CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _configs_registered = False
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-class EncoderError(ValueError):
-    """An encoder spec cannot be parsed or its weights cannot be loaded."""
 
 
 def register_model_configs() -> None:
@@ -58,20 +55,6 @@ def is_checkpoint_path(pretrained: str | None) -> bool:
         return False
     return (os.sep in pretrained or "/" in pretrained or pretrained.startswith(".")
             or pretrained.endswith(_CKPT_SUFFIXES) or Path(pretrained).is_file())
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (cached per path, size and mtime within the process)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _sha_cache[key] = h.hexdigest()
-    return _sha_cache[key]
 
 
 @dataclass(frozen=True)
@@ -198,7 +181,7 @@ class FrozenEncoder:
         if not p:
             weights = {"kind": "random", "seed": RANDOM_INIT_SEED}
         elif self.spec.is_checkpoint:
-            weights = {"kind": "checkpoint", "sha256": file_sha256(p)}
+            weights = {"kind": "checkpoint", "sha256": sha256_file(p)}
         else:
             weights = {"kind": "open_clip", "tag": p}
         return {"name": self.spec.model, "weights": weights, "image_size": self.image_size,

@@ -23,7 +23,8 @@ import numpy as np
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
 from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder, parse_encoder
 from pipeline.sampling import PAD_INDEX, PAD_TIME, STRATEGY
-from pipeline.store import (STATUS_FAILED, STATUS_OK, CacheStore, StoreLayout, _local_path)
+from core.fileio import write_json
+from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, StoreLayout, local_path
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
@@ -110,7 +111,7 @@ def _as_encoder(e: EncoderSpec | str | FrozenEncoder, device: str) -> FrozenEnco
     return load_encoder(parse_encoder(e) if isinstance(e, str) else e, device=device)
 
 
-class _ShardBuffer:
+class ShardBuffer:
     """Per-encoder arrays of one video shard, filled batch by batch."""
 
     def __init__(self, n: int, T: int, enc: FrozenEncoder) -> None:
@@ -118,8 +119,8 @@ class _ShardBuffer:
         self.emb = np.zeros((n, T, enc.embed_dim), dtype=np.float32)
 
 
-def _encode_batch(enc: FrozenEncoder, items: list[tuple[int, DecodeResult]],
-                  buf: _ShardBuffer) -> int:
+def encode_batch(enc: FrozenEncoder, items: list[tuple[int, DecodeResult]],
+                  buf: ShardBuffer) -> int:
     """Encode the valid frames of ``items`` (local row, result) in one forward pass."""
     import torch
 
@@ -208,12 +209,9 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
             pool.close()
     for store, path in zip(stores, store_paths):
         store.consolidate()
-        local = _local_path(path)
+        local = local_path(path)
         if local is not None:
-            fails = store.failures()
-            tmp = local / "failures.json.tmp"
-            tmp.write_text(json.dumps(fails, indent=1, sort_keys=True) + "\n")
-            tmp.replace(local / "failures.json")
+            write_json(local / "failures.json", store.failures(), indent=1, sort_keys=True)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -269,7 +267,7 @@ def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
     for i, need in todo:
         lo, hi = i * S, min(V, (i + 1) * S)
         n = hi - lo
-        bufs = {k: _ShardBuffer(n, T, encs[k]) for k in need}
+        bufs = {k: ShardBuffer(n, T, encs[k]) for k in need}
         status = np.zeros(n, dtype=np.int8)
         error = [""] * n
         mask = np.zeros((n, T), dtype=bool)
@@ -284,7 +282,7 @@ def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
                 return
             t0 = time.perf_counter()
             for k in need:
-                report.frames_encoded += _encode_batch(encs[k], pending, bufs[k])
+                report.frames_encoded += encode_batch(encs[k], pending, bufs[k])
             report.encode_seconds += time.perf_counter() - t0
             pending, pending_frames = [], 0
 

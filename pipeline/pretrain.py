@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from core.fileio import atomic_write
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 DEFAULT_CONFIG = "synth-vit-b32-tiny"
 DEFAULT_FRAMES = (2, 6, 10, 14, 18, 22)    # 3 frames in each half of a 24-frame video
@@ -132,9 +134,7 @@ def frame_cache(manifest, cache_dir: str | Path, frame_indices: Sequence[int] = 
     arr = arr.reshape(v * f, *arr.shape[2:])
     labels = [{**attrs[vid], "video_id": vid, "frame": int(i),
                "t": S.frame_time(int(i))} for vid in vids for i in frame_indices]
-    tmp = npy.with_name(npy.stem + ".part.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, npy)
+    atomic_write(npy, lambda tmp: np.save(tmp, arr))
     meta.write_text(json.dumps({"manifest_sha256": manifest.sha256(), "frames": list(frame_indices),
                                 "shape": list(arr.shape), "labels": labels}))
     return np.load(npy, mmap_mode="r"), labels
@@ -361,20 +361,18 @@ def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFI
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                             scale=f"{model.logit_scale.exp().item():.1f}")
         bar.close()
         model.eval()
-        tmp = ckpt.with_name(ckpt.stem + ".part.pt")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, ckpt)
+        atomic_write(ckpt, lambda tmp: torch.save(model.state_dict(), tmp))
         wall = time.time() - t_start
         info = {"key": key, "config": config, "model_cfg": cfg, "seed": int(seed), **options,
                 "train_manifest_sha256": data_sha, "train_videos": train.videos.num_rows,
                 "train_frames": n, "final_loss": float(np.mean(losses[-20:])) if losses else None,
                 "loss_first": losses[0] if losses else None,
-                "logit_scale": float(model.logit_scale.exp()), "wall_s": round(wall, 1),
+                "logit_scale": model.logit_scale.exp().item(), "wall_s": round(wall, 1),
                 "data_s": round(t_data, 1), "threads": torch.get_num_threads(),
                 "loss": "symmetric multi-positive InfoNCE over frame/frame-caption pairs",
                 "created_by": "pipeline.pretrain.pretrain_encoder"}

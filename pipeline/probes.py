@@ -15,7 +15,7 @@ both for one encoder spec:
   Video-level attributes that need two moments (motion, timing) are probed on the concatenated
   features of an early and a late frame.
 * **Zero-shot retrieval** on the test split: video embedding = mean of its probed frames' CLS
-  embeddings, text embedding = the encoder's own; T2V / V2T R@1/5/10 with :mod:`heads.metrics`.
+  embeddings, text embedding = the encoder's own; T2V / V2T R@1/5/10 with :mod:`core.metrics`.
 
 Frames are decoded once per split (``frames-<hash>.npy`` in ``cache_dir``, shared with
 :mod:`pipeline.pretrain`'s cache format). Runs in about a minute on 2 CPU cores for the default
@@ -137,7 +137,7 @@ def _probe_table(train: dict, test: dict, steps: int) -> dict[str, dict[str, flo
 
 
 def _zero_shot(manifest, encoder, test: dict) -> dict[str, dict[str, float]]:
-    from heads.metrics import retrieval_metrics
+    from core.metrics import retrieval_metrics
 
     part = manifest.split("test")
     f = test["num_frames"]

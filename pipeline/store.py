@@ -1,4 +1,6 @@
-"""The Zarr v3 feature cache (docs/ARCHITECTURE.md, section 4) and its local staging.
+"""The Zarr v3 feature cache (docs/ARCHITECTURE.md, "Store"): create, open, read and write it.
+
+Staging a split into local memory-mapped files is ``pipeline.staging``.
 
 Layout (schema version 1; ``V`` videos, ``T`` frames, ``N`` visual tokens of width ``D``,
 ``E`` embedding width, ``C`` captions, ``L`` text tokens of width ``Dt``, ``S`` shard size,
@@ -39,33 +41,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.errors import StoreError, StoreMismatchError
+from core.fileio import jsonable
+from core.split import StagedSplit
+from pipeline.staging import STAGE_ARRAYS, stage_split
+
+__all__ = ["CacheStore", "StoreLayout", "StagedSplit", "StoreError", "StoreMismatchError", "STAGE_ARRAYS",
+           "STATUS_PENDING", "STATUS_OK", "STATUS_FAILED", "fingerprint_of", "local_path", "layout_dict"]
+
 SCHEMA_VERSION = 1
 FORMAT = "crosstvr-feature-cache"
 CREATED_BY = "pipeline.store (crosstvr-cache 0.1.0)"
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
-STAGE_ARRAYS = ("frame_emb", "tokens", "text")
-_STAGE_NAMES = {"frame_emb", "frame_mask", "text_emb", "tokens", "text", "text_tokens"}
-_STAGE_BLOCK_BYTES = 128 << 20  # read at most this much of one array at a time when staging
 # Keys of the attrs that must equal the request for a store to be reused.
 MATCH_KEYS = ("schema_version", "dataset", "manifest_sha256", "encoder", "sampling",
               "max_text_tokens", "shard_size", "text_shard_size", "num_videos", "num_captions")
-
-
-class StoreError(ValueError):
-    """A path is not a feature cache of this schema, or the cache cannot serve a request."""
-
-
-class StoreMismatchError(StoreError):
-    """An existing store was made for another manifest, encoder or sampling."""
 
 
 @dataclass(frozen=True)
@@ -109,33 +107,8 @@ class StoreLayout:
         }
 
 
-@dataclass
-class StagedSplit:
-    """One split of a store copied to local ``.npy`` files (arrays are ``np.memmap``, or plain
-    arrays in tests). Only videos with status ok; ``caption_video`` indexes this split's videos."""
-
-    store_fingerprint: str
-    encoder_identity: dict
-    split: str
-    video_ids: list[str]
-    caption_ids: list[str]
-    caption_video: np.ndarray
-    frame_emb: np.ndarray
-    frame_mask: np.ndarray
-    text_emb: np.ndarray
-    tokens: np.ndarray | None = None
-    text_tokens: np.ndarray | None = None
-    text_mask: np.ndarray | None = None
-    frame_time: np.ndarray | None = None
-    store_attrs: dict = field(default_factory=dict)
-
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
-
-
-def _json_norm(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True))
 
 
 def fingerprint_of(attrs: dict) -> str:
@@ -162,7 +135,8 @@ def _is_url(s: str) -> bool:
     return "://" in s
 
 
-def _local_path(url_or_path: str | os.PathLike) -> Path | None:
+def local_path(url_or_path: str | os.PathLike) -> Path | None:
+    """The local directory of a store given as a path or ``file://`` URL; ``None`` for a remote URL."""
     s = os.fspath(url_or_path)
     if s.startswith("file://"):
         return Path(s[len("file://"):])
@@ -172,7 +146,7 @@ def _local_path(url_or_path: str | os.PathLike) -> Path | None:
 def _open_group(url_or_path: str | os.PathLike, mode: str, storage_options: dict | None = None):
     import zarr
 
-    local = _local_path(url_or_path)
+    local = local_path(url_or_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # consolidated metadata is not in the v3 spec yet
         if local is not None:
@@ -222,7 +196,7 @@ class CacheStore:
         metadata. Fails if something already exists at ``path``."""
         import zarr
 
-        local = _local_path(path)
+        local = local_path(path)
         if local is not None and local.exists() and any(local.iterdir()):
             raise StoreError(f"{path}: already exists; open it instead")
         V, C = len(video_ids), len(caption_ids)
@@ -274,7 +248,7 @@ class CacheStore:
                        caption_splits: Sequence[str]) -> "CacheStore":
         """Open an existing store for writing after checking it was made for the same request
         (else :class:`StoreMismatchError`), or create it."""
-        local = _local_path(path)
+        local = local_path(path)
         if local is not None and not (local / "zarr.json").is_file():
             store = None
         else:
@@ -287,8 +261,8 @@ class CacheStore:
         if store is None:
             return cls.create(path, layout, video_ids, video_splits, caption_ids, caption_video,
                               caption_splits)
-        want = _json_norm(layout.attrs(len(video_ids), len(caption_ids)))
-        have = _json_norm(store.attrs)
+        want = jsonable(layout.attrs(len(video_ids), len(caption_ids)))
+        have = jsonable(store.attrs)
         diff = [k for k in MATCH_KEYS if want.get(k) != have.get(k)]
         if diff:
             details = "; ".join(f"{k}: store has {_short(have.get(k))}, request has "
@@ -455,121 +429,32 @@ class CacheStore:
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self._g.store)
 
-    # -- staging ----------------------------------------------------------------------------
-    def stage(self, split: str, stage_dir: str | os.PathLike,
-              arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
-        """Copy one split's ok videos and their captions into ``stage_dir/<split>/*.npy``.
+    # -- reading one split ------------------------------------------------------------------
+    def split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of ``split`` as a staged split holds them: ``(video rows, caption rows, caption_video)``.
 
-        ``frame_emb``, ``frame_mask``, ``frame_time`` and ``text_emb`` are always staged;
-        ``"tokens"`` adds the visual tokens, ``"text"`` (or ``"text_tokens"``) the text tokens
-        and mask. Copies shard by shard (never a whole array in memory). Idempotent: a
-        ``staged.json`` records the store fingerprint, the arrays and the status of the split's
-        videos; an identical request just reopens the memmaps.
+        Video rows: the split's videos whose extraction succeeded, in store order; caption rows:
+        their captions in store order; ``caption_video``: each caption's index into the video rows.
+        Raises ``StoreError`` when the store has no video of ``split``.
         """
-        unknown = set(arrays) - _STAGE_NAMES
-        if unknown:
-            raise ValueError(f"unknown staged arrays {sorted(unknown)} (known: "
-                             f"{sorted(_STAGE_NAMES)})")
-        want_tokens = "tokens" in arrays
-        want_text = "text" in arrays or "text_tokens" in arrays
-        out = Path(stage_dir) / split
         splits = np.array(self._strings("videos/split"), dtype=object)
-        status = self.status()
         in_split = splits == split
         if not in_split.any():
             raise StoreError(f"{self.url}: no videos of split {split!r} (splits: {self.splits()})")
-        rows = np.flatnonzero(in_split & (status == STATUS_OK))
+        rows = np.flatnonzero(in_split & (self.status() == STATUS_OK))
         vidx = np.asarray(self.array("texts/video_index")[...]) if self.num_captions \
             else np.zeros(0, dtype=np.int64)
         crows = np.flatnonzero(np.isin(vidx, rows)) if rows.size else np.zeros(0, np.int64)
-        needed_text = sorted({int(c) // self.text_shard_size for c in crows})
-        missing = sorted(set(needed_text) - self.done_text_shards())
-        if missing:
-            raise StoreError(f"{self.url}: text shards {missing[:5]} not written yet; finish the "
-                             f"extraction first")
-        key = {"fingerprint": self.fingerprint, "split": split, "tokens": want_tokens,
-               "text_tokens": want_text,
-               "status_sha256": hashlib.sha256(status[in_split].tobytes()).hexdigest(),
-               "num_videos": int(rows.size), "num_captions": int(crows.size)}
-        meta_path = out / "staged.json"
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except ValueError:
-                meta = {}
-            if meta.get("key") == key:
-                return self._load_staged(out, meta)
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        ids, cids = self.video_ids, self.caption_ids
-        T = int(self.attrs["sampling"]["num_frames"])
-        dims = self.attrs["dims"]
-        L = int(self.attrs["max_text_tokens"])
-        plan: list[tuple[str, str, tuple, Any, np.ndarray, int]] = [
-            ("frame_emb", "videos/frame_emb", (T, dims["embed_dim"]), np.float32, rows,
-             self.shard_size),
-            ("frame_mask", "videos/frame_mask", (T,), np.bool_, rows, self.shard_size),
-            ("frame_time", "videos/frame_time", (T,), np.float32, rows, self.shard_size),
-            ("text_emb", "texts/emb", (dims["embed_dim"],), np.float32, crows,
-             self.text_shard_size)]
-        if want_tokens:
-            plan.append(("tokens", "videos/tokens", (T, dims["num_tokens"], dims["token_dim"]),
-                         np.float16, rows, self.shard_size))
-        if want_text:
-            plan += [("text_tokens", "texts/tokens", (L, dims["text_dim"]), np.float16, crows,
-                      self.text_shard_size),
-                     ("text_mask", "texts/mask", (L,), np.bool_, crows, self.text_shard_size)]
-        for fname, src, shape, dtype, sel, block in plan:
-            mm = np.lib.format.open_memmap(out / f"{fname}.npy", mode="w+", dtype=dtype,
-                                           shape=(len(sel),) + tuple(shape))
-            pos = 0
-            for lo, part in _blocks(sel, block, int(np.prod(shape)) * np.dtype(dtype).itemsize):
-                data = np.asarray(self.array(src)[lo:int(part[-1]) + 1])
-                mm[pos:pos + len(part)] = data[part - lo]
-                pos += len(part)
-            mm.flush()
-            del mm
-        caption_video = np.searchsorted(rows, vidx[crows]).astype(np.int64)
-        np.save(out / "caption_video.npy", caption_video)
-        meta = {"key": key, "video_ids": [ids[r] for r in rows],
-                "caption_ids": [cids[c] for c in crows], "store_url": self.url,
-                "encoder_identity": self.encoder_identity, "store_attrs": self.attrs}
-        tmp = out / "staged.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(meta_path)
-        return self._load_staged(out, meta)
+        return rows, crows, np.searchsorted(rows, vidx[crows]).astype(np.int64)
 
-    @staticmethod
-    def _load_staged(out: Path, meta: dict) -> StagedSplit:
-        def mm(name: str) -> np.ndarray | None:
-            p = out / f"{name}.npy"
-            return np.load(p, mmap_mode="r") if p.is_file() else None
+    def split_status(self, split: str) -> np.ndarray:
+        """Status (pending / ok / failed) of every video of ``split``, in store order."""
+        return self.status()[np.array(self._strings("videos/split"), dtype=object) == split]
 
-        key = meta["key"]
-        return StagedSplit(
-            store_fingerprint=key["fingerprint"], encoder_identity=meta["encoder_identity"],
-            split=key["split"], video_ids=list(meta["video_ids"]),
-            caption_ids=list(meta["caption_ids"]), caption_video=np.load(out / "caption_video.npy"),
-            frame_emb=mm("frame_emb"), frame_mask=mm("frame_mask"), text_emb=mm("text_emb"),
-            tokens=mm("tokens"), text_tokens=mm("text_tokens"), text_mask=mm("text_mask"),
-            frame_time=mm("frame_time"), store_attrs=meta.get("store_attrs", {}))
-
-
-def _blocks(sel: np.ndarray, shard: int, row_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Split sorted row indices ``sel`` into runs inside one shard and at most
-    ``_STAGE_BLOCK_BYTES`` of rows; yields ``(first_row_of_run, rows)``."""
-    if not len(sel):
-        return
-    max_rows = max(1, _STAGE_BLOCK_BYTES // max(1, row_bytes))
-    shard_of = sel // shard
-    start = 0
-    for k in range(1, len(sel) + 1):
-        if (k == len(sel) or shard_of[k] != shard_of[start]
-                or sel[k] - sel[start] >= max_rows):
-            part = sel[start:k]
-            yield int(part[0]), part
-            start = k
+    def stage(self, split: str, stage_dir: str | os.PathLike,
+              arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
+        """Copy one split into local memory-mapped ``.npy`` files (``pipeline.staging.stage_split``)."""
+        return stage_split(self, split, stage_dir, arrays)
 
 
 def _short(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hub, few torch threads, tiny generated videos, the real fixture video."""
+"""Shared fixtures: offline hub, few torch threads, tiny generated videos, the real fixture video, and
+the worlds every test module shares (built once per test run)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_VIDEO = FIXTURES / "videos" / "v_GGSY1Qvo990.mp4"
 
 
@@ -65,7 +66,38 @@ def make_video(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def fixture_video() -> Path:
-    """The real ActivityNet clip shipped in shared/fixtures (skip when absent)."""
-    if not FIXTURE_VIDEO.is_file():
-        pytest.skip(f"fixture video {FIXTURE_VIDEO} not present")
+    """The real ActivityNet clip in tests/fixtures (h264, 320x240, 19.62 fps, 355 frames, 18.2 s)."""
     return FIXTURE_VIDEO
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The synthetic benchmark at its smallest, extracted with the micro test encoder through the
+    command line: ``{"work", "manifest", "store", "extract_output"}``. Shared by the whole run:
+    tests write their runs and reports to their own directories."""
+    from worlds import TINY_WORLD, run_cli
+
+    work = tmp_path_factory.mktemp("tiny_world")
+    run_cli(["make-manifest", "--dataset", "synthetic", "--work-dir", work,
+             *[x for o in TINY_WORLD for x in ("--option", o)]])
+    manifest = work / "synthetic" / "manifest"
+    store = work / "stores" / "synthetic-tiny.zarr"  # found as the work dir's synthetic store
+    out = run_cli(["extract", "--manifest", manifest, "--work-dir", work, "--encoder", "test-vit-micro",
+                   "--store", store, "--frames", "4", "--shard-size", "8", "--workers", "1"])
+    return {"work": work, "manifest": manifest, "store": store, "extract_output": out}
+
+
+@pytest.fixture(scope="session")
+def token_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Stage two's attribute world (``worlds.make_token_split``), memory-mapped, with a meanP stage
+    one trained on it: ``{"root", "train", "val", "test", "stage_one"}``."""
+    from heads.stage_one.train import train_stage_one
+    from worlds import make_token_split
+
+    root = tmp_path_factory.mktemp("token_world")
+    train = make_token_split("train", 96, 2, seed=1, directory=root / "train")
+    val = make_token_split("val", 32, 1, seed=2, directory=root / "val")
+    test = make_token_split("test", 32, 1, seed=3, directory=root / "test")
+    s1 = train_stage_one(train, val, out_dir=root / "s1", head="meanP", epochs=2, batch_size=32, lr=1e-2, seed=0,
+                         progress=False)
+    return {"root": root, "train": train, "val": val, "test": test, "stage_one": s1}

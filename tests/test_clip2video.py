@@ -13,14 +13,16 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import cli
-from heads import build_stage_one
-from heads.clip2video import CLIP2Video
-from heads.data import iterate_batches, EpochSampler
-from heads.evaluate import evaluate, similarity, untrained_baseline
-from heads.losses import symmetric_infonce
-from heads.stage_one import MeanP
-from heads.train import load_stage_one, train_stage_one
-from test_train_eval import E, T, ToySplit, make_split
+from core.split import StagedSplit
+from heads import create_head
+from heads.evaluation.similarity import evaluate, similarity, untrained_baseline
+from heads.stage_one.checkpoint import load_stage_one
+from heads.stage_one.clip2video import CLIP2Video
+from heads.stage_one.losses import symmetric_infonce
+from heads.stage_one.models import MeanP
+from heads.stage_one.train import train_stage_one
+from heads.training.data import EpochSampler, iterate_batches
+from worlds import E, T, make_split, run_cli
 
 DT, L = 24, 8  # text token width (differs from E on purpose) and words per caption
 SMALL = {"width": 16, "tab_dim": 16, "num_heads": 4}
@@ -28,7 +30,7 @@ SMALL = {"width": 16, "tab_dim": 16, "num_heads": 4}
 
 def _head(seed: int = 0, open_residual: bool = True, **cfg) -> CLIP2Video:
     torch.manual_seed(seed)
-    head = build_stage_one("clip2video", E, text_dim=DT, **{**SMALL, **cfg})
+    head = create_head("clip2video", E, text_dim=DT, **{**SMALL, **cfg})
     if open_residual:  # leave the meanP initialisation so every block influences the output
         with torch.no_grad():
             head.out.weight.normal_(0, 0.2)
@@ -59,7 +61,7 @@ def test_shapes_unit_norm_and_meanp_start() -> None:
     assert aligned_v.shape == (5, 3 * 16)
     # zero-initialised residual: the global video embedding is exactly meanP at the start
     torch.testing.assert_close(global_v, MeanP(E).encode_video(frames, mask), atol=1e-6, rtol=0)
-    assert head(frames, mask, text, words, wmask).shape == (5, 5)
+    assert head(text, frames, mask, text_tokens=words, text_mask=wmask).shape == (5, 5)
     one = head.encode_video(frames[:, :1], torch.ones(5, 1, dtype=torch.bool))  # a single frame: no difference
     assert torch.isfinite(one).all()
 
@@ -116,7 +118,7 @@ def test_padded_frames_and_words_change_nothing() -> None:
 def test_gradients_reach_tdb_and_tab() -> None:
     head = _head().train()
     frames, mask, text, words, wmask = _inputs()
-    loss = symmetric_infonce(head(frames, mask, text, words, wmask), torch.eye(5, dtype=torch.bool))
+    loss = symmetric_infonce(head(text, frames, mask, text_tokens=words, text_mask=wmask), torch.eye(5, dtype=torch.bool))
     loss.backward()
     groups = {
         "TDB": ["inp.weight", "diff_pos_emb", "diff_transformer.layers.0.self_attn.in_proj_weight",
@@ -161,10 +163,11 @@ def test_similarity_is_weighted_global_plus_aligned() -> None:
             g_v = g_v / g_v.norm()
             a_v = _explicit_aligned(F.normalize(head.frame_to_tab(enhanced[j]), dim=-1), mask[j], head)
             expected[i, j] = w * torch.dot(g_t, g_v) + (1 - w) * torch.dot(a_t, a_v)
-    got = head(frames, mask, text, words, wmask) / head.scale()
+    got = head(text, frames, mask, text_tokens=words, text_mask=wmask) / head.scale()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    split = ToySplit("val", [f"v{i}" for i in range(5)], [f"c{i}" for i in range(5)], np.arange(5),
-                     frames.numpy(), mask.numpy(), text.numpy(), text_tokens=words.numpy(), text_mask=wmask.numpy())
+    split = StagedSplit(split="val", video_ids=[f"v{i}" for i in range(5)], caption_ids=[f"c{i}" for i in range(5)],
+                        caption_video=np.arange(5), frame_emb=frames.numpy(), frame_mask=mask.numpy(),
+                        text_emb=text.numpy(), text_tokens=words.numpy(), text_mask=wmask.numpy())
     np.testing.assert_allclose(similarity(head, split, batch=2), expected.numpy(), atol=1e-5)
 
 
@@ -176,7 +179,7 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="text_dim=24"):
         head.encode_text(text, torch.randn(5, L, 7), wmask)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['centers'\].*num_centers"):
-        build_stage_one("clip2video", E, centers=3)
+        create_head("clip2video", E, centers=3)
     no_words = make_split("val", 10, 1, seed=9)
     with pytest.raises(ValueError, match="has no text_tokens"):
         similarity(head, no_words)
@@ -185,7 +188,7 @@ def test_clear_errors() -> None:
 
 
 # -- training on the toy problem -----------------------------------------------------------
-def with_words(split: ToySplit, seed: int) -> ToySplit:
+def with_words(split: StagedSplit, seed: int) -> StagedSplit:
     """Give a toy split word tokens (float16, like the store) that carry the caption's content."""
     rng = np.random.default_rng(seed)
     text = np.asarray(split.text_emb, dtype=np.float64)
@@ -199,20 +202,20 @@ def with_words(split: ToySplit, seed: int) -> ToySplit:
 
 
 @pytest.fixture(scope="module")
-def toy() -> dict[str, ToySplit]:
+def toy() -> dict[str, StagedSplit]:
     return {"train": with_words(make_split("train", 300, 2, seed=1), 11),
             "val": with_words(make_split("val", 80, 1, seed=2), 12),
             "test": with_words(make_split("test", 80, 2, seed=3), 13)}
 
 
 @pytest.fixture(scope="module")
-def trained(toy: dict[str, ToySplit], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(toy: dict[str, StagedSplit], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_stage_one(toy["train"], toy["val"], head="clip2video", out_dir=tmp_path_factory.mktemp("c2v"),
                            epochs=6, batch_size=64, lr=5e-3, weight_decay=0.01, seed=0, progress=False,
                            num_threads=1, head_config={**SMALL, "num_centers": 3})
 
 
-def test_batches_carry_word_tokens(toy: dict[str, ToySplit]) -> None:
+def test_batches_carry_word_tokens(toy: dict[str, StagedSplit]) -> None:
     train = toy["train"]
     plan = EpochSampler(train.caption_video, len(train.video_ids), 16, seed=0).epoch(0)[:2]
     plain = list(iterate_batches(train, plan, prefetch=0))
@@ -225,7 +228,7 @@ def test_batches_carry_word_tokens(toy: dict[str, ToySplit]) -> None:
         assert set(b.to("cpu").text_kwargs()) == {"text_tokens", "text_mask"}
 
 
-def test_trains_beats_baseline_and_round_trips(trained: Path, toy: dict[str, ToySplit]) -> None:
+def test_trains_beats_baseline_and_round_trips(trained: Path, toy: dict[str, StagedSplit]) -> None:
     history = json.loads((trained.parent / "history.json").read_text())
     losses = [e["loss"] for e in history["epochs"]]
     assert losses[-1] < 0.6 * losses[0]
@@ -248,40 +251,21 @@ def test_trains_beats_baseline_and_round_trips(trained: Path, toy: dict[str, Toy
 
 
 # -- command line ----------------------------------------------------------------------------
-def _run(args: list[str]) -> str:
-    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    world = ["train_groups=2", "train_random=6", "val_groups=1", "val_random=3", "test_groups=1", "test_random=3"]
-    _run(["make-manifest", "--dataset", "synthetic", "--work-dir", str(work),
-          *[x for o in world for x in ("--option", o)]])
-    store = work / "stores" / "synthetic-tiny.zarr"
-    _run(["extract", "--manifest", str(work / "synthetic" / "manifest"), "--work-dir", str(work),
-          "--encoder", "test-vit-micro", "--store", str(store), "--frames", "4", "--shard-size", "8",
-          "--workers", "1"])
-    return work, store
-
-
-def test_cli_train_eval_and_compare(tiny_store, tmp_path: Path) -> None:
-    work, store = tiny_store
+def test_cli_train_eval_and_compare(tiny_world: dict, tmp_path: Path) -> None:
+    work, store = tiny_world["work"], tiny_world["store"]
     run = tmp_path / "run"
-    _run(["train-stage-one", "--store", str(store), "--work-dir", str(work), "--head", "clip2video",
+    run_cli(["train-stage-one", "--store", str(store), "--work-dir", str(work), "--head", "clip2video",
           "--head-option", "num_centers=3", "--head-option", "width=32", "--epochs", "2", "--batch-size", "8",
           "--out", str(run)])
     ckpt = torch.load(run / "stage_one.pt", weights_only=True)
     assert ckpt["config"]["name"] == "clip2video" and ckpt["config"]["num_centers"] == 3
     assert ckpt["config"]["width"] == 32
-    out = _run(["eval", "--store", str(store), "--work-dir", str(work), "--stage-one", str(run / "stage_one.pt"),
+    out = run_cli(["eval", "--store", str(store), "--work-dir", str(work), "--stage-one", str(run / "stage_one.pt"),
                 "--out", str(tmp_path / "report")])
     assert "R@1" in out
     # the comparison finds the work dir's synthetic store by itself
     cmp_dir = tmp_path / "compare"
-    out = _run(["compare-stage-one", "--work-dir", str(work), "--heads", "meanP,clip2video",
+    out = run_cli(["compare-stage-one", "--work-dir", str(work), "--heads", "meanP,clip2video",
                 "--head-option", "clip2video:num_centers=2", "--epochs", "1", "--batch-size", "8",
                 "--threads", "1", "--out", str(cmp_dir)])
     report = json.loads((cmp_dir / "compare-stage-one.json").read_text())

@@ -13,9 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from heads import build_stage_one
-from heads.evaluate import encode_videos, similarity
-from heads.external import (
+from core.errors import StoreMismatchError
+from core.metrics import retrieval_metrics
+from heads import create_head
+from heads.evaluation.external import (
     EXTERNAL_JSON,
     ExternalFormatError,
     SplitIds,
@@ -24,9 +25,9 @@ from heads.external import (
     load_external,
     read_embeddings,
 )
-from heads.metrics import retrieval_metrics
-from heads.train import StoreMismatchError
-from test_train_eval import E, make_split
+from heads.evaluation.similarity import encode_videos, similarity, untrained_baseline
+from pipeline.store import CacheStore, StoreLayout
+from worlds import E, make_split
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def world():
     """A toy test split, a non-trivial (random) seqTransf head and its embeddings."""
     split = make_split("test", 24, 2, seed=7)
     torch.manual_seed(0)
-    head = build_stage_one("seqTransf", E).eval()
+    head = create_head("seqTransf", E).eval()
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -228,8 +229,6 @@ def test_read_embeddings_hdf5_role_groups(tmp_path):
 
 def _tiny_store(path: Path):
     """A complete 3-split store with random embeddings (no video decoding)."""
-    from pipeline.store import CacheStore, StoreLayout
-
     T_, N_, D_, L_, DT_ = 3, 2, 4, 4, 4
     vids = [f"v{i:02d}" for i in range(12)]
     vsplit = ["train"] * 4 + ["val"] * 3 + ["test"] * 5
@@ -269,9 +268,6 @@ def _cli(args: list[str], ok: bool = True):
 
 
 def test_import_stage_one_cli_round_trip(tmp_path):
-    from heads.evaluate import untrained_baseline
-    from pipeline.store import CacheStore
-
     store = tmp_path / "toy.zarr"
     _tiny_store(store)
     work = tmp_path / "work"

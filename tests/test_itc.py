@@ -11,22 +11,33 @@ import numpy as np
 import pytest
 import torch
 
-from heads.itc import batch_itc_loss, itc_batch, itc_loss, pretrain_itc, supports_itc
-from heads.stage_two import build_stage_two
-from heads.train_stage_two import RunMismatchError, load_pairs, load_stage_two, score_pairs, train_stage_two
-from test_stage_two import D, TINY, _random_inputs, world  # noqa: F401  (world is a fixture)
+from core.errors import RunMismatchError
+from heads import create_head
+from heads.stage_two.checkpoint import load_stage_two
+from heads.stage_two.config import ITC_DEFAULTS, StageTwoTrainConfig
+from heads.stage_two.itc import batch_itc_loss, itc_batch, itc_loss, pretrain_itc, supports_itc
+from heads.stage_two.pairs import load_pairs
+from heads.stage_two.scoring import score_pairs
+from heads.stage_two.train import train_stage_two
+from worlds import TINY, D, random_pair_inputs
 
 ITC = {**TINY, "itc_dim": 16}
+
+
+@pytest.fixture(scope="session")
+def world(token_world: dict) -> dict:
+    """Stage two's attribute world with its stage one (``conftest.token_world``)."""
+    return token_world
 
 
 def test_itc_batch_random_and_clustered() -> None:
     cv = np.repeat(np.arange(20), 3)  # 3 captions per video
     rng = np.random.default_rng(0)
-    videos, captions = itc_batch(cv, 20, 8, rng)
+    captions, videos = itc_batch(cv, 20, 8, rng)
     assert len(set(videos.tolist())) == 8 and (cv[captions] == videos).all()
     # clusters: a caption's video first, then its listed neighbours not yet taken
     neighbours = np.stack([(cv + k) % 20 for k in (1, 2, 3, 4)], axis=1)  # caption -> next videos
-    videos, captions = itc_batch(cv, 20, 8, np.random.default_rng(1), neighbours, cluster=4)
+    captions, videos = itc_batch(cv, 20, 8, np.random.default_rng(1), neighbours, cluster=4)
     assert len(set(videos.tolist())) == 8 and (cv[captions] == videos).all()
     first = videos[:4]
     assert (np.diff(first) % 20 == 1).all()  # seed video, then its 3 nearest (v+1, v+2, v+3)
@@ -46,8 +57,8 @@ def test_itc_loss_hand_values() -> None:
 
 def test_text_free_and_text_only_passes() -> None:
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D, **ITC).eval()
-    tokens, fm, text, tm = _random_inputs(3, 4, 5, D, D)
+    head = create_head("crosstvr", D, D, **ITC).eval()
+    tokens, fm, text, tm = random_pair_inputs(3, 4, 5, D, D)
     with torch.no_grad():
         video = head.encode_video(tokens, fm)
         q = head.video_queries(video)
@@ -65,32 +76,30 @@ def test_text_free_and_text_only_passes() -> None:
 
 def test_score_is_itm_log_odds_plus_itc_logit() -> None:
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D, **ITC).eval()
-    tokens, fm, text, tm = _random_inputs(3, 4, 5, D, D)
+    head = create_head("crosstvr", D, D, **ITC).eval()
+    tokens, fm, text, tm = random_pair_inputs(3, 4, 5, D, D)
     pv, pt = torch.tensor([0, 2, 1, 1]), torch.tensor([1, 1, 0, 2])
     with torch.no_grad():
-        logits = head.pair_logits(tokens, fm, text, tm, pv, pt)
         video = head.encode_video(tokens, fm)
+        logits = head.match(text, tm, video, pt, pv)
         itc = head.itc_logits(head.video_queries(video), head.text_features(text, tm))  # (C, V)
         expected = logits[:, 1] - logits[:, 0] + itc[pt, pv]
-        torch.testing.assert_close(head.pair_score(tokens, fm, text, tm, pv, pt), expected)
-        parts = head.pair_score(tokens, fm, text, tm, pv, pt, parts=True)  # (ITM log-odds, ITC logit)
+        torch.testing.assert_close(head.pair_score(text, tm, tokens, fm, pt, pv), expected)
+        parts = head.pair_score(text, tm, tokens, fm, pt, pv, parts=True)  # (ITM log-odds, ITC logit)
         torch.testing.assert_close(parts, torch.stack([logits[:, 1] - logits[:, 0], itc[pt, pv]], dim=1))
-        ar = torch.arange(3)
-        torch.testing.assert_close(head.score(tokens, fm, text, tm), head.pair_score(tokens, fm, text, tm, ar, ar))
     # without a contrastive projection the score is the ITM log-odds, and old configs build that head
-    plain = build_stage_two("crosstvr", D, D, **TINY)
+    plain = create_head("crosstvr", D, D, **TINY)
     assert "itc_dim" not in plain.config() and not supports_itc(plain)
     assert not any(n.startswith("itc_") for n, _ in plain.named_parameters())
-    assert build_stage_two(**head.config()).config()["itc_dim"] == 16 and supports_itc(head)
+    assert create_head(**head.config()).config()["itc_dim"] == 16 and supports_itc(head)
 
 
-def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:
     train = world["train"]
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
-        head = build_stage_two("crosstvr", D, D, **ITC)
+        head = create_head("crosstvr", D, D, **ITC)
         head.standardizer.fit(train)
         return head
 
@@ -117,23 +126,23 @@ def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:  
     with pytest.raises(RunMismatchError, match="other arguments"):
         pretrain_itc(fresh(), train, tmp_path / "a.pt", **{**kw, "args": {"run": 2}})
     with pytest.raises(ValueError, match="contrastive projection"):
-        pretrain_itc(build_stage_two("crosstvr", D, D, **TINY), train, tmp_path / "c.pt", **kw)
+        pretrain_itc(create_head("crosstvr", D, D, **TINY), train, tmp_path / "c.pt", **kw)
 
 
-def test_batch_itc_loss_matches_the_head_logits(world: dict) -> None:  # noqa: F811
+def test_batch_itc_loss_matches_the_head_logits(world: dict) -> None:
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D, **ITC)
+    head = create_head("crosstvr", D, D, **ITC)
     head.standardizer.fit(world["train"])
-    batch = load_pairs(world["train"], np.array([5, 1, 9]), np.array([10, 2, 18]))
-    loss, logits = batch_itc_loss(head, batch, batch.pair_video, batch.pair_text)
+    batch = load_pairs(world["train"], np.array([10, 2, 18]), np.array([5, 1, 9]))
+    loss, logits = batch_itc_loss(head, batch, batch.pair_text, batch.pair_video)
     assert logits.shape == (3, 3) and loss.item() == pytest.approx(itc_loss(logits).item())
 
 
-def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """score_pairs computes each caption's contrastive embedding once, and scores as pair_score does
     batch by batch (the caption embeddings are those of a batch's own text pass)."""
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D, **ITC).eval()
+    head = create_head("crosstvr", D, D, **ITC).eval()
     head.standardizer.fit(world["train"])
     rng = np.random.default_rng(3)
     vids = np.sort(rng.integers(0, world["test"].tokens.shape[0], size=40))  # sorted by video, as rerank does
@@ -141,24 +150,24 @@ def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: 
     expected = []
     with torch.no_grad():
         for sl in (slice(0, 16), slice(16, 32), slice(32, 40)):
-            b = load_pairs(world["test"], vids[sl], caps[sl])
+            b = load_pairs(world["test"], caps[sl], vids[sl])
             expected.append(head.pair_score(*b.pair_inputs()).numpy())
     calls = []
     original = head.itc_text_embed
     monkeypatch.setattr(head, "itc_text_embed", lambda t, m: calls.append(t.shape[0]) or original(t, m))
-    got = score_pairs(head, world["test"], vids, caps, batch=16)
+    got = score_pairs(head, world["test"], caps, vids, batch=16)
     np.testing.assert_allclose(got, np.concatenate(expected), rtol=1e-4, atol=1e-4)
     assert sum(calls) == len(np.unique(caps))  # one text pass per distinct caption, not per batch
-    parts = score_pairs(head, world["test"], vids, caps, batch=16, parts=True)
+    parts = score_pairs(head, world["test"], caps, vids, batch=16, parts=True)
     assert parts.shape == (40, 2)
     np.testing.assert_array_equal(parts[:, 0] + parts[:, 1], got)  # the same float32 sum
-    b = load_pairs(world["test"], vids[:4], caps[:4])
+    b = load_pairs(world["test"], caps[:4], vids[:4])
     with pytest.raises(ValueError, match="text_embed has shape"):
         head.pair_score(*b.pair_inputs(), text_embed=torch.zeros(1, 3))
 
 
-def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:  # noqa: F811
-    kw = dict(head_cfg=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
+def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:
+    kw = dict(head_config=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
               val_k=4, num_threads=1)
     ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "itc", itc_steps=12,
                            itc_batch=16, itc_cluster=4, itc_weight=1.0, **kw)
@@ -193,16 +202,18 @@ def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(RunMismatchError):
         train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
                         itc_steps=12, itc_batch=8, itc_cluster=4, itc_weight=1.0, **kw)
-    with pytest.raises(ValueError, match="crosstvr"):
+    with pytest.raises(ValueError, match="needs a head with learnable queries \\(crosstvr\\), not 't2v2t'"):
         train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "t2v2t", head="t2v2t",
-                        head_cfg={"width": 32, "layers": 1, "heads": 2}, itc_steps=4, progress=False)
+                        head_config={"width": 32, "layers": 1, "heads": 2}, itc_steps=4, progress=False)
     history = json.loads((tmp_path / "itc" / "history.json").read_text())
     assert history["itc"] and history["finished"]
     # defaults: contrastive training for crosstvr, none for t2v2t
-    from heads.train_stage_two import ITC_DEFAULTS, resolve_itc
+    def resolved(head: str, steps, weight) -> tuple:
+        cfg = StageTwoTrainConfig(head=head, itc_steps=steps, itc_weight=weight).resolved()
+        return cfg.itc_steps, cfg.itc_weight
 
-    assert resolve_itc("crosstvr", None, None) == (ITC_DEFAULTS["itc_steps"], ITC_DEFAULTS["itc_weight"])
-    assert resolve_itc("t2v2t", None, None) == (0, 0.0)
-    assert resolve_itc("crosstvr", 0, 0.0) == (0, 0.0)
+    assert resolved("crosstvr", None, None) == (ITC_DEFAULTS["itc_steps"], ITC_DEFAULTS["itc_weight"])
+    assert resolved("t2v2t", None, None) == (0, 0.0)
+    assert resolved("crosstvr", 0, 0.0) == (0, 0.0)
     with pytest.raises(ValueError, match=">= 0"):
-        resolve_itc("crosstvr", -1, None)
+        resolved("crosstvr", -1, None)

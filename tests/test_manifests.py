@@ -21,9 +21,7 @@ from manifests import (
 )
 from manifests import activitynet, didemo, lsmdc, msrvtt, msvd, vatex
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(),
-                                    reason=f"shared fixtures not found at {FIXTURES}")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -254,7 +252,6 @@ def _msrvtt_files(tmp_path: Path) -> dict[str, Path]:
     return {"data_json": tmp_path / "MSRVTT_data.json", "train_csv": train, "test_csv": test}
 
 
-@needs_fixtures
 def test_msrvtt_fixture(tmp_path):
     files = _msrvtt_files(tmp_path)
     vdir = tmp_path / "videos"
@@ -276,7 +273,6 @@ def test_msrvtt_fixture(tmp_path):
         msrvtt.build(video_dir=vdir, require_videos=True, **files)
 
 
-@needs_fixtures
 def test_msrvtt_errors(tmp_path):
     files = _msrvtt_files(tmp_path)
     data = json.loads(files["data_json"].read_text())
@@ -310,7 +306,6 @@ def _msvd_files() -> dict[str, Path]:
             "captions": d / "captions_msvd.excerpt.json"}
 
 
-@needs_fixtures
 def test_msvd_fixture(tmp_path):
     files = _msvd_files()
     caps = json.loads(files["captions"].read_text())
@@ -325,7 +320,6 @@ def test_msvd_fixture(tmp_path):
     assert first["text"] == caps["-4wsuPCjDBc_5_15"][0].strip()
 
 
-@needs_fixtures
 def test_msvd_pickle_and_default_names(tmp_path):
     files = _msvd_files()
     caps = json.loads(files["captions"].read_text())
@@ -349,7 +343,6 @@ def test_msvd_pickle_and_default_names(tmp_path):
         build_manifest("msvd", annotations_dir=tmp_path, video_dir=tmp_path)
 
 
-@needs_fixtures
 def test_msvd_unknown_id(tmp_path):
     files = _msvd_files()
     bad = tmp_path / "test_list.txt"
@@ -478,7 +471,6 @@ def test_didemo(tmp_path):
 
 
 # -- ActivityNet ----------------------------------------------------------------------------
-@needs_fixtures
 def test_activitynet(tmp_path):
     train = {"v_GGSY1Qvo990": {"duration": 18.2, "timestamps": [[0, 5], [5, 18.2]],
                                "sentences": ["A man stands.", " He waves. "]},

@@ -1,4 +1,4 @@
-"""Hand-computed checks of heads.metrics."""
+"""Hand-computed checks of core.metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from heads.metrics import (
+from core.metrics import (
     format_table,
     metrics_to_json,
     rank_of_positives,

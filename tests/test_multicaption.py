@@ -1,6 +1,6 @@
 """Multi-caption evaluation: 3 videos with 1 / 2 / 4 captions, every number computed by hand.
 
-Convention (heads.metrics): every caption is a T2V query over all videos; every captioned video is
+Convention (core.metrics): every caption is a T2V query over all videos; every captioned video is
 a V2T query, correct at the rank of its *best-scoring* caption, and only other videos' captions
 (negatives) count against it. Ties count against the query (pessimistic).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from heads.metrics import retrieval_metrics, t2v_metrics, t2v_ranks, v2t_metrics, v2t_ranks
-from heads.postprocess import dual_softmax, flatten_padded_captions
+from core.metrics import retrieval_metrics, t2v_metrics, t2v_ranks, v2t_metrics, v2t_ranks
+from heads.evaluation.postprocess import dual_softmax, flatten_padded_captions
 
 CV = np.array([0, 1, 1, 2, 2, 2, 2])  # video 0: 1 caption, video 1: 2, video 2: 4
 SIM = np.array([

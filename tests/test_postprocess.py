@@ -1,4 +1,4 @@
-"""Hand-computed checks of heads.postprocess: dual softmax (DSL) and QB-Norm."""
+"""Hand-computed checks of heads.evaluation.postprocess: dual softmax (DSL) and QB-Norm."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from heads.metrics import t2v_metrics, t2v_ranks, v2t_ranks
-from heads.postprocess import (
+from core.metrics import t2v_metrics, t2v_ranks, v2t_ranks
+from heads.evaluation.postprocess import (
     check_querybank_split,
     dual_softmax,
     dual_softmax_both,
@@ -165,7 +165,7 @@ def test_querybank_must_not_be_the_test_queries() -> None:
 
 
 def test_dsl_blocks_match_one_block(monkeypatch) -> None:
-    import heads.postprocess as pp
+    import heads.evaluation.postprocess as pp
 
     rng = np.random.default_rng(2)
     sim = rng.normal(size=(300, 70)).astype(np.float32)
@@ -179,7 +179,7 @@ def test_dsl_blocks_match_one_block(monkeypatch) -> None:
 
 
 def test_qb_norm_blocks_match_one_block(monkeypatch) -> None:
-    import heads.postprocess as pp
+    import heads.evaluation.postprocess as pp
 
     rng = np.random.default_rng(3)
     sim, bank = rng.normal(size=(40, 25)), rng.normal(size=(90, 25)).round(1)  # ties in the bank

@@ -1,13 +1,12 @@
 """Calibration probes: the linear probe itself, and probe-encoder on a tiny world."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
-from click.testing import CliRunner
 
-import cli
 from pipeline.probes import FEATURES, linear_probe
-
-TINY = ["train_groups=2", "train_random=10", "val_groups=1", "val_random=2", "test_groups=1", "test_random=6"]
+from worlds import run_cli
 
 
 def test_linear_probe_separable_and_chance():
@@ -23,24 +22,14 @@ def test_linear_probe_separable_and_chance():
     assert linear_probe(x[:200], y[:200], x[200:], ["z"] * 100) == 0.0
 
 
-def test_probe_encoder_cli(tmp_path):
-    work = tmp_path / "work"
-    opts = [x for o in TINY for x in ("--option", o)]
-    runner = CliRunner()
-    r = runner.invoke(cli.main, ["make-manifest", "--dataset", "synthetic", "--work-dir", str(work), *opts],
-                      catch_exceptions=False)
-    assert r.exit_code == 0, r.output
+def test_probe_encoder_cli(tiny_world, tmp_path):
     out = tmp_path / "probes.json"
-    r = runner.invoke(cli.main, ["probe-encoder", "--work-dir", str(work), "--manifest",
-                                 str(work / "synthetic" / "manifest"), "--encoder", "test-vit-micro",
-                                 "--steps", "30", "--out", str(out)], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    import json
-
+    output = run_cli(["probe-encoder", "--work-dir", tiny_world["work"], "--manifest", tiny_world["manifest"],
+                      "--encoder", "test-vit-micro", "--steps", "30", "--out", out])
     res = json.loads(out.read_text())["random"]
     assert set(res["probes"]) >= {"main_color", "detail_color", "corner", "motion", "timing"}
     for row in res["probes"].values():
         assert set(FEATURES) <= set(row) and 0 < row["chance"] <= 100
         assert all(0.0 <= row[f] <= 100.0 for f in FEATURES)
     assert set(res["zero_shot"]) == {"t2v", "v2t"}
-    assert "main_color" in r.output and "zero-shot random" in r.output
+    assert "main_color" in output and "zero-shot random" in output

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,51 +11,33 @@ import pytest
 import torch
 from torch import nn
 
-from heads.metrics import t2v_ranks, v2t_ranks
-from heads.rerank import lift, rerank, top_k, unique_pairs, write_outputs
-
-IDENTITY = {"name": "toy-encoder", "pretrained": "none"}
-
-
-@dataclass
-class TokenSplit:
-    """Duck-typed staged split whose tokens encode their own row: tokens[v, 0, 0, 0] == v and
-    text_tokens[c, 0, 0] == c, so a fake head can look up a known score per pair."""
-
-    caption_video: np.ndarray
-    num_videos: int
-    split: str = "test"
-    store_fingerprint: str = "toy-store"
-    encoder_identity: dict = field(default_factory=lambda: dict(IDENTITY))
-
-    def __post_init__(self) -> None:
-        c, v = len(self.caption_video), self.num_videos
-        self.video_ids = [f"vid{i}" for i in range(v)]
-        self.caption_ids = [f"cap{i}" for i in range(c)]
-        self.tokens = np.zeros((v, 2, 3, 4), np.float16)
-        self.tokens[:, 0, 0, 0] = np.arange(v)
-        self.frame_mask = np.ones((v, 2), bool)
-        self.text_tokens = np.zeros((c, 3, 4), np.float16)
-        self.text_tokens[:, 0, 0] = np.arange(c)
-        self.text_mask = np.ones((c, 3), bool)
+from core.metrics import t2v_ranks, v2t_ranks
+from heads import create_head
+from heads.evaluation import rerank as rerank_module
+from heads.evaluation.rerank import lift, top_k, unique_pairs, write_outputs
+from heads.stage_two.scoring import pair_scorer
+from worlds import row_split, run_cli
 
 
 class TableHead(nn.Module):
-    """Fake stage-two head: score of (caption c, video v) = table[c, v]; records every pair scored."""
+    """Fake stage-two head: score of (caption c, video v) = table[c, v]; records every pair scored.
+    It reads its pairs through the tokens of ``worlds.row_split``, which encode their own rows."""
 
     def __init__(self, table: np.ndarray) -> None:
         super().__init__()
         self.table = torch.as_tensor(table, dtype=torch.float32)
         self.pairs: list[tuple[int, int]] = []
 
-    def score(self, tokens, frame_mask, text_tokens, text_mask):
-        v = tokens[:, 0, 0, 0].long()
-        c = text_tokens[:, 0, 0].long()
+    def pair_score(self, text_tokens, text_mask, tokens, frame_mask, pair_text, pair_video):
+        c = text_tokens[pair_text][:, 0, 0].long()
+        v = tokens[pair_video][:, 0, 0, 0].long()
         self.pairs += list(zip(c.tolist(), v.tolist()))
         return self.table[c, v]
 
-    def pair_score(self, tokens, frame_mask, text_tokens, text_mask, pair_video, pair_text):
-        return self.score(tokens[pair_video], frame_mask[pair_video], text_tokens[pair_text], text_mask[pair_text])
+
+def rerank(sim, split, head, batch_size: int = 64, **kwargs):
+    """Re-rank with ``head`` scoring the split's pairs (as the command line does)."""
+    return rerank_module.rerank(sim, split, pair_scorer(head, split, batch_size=batch_size), **kwargs)
 
 
 # Hand-built world: 3 captions x 4 videos, K = 2 (video 2 has no caption: not a V2T query).
@@ -82,9 +61,9 @@ def test_top_k_breaks_ties_by_index():
 
 
 def test_hand_built_ranks_and_metrics():
-    split = TokenSplit(CV, 4)
+    split = row_split(CV, 4)
     head = TableHead(H)
-    res = rerank(S, split, head, k=2, progress=False)
+    res = rerank(S, split, head, k=2)
     # T2V: c0 -> v1 moves from rank 1 to 0; c1's v3 (rank 3) and c2's v0 (rank 3, tie) stay
     assert t2v_ranks(res.stage_one_t2v, CV).tolist() == [1, 3, 3]
     assert t2v_ranks(res.t2v_matrix, CV).tolist() == [0, 3, 3]
@@ -108,9 +87,9 @@ def test_hand_built_ranks_and_metrics():
 
 
 def test_each_unique_pair_scored_once():
-    split = TokenSplit(CV, 4)
+    split = row_split(CV, 4)
     head = TableHead(H)
-    res = rerank(S, split, head, k=2, batch_size=3, progress=False)
+    res = rerank(S, split, head, k=2, batch_size=3)
     t2v = {(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3)}
     v2t = {(0, 0), (1, 0), (0, 1), (1, 1), (2, 3), (1, 3)}
     assert sorted(head.pairs) == sorted(t2v | v2t)  # 8 distinct pairs, none twice
@@ -122,7 +101,7 @@ def test_each_unique_pair_scored_once():
 
 def test_t2v_only_scores_t2v_pairs():
     head = TableHead(H)
-    res = rerank(S, TokenSplit(CV, 4), head, k=2, directions=("t2v",), progress=False)
+    res = rerank(S, row_split(CV, 4), head, k=2, directions=("t2v",))
     assert len(head.pairs) == 6 and res.v2t_matrix is None
     assert set(res.metrics()["re-ranked"]) == {"t2v"}
 
@@ -133,7 +112,7 @@ def test_oracle_head_fixes_inside_top_k_never_beyond():
     cv = np.concatenate([np.arange(num_v - 4), rng.integers(0, num_v - 4, size=30)])  # 4 videos uncaptioned
     sim = rng.normal(size=(cv.size, num_v)).astype(np.float32)
     oracle = (cv[:, None] == np.arange(num_v)[None, :]).astype(np.float32) * 10.0
-    res = rerank(sim, TokenSplit(cv, num_v), TableHead(oracle), k=k, progress=False)
+    res = rerank(sim, row_split(cv, num_v), TableHead(oracle), k=k)
     r1, r2 = t2v_ranks(sim, cv), t2v_ranks(res.t2v_matrix, cv)
     assert (r1 >= k).any() and (r1[r1 < k] > 0).any()  # the test covers both cases
     np.testing.assert_array_equal(r2, np.where(r1 < k, 0, r1))
@@ -149,7 +128,7 @@ def test_adversarial_head_only_permutes_top_k():
     rng = np.random.default_rng(1)
     cv = np.arange(12)
     sim = rng.normal(size=(12, 12)).astype(np.float32)
-    res = rerank(sim, TokenSplit(cv, 12), TableHead(rng.normal(size=(12, 12)) * 100), k=4, progress=False)
+    res = rerank(sim, row_split(cv, 12), TableHead(rng.normal(size=(12, 12)) * 100), k=4)
     for c in range(12):  # the top 4 set is unchanged, and the rest keep stage-one order
         new_order = np.argsort(-res.t2v_matrix[c], kind="stable")
         old_order = np.argsort(-sim[c], kind="stable")
@@ -164,8 +143,8 @@ def test_lift_offset_keeps_lifted_entries_on_top():
 
 
 def test_outputs_written(tmp_path):
-    split = TokenSplit(CV, 4)
-    res = rerank(S, split, TableHead(H), k=2, progress=False)
+    split = row_split(CV, 4)
+    res = rerank(S, split, TableHead(H), k=2)
     paths, table = write_outputs(res, split, tmp_path, meta={"head": "table"})
     t2v = pq.read_table(paths["t2v"])
     assert t2v.column_names == ["query_id", "query_index", "rank", "candidate_id", "candidate_index",
@@ -194,28 +173,24 @@ def test_dsl_applies_dual_softmax_to_final_matrices(monkeypatch):
         calls.append(direction)
         return np.asarray(sim, dtype=np.float64) * 2.0  # rank-preserving
 
-    monkeypatch.setitem(sys.modules, "heads.postprocess",
-                        types.SimpleNamespace(dual_softmax=fake_dual_softmax))
-    split = TokenSplit(CV, 4)
-    plain = rerank(S, split, TableHead(H), k=2, progress=False).metrics()
-    res = rerank(S, split, TableHead(H), k=2, dsl=True, progress=False)
+    monkeypatch.setattr(rerank_module, "dual_softmax", fake_dual_softmax)
+    split = row_split(CV, 4)
+    plain = rerank(S, split, TableHead(H), k=2).metrics()
+    res = rerank(S, split, TableHead(H), k=2, dsl=True)
     assert res.metrics() == plain
     assert calls.count("t2v") == 2 and calls.count("v2t") == 2  # stage one and re-ranked, per direction
     np.testing.assert_allclose(res.t2v_final, 2 * np.array([[0.9, 1.8], [2.7, 0.6], [0.9, 0.4]]), rtol=1e-6)
 
 
 def test_real_dual_softmax_runs():
-    pytest.importorskip("heads.postprocess")
-    res = rerank(S, TokenSplit(CV, 4), TableHead(H), k=2, dsl=True, dsl_temperature=1.0, progress=False)
+    res = rerank(S, row_split(CV, 4), TableHead(H), k=2, dsl=True, dsl_temperature=1.0)
     assert set(res.metrics()["re-ranked"]) == {"t2v", "v2t"}
     assert np.isfinite(res.t2v_matrix).all()
 
 
 def test_crosstvr_head_batches_match_single_pairs():
-    from heads.stage_two import build_stage_two
-
     rng = np.random.default_rng(3)
-    split = TokenSplit(np.array([0, 1, 2, 2, 3]), 5)
+    split = row_split(np.array([0, 1, 2, 2, 3]), 5)
     split.tokens = rng.normal(size=(5, 3, 5, 8)).astype(np.float16)
     split.frame_mask = np.ones((5, 3), bool)
     split.frame_mask[4, 2] = False
@@ -223,29 +198,28 @@ def test_crosstvr_head_batches_match_single_pairs():
     split.text_mask = np.ones((5, 4), bool)
     split.text_mask[0, 2:] = False
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", 8, 6, width=16, layers=1, heads=2, num_queries=2, num_selected=2)
+    head = create_head("crosstvr", 8, 6, width=16, layers=1, heads=2, num_queries=2, num_selected=2)
     head.standardizer.fit(split)
     sim = rng.normal(size=(5, 5)).astype(np.float32)
-    res = rerank(sim, split, head, k=3, batch_size=4, progress=False)
+    res = rerank(sim, split, head, k=3, batch_size=4)
     c, v = 2, int(res.t2v_candidates[2, 1])
     with torch.no_grad():
-        one = head.eval().score(torch.from_numpy(split.tokens[[v]]), torch.from_numpy(split.frame_mask[[v]]),
-                                torch.from_numpy(split.text_tokens[[c]]), torch.from_numpy(split.text_mask[[c]]))
+        one = head.eval().pair_score(torch.from_numpy(split.text_tokens[[c]]), torch.from_numpy(split.text_mask[[c]]),
+                                     torch.from_numpy(split.tokens[[v]]), torch.from_numpy(split.frame_mask[[v]]),
+                                     torch.tensor([0]), torch.tensor([0]))
     assert res.t2v_head[2, 1] == pytest.approx(float(one), abs=1e-4)
 
 
 def test_missing_tokens_and_bad_shapes_are_clear_errors():
-    split = TokenSplit(CV, 4)
+    split = row_split(CV, 4)
     split.tokens = None
     with pytest.raises(ValueError, match="tokens"):
-        rerank(S, split, TableHead(H), k=2, progress=False)
+        rerank(S, split, TableHead(H), k=2)
     with pytest.raises(ValueError, match="shape"):
-        rerank(S[:, :3], TokenSplit(CV, 4), TableHead(H), k=2, progress=False)
+        rerank(S[:, :3], row_split(CV, 4), TableHead(H), k=2)
 
 
 # ---------------------------------------------------------------------------- command line
-TINY_WORLD = ["train_groups=2", "train_random=6", "val_groups=1", "val_random=3",
-              "test_groups=1", "test_random=3"]
 TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
              "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
 
@@ -255,44 +229,32 @@ def _invoke(args: list[str]):
 
     import cli
 
-    return CliRunner().invoke(cli.main, args, catch_exceptions=False)
-
-
-def _run(args: list[str]) -> str:
-    result = _invoke(args)
-    assert result.exit_code == 0, result.output
-    return result.output
+    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    """Tiny synthetic world -> test-vit-micro store -> meanP stage one -> a small CrossTVR head."""
-    pytest.importorskip("heads.train_stage_two")
-    work = tmp_path_factory.mktemp("work")
-    opts = [x for o in TINY_WORLD for x in ("--option", o)]
-    _run(["make-manifest", "--dataset", "synthetic", "--work-dir", str(work), *opts])
-    store = work / "stores" / "tiny.zarr"
-    _run(["extract", "--manifest", str(work / "synthetic" / "manifest"), "--work-dir", str(work),
-          "--encoder", "test-vit-micro", "--store", str(store), "--frames", "4", "--shard-size", "8",
-          "--workers", "1"])
-    _run(["train-stage-one", "--store", str(store), "--work-dir", str(work), "--head", "meanP",
-          "--epochs", "1", "--batch-size", "8", "--out", str(work / "s1")])
-    _run(["train-head", "--store", str(store), "--stage-one", str(work / "s1" / "stage_one.pt"),
-          "--work-dir", str(work), "--epochs", "1", "--batch-size", "4", "--out", str(work / "s2"),
-          "--itc-steps", "3", "--itc-batch", "4", "--device", "cpu", *TINY_HEAD])
-    return work, store, work / "s1" / "stage_one.pt", work / "s2" / "stage_two.pt"
+def tiny_runs(tiny_world, tmp_path_factory):
+    """The tiny synthetic world's store -> a meanP stage one -> a small CrossTVR head."""
+    work, store = tiny_world["work"], tiny_world["store"]
+    runs = tmp_path_factory.mktemp("rerank_runs")
+    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP",
+             "--epochs", "1", "--batch-size", "8", "--out", runs / "s1"])
+    run_cli(["train-head", "--store", store, "--stage-one", runs / "s1" / "stage_one.pt", "--work-dir", work,
+             "--epochs", "1", "--batch-size", "4", "--out", runs / "s2", "--itc-steps", "3", "--itc-batch", "4",
+             "--device", "cpu", *TINY_HEAD])
+    return work, store, runs / "s1" / "stage_one.pt", runs / "s2" / "stage_two.pt"
 
 
 def test_rerank_help():
-    out = _run(["rerank", "--help"])
+    out = run_cli(["rerank", "--help"])
     for opt in ("--store", "--stage-one", "--head", "--split", "--k", "--dsl", "--out"):
         assert opt in out
-    assert "ablation" in _run(["--help"])
+    assert "ablation" in run_cli(["--help"])
 
 
 def test_rerank_cli_on_a_tiny_store(tiny_runs, tmp_path):
     work, store, s1, s2 = tiny_runs
-    out = _run(["rerank", "--store", str(store), "--stage-one", str(s1), "--head", str(s2), "--split", "test",
+    out = run_cli(["rerank", "--store", str(store), "--stage-one", str(s1), "--head", str(s2), "--split", "test",
                 "--k", "3", "--work-dir", str(work), "--out", str(tmp_path / "rr"), "--device", "cpu"])
     assert "t2v re-ranked" in out and "v2t stage one" in out and "R@3" in out
     metrics = json.loads((tmp_path / "rr" / "metrics.json").read_text())
@@ -326,7 +288,7 @@ def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
             "--out", str(out_dir),
             "--device", "cpu", "--head-option", "width=16", "--head-option", "layers=1",
             "--head-option", "heads=2"]
-    out = _run(args)
+    out = run_cli(args)
     assert "stage one" in out and "+spatial" in out and "T2V2T" in out and "ITM only" in out
     table = json.loads((out_dir / "ablation.json").read_text())
     assert len(table) == 4 and "T2V R@3 (stage one)" in table["stage one"]
@@ -342,5 +304,5 @@ def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
     assert torch.load(runs["spatial"]["checkpoint"], weights_only=True)["config"]["mode"] == "spatial"
     # a second run reuses the finished heads instead of training them again
     before = {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()}
-    _run(args)
+    run_cli(args)
     assert {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()} == before

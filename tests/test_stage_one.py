@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-import heads
-from heads import UnknownHeadError, build_stage_one
-from heads.losses import positive_mask, symmetric_infonce
-from heads.stage_one import CLIP_LOGIT_SCALE, MeanP, SeqTransf
+from core.errors import UnknownHeadError
+from heads import create_head, list_heads, supports
+from heads.stage_one.losses import positive_mask, symmetric_infonce
+from heads.stage_one.models import CLIP_LOGIT_SCALE, MeanP, SeqTransf
 
 E, T = 32, 6
 
@@ -26,24 +26,29 @@ def _inputs(b: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def test_registry_and_unknown_name() -> None:
-    assert set(heads.STAGE_ONE) == {"meanP", "seqTransf", "clip2video"}
-    assert isinstance(build_stage_one("meanP", E), MeanP)
-    assert isinstance(build_stage_one("seqTransf", E, num_layers=1, num_heads=4), SeqTransf)
+    assert set(list_heads(stage=1)) == {"meanP", "seqTransf", "clip2video"}
+    assert list_heads(stage=1, supports="text_tokens") == ["clip2video"] and supports("clip2video", "text_tokens")
+    assert isinstance(create_head("meanP", E), MeanP)
+    assert isinstance(create_head("seqTransf", E, num_layers=1, num_heads=4), SeqTransf)
     with pytest.raises(UnknownHeadError, match="known heads: clip2video, meanP, seqTransf"):
-        build_stage_one("xpool", E)
+        create_head("xpool", E, stage=1)
+    with pytest.raises(UnknownHeadError, match="stage-one head 'crosstvr'"):
+        create_head("crosstvr", E, stage=1)
+    with pytest.raises(TypeError, match="needs its dimension 'embed_dim'"):
+        create_head("meanP")
 
 
 @pytest.mark.parametrize("name", ["meanP", "seqTransf"])
 def test_shapes_gradients_and_config(name: str) -> None:
     torch.manual_seed(0)
-    head = build_stage_one(name, E, num_heads=4) if name == "seqTransf" else build_stage_one(name, E)
+    head = create_head(name, E, num_heads=4) if name == "seqTransf" else create_head(name, E)
     frames, mask, text = _inputs()
     v, t = head.encode_video(frames, mask), head.encode_text(text)
     assert v.shape == (5, E) and t.shape == (5, E)
     assert torch.allclose(v.norm(dim=-1), torch.ones(5), atol=1e-5)
     assert torch.allclose(t.norm(dim=-1), torch.ones(5), atol=1e-5)
     assert math.isclose(head.logit_scale.item(), CLIP_LOGIT_SCALE, rel_tol=1e-6)
-    logits = head(frames, mask, text)
+    logits = head(text, frames, mask)
     assert logits.shape == (5, 5)
     loss = symmetric_infonce(logits, torch.eye(5, dtype=torch.bool))
     loss.backward()
@@ -55,7 +60,7 @@ def test_shapes_gradients_and_config(name: str) -> None:
         assert head.out.weight.grad.abs().sum() > 0  # the zero-initialised residual branch learns
     cfg = head.config()
     json.dumps(cfg)
-    rebuilt = build_stage_one(**cfg)
+    rebuilt = create_head(**cfg)
     rebuilt.load_state_dict(head.state_dict())
     assert rebuilt.config() == cfg
 
@@ -63,7 +68,7 @@ def test_shapes_gradients_and_config(name: str) -> None:
 @pytest.mark.parametrize("name", ["meanP", "seqTransf"])
 def test_masked_frames_do_not_change_output(name: str) -> None:
     torch.manual_seed(0)
-    head = build_stage_one(name, E, num_heads=4) if name == "seqTransf" else build_stage_one(name, E)
+    head = create_head(name, E, num_heads=4) if name == "seqTransf" else create_head(name, E)
     if name == "seqTransf":  # move away from the meanP initialisation so the transformer matters
         with torch.no_grad():
             head.out.weight.normal_(0, 0.2)
@@ -87,7 +92,7 @@ def test_seqtransf_starts_at_meanp() -> None:
     seq = SeqTransf(E, num_heads=4).eval()
     mean = MeanP(E).eval()
     assert torch.allclose(seq.encode_video(frames, mask), mean.encode_video(frames, mask), atol=1e-6)
-    assert torch.allclose(seq(frames, mask, text), mean(frames, mask, text), atol=1e-4)
+    assert torch.allclose(seq(text, frames, mask), mean(text, frames, mask), atol=1e-4)
 
 
 def test_all_masked_video_is_finite() -> None:

@@ -4,118 +4,52 @@ resume, identity checks, test-split refusal, and the ``train-head`` command."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-import cli
-from heads.stage_two import build_stage_two, count_parameters
-from heads.train import ForbiddenSplitError, StoreMismatchError, train_stage_one
-from heads.train_stage_two import (HardNegativeSampler, StageOneCosine, hard_fraction, load_pairs,
-                                   load_stage_two, rank_loss, score_pairs, stage_one_identity,
-                                   train_stage_two)
+from core.errors import ForbiddenSplitError, StoreMismatchError
+from heads import create_head
+from heads.evaluation.similarity import similarity
+from heads.stage_one.checkpoint import load_stage_one
+from heads.stage_two.checkpoint import load_stage_two, stage_one_identity
+from heads.stage_two.layers import QFormer
+from heads.stage_two.negatives import HardNegativeSampler, hard_fraction
+from heads.stage_two.pairs import load_pairs
+from heads.stage_two.scoring import score_pairs
+from heads.stage_two.train import StageOneCosine, rank_loss, train_stage_two
+from worlds import ITM_ONLY, TINY, D, L, N, make_token_split, random_pair_inputs, run_cli
+from worlds import T2 as T
+from worlds import TOKEN_IDENTITY as IDENTITY
 
-D, T, N, L = 16, 4, 5, 6
-ATTRS, VALUES = 3, 5
-IDENTITY = {"name": "toy-token-encoder", "pretrained": "none", "token_dim": D}
 TOY_EPOCHS = 60  # ~5 s on 2 cores; 8-30 epochs stay near the class-prior loss (measured)
-TINY = dict(width=32, layers=1, heads=2, num_queries=4, num_selected=2, spatial_frames=2, ff_mult=2.0)
-ITM_ONLY = dict(itc_steps=0, itc_weight=0.0)  # the paper's ITM recipe alone (test_itc.py covers ITC)
 
 
-@dataclass
-class TokenSplit:
-    """A staged split with visual and text tokens (duck-typed ``pipeline.store.StagedSplit``)."""
-
-    split: str
-    video_ids: list[str]
-    caption_ids: list[str]
-    caption_video: np.ndarray
-    frame_emb: np.ndarray
-    frame_mask: np.ndarray
-    text_emb: np.ndarray
-    tokens: np.ndarray
-    text_tokens: np.ndarray
-    text_mask: np.ndarray
-    store_fingerprint: str = "toy-token-store"
-    encoder_identity: dict = field(default_factory=lambda: dict(IDENTITY))
+@pytest.fixture(scope="session")
+def world(token_world: dict) -> dict:
+    """Stage two's attribute world with its stage one (``conftest.token_world``)."""
+    return token_world
 
 
-def make_token_split(name: str, num_videos: int, captions_per_video: int, seed: int,
-                     directory: Path | None = None) -> TokenSplit:
-    """A tiny attribute world: every video has ``ATTRS`` attributes with ``VALUES`` values each,
-    shown by one patch per attribute in every frame (a fixed visual vector per value, plus noise);
-    a caption names them with one word token per attribute (a different fixed vector per value).
-    The match is decidable from the tokens; stage-one embeddings are noisy so that stage one
-    makes mistakes for the head to fix."""
-    world = np.random.default_rng(1234)  # the same vocabulary in every split
-    visual_vocab = world.normal(size=(ATTRS, VALUES, D))
-    word_vocab = world.normal(size=(ATTRS, VALUES, D))
-    rng = np.random.default_rng(seed)
-    attrs = rng.integers(0, VALUES, size=(num_videos, ATTRS))
-    concept = sum(visual_vocab[a, attrs[:, a]] for a in range(ATTRS))
-    tokens = 0.5 * rng.normal(size=(num_videos, T, N, D))
-    tokens[:, :, 0] += concept[:, None]
-    for a in range(ATTRS):
-        tokens[:, :, 1 + a] += visual_vocab[a, attrs[:, a]][:, None]
-    lengths = rng.integers(2, T + 1, size=num_videos)
-    frame_mask = np.arange(T)[None, :] < lengths[:, None]
-    cv = np.repeat(np.arange(num_videos), captions_per_video)
-    text_tokens = 0.5 * rng.normal(size=(cv.size, L, D))
-    for a in range(ATTRS):
-        text_tokens[:, a] += word_vocab[a, attrs[cv, a]]
-    tl = rng.integers(ATTRS, L + 1, size=cv.size)
-    text_mask = np.arange(L)[None, :] < tl[:, None]
-    arrays = {
-        "caption_video": cv.astype(np.int64),
-        "frame_emb": (concept[:, None] + 2.0 * rng.normal(size=(num_videos, T, D))).astype(np.float32),
-        "frame_mask": frame_mask,
-        "text_emb": (concept[cv] + 2.0 * rng.normal(size=(cv.size, D))).astype(np.float32),
-        "tokens": tokens.astype(np.float16),
-        "text_tokens": text_tokens.astype(np.float16),
-        "text_mask": text_mask,
-    }
-    if directory is not None:  # memory-mapped, as staged stores are
-        directory.mkdir(parents=True, exist_ok=True)
-        for key, arr in arrays.items():
-            np.save(directory / f"{key}.npy", arr)
-        arrays = {k: (np.load(directory / f"{k}.npy", mmap_mode="r") if k != "caption_video"
-                      else np.load(directory / f"{k}.npy")) for k in arrays}
-    return TokenSplit(split=name, video_ids=[f"{name}{i}" for i in range(num_videos)],
-                      caption_ids=[f"{name}c{i}" for i in range(cv.size)], **arrays)
+def logits_of(head, tokens, fm, text, tm) -> torch.Tensor:
+    """Match logits (B, 2) of B aligned (video, caption) pairs."""
+    ar = torch.arange(tokens.shape[0])
+    return head.match(text, tm, head.encode_video(tokens, fm), ar, ar)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("stage_two")
-    train = make_token_split("train", 96, 2, seed=1, directory=root / "train")
-    val = make_token_split("val", 32, 1, seed=2, directory=root / "val")
-    test = make_token_split("test", 32, 1, seed=3, directory=root / "test")
-    s1 = train_stage_one(train, val, head="meanP", out_dir=root / "s1", epochs=2, batch_size=32,
-                         lr=1e-2, seed=0, progress=False)
-    return {"root": root, "train": train, "val": val, "test": test, "stage_one": s1}
-
-
-def _random_inputs(b: int, t: int, n: int, d: int, dt: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(b, t, n, d, generator=g)
-    fm = torch.ones(b, t, dtype=torch.bool)
-    fm[0, -1] = False
-    text = torch.randn(b, L, dt, generator=g)
-    tm = torch.ones(b, L, dtype=torch.bool)
-    tm[1, 3:] = False
-    return tokens, fm, text, tm
+def score_of(head, tokens, fm, text, tm) -> torch.Tensor:
+    """Head score (B,) of B aligned (video, caption) pairs."""
+    ar = torch.arange(tokens.shape[0])
+    return head.pair_score(text, tm, tokens, fm, ar, ar)
 
 
 # -- the head ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("keep_cls", [True, False])
 def test_selector_keeps_m_tokens_per_frame(keep_cls: bool) -> None:
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D, **{**TINY, "num_selected": 3, "keep_cls": keep_cls})
+    head = create_head("crosstvr", D, D, **{**TINY, "num_selected": 3, "keep_cls": keep_cls})
     vis = torch.randn(2, T, N, 32)
     selected, index = head.select_tokens(vis)
     assert selected.shape == (2, T, 3, 32) and index.shape == (2, T, 3)
@@ -130,8 +64,8 @@ def test_selector_keeps_m_tokens_per_frame(keep_cls: bool) -> None:
 
 def test_gradients_reach_the_selector() -> None:
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D, **{**TINY, "mode": "temporal"})
-    logits = head(*_random_inputs(3, T, N, D, D))
+    head = create_head("crosstvr", D, D, **{**TINY, "mode": "temporal"})
+    logits = logits_of(head, *random_pair_inputs(3, T, N, D, D))
     logits[:, 1].sum().backward()
     grads = [p.grad for p in head.selector.parameters()]
     assert all(g is not None for g in grads)
@@ -139,8 +73,8 @@ def test_gradients_reach_the_selector() -> None:
 
 
 def test_shared_mode_shares_parameters() -> None:
-    shared = build_stage_two("crosstvr", D, D, **{**TINY, "shared": True})
-    unshared = build_stage_two("crosstvr", D, D, **{**TINY, "shared": False})
+    shared = create_head("crosstvr", D, D, **{**TINY, "shared": True})
+    unshared = create_head("crosstvr", D, D, **{**TINY, "shared": False})
     assert shared.temporal_block is shared.block
     for a, b in zip(shared.block.parameters(), shared.temporal_block.parameters()):
         assert a is b
@@ -148,7 +82,7 @@ def test_shared_mode_shares_parameters() -> None:
     spatial_ids = {id(p) for p in unshared.block.parameters()}
     assert not spatial_ids & {id(p) for p in unshared.temporal_block.parameters()}
     block_params = sum(p.numel() for p in shared.block.parameters())
-    assert count_parameters(unshared) == count_parameters(shared) + block_params
+    assert unshared.num_parameters() == shared.num_parameters() + block_params
 
 
 @pytest.mark.parametrize("name,cfg", [("crosstvr", {"mode": "spatial"}), ("crosstvr", {"mode": "temporal"}),
@@ -158,14 +92,14 @@ def test_every_variant_runs_and_learns_a_step(name: str, cfg: dict) -> None:
     torch.manual_seed(0)
     tiny = {k: v for k, v in TINY.items() if name == "crosstvr" or k in ("width", "layers", "heads",
                                                                           "spatial_frames", "ff_mult")}
-    head = build_stage_two(name, D, D, **tiny, **cfg)
-    inputs = _random_inputs(3, T, N, D, D)
-    logits = head(*inputs)
+    head = create_head(name, D, D, **tiny, **cfg)
+    inputs = random_pair_inputs(3, T, N, D, D)
+    logits = logits_of(head, *inputs)
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
-    assert head.score(*inputs).shape == (3,)
+    assert score_of(head, *inputs).shape == (3,)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1])).backward()
     assert head.fc.weight.grad is not None
-    again = build_stage_two(**head.config())
+    again = create_head(**head.config())
     assert again.config() == head.config()
 
 
@@ -174,9 +108,9 @@ def test_every_variant_runs_and_learns_a_step(name: str, cfg: dict) -> None:
 def test_encoder_widths(name: str, token_dim: int, text_dim: int) -> None:
     """ViT-B/32 (768-d tokens, 512-d text) and EVA ViT-g/14 (1408-d tokens, 768-d text) shapes."""
     torch.manual_seed(0)
-    head = build_stage_two(name, token_dim, text_dim, width=64, layers=1, heads=2)
+    head = create_head(name, token_dim, text_dim, width=64, layers=1, heads=2)
     with torch.no_grad():
-        logits = head(*_random_inputs(2, 3, 10, token_dim, text_dim))
+        logits = logits_of(head, *random_pair_inputs(2, 3, 10, token_dim, text_dim))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
 
 
@@ -217,7 +151,7 @@ def test_hard_negatives_exclude_positives_and_follow_the_softmax() -> None:
 
 
 def test_rank_loss_orders_positives_above_their_negatives() -> None:
-    # layout [positives; (negative video, caption); (video, negative caption)], b = 2
+    # layout [positives; (caption, negative video); (negative caption, video)], b = 2
     scores = torch.tensor([1.0, 0.0, 0.0, 2.0, -1.0, 0.5])
     cosine = torch.tensor([0.5, 0.2, 0.4, 0.1, 0.0, 0.2])
     r = scores + cosine
@@ -233,9 +167,6 @@ def test_rank_loss_orders_positives_above_their_negatives() -> None:
 
 
 def test_stage_one_cosine_matches_the_similarity_matrix(world: dict) -> None:
-    from heads.evaluate import similarity
-    from heads.train import load_stage_one
-
     head = load_stage_one(world["stage_one"]).head
     sim = similarity(head, world["train"])
     cos = StageOneCosine(head, world["train"])
@@ -258,21 +189,22 @@ def test_anneal_schedule() -> None:
 
 def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
     train = world["train"]
-    batch = load_pairs(train, np.array([5, 3, 5]), np.array([0, 7, 7]), np.array([1, 0, 0]))
+    batch = load_pairs(train, np.array([0, 7, 7]), np.array([5, 3, 5]), np.array([1, 0, 0]))
     assert batch.tokens.shape[0] == 2 and batch.text_tokens.shape[0] == 2
-    tok, fm, text, tm = batch.inputs()
-    assert torch.equal(tok[0], torch.from_numpy(np.asarray(train.tokens[5])))
-    assert torch.equal(tok[1], torch.from_numpy(np.asarray(train.tokens[3])))
+    # distinct rows in ascending order, the pair index maps back: pair i = (caption c_i, video v_i)
+    tok, text = batch.tokens[batch.pair_video], batch.text_tokens[batch.pair_text]
+    assert torch.equal(tok[0], torch.from_numpy(np.array(train.tokens[5])))
+    assert torch.equal(tok[1], torch.from_numpy(np.array(train.tokens[3])))
     length = int(np.asarray(train.text_mask[[0, 7]]).any(axis=0).nonzero()[0].max()) + 1
     assert text.shape[1] == length  # padding beyond the longest caption is cut
-    assert torch.equal(text[1], torch.from_numpy(np.asarray(train.text_tokens[7, :length])))
+    assert torch.equal(text[1], torch.from_numpy(np.array(train.text_tokens[7, :length])))
 
 
 # -- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(world: dict) -> Path:
     return train_stage_two(world["train"], world["val"], world["stage_one"], world["root"] / "head",
-                           head_cfg=TINY, epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False,
+                           head_config=TINY, epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False,
                            val_queries=32, val_k=8, num_threads=1, **ITM_ONLY)
 
 
@@ -292,7 +224,7 @@ def test_training_learns_to_match(trained: Path, world: dict) -> None:
     head = load_stage_two(trained).head
     test = world["test"]
     pos = score_pairs(head, test, np.arange(32), np.arange(32))
-    neg = score_pairs(head, test, (np.arange(32) + 5) % 32, np.arange(32))
+    neg = score_pairs(head, test, np.arange(32), (np.arange(32) + 5) % 32)
     assert (pos > neg).mean() > 0.8
 
 
@@ -316,18 +248,18 @@ def test_other_encoder_refused(trained: Path) -> None:
 
 def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: Path, world: dict) -> None:
     before = trained.stat().st_mtime_ns
-    again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
+    again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_config=TINY,
                             epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
                             val_k=8, num_threads=1, **ITM_ONLY)
     assert again == trained and trained.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="lr"):
-        train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_cfg=TINY,
+        train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_config=TINY,
                         epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8,
                         **ITM_ONLY)
 
 
 def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> None:
-    kwargs = dict(head_cfg={**TINY, "dropout": 0.1}, epochs=3, batch_size=24, lr=3e-3, seed=4, progress=False,
+    kwargs = dict(head_config={**TINY, "dropout": 0.1}, epochs=3, batch_size=24, lr=3e-3, seed=4, progress=False,
                   val_queries=16, val_k=4, num_threads=1, hard_negatives="anneal", anneal=0.6, **ITM_ONLY)
     straight = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "a", **kwargs)
     # 4 steps per epoch: stop inside epoch 0, then inside epoch 2, then finish
@@ -352,12 +284,12 @@ def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> N
 
 
 def test_rank_term_trains_and_is_recorded(world: dict, tmp_path: Path) -> None:
-    ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "rank", head_cfg=TINY,
+    ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "rank", head_config=TINY,
                            epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
                            num_threads=1, rank_weight=1.0, **ITM_ONLY)
     raw = torch.load(ckpt, weights_only=True)
     assert raw["train_args"]["rank_weight"] == 1.0
-    plain = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain", head_cfg=TINY,
+    plain = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain", head_config=TINY,
                             epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
                             num_threads=1, **ITM_ONLY)
     # same seed and batches: the rank term alone makes the losses differ (it is really added)
@@ -373,7 +305,7 @@ def test_trainer_refuses_test_and_bad_input(world: dict, tmp_path: Path) -> None
         train_stage_two(world["test"], None, world["stage_one"], tmp_path, progress=False)
     no_tokens = make_token_split("train", 8, 1, seed=9)
     no_tokens.tokens = None
-    with pytest.raises(ValueError, match="no staged 'tokens'"):
+    with pytest.raises(ValueError, match="has no tokens"):
         train_stage_two(no_tokens, None, world["stage_one"], tmp_path, progress=False)
     with pytest.raises(ValueError, match="hard_negatives"):
         train_stage_two(world["train"], None, world["stage_one"], tmp_path, hard_negatives="easy", progress=False)
@@ -385,39 +317,23 @@ def test_trainer_refuses_test_and_bad_input(world: dict, tmp_path: Path) -> None
 
 
 # -- command line ------------------------------------------------------------------------------
-TINY_WORLD = ["train_groups=2", "train_random=6", "val_groups=1", "val_random=3",
-              "test_groups=1", "test_random=3"]
-
-
-def _run(args: list[str]) -> str:
-    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def test_train_head_help() -> None:
-    out = _run(["train-head", "--help"])
+    out = run_cli(["train-head", "--help"])
     for option in ("--store", "--stage-one", "--head", "--mode", "--unshared", "--num-selected",
                    "--hard-negatives", "--epochs", "--batch-size", "--lr", "--out", "--seed", "--device"):
         assert option in out
 
 
-def test_train_head_from_the_cli(tmp_path_factory: pytest.TempPathFactory) -> None:
-    work = tmp_path_factory.mktemp("cli_work")
-    opts = [x for o in TINY_WORLD for x in ("--option", o)]
-    _run(["make-manifest", "--dataset", "synthetic", "--work-dir", str(work), *opts])
-    store = work / "stores" / "tiny.zarr"
-    _run(["extract", "--manifest", str(work / "synthetic" / "manifest"), "--work-dir", str(work),
-          "--encoder", "test-vit-micro", "--store", str(store), "--frames", "4", "--shard-size", "8",
-          "--workers", "1"])
-    s1_dir = work / "s1"
-    _run(["train-stage-one", "--store", str(store), "--work-dir", str(work), "--head", "meanP",
-          "--epochs", "1", "--batch-size", "8", "--out", str(s1_dir)])
-    out = _run(["train-head", "--store", str(store), "--work-dir", str(work), "--stage-one",
-                str(s1_dir / "stage_one.pt"), "--epochs", "1", "--batch-size", "4", "--num-selected", "2",
-                "--head-option", "width=32", "--head-option", "layers=1", "--out", str(work / "head"),
-                "--itc-steps", "3", "--itc-batch", "4", "--device", "cpu"])
-    ckpt_path = work / "head" / "stage_two.pt"
+def test_train_head_from_the_cli(tiny_world: dict, tmp_path: Path) -> None:
+    work, store = tiny_world["work"], tiny_world["store"]
+    s1_dir = tmp_path / "s1"
+    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP",
+             "--epochs", "1", "--batch-size", "8", "--out", s1_dir])
+    out = run_cli(["train-head", "--store", store, "--work-dir", work, "--stage-one", s1_dir / "stage_one.pt",
+                   "--epochs", "1", "--batch-size", "4", "--num-selected", "2", "--head-option", "width=32",
+                   "--head-option", "layers=1", "--out", tmp_path / "head", "--itc-steps", "3", "--itc-batch", "4",
+                   "--device", "cpu"])
+    ckpt_path = tmp_path / "head" / "stage_two.pt"
     assert f"checkpoint: {ckpt_path}" in out
     ckpt = load_stage_two(ckpt_path)
     assert ckpt.config["num_selected"] == 2 and ckpt.config["width"] == 32
@@ -425,32 +341,40 @@ def test_train_head_from_the_cli(tmp_path_factory: pytest.TempPathFactory) -> No
     assert ckpt.train_args["itc_weight"] == 1.0  # the default for crosstvr
     assert ckpt.encoder_identity["name"] == "test-vit-micro"
     assert ckpt.history["finished"]
+    # its run.json reproduces it: the same weights from the file alone
+    record = json.loads((tmp_path / "head" / "run.json").read_text())
+    assert record["options"]["head_options"] == ["width=32", "layers=1", "num_selected=2"]
+    assert record["config"]["itc_steps"] == 3 and record["config"]["itc_weight"] == 1.0
+    run_cli(["train-head", "--config", tmp_path / "head" / "run.json", "--out", tmp_path / "again"])
+    again = torch.load(tmp_path / "again" / "stage_two.pt", weights_only=True)["state_dict"]
+    first = torch.load(ckpt_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 @pytest.mark.parametrize("name,cfg", [
     ("crosstvr", {}), ("crosstvr", {"mode": "spatial"}), ("crosstvr", {"mode": "temporal"}),
     ("crosstvr", {"shared": False, "text_cross": False}), ("t2v2t", {}),
 ])
-def test_pair_logits_encode_each_video_once_and_equal_forward(name: str, cfg: dict) -> None:
+def test_match_encodes_each_video_once_and_equals_aligned_pairs(name: str, cfg: dict) -> None:
     kw = {k: v for k, v in TINY.items() if name == "crosstvr" or k in ("width", "layers", "heads", "ff_mult")}
     torch.manual_seed(0)
-    head = build_stage_two(name, D, D, **{**kw, **cfg}).eval()
-    tokens, fm, text, tm = _random_inputs(3, T, N, D, D)
+    head = create_head(name, D, D, **{**kw, **cfg}).eval()
+    tokens, fm, text, tm = random_pair_inputs(3, T, N, D, D)
     pair_video, pair_text = torch.tensor([2, 0, 2, 1, 2]), torch.tensor([0, 1, 2, 2, 1])
     calls = []
     original = head.encode_video
     head.encode_video = lambda *a: calls.append(a[0].shape[0]) or original(*a)
-    shared = head.pair_logits(tokens, fm, text, tm, pair_video, pair_text)
+    shared = head.match(text, tm, head.encode_video(tokens, fm), pair_text, pair_video)
     assert calls == [3]  # three distinct videos, encoded once for five pairs
-    expanded = head(tokens[pair_video], fm[pair_video], text[pair_text], tm[pair_text])
+    expanded = logits_of(head, tokens[pair_video], fm[pair_video], text[pair_text], tm[pair_text])
     torch.testing.assert_close(shared, expanded, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(head.pair_score(tokens, fm, text, tm, pair_video, pair_text),
+    torch.testing.assert_close(head.pair_score(text, tm, tokens, fm, pair_text, pair_video),
                                expanded[:, 1] - expanded[:, 0], rtol=1e-5, atol=1e-5)
     # gradients agree as well (a video shared by pairs sums its pairs' gradients)
     head.train()
     grads = []
-    for fn in (lambda: head.pair_logits(tokens, fm, text, tm, pair_video, pair_text),
-               lambda: head(tokens[pair_video], fm[pair_video], text[pair_text], tm[pair_text])):
+    for fn in (lambda: head.match(text, tm, head.encode_video(tokens, fm), pair_text, pair_video),
+               lambda: logits_of(head, tokens[pair_video], fm[pair_video], text[pair_text], tm[pair_text])):
         head.zero_grad()
         fn()[:, 1].sum().backward()
         grads.append({k: p.grad.clone() for k, p in head.named_parameters() if p.grad is not None})
@@ -465,8 +389,6 @@ def test_qformer_shortcuts_give_the_full_computation(layers: int, prenorm: bool,
                                                      cross_every: int) -> None:
     """Running the first layer's self-attention once per pair (``expand``) and skipping the last
     layer's unused text rows (``need_text=False``) change the cost, not the query outputs."""
-    from heads.stage_two import QFormer
-
     torch.manual_seed(0)
     qf = QFormer(layers, 16, 2, kv_dim=12, cross_every=cross_every, text_cross=text_cross, ff_mult=2.0,
                  prenorm=prenorm).eval()
@@ -488,17 +410,17 @@ def test_qformer_shortcuts_give_the_full_computation(layers: int, prenorm: bool,
 
 def test_folded_standardisation_equals_standardise_then_project() -> None:
     torch.manual_seed(0)
-    head = build_stage_two("crosstvr", D, D + 3, **TINY).eval()
+    head = create_head("crosstvr", D, D + 3, **TINY).eval()
     std = head.standardizer
     std.visual_mean.copy_(torch.randn(D))
     std.visual_std.copy_(torch.rand(D) + 0.5)
     std.text_mean.copy_(torch.randn(D + 3))
     std.text_std.copy_(torch.rand(D + 3) + 0.5)
-    tokens, fm, _, _ = _random_inputs(3, T, N, D, D)
+    tokens, fm, _, _ = random_pair_inputs(3, T, N, D, D)
     text = torch.randn(3, L, D + 3).half()
     tm = torch.arange(L)[None, :] < torch.tensor([[L], [2], [4]])
     with torch.no_grad():
-        vis, _ = head._visual(tokens, fm)
+        vis, _ = head.visual(tokens, fm)
         plain = std.visual(tokens).where(fm[:, :, None, None], torch.zeros(()))
         torch.testing.assert_close(vis, head.visual_proj(plain), rtol=1e-5, atol=1e-5)
         txt, _ = head._text(text, tm)

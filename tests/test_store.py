@@ -151,9 +151,9 @@ def test_stage_rows_and_idempotent(tmp_path):
 
 
 def test_stage_blocks_within_shards(tmp_path, monkeypatch):
-    import pipeline.store as ps
+    import pipeline.staging as staging
 
-    monkeypatch.setattr(ps, "_STAGE_BLOCK_BYTES", 1)  # one row per read
+    monkeypatch.setattr(staging, "_STAGE_BLOCK_BYTES", 1)  # one row per read
     store = make(tmp_path / "s.zarr")
     fill(store)
     st = store.stage("train", tmp_path / "stage")

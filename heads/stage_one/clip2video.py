@@ -34,21 +34,22 @@ valid only between two valid frames, and padded frames / padded words get zero a
 every center. A caption with no valid word (or a video with no valid frame) has a zero aligned
 part rather than NaN.
 
-The text side needs the word tokens: ``encode_text(text_emb, text_tokens, text_mask)``; the head
-announces this with ``uses_text_tokens = True`` so the batch loader, the trainer and
-``heads.evaluate.similarity`` gather and pass them.
+The text side needs the word tokens: ``encode_text(text_emb, text_tokens, text_mask)``; the
+registry lists the head as supporting ``text_tokens``, so the batch loader, the trainer and
+``heads.evaluation.similarity`` gather and pass them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.stage_one import CLIP_LOGIT_SCALE, StageOneHead, clean_frames, masked_mean
+from heads.stage_one.models import StageOneConfig, StageOneHead, clean_frames, masked_mean
 
 
 def _encoder(width: int, num_heads: int, num_layers: int, ff_mult: float, dropout: float) -> nn.TransformerEncoder:
@@ -82,56 +83,47 @@ def vlad(tokens: torch.Tensor, mask: torch.Tensor, assign: nn.Linear, centers: t
     return F.normalize(agg.flatten(1), dim=-1)
 
 
+@dataclass
+class CLIP2VideoConfig(StageOneConfig):
+    """Options of ``CLIP2Video`` (None: the embedding width)."""
+
+    text_dim: int | None = None  # width of the caption word tokens
+    num_centers: int = 5  # K shared TAB centers
+    weight: float = 0.5  # share of the global similarity
+    tab_dim: int | None = 128
+    num_layers: int = 1
+    diff_layers: int = 1
+    num_heads: int = 4
+    width: int | None = 256
+    ff_mult: float = 2.0
+    dropout: float = 0.1
+    max_frames: int = 64
+
+
 class CLIP2Video(StageOneHead):
     """Temporal Difference Block + Temporal Alignment Block (see module docstring)."""
 
     name = "clip2video"
-    uses_text_tokens = True
+    Config = CLIP2VideoConfig
 
-    def __init__(
-        self,
-        embed_dim: int,
-        logit_scale: float = CLIP_LOGIT_SCALE,
-        text_proj: bool = True,
-        text_dim: int | None = None,
-        num_centers: int = 5,
-        weight: float = 0.5,
-        tab_dim: int | None = 128,
-        num_layers: int = 1,
-        diff_layers: int = 1,
-        num_heads: int = 4,
-        width: int | None = 256,
-        ff_mult: float = 2.0,
-        dropout: float = 0.1,
-        max_frames: int = 64,
-    ) -> None:
-        super().__init__(embed_dim, logit_scale, text_proj)
-        width = int(embed_dim if width is None else width)
-        tab_dim = int(embed_dim if tab_dim is None else tab_dim)
-        text_dim = int(embed_dim if text_dim is None else text_dim)
+    def __init__(self, embed_dim: int, **options: Any) -> None:
+        super().__init__(embed_dim, **options)
+        c = self.cfg
+        c.width = width = int(embed_dim if c.width is None else c.width)
+        c.tab_dim = tab_dim = int(embed_dim if c.tab_dim is None else c.tab_dim)
+        c.text_dim = text_dim = int(embed_dim if c.text_dim is None else c.text_dim)
+        num_heads, num_layers, diff_layers = int(c.num_heads), int(c.num_layers), int(c.diff_layers)
+        ff_mult, dropout, max_frames = float(c.ff_mult), float(c.dropout), int(c.max_frames)
         if width % num_heads:
             raise ValueError(f"transformer width {width} is not divisible by num_heads {num_heads}")
-        if not 0.0 <= float(weight) <= 1.0:
-            raise ValueError(f"weight (share of the global similarity) must be in [0, 1], got {weight}")
-        if int(num_centers) < 1:
-            raise ValueError(f"num_centers must be >= 1, got {num_centers}")
-        self._arch = {
-            "text_dim": text_dim,
-            "num_centers": int(num_centers),
-            "weight": float(weight),
-            "tab_dim": tab_dim,
-            "num_layers": int(num_layers),
-            "diff_layers": int(diff_layers),
-            "num_heads": int(num_heads),
-            "width": width,
-            "ff_mult": float(ff_mult),
-            "dropout": float(dropout),
-            "max_frames": int(max_frames),
-        }
+        if not 0.0 <= float(c.weight) <= 1.0:
+            raise ValueError(f"weight (share of the global similarity) must be in [0, 1], got {c.weight}")
+        if int(c.num_centers) < 1:
+            raise ValueError(f"num_centers must be >= 1, got {c.num_centers}")
         self.text_dim = text_dim
-        self.num_centers = int(num_centers)
+        self.num_centers = int(c.num_centers)
         self.tab_dim = tab_dim
-        self.weight = float(weight)
+        self.weight = float(c.weight)
         # -- TDB
         self.inp: nn.Module = nn.Identity() if width == embed_dim else nn.Linear(embed_dim, width)
         self.diff_pos_emb = nn.Parameter(torch.randn(max(1, max_frames - 1), width) * 0.02)
@@ -158,8 +150,8 @@ class CLIP2Video(StageOneHead):
         """(V, T, E) unit frames after the TDB (padded frames are zero vectors)."""
         mask = frame_mask.bool()
         num_frames = frame_emb.shape[1]
-        if num_frames > self._arch["max_frames"]:
-            raise ValueError(f"{num_frames} frames > max_frames {self._arch['max_frames']} of this head")
+        if num_frames > self.cfg.max_frames:
+            raise ValueError(f"{num_frames} frames > max_frames {self.cfg.max_frames} of this head")
         frames = clean_frames(frame_emb, mask)
         x = self.inp(frames)  # (V, T, W)
         if num_frames > 1:
@@ -220,13 +212,6 @@ class CLIP2Video(StageOneHead):
         """(C, E) text embeddings + (C, L, Dt) word tokens + (C, L) mask -> (C, output_dim)."""
         return self._combine(*self.text_parts(text_emb, text_tokens, text_mask))
 
-    def forward(self, frame_emb: torch.Tensor, frame_mask: torch.Tensor, text_emb: torch.Tensor,
-                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Scaled logits (C, V) = scale * (w * global cosine + (1 - w) * aligned cosine)."""
-        return self.logits(self.encode_text(text_emb, text_tokens, text_mask), self.encode_video(frame_emb, frame_mask))
-
     def _combine(self, global_part: torch.Tensor, aligned_part: torch.Tensor) -> torch.Tensor:
         return torch.cat([math.sqrt(self.weight) * global_part, math.sqrt(1.0 - self.weight) * aligned_part], dim=-1)
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), **self._arch}

@@ -1,8 +1,8 @@
 """Inference-time post-processing of similarity matrices: dual softmax (DSL) and QB-Norm.
 
-Pure numpy functions. Every matrix follows ``heads.metrics``: ``sim`` is ``(C, V)``, rows are
+Pure numpy functions. Every matrix follows ``core.metrics``: ``sim`` is ``(C, V)``, rows are
 captions, columns are videos, higher = more similar. T2V ranks each row over the videos; V2T
-ranks each column over the captions (``heads.metrics.v2t_metrics``).
+ranks each column over the captions (``core.metrics.v2t_metrics``).
 
 Both methods change scores *across* queries, so they need the whole query set (DSL) or a bank
 of other queries (QB-Norm) at once, and both are only defined for the ranking direction they
@@ -16,7 +16,7 @@ were computed for:
   video querybank against the same captions and transpose back (``qb_norm_metrics`` does both).
 
 ``flatten_padded_captions`` turns a dense ``(V, max_captions, ...)`` caption layout with a
-padding mask into the flat caption list that ``heads.metrics`` ranks, so padded slots never
+padding mask into the flat caption list that ``core.metrics`` ranks, so padded slots never
 become queries or candidates.
 """
 
@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from heads.metrics import DEFAULT_KS, check_finite, t2v_metrics, v2t_metrics
+from core.metrics import DEFAULT_KS, check_finite, t2v_metrics, v2t_metrics
 
 __all__ = [
     "DEFAULT_DSL_TEMPERATURE",
@@ -40,7 +40,6 @@ __all__ = [
     "log_softmax",
     "qb_norm",
     "qb_norm_metrics",
-    "stage_one_querybanks",
 ]
 
 DEFAULT_DSL_TEMPERATURE = 0.01  # softmax(sim / 0.01) == softmax(100 * sim): CLIP's logit scale on cosines
@@ -80,10 +79,10 @@ def dual_softmax(sim: np.ndarray, temperature: float = DEFAULT_DSL_TEMPERATURE,
       ``(c, v)`` is ``softmax_over_captions(sim[:, v] / temperature)[c]``, i.e. axis 0. A video
       that is similar to every caption (a hub) spreads its prior mass over all of them, so it is
       demoted for the captions that are not its best match. Rank the result with
-      ``heads.metrics.t2v_metrics``.
+      ``core.metrics.t2v_metrics``.
     * ``direction="v2t"`` (rank each column over the captions): the prior of ``(c, v)`` is
       ``softmax_over_videos(sim[c, :] / temperature)[v]``, i.e. axis 1. Rank the result with
-      ``heads.metrics.v2t_metrics``.
+      ``core.metrics.v2t_metrics``.
 
     The product is ``sim * prior`` (the published form; a positive common factor such as the
     number of rows does not change any rank and is left out). The prior is computed with
@@ -221,32 +220,11 @@ def qb_norm_metrics(sim: np.ndarray, caption_video: np.ndarray, text_bank_sim: n
     return {"t2v": t2v_metrics(t2v, caption_video, ks), "v2t": v2t_metrics(v2t, caption_video, ks)}
 
 
-def stage_one_querybanks(head, split, bank) -> tuple[np.ndarray, np.ndarray]:
-    """QB-Norm querybanks of a stage-one head: ``(text_bank (B_t, V), video_bank (B_v, C))``.
-
-    ``text_bank``: ``bank``'s captions against ``split``'s videos (for T2V); ``video_bank``:
-    ``bank``'s videos against ``split``'s captions (for V2T). ``bank`` must be another, non-test
-    split (train or val) of the same store (``check_querybank_split``). Needs torch (imported here).
-    """
-    from types import SimpleNamespace
-
-    from heads.evaluate import similarity
-
-    check_querybank_split(bank.split, split.split)
-    if getattr(bank, "store_fingerprint", None) != getattr(split, "store_fingerprint", None):
-        raise ValueError(f"QB-Norm querybank split {bank.split!r} comes from another store than {split.split!r}")
-    texts = SimpleNamespace(video_ids=split.video_ids, frame_emb=split.frame_emb, frame_mask=split.frame_mask,
-                            text_emb=bank.text_emb)
-    videos = SimpleNamespace(video_ids=bank.video_ids, frame_emb=bank.frame_emb, frame_mask=bank.frame_mask,
-                             text_emb=split.text_emb)
-    return similarity(head, texts), similarity(head, videos).T
-
-
 # --------------------------------------------------------------------------- padded captions
 
 
 def flatten_padded_captions(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense per-video caption layout -> the flat caption list of ``heads.metrics``.
+    """Dense per-video caption layout -> the flat caption list of ``core.metrics``.
 
     ``values``: ``(V, M, ...)`` (e.g. caption embeddings or caption-by-video scores, ``M`` = the
     most captions of any video); ``mask``: ``(V, M)`` bool, True for a real caption. Returns

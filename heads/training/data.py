@@ -1,9 +1,8 @@
-"""Batches from a staged split without loading whole arrays into memory.
+"""Batches from a split (``core.split.Split``) without loading whole arrays into memory.
 
-A *staged split* is any object with the attributes of ``pipeline.store.StagedSplit``
-(``split``, ``video_ids``, ``caption_video``, ``frame_emb``, ``frame_mask``, ``text_emb``, ...);
-its arrays are usually ``np.memmap``. Only the rows of one batch are read, with sorted fancy
-indexing (sequential reads), and a background thread can prepare the next batches.
+A split's arrays are usually ``np.memmap``. Only the rows of one batch are read, with sorted fancy
+indexing (sequential reads), and a background thread prepares the next batches (``prefetched``,
+the one prefetcher of both trainers and of pair scoring).
 """
 
 from __future__ import annotations
@@ -11,24 +10,13 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-
-class StagedSplitLike(Protocol):
-    """The attributes of ``pipeline.store.StagedSplit`` that heads use."""
-
-    store_fingerprint: str
-    encoder_identity: dict
-    split: str
-    video_ids: Sequence[str]
-    caption_ids: Sequence[str]
-    caption_video: np.ndarray
-    frame_emb: np.ndarray
-    frame_mask: np.ndarray
-    text_emb: np.ndarray
+from core.split import Split, require_arrays
+from heads.registry import supports
 
 
 def gather_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -69,18 +57,13 @@ class Batch:
 
 
 def uses_text_tokens(head: Any) -> bool:
-    """Whether a stage-one head (instance or class) needs the caption word tokens."""
-    return bool(getattr(head, "uses_text_tokens", False))
+    """Whether a stage-one head (name, class or instance) reads the caption word tokens."""
+    return supports(head, "text_tokens")
 
 
-def require_text_tokens(split: Any, head_name: str) -> None:
-    """Refuse a split without staged text tokens for a head that needs them, with a clear error."""
-    if getattr(split, "text_tokens", None) is None or getattr(split, "text_mask", None) is None:
-        raise ValueError(
-            f"head {head_name!r} uses the caption word tokens, but split {getattr(split, 'split', '?')!r} "
-            f"has no text_tokens/text_mask; stage it with the text tokens "
-            f"(CacheStore.stage(..., arrays=('frame_emb', 'text')))"
-        )
+def require_text_tokens(split: Split, head_name: str) -> None:
+    """Refuse a split without staged text tokens for a head that reads them, with a clear error."""
+    require_arrays(split, ("text_tokens", "text_mask"), f"head {head_name!r} (it uses the caption word tokens)")
 
 
 class EpochSampler:
@@ -129,7 +112,7 @@ class EpochSampler:
         return batches
 
 
-def load_batch(split: Any, video_index: np.ndarray, caption_index: np.ndarray,
+def load_batch(split: Split, video_index: np.ndarray, caption_index: np.ndarray,
                text_tokens: bool = False) -> Batch:
     """Read the rows of one batch from the (memory-mapped) arrays of ``split``.
 
@@ -153,25 +136,27 @@ def load_batch(split: Any, video_index: np.ndarray, caption_index: np.ndarray,
 _END = object()
 
 
-def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2,
-                    text_tokens: bool = False) -> Iterator[Batch]:
-    """Yield ``load_batch`` for each planned batch; ``prefetch > 0`` reads ahead in a thread."""
-    if prefetch <= 0:
-        for v, c in plan:
-            yield load_batch(split, v, c, text_tokens)
+def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
+    """Yield ``load(item)`` for each item; ``depth > 0`` loads up to ``depth`` ahead in a thread.
+
+    An exception in ``load`` is raised in the consumer; closing the generator stops the thread.
+    """
+    if depth <= 0:
+        for item in items:
+            yield load(item)
         return
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def worker() -> None:
         try:
-            for v, c in plan:
+            for item in items:
                 if stop.is_set():
                     return
-                item = load_batch(split, v, c, text_tokens)
+                value = load(item)
                 while not stop.is_set():
                     try:
-                        q.put(item, timeout=0.1)
+                        q.put(value, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -179,16 +164,16 @@ def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], p
         except BaseException as exc:  # surfaced in the consumer
             q.put(exc)
 
-    thread = threading.Thread(target=worker, name="batch-prefetch", daemon=True)
+    thread = threading.Thread(target=worker, name="prefetch", daemon=True)
     thread.start()
     try:
         while True:
-            item = q.get()
-            if item is _END:
+            value = q.get()
+            if value is _END:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if isinstance(value, BaseException):
+                raise value
+            yield value
     finally:
         stop.set()
         while thread.is_alive():  # unblock a worker waiting on a full queue
@@ -197,6 +182,12 @@ def iterate_batches(split: Any, plan: Sequence[tuple[np.ndarray, np.ndarray]], p
             except queue.Empty:
                 pass
             thread.join(timeout=0.05)
+
+
+def iterate_batches(split: Split, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2,
+                    text_tokens: bool = False) -> Iterator[Batch]:
+    """Yield ``load_batch`` for each planned ``(video_index, caption_index)`` batch, ``prefetch`` ahead."""
+    return prefetched(plan, lambda vc: load_batch(split, vc[0], vc[1], text_tokens), prefetch)
 
 
 def blocks(n: int, size: int) -> Iterator[slice]:

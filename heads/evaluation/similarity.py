@@ -1,20 +1,26 @@
-"""Similarity matrices of stage-one heads on a staged split, metrics and reports."""
+"""Similarity matrices of stage-one heads on a split, and their retrieval metrics.
+
+The one text / video embedding path of stage one: evaluation, hard-negative mining, the ranking
+term's cosine and QB-Norm's querybanks all encode through ``encode_texts`` / ``encode_videos``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Mapping
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
 
-from heads.data import blocks, require_text_tokens, uses_text_tokens
-from heads.metrics import format_table, metrics_to_json, retrieval_metrics
-from heads.stage_one import MeanP, StageOneHead
+from core.metrics import retrieval_metrics
+from core.split import Split
+from heads.evaluation.postprocess import check_querybank_split
+from heads.stage_one.models import MeanP, StageOneHead
+from heads.training.data import blocks, require_text_tokens, uses_text_tokens
 
 
 @torch.no_grad()
-def encode_videos(head: StageOneHead, split: Any, batch: int = 1024, device: str = "cpu") -> torch.Tensor:
+def encode_videos(head: StageOneHead, split: Split, batch: int = 1024, device: str = "cpu") -> torch.Tensor:
     """(V, E) unit video embeddings, read from the split in blocks of ``batch`` videos."""
     out = []
     for sl in blocks(len(split.video_ids), batch):
@@ -26,7 +32,7 @@ def encode_videos(head: StageOneHead, split: Any, batch: int = 1024, device: str
     return torch.cat(out)
 
 
-def encode_texts(head: StageOneHead, split: Any, sl: slice | None = None, device: str = "cpu") -> torch.Tensor:
+def encode_texts(head: StageOneHead, split: Split, sl: slice | None = None, device: str = "cpu") -> torch.Tensor:
     """(C', E) unit text embeddings of the captions ``sl`` (default: all) of ``split``; heads with
     ``uses_text_tokens`` (clip2video) also get the captions' word tokens and mask."""
     sl = slice(None) if sl is None else sl
@@ -41,7 +47,7 @@ def encode_texts(head: StageOneHead, split: Any, sl: slice | None = None, device
 
 
 @torch.no_grad()
-def similarity(head: StageOneHead, split: Any, batch: int = 1024, device: str = "cpu") -> np.ndarray:
+def similarity(head: StageOneHead, split: Split, batch: int = 1024, device: str = "cpu") -> np.ndarray:
     """(C, V) float32 cosine similarities (no logit scale) between every caption and video.
 
     Heads with ``uses_text_tokens`` (clip2video) also get the captions' word tokens and mask.
@@ -61,7 +67,7 @@ def similarity(head: StageOneHead, split: Any, batch: int = 1024, device: str = 
     return sim
 
 
-def evaluate(head: StageOneHead, split: Any, batch: int = 1024, device: str = "cpu") -> dict[str, dict[str, float]]:
+def evaluate(head: StageOneHead, split: Split, batch: int = 1024, device: str = "cpu") -> dict[str, dict[str, float]]:
     """``{"t2v": {...}, "v2t": {...}}`` retrieval metrics of ``head`` on ``split``."""
     sim = similarity(head, split, batch=batch, device=device)
     return retrieval_metrics(sim, np.asarray(split.caption_video))
@@ -72,15 +78,18 @@ def untrained_baseline(embed_dim: int) -> MeanP:
     return MeanP(embed_dim).eval()
 
 
-def write_report(results: Mapping[str, Any], out_dir: str | Path, name: str = "report") -> tuple[Path, str]:
-    """Write ``out_dir/<name>.json`` and ``out_dir/<name>.txt``; return (json path, table text).
+def querybanks(head: StageOneHead, split: Split, bank: Split) -> tuple[np.ndarray, np.ndarray]:
+    """QB-Norm querybanks of a stage-one head: ``(text_bank (B_t, V), video_bank (B_v, C))``.
 
-    ``results`` maps a model name to its metrics (``{"t2v": {...}, "v2t": {...}}`` or flat).
+    ``text_bank``: ``bank``'s captions against ``split``'s videos (for T2V); ``video_bank``:
+    ``bank``'s videos against ``split``'s captions (for V2T). ``bank`` must be another, non-test
+    split (train or val) of the same store (``heads.evaluation.postprocess.check_querybank_split``).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
-    json_path = out / f"{name}.json"
-    json_path.write_text(metrics_to_json(results) + "\n")
-    (out / f"{name}.txt").write_text(table + "\n")
-    return json_path, table
+    check_querybank_split(bank.split, split.split)
+    if getattr(bank, "store_fingerprint", None) != getattr(split, "store_fingerprint", None):
+        raise ValueError(f"QB-Norm querybank split {bank.split!r} comes from another store than {split.split!r}")
+    texts = SimpleNamespace(video_ids=split.video_ids, frame_emb=split.frame_emb, frame_mask=split.frame_mask,
+                            text_emb=bank.text_emb)
+    videos = SimpleNamespace(video_ids=bank.video_ids, frame_emb=bank.frame_emb, frame_mask=bank.frame_mask,
+                             text_emb=split.text_emb)
+    return similarity(head, texts), similarity(head, videos).T

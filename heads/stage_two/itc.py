@@ -25,13 +25,16 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from core.errors import RunMismatchError
+from core.split import Split
+from heads.stage_two.pairs import ItmBatch, load_pairs
+from heads.training.common import make_optimizer, save
 
 __all__ = ["itc_loss", "itc_batch", "pretrain_itc", "supports_itc", "batch_itc_loss", "ITC_STATE_NAME"]
 
@@ -44,10 +47,10 @@ def supports_itc(head: nn.Module) -> bool:
     return hasattr(head, "video_queries") and int(getattr(head, "itc_dim", 0)) > 0
 
 
-def batch_itc_loss(model: nn.Module, batch: Any, videos: torch.Tensor, captions: torch.Tensor,
+def batch_itc_loss(model: nn.Module, batch: ItmBatch, captions: torch.Tensor, videos: torch.Tensor,
                    video: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITC loss and (C, V) logits of aligned pairs ``(videos[i], captions[i])`` (rows of ``batch``'s
-    distinct ``tokens`` / ``text_tokens``; videos distinct). ``video``: ``model.encode_video`` of
+    """ITC loss and (C, V) logits of aligned pairs ``(captions[i], videos[i])`` (rows of ``batch``'s
+    distinct ``text_tokens`` / ``tokens``; videos distinct). ``video``: ``model.encode_video`` of
     the batch's tokens when the caller already has it (the ITM step)."""
     if video is None:
         video = model.encode_video(batch.tokens, batch.frame_mask)
@@ -65,7 +68,8 @@ def itc_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def itc_batch(caption_video: np.ndarray, num_videos: int, batch_size: int, rng: np.random.Generator,
               neighbours: np.ndarray | None = None, cluster: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct video rows (B,) and one caption row of each (B,) for one contrastive step.
+    """One caption row each (B,) of distinct video rows (B,) for one contrastive step:
+    ``(captions, videos)``.
 
     ``neighbours`` (C, K): for each caption row, other video rows in stage-one order. With
     ``cluster > 1`` the batch is built from clusters: a random caption's video, then up to
@@ -91,7 +95,7 @@ def itc_batch(caption_video: np.ndarray, num_videos: int, batch_size: int, rng: 
                         break
         videos = np.asarray(chosen, dtype=np.int64)
     captions = _one_caption_each(cv, videos, rng)
-    return videos, captions
+    return captions, videos
 
 
 def _one_caption_each(cv: np.ndarray, videos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -105,7 +109,7 @@ def _one_caption_each(cv: np.ndarray, videos: np.ndarray, rng: np.random.Generat
     return order[pick]
 
 
-def pretrain_itc(model: nn.Module, train: Any, state_path: str | Path, steps: int, batch_size: int = 64,
+def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: int, batch_size: int = 64,
                  lr: float = 5e-4, weight_decay: float = 0.05, warmup: int = 50, seed: int = 0,
                  neighbours: np.ndarray | None = None, cluster: int = 1, device: str = "cpu",
                  max_steps: int | None = None, save_every: int = 50, progress: bool = True,
@@ -116,22 +120,21 @@ def pretrain_itc(model: nn.Module, train: Any, state_path: str | Path, steps: in
     ``args`` differ from ``args`` raises ``RunMismatchError``. ``max_steps`` stops early (resumable).
     History: one record per ``save_every`` steps (mean loss, in-batch caption->video accuracy).
     """
-    from heads.train_stage_two import RunMismatchError, _atomic_save, _param_groups, load_pairs
-    from heads.train import cosine_with_warmup
-
     if not supports_itc(model):
         raise ValueError(f"contrastive pre-training needs a Q-Former-style head with a contrastive projection "
                          f"(crosstvr with itc_dim > 0); {getattr(model, 'name', type(model).__name__)} has none")
     if steps <= 0:
         return True, []
     state_path = Path(state_path)
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
+    optimizer, scheduler = make_optimizer(model, lr, weight_decay, steps, warmup)
     step, history = 0, []
     args = dict(args or {})
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("args") != args:
+        saved = dict(state.get("args") or {})
+        if "head_cfg" in saved:  # the name of head_config in runs saved by earlier versions
+            saved["head_config"] = saved.pop("head_cfg")
+        if saved != args:
             raise RunMismatchError(f"{state_path} belongs to a contrastive pre-training run with other arguments; "
                                    f"use another out_dir or resume=False")
         model.load_state_dict(state["model"])
@@ -141,8 +144,8 @@ def pretrain_itc(model: nn.Module, train: Any, state_path: str | Path, steps: in
         if state["finished"]:
             return True, history
 
-    def save(finished: bool) -> None:
-        _atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    def save_state(finished: bool) -> None:
+        save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "step": step, "history": history, "finished": finished, "args": args}, state_path)
 
@@ -154,14 +157,14 @@ def pretrain_itc(model: nn.Module, train: Any, state_path: str | Path, steps: in
     t0 = time.perf_counter()
     while step < steps:
         if max_steps is not None and step >= max_steps:
-            save(False)
+            save_state(False)
             bar.close()
             return False, history
         rng = np.random.default_rng([int(seed), int(step), 0x17C])
-        videos, captions = itc_batch(train.caption_video, num_videos, batch_size, rng, neighbours, cluster)
-        batch = load_pairs(train, videos, captions).to(device)
-        # load_pairs keeps distinct rows sorted: pair_video / pair_text map back to the batch order
-        loss, logits = batch_itc_loss(model, batch, batch.pair_video, batch.pair_text)
+        captions, videos = itc_batch(train.caption_video, num_videos, batch_size, rng, neighbours, cluster)
+        batch = load_pairs(train, captions, videos).to(device)
+        # load_pairs keeps distinct rows sorted: pair_text / pair_video map back to the batch order
+        loss, logits = batch_itc_loss(model, batch, batch.pair_text, batch.pair_video)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -179,6 +182,6 @@ def pretrain_itc(model: nn.Module, train: Any, state_path: str | Path, steps: in
                             "seconds": round(time.perf_counter() - t0, 3)})
             acc_loss = acc_hits = acc_n = 0.0
             t0 = time.perf_counter()
-            save(step >= steps)
+            save_state(step >= steps)
     bar.close()
     return True, history

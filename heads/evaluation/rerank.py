@@ -1,16 +1,16 @@
 """Two-stage retrieval: re-rank each query's stage-one top K with a stage-two head.
 
-Conventions (the same as ``heads.metrics``): ``sim`` is the stage-one similarity ``(C, V)``,
+Conventions (the same as ``core.metrics``): ``sim`` is the stage-one similarity ``(C, V)``,
 captions x videos, higher = better.
 
 * T2V: every caption's ``K`` best videos by ``sim``; V2T: every *captioned* video's ``K`` best
-  captions (videos without a caption are not V2T queries, see ``heads.metrics``). Ties in ``sim``
+  captions (videos without a caption are not V2T queries, see ``core.metrics``). Ties in ``sim``
   are broken by the lower candidate index (stable sort), so the candidate sets are deterministic.
 * Every distinct (caption, video) pair in the union of both candidate sets is scored ONCE by the
-  head (``head.score`` -> match log-odds ``h``), in batches sorted by video so that a batch reads
-  few distinct token rows from the memory-mapped split (``heads.data.gather_rows``).
+  scorer (a stage-two head's score ``h``), in order of (video, caption) so that a batch reads few
+  distinct token rows from the memory-mapped split.
 * Final score of a candidate = ``sim + h``. Re-ranking only permutes the top K: candidates beyond
-  K keep their stage-one score and order. To let ``heads.metrics`` rank the full lists, each
+  K keep their stage-one score and order. To let ``core.metrics`` rank the full lists, each
   direction gets its own full matrix in which a query's top-K entries are *lifted*:
   ``offset + sim + h`` with ``offset = (max(sim) - min(sim)) + max(0, -min(h)) + 1`` (one constant
   per matrix), so every re-ranked entry is above every other entry of that matrix by at least 1,
@@ -21,7 +21,7 @@ captions x videos, higher = better.
   R@1/5/10: re-ranking cannot fix a query whose positive is outside the top K, so
   ``re-ranked R@K == stage-one R@K`` (up to ties at the K-th place, which metrics count against
   the query while candidate selection breaks them by index).
-* ``dsl=True`` (dual softmax, ``heads.postprocess.dual_softmax``): stage one is reported on
+* ``dsl=True`` (dual softmax, ``heads.evaluation.postprocess.dual_softmax``): stage one is reported on
   ``dual_softmax(sim)``. For the re-ranked result the natural final score matrix of each direction
   (``sim + h`` on that direction's candidates, ``sim`` elsewhere) goes through ``dual_softmax``;
   the candidate sets stay the ones chosen by the raw stage-one ``sim``, so the top K are still
@@ -36,18 +36,20 @@ candidates of every query (positions beyond K are the stage-one order: ``sim`` a
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from heads.metrics import DEFAULT_KS, check_finite, format_table, metrics_to_json, ranks_to_metrics, t2v_ranks, v2t_ranks
+from core.fileio import write_json, write_text
+from core.metrics import (DEFAULT_KS, check_finite, format_table, metrics_to_json, ranks_to_metrics, t2v_ranks,
+                          v2t_ranks)
+from core.split import Split
+from heads.evaluation.postprocess import dual_softmax
 
 DEFAULT_K = 15
-DEFAULT_BATCH = 64
 DIRECTIONS = ("t2v", "v2t")
 
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -108,38 +110,6 @@ def _lookup(pair_caps: np.ndarray, pair_vids: np.ndarray, scores: np.ndarray, nu
     return scores[pos].reshape(np.shape(caps))
 
 
-# ------------------------------------------------------------------------------ pair scoring
-def head_scorer(head: Any, split: Any, batch_size: int = DEFAULT_BATCH, device: str = "cpu",
-                progress: bool = True) -> PairScorer:
-    """A ``PairScorer`` running the stage-two head on the split's cached tokens.
-
-    Reads only the rows of each batch from the (memory-mapped) ``tokens``, ``frame_mask``,
-    ``text_tokens`` and ``text_mask`` of ``split``, each distinct row once, and runs the head's
-    text-independent work once per distinct video of the batch
-    (``heads.train_stage_two.score_pairs``); never the whole cache.
-    """
-    from heads.train_stage_two import score_pairs
-
-    for name in ("tokens", "frame_mask", "text_tokens", "text_mask"):
-        if getattr(split, name, None) is None:
-            raise ValueError(
-                f"split {getattr(split, 'split', '?')!r} has no {name!r} array: stage it with the visual "
-                f"and text tokens (CacheStore.stage(..., arrays=('frame_emb', 'tokens', 'text')))")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    def score(caps: np.ndarray, vids: np.ndarray) -> np.ndarray:
-        head.to(device)
-        out = score_pairs(head, split, vids, caps, batch=batch_size, device=device, progress=progress)
-        if not np.isfinite(out).all():
-            bad = int(np.flatnonzero(~np.isfinite(out))[0])
-            raise ValueError(f"the stage-two head returned a non-finite score for caption row "
-                             f"{int(caps[bad])}, video row {int(vids[bad])}")
-        return out
-
-    return score
-
-
 # ------------------------------------------------------------------------------ matrices
 def lift(base: np.ndarray, rows: np.ndarray, cols: np.ndarray, extra: np.ndarray | float = 0.0) -> np.ndarray:
     """Full float64 copy of ``base`` with the entries ``(rows, cols)`` set to ``offset + base + extra``.
@@ -158,12 +128,8 @@ def lift(base: np.ndarray, rows: np.ndarray, cols: np.ndarray, extra: np.ndarray
 
 
 def _dual_softmax(sim: np.ndarray, temperature: float | None, direction: str) -> np.ndarray:
-    """``heads.postprocess.dual_softmax`` for one ranking direction (T2V: prior = softmax over the
-    captions; V2T: over the videos); C x V in and out, float64."""
-    try:
-        from heads.postprocess import dual_softmax
-    except ImportError as exc:  # pragma: no cover - depends on another module being installed
-        raise RuntimeError(f"--dsl needs heads.postprocess.dual_softmax, which is not available: {exc}") from exc
+    """``dual_softmax`` for one ranking direction (T2V: prior = softmax over the captions; V2T: over
+    the videos); C x V in and out, float64."""
     kwargs = {} if temperature is None else {"temperature": float(temperature)}
     m = np.asarray(dual_softmax(np.asarray(sim), direction=direction, **kwargs), dtype=np.float64)
     if m.shape != np.shape(sim):
@@ -224,22 +190,18 @@ class RerankResult:
 
 def rerank(
     sim: np.ndarray,
-    split: Any,
-    head: Any = None,
+    split: Split,
+    scorer: PairScorer,
     k: int = DEFAULT_K,
     directions: Sequence[str] = DIRECTIONS,
     dsl: bool = False,
     dsl_temperature: float | None = None,
-    batch_size: int = DEFAULT_BATCH,
-    device: str = "cpu",
-    scorer: PairScorer | None = None,
-    progress: bool = True,
 ) -> RerankResult:
     """Re-rank the stage-one top ``k`` of every query (see the module docstring).
 
-    ``sim``: (C, V) stage-one similarities of ``split``'s captions and videos. ``head``: a
-    stage-two head (``head.score(tokens, frame_mask, text_tokens, text_mask)``) read through the
-    split's tokens; or pass ``scorer(caption_rows, video_rows) -> scores`` instead.
+    ``sim``: (C, V) stage-one similarities of ``split``'s captions and videos; ``scorer(caption_rows,
+    video_rows) -> scores`` scores pairs (``heads.stage_two.scoring.pair_scorer`` runs a stage-two
+    head on the split's cached tokens).
     """
     t_start = time.perf_counter()
     sim = check_finite(sim, "stage-one similarity")
@@ -251,11 +213,6 @@ def rerank(
     bad = set(directions) - set(DIRECTIONS)
     if bad or not directions:
         raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {list(directions)}")
-    if scorer is None:
-        if head is None:
-            raise ValueError("give a stage-two head or a scorer")
-        scorer = head_scorer(head, split, batch_size=batch_size, device=device, progress=progress)
-
     res = RerankResult(k=int(k), sim=sim, caption_video=cv, dsl=bool(dsl))
     t0 = time.perf_counter()
     if "t2v" in directions:
@@ -309,7 +266,7 @@ def rerank(
 
 
 # ------------------------------------------------------------------------------ outputs
-def ranked_table(res: RerankResult, split: Any, direction: str):
+def ranked_table(res: RerankResult, split: Split, direction: str):
     """``pyarrow.Table`` of the re-ranked top K of every query in ``direction``.
 
     Columns: query_id, query_index, rank (1-based, final order), candidate_id, candidate_index,
@@ -356,7 +313,7 @@ def ranked_table(res: RerankResult, split: Any, direction: str):
 
 
 
-def write_outputs(res: RerankResult, split: Any, out_dir: str | Path, meta: Mapping | None = None,
+def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Mapping | None = None,
                   title: str | None = None) -> tuple[dict[str, Path], str]:
     """Write the ranked lists (Parquet), ``metrics.json``, ``metrics.txt`` and ``run.json``.
 
@@ -378,66 +335,13 @@ def write_outputs(res: RerankResult, split: Any, out_dir: str | Path, meta: Mapp
     if title:
         table = f"{title}\n{table}"
     paths["metrics"] = out / "metrics.json"
-    paths["metrics"].write_text(metrics_to_json(metrics) + "\n")
+    write_text(paths["metrics"], metrics_to_json(metrics) + "\n")
     paths["table"] = out / "metrics.txt"
-    paths["table"].write_text(table + "\n")
+    write_text(paths["table"], table + "\n")
     run = {"split": str(split.split), "k": res.k, "dsl": res.dsl, "num_captions": int(res.sim.shape[0]),
            "num_videos": int(res.sim.shape[1]), "candidates": res.num_candidates,
            "pairs_scored": res.num_pairs, "seconds": {k: round(v, 3) for k, v in res.seconds.items()},
            **dict(meta or {})}
     paths["run"] = out / "run.json"
-    paths["run"].write_text(json.dumps(run, indent=2, default=str) + "\n")
+    write_json(paths["run"], run)
     return paths, table
-
-
-# ------------------------------------------------------------------------------ loading
-def is_stage_one_checkpoint(path: str | Path) -> bool:
-    """True for a ``stage_one.pt`` file (any ``.pt``) or a run directory holding one."""
-    from heads.train import CHECKPOINT_NAME
-
-    p = Path(path)
-    return (p.is_file() and p.suffix == ".pt") or (p.is_dir() and (p / CHECKPOINT_NAME).is_file())
-
-
-def stage_one_similarity(path: str | Path, split: Any, device: str = "cpu") -> tuple[np.ndarray, dict]:
-    """(C, V) stage-one similarities of ``split`` and a description of where they came from.
-
-    ``path``: a stage-one checkpoint (its encoder identity must match the split's store, else
-    ``StoreMismatchError``) or an imported external similarity directory
-    (``heads.external.load_external``).
-    """
-    if is_stage_one_checkpoint(path):
-        from heads.evaluate import similarity
-        from heads.train import load_stage_one
-
-        ckpt = load_stage_one(path, expect_encoder_identity=split.encoder_identity)
-        sim = similarity(ckpt.head, split, device=device)
-        info = {"kind": "checkpoint", "path": str(path), "head": ckpt.config.get("name"),
-                "store_fingerprint": ckpt.store_fingerprint}
-    else:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"--stage-one {path}: no such checkpoint or external similarity directory")
-        try:
-            from heads.external import load_external
-        except ImportError as exc:  # pragma: no cover - depends on another module landing
-            raise RuntimeError(f"{path} is not a stage-one checkpoint and heads.external is not available "
-                               f"to read it as imported similarities: {exc}") from exc
-        ext = load_external(path, split)
-        sim = np.asarray(ext.similarity(), dtype=np.float32)
-        info = {"kind": "external", "path": str(path), "identity": getattr(ext, "identity", {})}
-    expected = (len(split.caption_ids), len(split.video_ids))
-    if sim.shape != expected:
-        raise ValueError(f"stage one {path} gives a {sim.shape} similarity matrix, but split "
-                         f"{split.split!r} has {expected[0]} captions x {expected[1]} videos")
-    return sim, info
-
-
-def load_head(path: str | Path, split: Any) -> tuple[Any, dict]:
-    """The stage-two head of checkpoint ``path``, refused (``StoreMismatchError``) when it was
-    trained on another encoder's tokens than ``split``'s store."""
-    from heads.train_stage_two import load_stage_two
-
-    ckpt = load_stage_two(path, expect_encoder_identity=split.encoder_identity)
-    info = {"path": str(path), "config": ckpt.config, "store_fingerprint": ckpt.store_fingerprint,
-            "stage_one_identity": getattr(ckpt, "stage_one_identity", None)}
-    return ckpt.head, info

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from core.fileio import jsonable, write_text
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 _BLOCK = 1024  # rows per block when counting, bounds temporary memory to _BLOCK x N
@@ -206,19 +209,19 @@ def format_table(rows: Mapping[str, Mapping]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in body)])
 
 
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return None if math.isnan(f) or math.isinf(f) else f
-    return obj
-
-
 def metrics_to_json(rows: Mapping[str, object], indent: int | None = 2) -> str:
     """Strict JSON text of a (nested) metrics dict; NaN/inf become ``null``."""
-    return json.dumps(_jsonable(rows), indent=indent, sort_keys=False, allow_nan=False)
+    return json.dumps(jsonable(rows, strict=True), indent=indent, sort_keys=False, allow_nan=False)
+
+
+def write_report(results: Mapping[str, object], out_dir: str | Path, name: str = "report") -> tuple[Path, str]:
+    """Write ``out_dir/<name>.json`` and ``out_dir/<name>.txt``; return (json path, table text).
+
+    ``results`` maps a model name to its metrics (``{"t2v": {...}, "v2t": {...}}`` or flat).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    json_path = write_text(out / f"{name}.json", metrics_to_json(results) + "\n")
+    write_text(out / f"{name}.txt", table + "\n")
+    return json_path, table

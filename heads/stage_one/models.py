@@ -20,11 +20,14 @@ frame never influences the output.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from heads.base import Head
 
 CLIP_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -42,19 +45,42 @@ def clean_frames(frame_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class StageOneHead(nn.Module):
+@dataclass
+class StageOneConfig:
+    """Options every stage-one head has."""
+
+    logit_scale: float = CLIP_LOGIT_SCALE  # initial log of the logit scale (CLIP: log 1/0.07)
+    text_proj: bool = True  # a trainable text projection (identity-initialised)
+
+
+@dataclass
+class SeqTransfConfig(StageOneConfig):
+    """Options of ``SeqTransf``."""
+
+    num_layers: int = 2
+    num_heads: int = 4
+    width: int | None = 256  # transformer width (None: the embedding width)
+    ff_mult: float = 2.0
+    dropout: float = 0.1
+    max_frames: int = 64
+
+
+class StageOneHead(Head):
     """Common text side, logit scale and scoring of stage-one heads."""
 
-    name: str = "base"
+    name = "base"
+    Config = StageOneConfig
+    # the identity-initialised text projection decays towards the identity, not towards zero
+    # (``decay_text_proj``); position / type embeddings (``*_emb``) and VLAD centers never decay
+    no_weight_decay = ("text_proj*", "*_emb", "centers")
 
-    def __init__(self, embed_dim: int, logit_scale: float = CLIP_LOGIT_SCALE, text_proj: bool = True) -> None:
+    def __init__(self, embed_dim: int, **options: Any) -> None:
         super().__init__()
+        self.cfg = self.Config(**options)
         self.embed_dim = int(embed_dim)
-        self._logit_scale_init = float(logit_scale)
-        self._use_text_proj = bool(text_proj)
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(self.cfg.logit_scale)))
         self.text_proj: nn.Linear | None = None
-        if text_proj:
+        if self.cfg.text_proj:
             self.text_proj = nn.Linear(embed_dim, embed_dim)
             with torch.no_grad():
                 self.text_proj.weight.copy_(torch.eye(embed_dim))
@@ -80,18 +106,23 @@ class StageOneHead(nn.Module):
         """Scaled cosine logits (C, V) from unit text / video embeddings."""
         return self.scale() * text @ video.t()
 
-    def forward(self, frame_emb: torch.Tensor, frame_mask: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Scaled logits (C, V) between a batch of texts and a batch of videos."""
-        return self.logits(self.encode_text(text_emb), self.encode_video(frame_emb, frame_mask))
+    def forward(self, text_emb: torch.Tensor, frame_emb: torch.Tensor, frame_mask: torch.Tensor,
+                **text: torch.Tensor) -> torch.Tensor:
+        """Scaled logits (C, V) between a batch of texts and a batch of videos (``text``: the word
+        tokens and mask, for heads that use them)."""
+        return self.logits(self.encode_text(text_emb, **text), self.encode_video(frame_emb, frame_mask))
+
+    @torch.no_grad()
+    def decay_text_proj(self, lr: float, weight_decay: float) -> None:
+        """Weight decay of the text projection towards the identity (its initialisation), applied by
+        the trainer after every optimiser step."""
+        if self.text_proj is None or weight_decay <= 0:
+            return
+        w = self.text_proj.weight
+        w.sub_(lr * weight_decay * (w - torch.eye(w.shape[0], device=w.device, dtype=w.dtype)))
 
     def config(self) -> dict[str, Any]:
-        """JSON-able keyword arguments that rebuild this head with ``build_stage_one(**config)``."""
-        return {
-            "name": self.name,
-            "embed_dim": self.embed_dim,
-            "logit_scale": self._logit_scale_init,
-            "text_proj": self._use_text_proj,
-        }
+        return {"name": self.name, "embed_dim": self.embed_dim, **asdict(self.cfg)}
 
 
 class MeanP(StageOneHead):
@@ -109,34 +140,19 @@ class SeqTransf(StageOneHead):
 
     name = "seqTransf"
 
-    def __init__(
-        self,
-        embed_dim: int,
-        logit_scale: float = CLIP_LOGIT_SCALE,
-        text_proj: bool = True,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        width: int | None = 256,
-        ff_mult: float = 2.0,
-        dropout: float = 0.1,
-        max_frames: int = 64,
-    ) -> None:
-        super().__init__(embed_dim, logit_scale, text_proj)
-        width = int(embed_dim if width is None else width)
+    Config = SeqTransfConfig
+
+    def __init__(self, embed_dim: int, **options: Any) -> None:
+        super().__init__(embed_dim, **options)
+        c = self.cfg
+        c.width = width = int(embed_dim if c.width is None else c.width)
+        num_heads, num_layers, ff_mult, dropout = int(c.num_heads), int(c.num_layers), float(c.ff_mult), float(c.dropout)
         if width % num_heads:
             raise ValueError(f"transformer width {width} is not divisible by num_heads {num_heads}")
-        self._arch = {
-            "num_layers": int(num_layers),
-            "num_heads": int(num_heads),
-            "width": width,
-            "ff_mult": float(ff_mult),
-            "dropout": float(dropout),
-            "max_frames": int(max_frames),
-        }
         # A narrower transformer than the embedding keeps CPU training fast; the residual
         # branch maps back to embed_dim.
         self.inp: nn.Module = nn.Identity() if width == embed_dim else nn.Linear(embed_dim, width)
-        self.pos_emb = nn.Parameter(torch.randn(max_frames, width) * 0.02)
+        self.pos_emb = nn.Parameter(torch.randn(int(c.max_frames), width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             d_model=width,
             nhead=num_heads,
@@ -167,5 +183,3 @@ class SeqTransf(StageOneHead):
         frames = F.normalize(frames + delta, dim=-1)
         return F.normalize(masked_mean(frames, mask), dim=-1)
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), **self._arch}

@@ -1,0 +1,2 @@
+"""Stage one: cosine heads (meanP, seqTransf, CLIP2Video) over cached frame and text embeddings,
+their contrastive loss, trainer and checkpoints."""

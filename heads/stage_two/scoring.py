@@ -1,0 +1,93 @@
+"""Scoring (caption, video) pairs of a split with a stage-two head: the one path that validation,
+re-ranking and the benchmarks take (no trainer involved).
+
+``score_pairs`` reads each batch's distinct rows once from the memory-mapped split, runs the head's
+text-independent work once per distinct video of a batch, and computes a contrastive head's
+caption embeddings once per call (not once per batch a caption appears in). ``pair_scorer`` wraps
+it as the ``(caption_rows, video_rows) -> scores`` callable that ``heads.evaluation.rerank`` takes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.split import Split
+from heads.stage_two.models import StageTwoHead
+from heads.stage_two.pairs import load_pairs, require_tokens, text_rows
+from heads.training.data import blocks, prefetched
+
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@torch.no_grad()
+def caption_itc_embed(head: StageTwoHead, split: Split, caption_rows: np.ndarray, batch: int = 256,
+                      device: str = "cpu") -> torch.Tensor:
+    """(C, itc_dim) contrastive text embeddings (``itc_text_embed``) of ``caption_rows`` of ``split``."""
+    caption_rows = np.asarray(caption_rows, dtype=np.int64)
+    out = torch.empty(caption_rows.size, head.itc_dim)
+    for sl in blocks(caption_rows.size, batch):
+        ttok, tmask = text_rows(split, caption_rows[sl])
+        out[sl] = head.itc_text_embed(torch.from_numpy(ttok).to(device), torch.from_numpy(tmask).to(device)
+                                      ).float().cpu()
+    return out
+
+
+@torch.no_grad()
+def score_pairs(head: StageTwoHead, split: Split, caption_index: np.ndarray, video_index: np.ndarray,
+                batch: int = 128, device: str = "cpu", prefetch: int = 1, progress: bool = False,
+                parts: bool = False) -> np.ndarray:
+    """(P,) float32 head scores (``pair_score``) of pairs ``(caption_index[i], video_index[i])`` of
+    ``split``; ``parts=True``: (P, 2) of ITM log-odds and contrastive logit."""
+    require_tokens(split)
+    caption_index = np.asarray(caption_index, dtype=np.int64)
+    video_index = np.asarray(video_index, dtype=np.int64)
+    if video_index.shape != caption_index.shape:
+        raise ValueError(f"{caption_index.shape} caption rows vs {video_index.shape} video rows")
+    was_training = head.training
+    head.eval()
+    out = np.empty((video_index.size, 2) if parts else video_index.size, dtype=np.float32)
+    chunks = list(blocks(video_index.size, batch))
+    try:
+        text_rows_all = text_embed = None
+        if getattr(head, "itc_dim", 0) and video_index.size:
+            text_rows_all = np.unique(caption_index)
+            text_embed = caption_itc_embed(head, split, text_rows_all, device=device)
+        load = lambda sl: (sl, load_pairs(split, caption_index[sl], video_index[sl]))  # noqa: E731
+        for sl, b in tqdm(prefetched(chunks, load, prefetch), total=len(chunks), disable=not progress,
+                          desc="score pairs", leave=False):
+            b = b.to(device)
+            extra = {}
+            if text_embed is not None:
+                # load_pairs orders the batch's captions as np.unique does
+                rows = np.searchsorted(text_rows_all, np.unique(caption_index[sl]))
+                extra["text_embed"] = text_embed[torch.from_numpy(rows)].to(device)
+            if parts:
+                extra["parts"] = True
+            out[sl] = head.pair_score(*b.pair_inputs(), **extra).float().cpu().numpy()
+    finally:
+        head.train(was_training)
+    return out
+
+
+def pair_scorer(head: StageTwoHead, split: Split, batch_size: int = 64, device: str = "cpu",
+                progress: bool = True) -> PairScorer:
+    """A ``(caption_rows, video_rows) -> scores`` callable running ``head`` on ``split``'s cached
+    tokens (``score_pairs``), refusing a non-finite score with the pair that produced it."""
+    require_tokens(split, "re-ranking with a stage-two head")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def score(caps: np.ndarray, vids: np.ndarray) -> np.ndarray:
+        head.to(device)
+        out = score_pairs(head, split, caps, vids, batch=batch_size, device=device, progress=progress)
+        if not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out))[0])
+            raise ValueError(f"the stage-two head returned a non-finite score for caption row "
+                             f"{int(caps[bad])}, video row {int(vids[bad])}")
+        return out
+
+    return score

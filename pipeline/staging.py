@@ -1,0 +1,127 @@
+"""Staging: one split of a cache store copied into local ``.npy`` files, opened as memory maps.
+
+Trainers and evaluation read batches of rows many times; a local memory-mapped copy of exactly one
+split (only its videos whose extraction succeeded, and their captions) makes that cheap whatever
+the store is (local disk, NFS, HTTP, S3). ``frame_emb``, ``frame_mask``, ``frame_time`` and
+``text_emb`` are always staged; ``"tokens"`` adds the visual tokens, ``"text"`` (or
+``"text_tokens"``) the text tokens and mask. The copy goes shard by shard, never a whole array in
+memory. Idempotent: ``staged.json`` records the store fingerprint, the arrays and the status of the
+split's videos; an identical request just reopens the memory maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import StoreError
+from core.fileio import write_text
+from core.split import StagedSplit
+
+STAGE_ARRAYS = ("frame_emb", "tokens", "text")
+_STAGE_NAMES = {"frame_emb", "frame_mask", "text_emb", "tokens", "text", "text_tokens"}
+_STAGE_BLOCK_BYTES = 128 << 20  # read at most this much of one array at a time when staging
+
+
+def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
+                arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
+    """Copy ``split`` of ``store`` (a ``pipeline.store.CacheStore``) into ``stage_dir/<split>/*.npy``
+    and return it as a ``StagedSplit`` of read-only memory maps (see the module docstring)."""
+    unknown = set(arrays) - _STAGE_NAMES
+    if unknown:
+        raise ValueError(f"unknown staged arrays {sorted(unknown)} (known: "
+                         f"{sorted(_STAGE_NAMES)})")
+    want_tokens = "tokens" in arrays
+    want_text = "text" in arrays or "text_tokens" in arrays
+    out = Path(stage_dir) / split
+    rows, crows, caption_video = store.split_rows(split)
+    needed_text = sorted({int(c) // store.text_shard_size for c in crows})
+    missing = sorted(set(needed_text) - store.done_text_shards())
+    if missing:
+        raise StoreError(f"{store.url}: text shards {missing[:5]} not written yet; finish the "
+                         f"extraction first")
+    key = {"fingerprint": store.fingerprint, "split": split, "tokens": want_tokens,
+           "text_tokens": want_text,
+           "status_sha256": hashlib.sha256(store.split_status(split).tobytes()).hexdigest(),
+           "num_videos": int(rows.size), "num_captions": int(crows.size)}
+    meta_path = out / "staged.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("key") == key:
+            return _load_staged(out, meta)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ids, cids = store.video_ids, store.caption_ids
+    T = int(store.attrs["sampling"]["num_frames"])
+    dims = store.attrs["dims"]
+    L = int(store.attrs["max_text_tokens"])
+    plan: list[tuple[str, str, tuple, Any, np.ndarray, int]] = [
+        ("frame_emb", "videos/frame_emb", (T, dims["embed_dim"]), np.float32, rows, store.shard_size),
+        ("frame_mask", "videos/frame_mask", (T,), np.bool_, rows, store.shard_size),
+        ("frame_time", "videos/frame_time", (T,), np.float32, rows, store.shard_size),
+        ("text_emb", "texts/emb", (dims["embed_dim"],), np.float32, crows, store.text_shard_size)]
+    if want_tokens:
+        plan.append(("tokens", "videos/tokens", (T, dims["num_tokens"], dims["token_dim"]),
+                     np.float16, rows, store.shard_size))
+    if want_text:
+        plan += [("text_tokens", "texts/tokens", (L, dims["text_dim"]), np.float16, crows,
+                  store.text_shard_size),
+                 ("text_mask", "texts/mask", (L,), np.bool_, crows, store.text_shard_size)]
+    for fname, src, shape, dtype, sel, block in plan:
+        mm = np.lib.format.open_memmap(out / f"{fname}.npy", mode="w+", dtype=dtype,
+                                       shape=(len(sel),) + tuple(shape))
+        pos = 0
+        for lo, part in _blocks(sel, block, int(np.prod(shape)) * np.dtype(dtype).itemsize):
+            data = np.asarray(store.array(src)[lo:int(part[-1]) + 1])
+            mm[pos:pos + len(part)] = data[part - lo]
+            pos += len(part)
+        mm.flush()
+        del mm
+    np.save(out / "caption_video.npy", caption_video)
+    meta = {"key": key, "video_ids": [ids[r] for r in rows],
+            "caption_ids": [cids[c] for c in crows], "store_url": store.url,
+            "encoder_identity": store.encoder_identity, "store_attrs": store.attrs}
+    write_text(meta_path, json.dumps(meta))
+    return _load_staged(out, meta)
+
+
+def _load_staged(out: Path, meta: dict) -> StagedSplit:
+    def mm(name: str) -> np.ndarray | None:
+        p = out / f"{name}.npy"
+        return np.load(p, mmap_mode="r") if p.is_file() else None
+
+    key = meta["key"]
+    return StagedSplit(
+        store_fingerprint=key["fingerprint"], encoder_identity=meta["encoder_identity"],
+        split=key["split"], video_ids=list(meta["video_ids"]),
+        caption_ids=list(meta["caption_ids"]), caption_video=np.load(out / "caption_video.npy"),
+        frame_emb=mm("frame_emb"), frame_mask=mm("frame_mask"), text_emb=mm("text_emb"),
+        tokens=mm("tokens"), text_tokens=mm("text_tokens"), text_mask=mm("text_mask"),
+        frame_time=mm("frame_time"), store_attrs=meta.get("store_attrs", {}))
+
+
+def _blocks(sel: np.ndarray, shard: int, row_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Split sorted row indices ``sel`` into runs inside one shard and at most
+    ``_STAGE_BLOCK_BYTES`` of rows; yields ``(first_row_of_run, rows)``."""
+    if not len(sel):
+        return
+    max_rows = max(1, _STAGE_BLOCK_BYTES // max(1, row_bytes))
+    shard_of = sel // shard
+    start = 0
+    for k in range(1, len(sel) + 1):
+        if (k == len(sel) or shard_of[k] != shard_of[start]
+                or sel[k] - sel[start] >= max_rows):
+            part = sel[start:k]
+            yield int(part[0]), part
+            start = k

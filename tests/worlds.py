@@ -1,0 +1,151 @@
+"""Small worlds the tests share, each a ``core.split.StagedSplit`` (memory-mapped when a directory
+is given, as staged stores are).
+
+* ``make_split``: stage one's world. Videos are noisy frames around a concept; captions are noisy
+  *rotated* concepts, so zero-shot (identity projection) retrieval is near chance and a learned
+  text projection solves it.
+* ``make_token_split``: stage two's world. Every video has ``ATTRS`` attributes shown by one patch
+  each; a caption names them with one word token each; stage-one embeddings are noisy.
+* ``run_cli``: the command line, in-process.
+* ``row_split``: tokens that encode their own row (``tokens[v, 0, 0, 0] == v``, ``text_tokens[c, 0,
+  0] == c``), so a fake head can look up a known score per pair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.split import StagedSplit
+
+# stage one's world
+E, T = 32, 6
+IDENTITY = {"name": "toy-encoder", "pretrained": "none", "embed_dim": E}
+
+# stage two's world
+D, T2, N, L = 16, 4, 5, 6
+ATTRS, VALUES = 3, 5
+TOKEN_IDENTITY = {"name": "toy-token-encoder", "pretrained": "none", "token_dim": D}
+TINY = dict(width=32, layers=1, heads=2, num_queries=4, num_selected=2, spatial_frames=2, ff_mult=2.0)
+ITM_ONLY = dict(itc_steps=0, itc_weight=0.0)  # the paper's ITM recipe alone (test_itc.py covers ITC)
+
+# the synthetic benchmark at its smallest, for command-line tests
+TINY_WORLD = ["train_groups=2", "train_random=6", "val_groups=1", "val_random=3", "test_groups=1", "test_random=3"]
+
+
+def _rotation(seed: int = 123) -> np.ndarray:
+    """A fixed random rotation of the embedding space (the same in every split)."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(E, E)))
+    return q
+
+
+def make_split(name: str, num_videos: int, captions_per_video: int, seed: int,
+               directory: Path | None = None) -> StagedSplit:
+    """Videos = noisy frames around a concept; captions = noisy *rotated* concepts.
+
+    Zero-shot (identity projection) retrieval is near chance; a learned text projection solves it.
+    """
+    rng = np.random.default_rng(seed)
+    concept = rng.normal(size=(num_videos, E))
+    frames = concept[:, None, :] + 0.5 * rng.normal(size=(num_videos, T, E))
+    lengths = rng.integers(1, T + 1, size=num_videos)
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    frames[~mask] = rng.normal(size=(int((~mask).sum()), E)) * 10  # garbage in padding
+    caption_video = np.repeat(np.arange(num_videos), captions_per_video)
+    text = concept[caption_video] @ _rotation().T + 0.3 * rng.normal(size=(caption_video.size, E))
+    arrays = {"frame_emb": frames.astype(np.float32), "frame_mask": mask,
+              "text_emb": text.astype(np.float32), "caption_video": caption_video.astype(np.int64)}
+    if directory is not None:  # memory-mapped, as in real use
+        directory.mkdir(parents=True, exist_ok=True)
+        for key, arr in arrays.items():
+            np.save(directory / f"{key}.npy", arr)
+        arrays = {key: np.load(directory / f"{key}.npy", mmap_mode="r") for key in arrays}
+    return StagedSplit(split=name, video_ids=[f"{name}{i}" for i in range(num_videos)],
+                       caption_ids=[f"{name}c{i}" for i in range(caption_video.size)],
+                       store_fingerprint="toy-store-0", encoder_identity=dict(IDENTITY), **arrays)
+
+
+def make_token_split(name: str, num_videos: int, captions_per_video: int, seed: int,
+                     directory: Path | None = None) -> StagedSplit:
+    """A tiny attribute world: every video has ``ATTRS`` attributes with ``VALUES`` values each,
+    shown by one patch per attribute in every frame (a fixed visual vector per value, plus noise);
+    a caption names them with one word token per attribute (a different fixed vector per value).
+    The match is decidable from the tokens; stage-one embeddings are noisy so that stage one
+    makes mistakes for the head to fix."""
+    world = np.random.default_rng(1234)  # the same vocabulary in every split
+    visual_vocab = world.normal(size=(ATTRS, VALUES, D))
+    word_vocab = world.normal(size=(ATTRS, VALUES, D))
+    rng = np.random.default_rng(seed)
+    attrs = rng.integers(0, VALUES, size=(num_videos, ATTRS))
+    concept = sum(visual_vocab[a, attrs[:, a]] for a in range(ATTRS))
+    tokens = 0.5 * rng.normal(size=(num_videos, T2, N, D))
+    tokens[:, :, 0] += concept[:, None]
+    for a in range(ATTRS):
+        tokens[:, :, 1 + a] += visual_vocab[a, attrs[:, a]][:, None]
+    lengths = rng.integers(2, T2 + 1, size=num_videos)
+    frame_mask = np.arange(T2)[None, :] < lengths[:, None]
+    cv = np.repeat(np.arange(num_videos), captions_per_video)
+    text_tokens = 0.5 * rng.normal(size=(cv.size, L, D))
+    for a in range(ATTRS):
+        text_tokens[:, a] += word_vocab[a, attrs[cv, a]]
+    tl = rng.integers(ATTRS, L + 1, size=cv.size)
+    text_mask = np.arange(L)[None, :] < tl[:, None]
+    arrays = {
+        "caption_video": cv.astype(np.int64),
+        "frame_emb": (concept[:, None] + 2.0 * rng.normal(size=(num_videos, T2, D))).astype(np.float32),
+        "frame_mask": frame_mask,
+        "text_emb": (concept[cv] + 2.0 * rng.normal(size=(cv.size, D))).astype(np.float32),
+        "tokens": tokens.astype(np.float16),
+        "text_tokens": text_tokens.astype(np.float16),
+        "text_mask": text_mask,
+    }
+    if directory is not None:  # memory-mapped, as staged stores are
+        directory.mkdir(parents=True, exist_ok=True)
+        for key, arr in arrays.items():
+            np.save(directory / f"{key}.npy", arr)
+        arrays = {k: (np.load(directory / f"{k}.npy", mmap_mode="r") if k != "caption_video"
+                      else np.load(directory / f"{k}.npy")) for k in arrays}
+    return StagedSplit(split=name, video_ids=[f"{name}{i}" for i in range(num_videos)],
+                       caption_ids=[f"{name}c{i}" for i in range(cv.size)],
+                       store_fingerprint="toy-token-store", encoder_identity=dict(TOKEN_IDENTITY), **arrays)
+
+
+def row_split(caption_video: np.ndarray, num_videos: int, split: str = "test") -> StagedSplit:
+    """A split whose token rows encode their index (see the module docstring)."""
+    c, v = len(caption_video), num_videos
+    tokens = np.zeros((v, 2, 3, 4), np.float16)
+    tokens[:, 0, 0, 0] = np.arange(v)
+    text_tokens = np.zeros((c, 3, 4), np.float16)
+    text_tokens[:, 0, 0] = np.arange(c)
+    return StagedSplit(split=split, video_ids=[f"vid{i}" for i in range(v)], caption_ids=[f"cap{i}" for i in range(c)],
+                       caption_video=np.asarray(caption_video), frame_emb=np.zeros((v, 2, 4), np.float32),
+                       frame_mask=np.ones((v, 2), bool), text_emb=np.zeros((c, 4), np.float32), tokens=tokens,
+                       text_tokens=text_tokens, text_mask=np.ones((c, 3), bool), store_fingerprint="toy-store",
+                       encoder_identity={"name": "toy-encoder", "pretrained": "none"})
+
+
+def run_cli(args: list[str]) -> str:
+    """Run the command line in-process; fail with its output unless it exits 0."""
+    from click.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def random_pair_inputs(b: int, t: int, n: int, d: int, dt: int, seed: int = 0):
+    """Random head inputs for ``b`` aligned pairs: tokens (b, t, n, d) with one padded frame, text
+    tokens (b, L, dt) with one shorter caption, and their masks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(b, t, n, d, generator=g)
+    fm = torch.ones(b, t, dtype=torch.bool)
+    fm[0, -1] = False
+    text = torch.randn(b, L, dt, generator=g)
+    tm = torch.ones(b, L, dtype=torch.bool)
+    tm[1, 3:] = False
+    return tokens, fm, text, tm

@@ -1,0 +1,184 @@
+"""The multi-model runs: the demo (the synthetic benchmark end to end), the stage-one comparison and
+the stage-two ablation. Each prints its progress through ``echo`` and writes its tables as files."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from core.errors import RunMismatchError, UsageError
+from core.fileio import write_text
+from core.metrics import metrics_to_json, write_report
+from heads.evaluation.similarity import evaluate, untrained_baseline
+from heads.evaluation.sources import stage_one_scores
+from heads.registry import list_heads, supports
+from heads.stage_one.checkpoint import load_stage_one
+from heads.stage_one.config import StageOneTrainConfig
+from heads.stage_two.config import StageTwoTrainConfig
+from workflows.data import extract_stores, make_manifest, synthetic_encoder
+from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
+from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
+
+Echo = Callable[[str], None]
+DEMO_STAGE_ONE = ("meanP", "seqTransf")
+DEMO_K = 15
+
+# name: (table label, head, head options, trainer options of this variant)
+ABLATION_VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
+    "spatial": ("+spatial", "crosstvr", {"mode": "spatial"}, {}),
+    "temporal": ("+temporal", "crosstvr", {"mode": "temporal"}, {}),
+    "both": ("both (shared)", "crosstvr", {}, {}),
+    "both-unshared": ("both (unshared)", "crosstvr", {"shared": False}, {}),
+    "both-itm-only": ("both (shared), ITM only", "crosstvr", {}, {"itc_steps": 0, "itc_weight": 0.0}),
+    "t2v2t": ("T2V2T", "t2v2t", {}, {}),
+}
+
+
+def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) -> Path:
+    """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
+    and stage two, evaluate stage one and the re-ranked top 15 on the test split. Returns the
+    re-ranking metrics file."""
+    t0 = time.time()
+    echo("[1/6] synthetic benchmark")
+    m = make_manifest(work, "synthetic", options={"seed": seed})
+    echo(f"      {m.videos.num_rows} videos, {m.captions.num_rows} captions  ({time.time() - t0:.0f}s)")
+    echo("[2/6] frozen encoder (pretrained once on train-split frame captions)")
+    encoder = synthetic_encoder(work, m)
+    echo(f"      {encoder}  ({time.time() - t0:.0f}s)")
+    echo("[3/6] extraction into the token cache")
+    report, (store,) = extract_stores(work, m, [encoder], device=device)
+    echo(f"      {report.summary()}  ({time.time() - t0:.0f}s)")
+    echo("[4/6] stage-one training")
+    test = work.stage(store, "test")
+    results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test)}
+    for head in DEMO_STAGE_ONE:
+        ckpt = train_stage_one_run(work, store, StageOneTrainConfig(head=head, seed=seed, device=device))
+        results[f"{head} (trained)"] = evaluate(load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity).head,
+                                                test)
+    echo(f"      ({time.time() - t0:.0f}s)")
+    json_path, table = write_report(results, work.reports_dir("demo"))
+    echo(table)
+    echo(f"report: {json_path}")
+    echo("[5/6] stage-two training (CrossTVR head on the cached tokens: contrastive pre-training, then ITM "
+         "with hard negatives from stage one)")
+    stage_one = best_stage_one(work)
+    config = StageTwoTrainConfig(seed=seed, device=device)
+    try:
+        head_ckpt = train_head(work, store, stage_one, config)
+    except RunMismatchError as exc:  # the demo owns its run directory: start it again
+        echo(f"      {exc}: training the head again")
+        head_ckpt = train_head(work, store, stage_one, config, resume=False)
+    echo(f"      stage one {stage_one.parent.name} (best val), head {head_ckpt}  ({time.time() - t0:.0f}s)")
+    echo(f"[6/6] test split: stage one vs its top {DEMO_K} re-ranked")
+    paths, table, _ = rerank_split(work, store, stage_one, head_ckpt, split="test", k=DEMO_K, device=device)
+    echo(table)
+    echo(f"report: {paths['metrics']}   total {time.time() - t0:.0f}s")
+    return paths["metrics"]
+
+
+def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], options: dict[str, dict],
+                      config: StageOneTrainConfig, out: str | Path | None = None, echo: Echo = print
+                      ) -> tuple[Path, str]:
+    """Train each stage-one head (selection on val), evaluate all on test next to the untrained meanP
+    baseline; writes ``compare-stage-one.{json,txt}`` and ``compare-stage-one.runs.json``."""
+    unknown = [h for h in heads if h not in list_heads(stage=1)]
+    if not heads or unknown:
+        raise UsageError(f"--heads: unknown head(s) {unknown} (known: {', '.join(list_heads(stage=1))})")
+    store = store or work.default_store()
+    out_dir = Path(out) if out else work.root / "compare-stage-one"
+    train, val = work.stage_train_val(store)
+    if val is None:
+        echo("no val split in the store: each head keeps its last epoch")
+    test = work.stage(store, "test")
+    results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test,
+                                             device=config.device)}
+    runs: dict[str, dict] = {}
+    for name in heads:
+        echo(f"[{name}] training {config.epochs} epochs on {train.split} ({len(train.video_ids)} videos)")
+        t0 = time.time()
+        run_config = replace(config, head=name, head_config=options.get(name) or {})
+        ckpt = train_stage_one_run(work, store, run_config, out=out_dir / "runs" / f"stage1-{name}")
+        seconds = time.time() - t0
+        loaded = load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity)
+        results[f"{name} (trained)"] = evaluate(loaded.head, test, device=config.device)
+        runs[name] = {"checkpoint": str(ckpt), "best_epoch": loaded.history.get("best_epoch"),
+                      "val_rsum": loaded.history.get("best_score"), "config": loaded.config,
+                      "parameters": loaded.head.num_parameters(), "train_seconds": round(seconds, 1)}
+        echo(f"      best epoch {runs[name]['best_epoch']}, {seconds:.0f}s")
+    json_path, table = write_report(results, out_dir, name="compare-stage-one")
+    meta = {"store": store, "store_fingerprint": train.store_fingerprint, "test_split": test.split,
+            "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+            "device": config.device, "threads": config.num_threads, "heads": runs}
+    write_text(out_dir / "compare-stage-one.runs.json", metrics_to_json(meta) + "\n")
+    return json_path, table
+
+
+def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[str, dict[str, float]]:
+    """One row per model: T2V and V2T R@1/5/10 and MnR, plus stage one's R@K per direction."""
+    rows = {}
+    for label, m in [("stage one", stage_one), *variants.items()]:
+        row = {}
+        for d in ("t2v", "v2t"):
+            if d not in m:
+                continue
+            for key in ("R@1", "R@5", "R@10", "MnR"):
+                row[f"{d.upper()} {key}"] = m[d][key]
+        rows[label] = row
+    for d in ("t2v", "v2t"):
+        if d in stage_one:
+            rows["stage one"][f"{d.upper()} R@{k} (stage one)"] = stage_one[d][f"R@{k}"]
+    return rows
+
+
+def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,
+             stage_one: str | None = None, k: int = DEMO_K, out: str | Path | None = None,
+             demo_defaults: bool = False, echo: Echo = print) -> tuple[Path, str]:
+    """Stage-two ablation: each variant (``ABLATION_VARIANTS``) trained on train (epoch selected on
+    val only) re-ranks the test split's stage-one top ``k``; one table of all of them.
+
+    ``config`` holds the options every variant shares (``head_config`` is added to each variant's
+    own; the contrastive options apply to heads that support them). With ``demo_defaults`` the
+    variant "both" is the demo's own head (``<work>/runs/stage2-crosstvr``), reused. Writes
+    ``OUT/ablation.{json,txt}``, ``OUT/ablation.runs.json`` and each variant's ranked lists.
+    """
+    unknown = [v for v in variants if v not in ABLATION_VARIANTS]
+    if not variants or unknown:
+        raise UsageError(f"--variants: unknown variant(s) {unknown} (known: {', '.join(ABLATION_VARIANTS)})")
+    store = store or work.default_store()
+    stage_one = stage_one or str(best_stage_one(work))
+    out_dir = Path(out) if out else work.root / "ablation"
+    test = work.stage(store, "test", STAGE_TWO_ARRAYS)
+    s1 = stage_one_scores(stage_one, test, device=config.device)
+    echo(f"stage one: {stage_one}")
+    results: dict[str, dict] = {}
+    runs: dict[str, dict] = {}
+    stage_one_metrics: dict = {}
+    for name in variants:
+        label, head, head_config, variant_options = ABLATION_VARIANTS[name]
+        head_config = {**head_config, **config.head_config}
+        run_config = replace(config, head=head, head_config=head_config, **variant_options)
+        if not supports(head, "contrastive"):  # the contrastive options concern heads with learnable queries
+            run_config = replace(run_config, itc_steps=None, itc_weight=None)
+        echo(f"[{label}] training {head} {head_config or ''}")
+        t0 = time.time()
+        run_dir = (work.run_dir(2, "crosstvr") if name == "both" and not head_config and demo_defaults
+                   else out_dir / "runs" / name)
+        ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
+        train_s = time.time() - t0
+        _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", k=k, out=out_dir / name,
+                                 device=config.device, sim=s1.sim)
+        m = res.metrics()
+        stage_one_metrics = m["stage one"]
+        results[label] = m["re-ranked"]
+        runs[name] = {"label": label, "head": head, "head_config": head_config, "train_options": variant_options,
+                      "checkpoint": str(ckpt), "train_seconds": round(train_s, 1),
+                      "rerank_seconds": round(res.seconds["total"], 1), "pairs_scored": res.num_pairs}
+        echo(f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one "
+             f"{m['stage one']['t2v']['R@1']:.1f}), {train_s:.0f}s training, {res.seconds['total']:.0f}s re-ranking")
+    json_path, table = write_report(ablation_table(stage_one_metrics, results, k), out_dir, name="ablation")
+    meta = {"store": store, "stage_one": s1.info, "split": "test", "k": k, "seed": config.seed,
+            "device": config.device, "variants": runs}
+    write_text(out_dir / "ablation.runs.json", metrics_to_json(meta) + "\n")
+    return json_path, table

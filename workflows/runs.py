@@ -1,0 +1,140 @@
+"""One model at a time: train a stage one or a stage-two head, evaluate a stage one, re-rank a
+split, import an external stage one. Every training run writes ``run.json`` in its run directory
+before it starts: the command and options that reproduce it (``--config run.json``) and the
+trainer's resolved config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import UsageError
+from core.fileio import write_json
+from core.metrics import retrieval_metrics, write_report
+from heads.evaluation.external import import_stage_one, split_ids_from_store
+from heads.evaluation.postprocess import (DEFAULT_DSL_TEMPERATURE, check_querybank_split, dual_softmax_metrics,
+                                          qb_norm_metrics)
+from heads.evaluation.rerank import RerankResult, rerank, write_outputs
+from heads.evaluation.similarity import querybanks
+from heads.evaluation.sources import load_head, stage_one_scores
+from heads.stage_one.config import StageOneTrainConfig
+from heads.stage_one.train import train_stage_one
+from heads.stage_two.scoring import pair_scorer
+from heads.stage_two.config import StageTwoTrainConfig
+from heads.stage_two.train import train_stage_two
+from pipeline.store import CacheStore
+from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
+
+RUN_JSON = "run.json"
+
+
+def write_run_record(out_dir: Path, config: Any, record: dict | None = None) -> Path:
+    """``out_dir/run.json``: ``record`` (the command and its options) and the trainer's config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_json(out_dir / RUN_JSON, {**(record or {}), "config": asdict(config)})
+
+
+def train_stage_one_run(work: WorkDir, store: str, config: StageOneTrainConfig, out: str | Path | None = None,
+                        reuse: bool = True, record: dict | None = None) -> Path:
+    """Stage ``store``'s train (and val) split and train a stage-one head; returns the checkpoint
+    (default run dir ``<work>/runs/stage1-<head>``)."""
+    train, val = work.stage_train_val(store)
+    out_dir = Path(out) if out else work.run_dir(1, config.head)
+    write_run_record(out_dir, config, record)
+    return train_stage_one(train, val, out_dir, config, reuse=reuse)
+
+
+def train_head(work: WorkDir, store: str, stage_one: str | Path, config: StageTwoTrainConfig | None = None,
+               out: str | Path | None = None, resume: bool = True, record: dict | None = None) -> Path:
+    """Stage ``store``'s train (and val) split with tokens and train a stage-two head on them;
+    returns the checkpoint (default run dir ``<work>/runs/stage2-<head>``)."""
+    config = (config or StageTwoTrainConfig()).resolved()
+    train, val = work.stage_train_val(store, STAGE_TWO_ARRAYS)
+    out_dir = Path(out) if out else work.run_dir(2, config.head)
+    write_run_record(out_dir, config, record)
+    return train_stage_two(train, val, stage_one, out_dir, config, resume=resume)
+
+
+def best_stage_one(work: WorkDir) -> Path:
+    """The stage-one checkpoint under ``<work>/runs/stage1-*`` with the best val score (val only)."""
+    found = work.stage_one_runs()
+    if not found:
+        raise UsageError(f"give --stage-one: no stage-one checkpoint under {work.root / 'runs'} "
+                         f"(run `python cli.py demo` or `train-stage-one` first)")
+
+    def val_score(p: Path) -> float:
+        hist = torch.load(p, map_location="cpu", weights_only=True).get("history", {}) or {}
+        score = hist.get("best_score")
+        return -math.inf if score is None else float(score)
+
+    return max(found, key=val_score)
+
+
+def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: str = "test",
+                       out: str | Path | None = None, dsl: bool = False, dsl_temperature: float | None = None,
+                       qb_norm: bool = False, qb_bank: str = "val", qb_k: int = 1, qb_beta: float = 20.0,
+                       device: str = "cpu") -> tuple[Path, str]:
+    """T2V / V2T metrics of a stage one (checkpoint, external import, or ``None`` for the untrained
+    meanP baseline) on ``split``, optionally with DSL and QB-Norm; returns (JSON report, table)."""
+    data = work.stage(store, split)
+    s1 = stage_one_scores(stage_one, data, device=device)
+    cv = data.caption_video
+    results = {s1.name: retrieval_metrics(s1.sim, cv)}
+    if dsl:
+        t = DEFAULT_DSL_TEMPERATURE if dsl_temperature is None else dsl_temperature
+        results[f"{s1.name} +DSL(t={t:g})"] = dual_softmax_metrics(s1.sim, cv, temperature=t)
+    if qb_norm:
+        if s1.head is None:
+            raise UsageError("--qb-norm needs our own stage-one head (its querybank is encoded from the "
+                             f"{qb_bank!r} split); an external stage one brings no querybank")
+        try:
+            check_querybank_split(qb_bank, split)
+        except ValueError as exc:
+            raise UsageError(f"--qb-bank: {exc}") from exc
+        text_bank, video_bank = querybanks(s1.head, data, work.stage(store, qb_bank))
+        results[f"{s1.name} +QB-Norm({qb_bank}, k={qb_k}, beta={qb_beta:g})"] = qb_norm_metrics(
+            s1.sim, cv, text_bank, video_bank, k=qb_k, beta=qb_beta)
+    return write_report(results, Path(out) if out else work.reports_dir(split))
+
+
+def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: str | Path, split: str = "test",
+                 k: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
+                 out: str | Path | None = None, device: str = "cpu", batch_size: int = 64, sim: Any = None,
+                 progress: bool = True) -> tuple[dict[str, Path], str, RerankResult]:
+    """Stage ``split`` with tokens, re-rank every query's stage-one top ``k`` with the head and write
+    the outputs (default ``<work>/reports/rerank-<split>``); returns (paths, table, result).
+
+    ``sim`` (optional) is a precomputed stage-one similarity of that split (the ablation reuses
+    one). Encoder identities are checked: ``StoreMismatchError`` names the differences.
+    """
+    data = work.stage(store, split, STAGE_TWO_ARRAYS)
+    head, head_info = load_head(head_ckpt, data)
+    s1_info: dict = {"path": str(stage_one)}
+    if sim is None:
+        s1 = stage_one_scores(stage_one, data, device=device)
+        sim, s1_info = s1.sim, s1.info
+    scorer = pair_scorer(head, data, batch_size=batch_size, device=device, progress=progress)
+    res = rerank(sim, data, scorer, k=k, dsl=dsl, dsl_temperature=dsl_temperature)
+    out_dir = Path(out) if out else work.reports_dir(f"rerank-{split}")
+    meta = {"store": str(store), "store_fingerprint": data.store_fingerprint, "stage_one": s1_info,
+            "head": head_info, "device": device, "batch_size": batch_size}
+    title = f"{split}: stage one vs re-ranked top {k}" + (" (DSL)" if dsl else "")
+    paths, table = write_outputs(res, data, out_dir, meta=meta, title=title)
+    return paths, table, res
+
+
+def import_external(work: WorkDir, store: str, split: str, out: str | Path | None = None, **files: Any
+                    ) -> tuple[Any, Any, str]:
+    """Import an external stage one (``files``: ``video_emb`` + ``text_emb``, or ``similarity``;
+    ``normalize``, ``name``) checked against ``split`` of ``store``; writes the import and its
+    metrics report (default ``<work>/external/<split>``). Returns (import, split ids, table)."""
+    out_dir = Path(out) if out else work.root / "external" / split
+    ids = split_ids_from_store(CacheStore.open(store), split)
+    ext = import_stage_one(ids, out_dir, **files)
+    results = {f"external {ext.name}": retrieval_metrics(ext.similarity(), ids.caption_video)}
+    _, table = write_report(results, out_dir, name="report")
+    return ext, ids, table

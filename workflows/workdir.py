@@ -1,0 +1,102 @@
+"""Where work products go: one directory (``--work-dir``, ``WORK=``; ``work/`` by default) with
+
+    <work>/synthetic/                  the synthetic benchmark (videos + manifest/)
+    <work>/<dataset>/manifest/         a real dataset's manifest
+    <work>/encoders/                   the synthetic world's pretrained encoder
+    <work>/stores/<dataset>-<encoder>.zarr   token stores
+    <work>/staged/<fingerprint[:16]>/<split>/  local memory-mapped copies of store splits
+    <work>/runs/stage1-<head>/, <work>/runs/stage2-<head>/   training runs (run.json, checkpoints)
+    <work>/reports/<name>/             metric tables (JSON + text), ranked lists
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from core.errors import UsageError
+from core.split import StagedSplit
+from pipeline.store import CacheStore
+
+DEFAULT_WORK = "work"
+STAGE_ONE_ARRAYS = ("frame_emb", "text")
+STAGE_TWO_ARRAYS = ("frame_emb", "tokens", "text")
+
+
+def slug(text: str) -> str:
+    """``text`` made safe for a file name (at most 80 characters)."""
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+    return keep.strip("-")[:80]
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class WorkDir:
+    """The conventions of one work directory (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_WORK, stage_dir: str | os.PathLike | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stage_root = Path(stage_dir) if stage_dir else self.root / "staged"
+
+    # -- data ---------------------------------------------------------------------------------
+    def manifest_dir(self, dataset: str) -> Path:
+        return self.root / dataset / "manifest"
+
+    @property
+    def synthetic_dir(self) -> Path:
+        return self.root / "synthetic"
+
+    @property
+    def encoders_dir(self) -> Path:
+        return self.root / "encoders"
+
+    def store_path(self, dataset: str, encoder_short_name: str) -> Path:
+        return self.root / "stores" / f"{dataset}-{slug(encoder_short_name)}.zarr"
+
+    def default_store(self) -> str:
+        """The demo's store: the single ``<work>/stores/synthetic-*.zarr``."""
+        found = self.synthetic_stores()
+        if len(found) != 1:
+            raise UsageError(
+                f"give --store: found {len(found)} synthetic stores under {self.root / 'stores'} "
+                f"({', '.join(p.name for p in found) or 'none; run `python cli.py demo` first'})")
+        return str(found[0])
+
+    def synthetic_stores(self) -> list[Path]:
+        return sorted((self.root / "stores").glob("synthetic-*.zarr"))
+
+    # -- staging ------------------------------------------------------------------------------
+    def stage(self, store_url: str, split: str, arrays: tuple[str, ...] = STAGE_ONE_ARRAYS) -> StagedSplit:
+        """``split`` of the store at ``store_url`` staged under this work dir (idempotent)."""
+        store = CacheStore.open(store_url)
+        return store.stage(split, self.stage_root / store.fingerprint[:16], arrays=arrays)
+
+    def stage_train_val(self, store_url: str, arrays: tuple[str, ...] = STAGE_ONE_ARRAYS
+                        ) -> tuple[StagedSplit, StagedSplit | None]:
+        """The train split and, when the store has one, the val split (model selection)."""
+        train = self.stage(store_url, "train", arrays)
+        val = self.stage(store_url, "val", arrays) if has_split(store_url, "val") else None
+        return train, val
+
+    # -- runs and reports ---------------------------------------------------------------------
+    def run_dir(self, stage: int, head: str) -> Path:
+        return self.root / "runs" / f"stage{stage}-{head}"
+
+    def stage_one_runs(self) -> list[Path]:
+        return sorted((self.root / "runs").glob("stage1-*/stage_one.pt"))
+
+    def reports_dir(self, name: str) -> Path:
+        return self.root / "reports" / name
+
+
+def has_split(store_url: str, split: str) -> bool:
+    """Whether the store has videos of ``split``."""
+    return split in CacheStore.open(store_url).splits()
