@@ -1,0 +1,134 @@
+"""The import rules of docs/ARCHITECTURE.md, read from the code (every import, inside functions too).
+
+* ``core`` (the torch-free leaf) and ``manifests`` import nothing of ours but themselves;
+* ``pipeline`` imports only ``core``, ``manifests`` and itself;
+* ``heads`` imports only ``core`` and itself (never decoding, manifests or the pipeline's jobs);
+* ``workflows`` may import every library package; ``cli.py`` and ``bench/`` are imported by nothing;
+* no module imports a private (``_name``) name from another module;
+* no import cycles between modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("core", "manifests", "pipeline", "heads", "workflows", "bench")
+ALLOWED = {
+    "core": {"core"},
+    "manifests": {"manifests"},
+    "pipeline": {"core", "manifests", "pipeline"},
+    "heads": {"core", "heads"},
+    "workflows": {"core", "manifests", "pipeline", "heads", "workflows"},
+    "cli": {"core", "manifests", "pipeline", "heads", "workflows", "cli"},
+    "bench": {"core", "manifests", "pipeline", "heads", "workflows", "bench"},
+}
+
+
+def our_modules() -> dict[str, Path]:
+    mods = {"cli": ROOT / "cli.py"}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def imports(mods: dict[str, Path]) -> list[tuple[str, str, list[str], int]]:
+    """``(importer, imported module, imported names, line)`` for every import of one of ours."""
+    out = []
+    for name, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [(a.name, []) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                    pkg = pkg[: len(pkg) - (node.level - 1)]
+                    base = ".".join(pkg + ([base] if base else []))
+                names = [a.name for a in node.names]
+                targets = [(f"{base}.{n}", []) if f"{base}.{n}" in mods else (base, [n]) for n in names]
+            else:
+                continue
+            for target, names in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    out.append((name, target, names, node.lineno))
+    return out
+
+
+def test_import_rules() -> None:
+    mods = our_modules()
+    breaches = []
+    for src, dst, names, line in imports(mods):
+        top_src, top_dst = src.split(".")[0], dst.split(".")[0]
+        where = f"{mods[src].relative_to(ROOT)}:{line}: {src} imports {dst}"
+        if top_dst not in ALLOWED[top_src]:
+            breaches.append(f"{where} ({top_src} may import only {sorted(ALLOWED[top_src])})")
+        private = [n for n in names if n.startswith("_")]
+        if private:
+            breaches.append(f"{where}: private name(s) {private} of another module")
+    assert not breaches, "import rules broken:\n" + "\n".join(breaches)
+
+
+def test_no_import_cycles() -> None:
+    mods = our_modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    lines: dict[tuple[str, str], int] = {}
+    for src, dst, _, line in imports(mods):
+        graph[src].add(dst)
+        lines.setdefault((src, dst), line)
+    # strongly connected components (Tarjan, iterative)
+    index, low, on, stack, comps, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.append(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        comps.append(sorted(comp))
+    described = []
+    for comp in comps:
+        edges = [f"{mods[a].relative_to(ROOT)}:{lines[(a, b)]}: {a} imports {b}"
+                 for a in comp for b in sorted(graph[a]) if b in comp]
+        described.append(" <-> ".join(comp) + "\n  " + "\n  ".join(edges))
+    assert not comps, "import cycles:\n" + "\n".join(described)
+
+
+def test_the_rules_see_imports_inside_functions() -> None:
+    """The checker reads imports inside functions too (a cycle hidden in a function is still one)."""
+    mods = our_modules()
+    found = {(src, dst) for src, dst, _, _ in imports(mods)}
+    # cli.py imports its workflows only inside its commands
+    assert ("cli", "workflows.experiments") in found
