@@ -14,21 +14,19 @@ from typing import Any, Callable
 
 import click
 
-from heads.registry import HEADS, list_heads
+from core.errors import CrossTVRError, UsageError
+from core.options import format_key_values, parse_key_values
+from heads.registry import HEADS, head_options, list_heads
 from heads.stage_one.config import StageOneTrainConfig
-from heads.stage_two.config import HARD_NEGATIVE_MODES, StageTwoTrainConfig
-
-DEFAULT_WORK = "work"
-
-
-# --------------------------------------------------------------------------- errors and options
+from heads.stage_two.config import ABLATION_VARIANTS, HARD_NEGATIVE_MODES, StageTwoTrainConfig, with_switches
+from workflows.workdir import DEFAULT_WORK, WorkDir, resolve_device
 
 
+# -- errors and options ----------------------------------------------------------------------------
 class Main(click.Group):
     """The command group: the project's errors become one clear line and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from core.errors import CrossTVRError, UsageError
         from manifests import ManifestError, UnknownDatasetError
 
         try:
@@ -37,14 +35,6 @@ class Main(click.Group):
             raise click.UsageError(str(exc)) from exc
         except (CrossTVRError, ManifestError, UnknownDatasetError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
-
-
-def _options(*decorators: Callable) -> Callable:
-    def apply(fn: Callable) -> Callable:
-        for d in reversed(decorators):
-            fn = d(fn)
-        return fn
-    return apply
 
 
 work_dir_option = click.option("--work-dir", default=DEFAULT_WORK, show_default=True,
@@ -59,7 +49,7 @@ head_options_option = click.option("--head-option", "head_options", multiple=Tru
 
 
 def _config_option(fn: Callable) -> Callable:
-    """``--config run.json``: the options of a earlier run (its ``run.json``) as this command's
+    """``--config run.json``: the options of an earlier run (its ``run.json``) as this command's
     defaults; options given on the command line still win."""
     def load(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
         if value:
@@ -76,26 +66,20 @@ def _config_option(fn: Callable) -> Callable:
                         help="A run.json written by an earlier run: reproduce it (given options still win).")(fn)
 
 
-def _dataclass_options(cls: type, skip: tuple[str, ...] = (), **overrides: dict) -> Callable:
-    """One option per field of the trainer config ``cls`` (help from its metadata); ``overrides``
-    replace an option's settings (e.g. a choice or a different default)."""
+def _dataclass_options(cls: type, skip: tuple[str, ...] = (), unset: bool = False, **overrides: dict) -> Callable:
+    """One option per field of the trainer config ``cls`` (help from its metadata); ``unset``: every
+    default is None (the trainer's default applies); ``overrides`` replace an option's settings."""
     kinds = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
-    decorators = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw: dict[str, Any] = {"type": kinds[f.type], "default": default, "show_default": default is not None,
-                              "help": f.metadata.get("help")}
-        kw.update(overrides.get(f.name, {}))
-        decorators.append(click.option(f"--{f.name.replace('_', '-')}", f.name, **kw))
-    return _options(*decorators)
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
 
-
-def _key_values(pairs: tuple[str, ...], what: str) -> dict:
-    from core.options import parse_key_values
-
-    return parse_key_values(pairs, what)
+    def apply(fn: Callable) -> Callable:
+        for f in reversed(fields):
+            default = None if unset or f.default is dataclasses.MISSING else f.default
+            kw: dict[str, Any] = {"type": kinds[f.type], "default": default, "show_default": default is not None,
+                                  "help": f.metadata.get("help")}
+            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, **{**kw, **overrides.get(f.name, {})})(fn)
+        return fn
+    return apply
 
 
 def _record(ctx: click.Context, **resolved: Any) -> dict:
@@ -105,26 +89,12 @@ def _record(ctx: click.Context, **resolved: Any) -> dict:
     return {"command": ctx.command.name, "options": options}
 
 
-def _work(work_dir: str, stage_dir: str | None = None):
-    from workflows.workdir import WorkDir
-
-    return WorkDir(work_dir, stage_dir)
-
-
-def _device(name: str) -> str:
-    from workflows.workdir import resolve_device
-
-    return resolve_device(name)
-
-
 @click.group(cls=Main)
 def main() -> None:
     """Frozen-encoder text-video retrieval: feature cache, stage-one heads, re-ranking."""
 
 
-# --------------------------------------------------------------------------- registries
-
-
+# -- registries ------------------------------------------------------------------------------------
 @main.command("datasets")
 def datasets_cmd() -> None:
     """List the registered datasets."""
@@ -138,17 +108,13 @@ def datasets_cmd() -> None:
 @click.option("--options", "show_options", is_flag=True, help="Also list each head's options and defaults.")
 def heads_cmd(show_options: bool) -> None:
     """List the registered heads: stage, what each supports, description (and options)."""
-    from heads.registry import head_options
-
     for name, spec in HEADS.items():
         click.echo(f"{name:11s} stage {spec.stage}  {','.join(sorted(spec.supports)) or '-':28s} {spec.description}")
         if show_options:
             click.echo("            " + ", ".join(f"{k}={v!r}" for k, v in head_options(name).items()))
 
 
-# --------------------------------------------------------------------------- data
-
-
+# -- data ------------------------------------------------------------------------------------------
 @main.command("make-manifest")
 @click.option("--dataset", required=True, help="Registered dataset name (see `datasets`).")
 @work_dir_option
@@ -159,8 +125,9 @@ def make_manifest_cmd(dataset, work_dir, annotations, videos, options) -> None:
     """Turn a dataset's official annotation files (or the generator) into a Parquet manifest."""
     from workflows.data import make_manifest
 
-    m = make_manifest(_work(work_dir), dataset, annotations, videos, _key_values(options, "--option"))
-    click.echo(f"manifest: {m.root}  videos={m.videos.num_rows} captions={m.captions.num_rows}  sha256={m.sha256()[:12]}")
+    m = make_manifest(WorkDir(work_dir), dataset, annotations, videos, parse_key_values(options, "--option"))
+    click.echo(f"manifest: {m.root}  videos={m.videos.num_rows} captions={m.captions.num_rows}  "
+               f"sha256={m.sha256()[:12]}")
 
 
 @main.command("pretrain-encoder")
@@ -171,9 +138,9 @@ def pretrain_encoder_cmd(work_dir, manifest, options) -> None:
     """Pretrain the synthetic world's small CLIP on train-split frame captions (reused if present)."""
     from workflows.data import load_manifest, synthetic_encoder
 
-    work = _work(work_dir)
+    work = WorkDir(work_dir)
     m = load_manifest(work, "synthetic", manifest)
-    click.echo(f"encoder: {synthetic_encoder(work, m, _key_values(options, '--option'))}")
+    click.echo(f"encoder: {synthetic_encoder(work, m, parse_key_values(options, '--option'))}")
 
 
 @main.command("probe-encoder")
@@ -190,7 +157,7 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
     from pipeline.probes import format_probes
     from workflows.data import load_manifest, probe_synthetic_encoders
 
-    work = _work(work_dir)
+    work = WorkDir(work_dir)
     results, path = probe_synthetic_encoders(work, load_manifest(work, "synthetic", manifest), encoders, steps, out)
     click.echo(format_probes(results))
     click.echo(f"probes: {path}")
@@ -218,9 +185,9 @@ def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stor
     """Decode each video once, run every encoder on the sampled frames, write the token stores."""
     from workflows.data import extract_stores, load_manifest
 
-    work = _work(work_dir)
-    m = load_manifest(work, dataset, manifest, annotations, videos, _key_values(options, "--option"))
-    report, paths = extract_stores(work, m, encoders, stores, device=_device(device), num_frames=frames,
+    work = WorkDir(work_dir)
+    m = load_manifest(work, dataset, manifest, annotations, videos, parse_key_values(options, "--option"))
+    report, paths = extract_stores(work, m, encoders, stores, device=resolve_device(device), num_frames=frames,
                                    shard_size=shard_size, workers=workers, timeout=timeout,
                                    max_text_tokens=max_text_tokens)
     click.echo(report.summary())
@@ -228,9 +195,7 @@ def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stor
         click.echo(f"store: {p}")
 
 
-# --------------------------------------------------------------------------- stage one
-
-
+# -- stage one -------------------------------------------------------------------------------------
 STAGE_ONE_SKIP = ("head_config", "device", "num_threads", "prefetch", "progress")
 
 
@@ -250,9 +215,9 @@ def train_stage_one_cmd(ctx, store, head_options, work_dir, stage_dir, out, devi
     """Train a stage-one (cosine) head from cached frame and text embeddings; model selection on val."""
     from workflows.runs import train_stage_one_run
 
-    cfg = StageOneTrainConfig(**config, head_config=_key_values(head_options, "--head-option"),
-                              device=_device(device))
-    ckpt = train_stage_one_run(_work(work_dir, stage_dir), store, cfg, out=out, reuse=not fresh,
+    cfg = StageOneTrainConfig(**config, head_config=parse_key_values(head_options, "--head-option"),
+                              device=resolve_device(device))
+    ckpt = train_stage_one_run(WorkDir(work_dir, stage_dir), store, cfg, out=out, reuse=not fresh,
                                record=_record(ctx))
     click.echo(f"checkpoint: {ckpt}")
 
@@ -260,7 +225,7 @@ def train_stage_one_cmd(ctx, store, head_options, work_dir, stage_dir, out, devi
 @main.command("eval")
 @store_option
 @click.option("--stage-one", "stage_one", type=click.Path(exists=True),
-              help="Stage-one checkpoint or an imported external stage-one dir (omit for the untrained meanP baseline).")
+              help="Stage-one checkpoint or an imported external stage-one dir (omit: the untrained meanP baseline).")
 @click.option("--split", default="test", show_default=True)
 @work_dir_option
 @stage_dir_option
@@ -277,8 +242,8 @@ def eval_cmd(store, stage_one, split, work_dir, stage_dir, out, dsl, dsl_tempera
     """Evaluate stage one (or the zero-shot meanP baseline): T2V/V2T R@1/5/10, MdR, MnR -> JSON + table."""
     from workflows.runs import evaluate_stage_one
 
-    json_path, table = evaluate_stage_one(_work(work_dir, stage_dir), store, stage_one, split, out, dsl,
-                                          dsl_temperature, qb_norm, qb_bank, qb_k, qb_beta, _device(device))
+    json_path, table = evaluate_stage_one(WorkDir(work_dir, stage_dir), store, stage_one, split, out, dsl,
+                                          dsl_temperature, qb_norm, qb_bank, qb_k, qb_beta, resolve_device(device))
     click.echo(table)
     click.echo(f"report: {json_path}")
 
@@ -305,17 +270,10 @@ def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_norma
     """
     from workflows.runs import import_external
 
-    if similarity is None and (video_emb is None or text_emb is None):
-        raise click.UsageError("give --video-emb and --text-emb, or --similarity")
-    if similarity is not None and (video_emb or text_emb):
-        raise click.UsageError("give either embeddings (--video-emb/--text-emb) or --similarity, not both")
-    ext, _, table = import_external(_work(work_dir), store, split, out, video_emb=video_emb, text_emb=text_emb,
+    ext, _, table = import_external(WorkDir(work_dir), store, split, out, video_emb=video_emb, text_emb=text_emb,
                                     similarity=similarity, normalize=not no_normalize, name=name)
     click.echo(table)
-    click.echo(f"imported {ext.identity['num_captions']} captions x {ext.identity['num_videos']} videos of split "
-               f"{split!r} ({ext.identity['similarity_from']}); dropped ids of other splits: "
-               f"{ext.identity['dropped_other_ids']}")
-    click.echo(f"external stage one: {ext.path}")
+    click.echo(f"imported {ext.summary()}\nexternal stage one: {ext.path}")
 
 
 @main.command("compare-stage-one")
@@ -341,22 +299,14 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
     from workflows.experiments import compare_stage_one
 
     names = [h.strip() for h in head_list.split(",") if h.strip()]
-    options: dict[str, dict] = {h: {} for h in names}
-    for pair in head_options:
-        head, sep, rest = pair.partition(":")
-        if not sep or head not in options:
-            raise click.BadParameter(f"expected HEAD:key=value with HEAD one of {', '.join(names)}, got {pair!r}",
-                                     param_hint="--head-option")
-        options[head].update(_key_values((rest,), "--head-option"))
-    cfg = StageOneTrainConfig(**config, device=_device(device), num_threads=threads)
-    json_path, table = compare_stage_one(_work(work_dir, stage_dir), store, names, options, cfg, out, echo=click.echo)
+    cfg = StageOneTrainConfig(**config, device=resolve_device(device), num_threads=threads)
+    json_path, table = compare_stage_one(WorkDir(work_dir, stage_dir), store, names, head_options, cfg, out,
+                                         echo=click.echo)
     click.echo(table)
     click.echo(f"report: {json_path}")
 
 
-# --------------------------------------------------------------------------- stage two
-
-
+# -- stage two -------------------------------------------------------------------------------------
 STAGE_TWO_SKIP = ("head_config", "device", "progress", "eval_batch", "num_threads", "prefetch")
 
 
@@ -382,19 +332,14 @@ STAGE_TWO_SKIP = ("head_config", "device", "progress", "eval_batch", "num_thread
 def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_options, fresh, work_dir, stage_dir,
                    out, device, **config) -> None:
     """Train a stage-two re-ranking head (ITM with hard negatives) on cached patch and text tokens."""
-    from core.options import format_key_values
     from workflows.runs import train_head
 
-    head_config = _key_values(head_options, "--head-option")
-    if config["head"] == "crosstvr":
-        head_config.update({k: v for k, v in (("mode", mode), ("shared", False if unshared else None),
-                                              ("num_selected", num_selected)) if v is not None})
-    elif mode is not None or unshared or num_selected is not None:
-        raise click.UsageError("--mode, --unshared and --num-selected apply to --head crosstvr only")
-    cfg = StageTwoTrainConfig(**config, head_config=head_config, device=_device(device)).resolved()
+    head_config = with_switches(config["head"], parse_key_values(head_options, "--head-option"), mode=mode,
+                                unshared=unshared, num_selected=num_selected)
+    cfg = StageTwoTrainConfig(**config, head_config=head_config, device=resolve_device(device)).resolved()
     record = _record(ctx, mode=None, unshared=False, num_selected=None, head_options=format_key_values(head_config),
                      itc_steps=cfg.itc_steps, itc_weight=cfg.itc_weight, fresh=False)
-    ckpt = train_head(_work(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record)
+    ckpt = train_head(WorkDir(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record)
     click.echo(f"checkpoint: {ckpt}")
 
 
@@ -422,30 +367,23 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
     """
     from workflows.runs import rerank_split
 
-    paths, table, res = rerank_split(_work(work_dir, stage_dir), store, stage_one, head_ckpt, split=split, k=k,
-                                     dsl=dsl, dsl_temperature=dsl_temperature, out=out, device=_device(device),
+    paths, table, res = rerank_split(WorkDir(work_dir, stage_dir), store, stage_one, head_ckpt, split=split, k=k,
+                                     dsl=dsl, dsl_temperature=dsl_temperature, out=out, device=resolve_device(device),
                                      batch_size=batch_size)
     click.echo(table)
     click.echo(f"{res.num_pairs} pairs scored in {res.seconds['scoring']:.1f}s; outputs: {paths['metrics'].parent}")
-
-
-ABLATION_NAMES = ("spatial", "temporal", "both", "both-unshared", "both-itm-only", "t2v2t")
 
 
 @main.command("ablation")
 @click.option("--store", help="Token store (default: the demo store under work-dir; built by the demo if missing).")
 @click.option("--stage-one", "stage_one", type=click.Path(exists=True),
               help="Stage-one checkpoint (default: the demo's stage-one run with the best val score).")
-@click.option("--variants", default=",".join(ABLATION_NAMES), show_default=True,
-              help=f"Comma-separated subset of {', '.join(ABLATION_NAMES)}.")
+@click.option("--variants", default=",".join(ABLATION_VARIANTS), show_default=True,
+              help=f"Comma-separated subset of {', '.join(ABLATION_VARIANTS)}.")
 @click.option("--k", "k", default=15, show_default=True, help="Candidates re-ranked per query.")
 @head_options_option
-@_dataclass_options(StageTwoTrainConfig,
-                    skip=STAGE_TWO_SKIP + ("head", "seed", "max_steps"),
-                    **{name: {"default": None, "show_default": False} for name in (
-                        "epochs", "batch_size", "lr", "weight_decay", "warmup", "hard_negatives", "anneal_start",
-                        "anneal", "neg_temperature", "neg_pool", "rank_weight", "itc_batch", "itc_cluster", "itc_lr",
-                        "val_k", "val_queries")})
+@_dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP + ("head", "seed", "max_steps"), unset=True,
+                    hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)})
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")
@@ -455,25 +393,22 @@ ABLATION_NAMES = ("spatial", "temporal", "both", "both-unshared", "both-itm-only
 def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, stage_dir, out, seed, device,
                  **config) -> None:
     """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) /
-    both without the contrastive (ITC) training / T2V2T.
+    both without the contrastive (ITC) training / T2V2T, in one table.
 
-    Trains each head on train (epoch selected on val only), re-ranks the test split's stage-one
-    top K with it and writes one table (T2V / V2T R@1/5/10, MnR, stage one's R@K) to
-    OUT/ablation.{json,txt}; each variant's ranked lists and metrics go to OUT/<variant>/. Runs that
-    already finished with the same arguments are reused; trainer options left out take the
-    trainer's defaults. Without --store the demo's store is used, and the demo is run first when
-    it is missing.
+    Trains each head (epoch selected on val only), re-ranks the test split's stage-one top K and
+    writes OUT/ablation.{json,txt} and each variant's outputs to OUT/<variant>/; finished runs are
+    reused. Without --store the demo's store is used (the demo runs first when it is missing).
     """
     from workflows.experiments import ablation
 
-    work = _work(work_dir, stage_dir)
+    work = WorkDir(work_dir, stage_dir)
     if store is None and not work.synthetic_stores():
         click.echo(f"no demo store under {work.root / 'stores'}: running the demo first")
         ctx.invoke(demo_cmd, work_dir=work_dir, seed=seed, device=device)
     given = {k_: v for k_, v in config.items() if v is not None}
-    head_config = _key_values(head_options, "--head-option")
+    head_config = parse_key_values(head_options, "--head-option")
     demo_defaults = store is None and stage_one is None and out is None and not given
-    cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=_device(device))
+    cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=resolve_device(device))
     names = [v.strip() for v in variants.split(",") if v.strip()]
     json_path, table = ablation(work, names, cfg, store=store, stage_one=stage_one, k=k, out=out,
                                 demo_defaults=demo_defaults, echo=click.echo)
@@ -482,9 +417,7 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
     click.echo(f"report: {json_path}")
 
 
-# --------------------------------------------------------------------------- demo
-
-
+# -- demo ------------------------------------------------------------------------------------------
 @main.command("demo")
 @work_dir_option
 @seed_option
@@ -494,7 +427,7 @@ def demo_cmd(work_dir, seed, device) -> None:
     stage two, evaluate stage one and the re-ranked top 15 on the test split."""
     from workflows.experiments import demo
 
-    demo(_work(work_dir), seed=seed, device=_device(device), echo=click.echo)
+    demo(WorkDir(work_dir), seed=seed, device=resolve_device(device), echo=click.echo)
 
 
 if __name__ == "__main__":

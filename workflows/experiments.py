@@ -6,17 +6,18 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from core.errors import RunMismatchError, UsageError
 from core.fileio import write_text
 from core.metrics import metrics_to_json, write_report
+from core.options import parse_key_values
 from heads.evaluation.similarity import evaluate, untrained_baseline
 from heads.evaluation.sources import stage_one_scores
 from heads.registry import list_heads, supports
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.config import StageOneTrainConfig
-from heads.stage_two.config import StageTwoTrainConfig
+from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
 from workflows.data import extract_stores, make_manifest, synthetic_encoder
 from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
@@ -24,17 +25,6 @@ from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 Echo = Callable[[str], None]
 DEMO_STAGE_ONE = ("meanP", "seqTransf")
 DEMO_K = 15
-
-# name: (table label, head, head options, trainer options of this variant)
-ABLATION_VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
-    "spatial": ("+spatial", "crosstvr", {"mode": "spatial"}, {}),
-    "temporal": ("+temporal", "crosstvr", {"mode": "temporal"}, {}),
-    "both": ("both (shared)", "crosstvr", {}, {}),
-    "both-unshared": ("both (unshared)", "crosstvr", {"shared": False}, {}),
-    "both-itm-only": ("both (shared), ITM only", "crosstvr", {}, {"itc_steps": 0, "itc_weight": 0.0}),
-    "t2v2t": ("T2V2T", "t2v2t", {}, {}),
-}
-
 
 def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) -> Path:
     """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
@@ -55,8 +45,8 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test)}
     for head in DEMO_STAGE_ONE:
         ckpt = train_stage_one_run(work, store, StageOneTrainConfig(head=head, seed=seed, device=device))
-        results[f"{head} (trained)"] = evaluate(load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity).head,
-                                                test)
+        trained = load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity)
+        results[f"{head} (trained)"] = evaluate(trained.head, test)
     echo(f"      ({time.time() - t0:.0f}s)")
     json_path, table = write_report(results, work.reports_dir("demo"))
     echo(table)
@@ -78,14 +68,28 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     return paths["metrics"]
 
 
-def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], options: dict[str, dict],
+def per_head_options(pairs: Sequence[str], heads: Sequence[str]) -> dict[str, dict]:
+    """``["clip2video:num_centers=5"]`` -> ``{"clip2video": {"num_centers": 5}, <other heads>: {}}``."""
+    options: dict[str, dict] = {h: {} for h in heads}
+    for pair in pairs:
+        head, sep, rest = pair.partition(":")
+        if not sep or head not in options:
+            raise UsageError(f"--head-option: expected HEAD:key=value with HEAD one of {', '.join(heads)}, "
+                             f"got {pair!r}")
+        options[head].update(parse_key_values((rest,), "--head-option"))
+    return options
+
+
+def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_options: Sequence[str],
                       config: StageOneTrainConfig, out: str | Path | None = None, echo: Echo = print
                       ) -> tuple[Path, str]:
     """Train each stage-one head (selection on val), evaluate all on test next to the untrained meanP
-    baseline; writes ``compare-stage-one.{json,txt}`` and ``compare-stage-one.runs.json``."""
+    baseline; ``head_options``: ``HEAD:key=value`` pairs. Writes ``compare-stage-one.{json,txt}`` and
+    ``compare-stage-one.runs.json``."""
     unknown = [h for h in heads if h not in list_heads(stage=1)]
     if not heads or unknown:
         raise UsageError(f"--heads: unknown head(s) {unknown} (known: {', '.join(list_heads(stage=1))})")
+    options = per_head_options(head_options, heads)
     store = store or work.default_store()
     out_dir = Path(out) if out else work.root / "compare-stage-one"
     train, val = work.stage_train_val(store)

@@ -132,6 +132,10 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
     """Import an external stage one (``files``: ``video_emb`` + ``text_emb``, or ``similarity``;
     ``normalize``, ``name``) checked against ``split`` of ``store``; writes the import and its
     metrics report (default ``<work>/external/<split>``). Returns (import, split ids, table)."""
+    if files.get("similarity") is None and (files.get("video_emb") is None or files.get("text_emb") is None):
+        raise UsageError("give --video-emb and --text-emb, or --similarity")
+    if files.get("similarity") is not None and (files.get("video_emb") or files.get("text_emb")):
+        raise UsageError("give either embeddings (--video-emb/--text-emb) or --similarity, not both")
     out_dir = Path(out) if out else work.root / "external" / split
     ids = split_ids_from_store(CacheStore.open(store), split)
     ext = import_stage_one(ids, out_dir, **files)

@@ -174,6 +174,12 @@ class ExternalStageOne:
             sim = sim[:, self._cols]
         return np.array(sim, dtype=np.float32)
 
+    def summary(self) -> str:
+        """One line: what was imported, from what, and which ids were dropped."""
+        i = self.identity
+        return (f"{i['num_captions']} captions x {i['num_videos']} videos of split {i['split']!r} "
+                f"({i['similarity_from']}); dropped ids of other splits: {i['dropped_other_ids']}")
+
     @property
     def name(self) -> str:
         return str(self.identity.get("name") or self.path.name)

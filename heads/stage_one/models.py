@@ -146,7 +146,8 @@ class SeqTransf(StageOneHead):
         super().__init__(embed_dim, **options)
         c = self.cfg
         c.width = width = int(embed_dim if c.width is None else c.width)
-        num_heads, num_layers, ff_mult, dropout = int(c.num_heads), int(c.num_layers), float(c.ff_mult), float(c.dropout)
+        num_heads, num_layers = int(c.num_heads), int(c.num_layers)
+        ff_mult, dropout = float(c.ff_mult), float(c.dropout)
         if width % num_heads:
             raise ValueError(f"transformer width {width} is not divisible by num_heads {num_heads}")
         # A narrower transformer than the embedding keeps CPU training fast; the residual

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from core.errors import ConfigError
+from core.errors import ConfigError, UsageError
 from core.fileio import jsonable
 from core.split import Split
 from heads.registry import get_spec, list_heads
@@ -115,3 +115,25 @@ def upgrade_args(args: dict) -> dict:
     if "head_cfg" in args:
         args["head_config"] = args.pop("head_cfg")
     return args
+
+
+def with_switches(head: str, head_config: dict, mode: str | None = None, unshared: bool = False,
+                  num_selected: int | None = None) -> dict:
+    """``head_config`` with the command line's CrossTVR switches (``--mode``, ``--unshared``,
+    ``--num-selected``) folded in; ``UsageError`` when they are given for another head."""
+    switches = {k: v for k, v in (("mode", mode), ("shared", False if unshared else None),
+                                  ("num_selected", num_selected)) if v is not None}
+    if switches and head != "crosstvr":
+        raise UsageError("--mode, --unshared and --num-selected apply to --head crosstvr only")
+    return {**head_config, **switches}
+
+
+# The stage-two ablation: name -> (table label, head, head options, trainer options of the variant).
+ABLATION_VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
+    "spatial": ("+spatial", "crosstvr", {"mode": "spatial"}, {}),
+    "temporal": ("+temporal", "crosstvr", {"mode": "temporal"}, {}),
+    "both": ("both (shared)", "crosstvr", {}, {}),
+    "both-unshared": ("both (unshared)", "crosstvr", {"shared": False}, {}),
+    "both-itm-only": ("both (shared), ITM only", "crosstvr", {}, {"itc_steps": 0, "itc_weight": 0.0}),
+    "t2v2t": ("T2V2T", "t2v2t", {}, {}),
+}

@@ -18,9 +18,9 @@ negatives (BENCHMARKS.md, stage-two diagnostics, also for the default learning r
 The head's ``TokenStandardizer`` is fitted on the train split before the first step. AdamW with
 a cosine schedule after a linear warm-up. Batches are read from the split's memory-mapped arrays
 (only their rows) by a background thread. Every epoch ends with a model-selection pass on the val
-split (never test, ``heads.stage_two.selection``). After every epoch ``train_state.pt`` holds the model, optimizer, scheduler and RNG state,
-so an interrupted run (or one stopped by ``max_steps``) continues where it stopped and ends with
-exactly the weights of an uninterrupted run on CPU.
+split (never test, ``heads.stage_two.selection``). After every epoch ``train_state.pt`` holds the
+model, optimizer, scheduler and RNG state, so an interrupted run (or one stopped by ``max_steps``)
+continues where it stopped and ends with exactly the weights of an uninterrupted run on CPU.
 
 Files in ``out_dir``: ``stage_two.pt`` (``heads.stage_two.checkpoint``), ``train_state.pt`` (resume
 state), ``itc_state.pt`` (the contrastive phase's resume state) and ``history.json``.
