@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.stage_one.models import StageOneConfig, StageOneHead, clean_frames, masked_mean
+from heads.stage_one.models import SeqTransfConfig, StageOneHead, clean_frames, masked_mean
 
 
 def _encoder(width: int, num_heads: int, num_layers: int, ff_mult: float, dropout: float) -> nn.TransformerEncoder:
@@ -84,20 +84,16 @@ def vlad(tokens: torch.Tensor, mask: torch.Tensor, assign: nn.Linear, centers: t
 
 
 @dataclass
-class CLIP2VideoConfig(StageOneConfig):
-    """Options of ``CLIP2Video`` (None: the embedding width)."""
+class CLIP2VideoConfig(SeqTransfConfig):
+    """Options of ``CLIP2Video``: seqTransf's transformer options (one temporal layer by default) and
+    the TDB / TAB ones (None: the embedding width)."""
 
+    num_layers: int = 1
     text_dim: int | None = None  # width of the caption word tokens
     num_centers: int = 5  # K shared TAB centers
     weight: float = 0.5  # share of the global similarity
     tab_dim: int | None = 128
-    num_layers: int = 1
-    diff_layers: int = 1
-    num_heads: int = 4
-    width: int | None = 256
-    ff_mult: float = 2.0
-    dropout: float = 0.1
-    max_frames: int = 64
+    diff_layers: int = 1  # layers of the difference transformer
 
 
 class CLIP2Video(StageOneHead):

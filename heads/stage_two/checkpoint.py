@@ -10,28 +10,19 @@ from pathlib import Path
 import torch
 
 from core.fileio import jsonable, sha256_file
-from heads.registry import create_head
 from heads.stage_one.checkpoint import CHECKPOINT_NAME as STAGE_ONE_NAME
-from heads.stage_two.models import StageTwoHead
-from heads.training.common import check_identity, checkpoint_file, load_checkpoint
+from heads.training.common import Checkpoint, checkpoint_file, load_head_checkpoint
 
 CHECKPOINT_NAME = "stage_two.pt"
 KIND = "stage_two"
-REQUIRED = {"config", "state_dict", "store_fingerprint", "encoder_identity", "stage_one_identity"}
 
 
-@dataclass
-class StageTwoCheckpoint:
-    """A loaded stage-two checkpoint: the head (eval mode) and its metadata."""
+@dataclass(kw_only=True)
+class StageTwoCheckpoint(Checkpoint):
+    """A loaded stage-two checkpoint: the head (eval mode), its metadata and the identity of the
+    stage one it was trained with."""
 
-    head: StageTwoHead
-    config: dict
-    store_fingerprint: str
-    encoder_identity: dict
-    stage_one_identity: dict
-    train_args: dict = field(default_factory=dict)
-    history: dict = field(default_factory=dict)
-    path: Path | None = None
+    stage_one_identity: dict = field(default_factory=dict)
 
 
 def stage_one_identity(stage_one_ckpt_path: str | Path) -> dict:
@@ -53,13 +44,5 @@ def load_stage_two(path: str | Path, expect_encoder_identity: dict | None = None
     identity of the store the head is about to be used on) differs from the encoder identity of
     the store it was trained on: the head's input projections only make sense for that encoder.
     """
-    p, ckpt = load_checkpoint(path, CHECKPOINT_NAME, "stage-two", REQUIRED, kind=KIND, map_location=map_location)
-    check_identity(expect_encoder_identity, ckpt["encoder_identity"], f"stage-two head {p}")
-    config = dict(ckpt["config"])
-    head = create_head(**config, stage=2)
-    head.load_state_dict(ckpt["state_dict"])
-    head.eval()
-    return StageTwoCheckpoint(head=head, config=config, store_fingerprint=ckpt["store_fingerprint"],
-                              encoder_identity=ckpt["encoder_identity"],
-                              stage_one_identity=ckpt["stage_one_identity"],
-                              train_args=ckpt.get("train_args", {}), history=ckpt.get("history", {}), path=p)
+    return load_head_checkpoint(path, CHECKPOINT_NAME, 2, StageTwoCheckpoint, expect_encoder_identity, kind=KIND,
+                                extra=("stage_one_identity",), map_location=map_location)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ import torch
 from core.errors import CheckpointError, ForbiddenSplitError, StoreMismatchError
 from core.fileio import atomic_write, json_diff
 from core.split import Split, check_same_store
+from heads.registry import STAGE_NAMES, create_head
 
 FORBIDDEN_SPLITS = frozenset({"test"})
 ADAMW = {"betas": (0.9, 0.98), "eps": 1e-6}
@@ -111,6 +113,20 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+@dataclass(kw_only=True)
+class Checkpoint:
+    """A loaded checkpoint: the head (eval mode), its config, the store and encoder it was trained
+    on, its training arguments and history, and the file it came from."""
+
+    head: Any
+    config: dict
+    store_fingerprint: str
+    encoder_identity: dict
+    train_args: dict = field(default_factory=dict)
+    history: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
 def checkpoint_file(path: str | os.PathLike, name: str, what: str) -> Path:
     """``path`` itself or ``path/name`` for a run directory; ``FileNotFoundError`` naming it."""
     p = Path(path)
@@ -131,3 +147,24 @@ def load_checkpoint(path: str | os.PathLike, name: str, what: str, required: set
     if missing or (kind is not None and raw.get("kind") != kind):
         raise CheckpointError(f"{p} is not a {what} checkpoint (missing {sorted(missing) or ['kind']})")
     return p, raw
+
+
+def load_head_checkpoint(path: str | os.PathLike, name: str, stage: int, cls: type,
+                         expect_encoder_identity: dict | None = None, kind: str | None = None,
+                         extra: tuple[str, ...] = (), map_location: str = "cpu") -> Any:
+    """Load a head checkpoint of ``stage`` into ``cls`` (a ``Checkpoint``): its head rebuilt from the
+    saved config (``heads.registry``), in eval mode; ``extra`` names further required keys, kept as
+    fields of ``cls``. Refused (``StoreMismatchError``) when trained on another encoder than
+    ``expect_encoder_identity``."""
+    what = STAGE_NAMES[stage]
+    required = {"config", "state_dict", "store_fingerprint", "encoder_identity", *extra}
+    p, ckpt = load_checkpoint(path, name, what, required, kind=kind, map_location=map_location)
+    check_identity(expect_encoder_identity, ckpt["encoder_identity"],
+                   f"checkpoint {p}" if stage == 1 else f"{what} head {p}")
+    config = dict(ckpt["config"])
+    head = create_head(**config, stage=stage)
+    head.load_state_dict(ckpt["state_dict"])
+    head.eval()
+    return cls(head=head, config=config, store_fingerprint=ckpt["store_fingerprint"],
+               encoder_identity=ckpt["encoder_identity"], train_args=ckpt.get("train_args", {}),
+               history=ckpt.get("history", {}), path=p, **{k: ckpt[k] for k in extra})
