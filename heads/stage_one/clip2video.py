@@ -49,20 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.stage_one.models import SeqTransfConfig, StageOneHead, clean_frames, masked_mean
-
-
-def _encoder(width: int, num_heads: int, num_layers: int, ff_mult: float, dropout: float) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(
-        d_model=width,
-        nhead=num_heads,
-        dim_feedforward=int(round(ff_mult * width)),
-        dropout=dropout,
-        activation="gelu",
-        batch_first=True,
-        norm_first=True,
-    )
-    return nn.TransformerEncoder(layer, num_layers=num_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+from heads.stage_one.models import SeqTransfConfig, StageOneHead, clean_frames, masked_mean, transformer_encoder
 
 
 def _key_padding(valid: torch.Tensor) -> torch.Tensor:
@@ -105,13 +92,11 @@ class CLIP2Video(StageOneHead):
     def __init__(self, embed_dim: int, **options: Any) -> None:
         super().__init__(embed_dim, **options)
         c = self.cfg
-        c.width = width = int(embed_dim if c.width is None else c.width)
+        width = c.resolve_width(embed_dim)
         c.tab_dim = tab_dim = int(embed_dim if c.tab_dim is None else c.tab_dim)
         c.text_dim = text_dim = int(embed_dim if c.text_dim is None else c.text_dim)
         num_heads, num_layers, diff_layers = int(c.num_heads), int(c.num_layers), int(c.diff_layers)
         ff_mult, dropout, max_frames = float(c.ff_mult), float(c.dropout), int(c.max_frames)
-        if width % num_heads:
-            raise ValueError(f"transformer width {width} is not divisible by num_heads {num_heads}")
         if not 0.0 <= float(c.weight) <= 1.0:
             raise ValueError(f"weight (share of the global similarity) must be in [0, 1], got {c.weight}")
         if int(c.num_centers) < 1:
@@ -123,10 +108,10 @@ class CLIP2Video(StageOneHead):
         # -- TDB
         self.inp: nn.Module = nn.Identity() if width == embed_dim else nn.Linear(embed_dim, width)
         self.diff_pos_emb = nn.Parameter(torch.randn(max(1, max_frames - 1), width) * 0.02)
-        self.diff_transformer = _encoder(width, num_heads, diff_layers, ff_mult, dropout)
+        self.diff_transformer = transformer_encoder(width, num_heads, diff_layers, ff_mult, dropout)
         self.pos_emb = nn.Parameter(torch.randn(2 * max_frames - 1, width) * 0.02)
         self.type_emb = nn.Parameter(torch.randn(2, width) * 0.02)  # 0: frame, 1: difference
-        self.transformer = _encoder(width, num_heads, num_layers, ff_mult, dropout)
+        self.transformer = transformer_encoder(width, num_heads, num_layers, ff_mult, dropout)
         self.out = nn.Linear(width, embed_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)

@@ -64,6 +64,21 @@ class SeqTransfConfig(StageOneConfig):
     dropout: float = 0.1
     max_frames: int = 64
 
+    def resolve_width(self, embed_dim: int) -> int:
+        """The transformer width (``None``: the embedding width), checked against ``num_heads``."""
+        self.width = width = int(embed_dim if self.width is None else self.width)
+        if width % int(self.num_heads):
+            raise ValueError(f"transformer width {width} is not divisible by num_heads {self.num_heads}")
+        return width
+
+
+def transformer_encoder(width: int, num_heads: int, num_layers: int, ff_mult: float,
+                        dropout: float) -> nn.TransformerEncoder:
+    """A pre-norm transformer encoder (GELU, batch first) with a final LayerNorm."""
+    layer = nn.TransformerEncoderLayer(d_model=width, nhead=num_heads, dim_feedforward=int(round(ff_mult * width)),
+                                       dropout=dropout, activation="gelu", batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, num_layers=num_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+
 
 class StageOneHead(Head):
     """Common text side, logit scale and scoring of stage-one heads."""
@@ -139,33 +154,18 @@ class SeqTransf(StageOneHead):
     """Temporal transformer over frame embeddings, residual from meanP (see module docstring)."""
 
     name = "seqTransf"
-
     Config = SeqTransfConfig
 
     def __init__(self, embed_dim: int, **options: Any) -> None:
         super().__init__(embed_dim, **options)
         c = self.cfg
-        c.width = width = int(embed_dim if c.width is None else c.width)
-        num_heads, num_layers = int(c.num_heads), int(c.num_layers)
-        ff_mult, dropout = float(c.ff_mult), float(c.dropout)
-        if width % num_heads:
-            raise ValueError(f"transformer width {width} is not divisible by num_heads {num_heads}")
+        width = c.resolve_width(embed_dim)
         # A narrower transformer than the embedding keeps CPU training fast; the residual
         # branch maps back to embed_dim.
         self.inp: nn.Module = nn.Identity() if width == embed_dim else nn.Linear(embed_dim, width)
         self.pos_emb = nn.Parameter(torch.randn(int(c.max_frames), width) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            d_model=width,
-            nhead=num_heads,
-            dim_feedforward=int(round(ff_mult * width)),
-            dropout=dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.transformer = nn.TransformerEncoder(
-            layer, num_layers=num_layers, norm=nn.LayerNorm(width), enable_nested_tensor=False
-        )
+        self.transformer = transformer_encoder(width, int(c.num_heads), int(c.num_layers), float(c.ff_mult),
+                                               float(c.dropout))
         self.out = nn.Linear(width, embed_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
