@@ -137,6 +137,19 @@ def _dual_softmax(sim: np.ndarray, temperature: float | None, direction: str) ->
     return m
 
 
+def _final_scores(sim: np.ndarray, rows: np.ndarray, cols: np.ndarray, head: np.ndarray, direction: str,
+                  dsl: bool, temperature: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One direction's (stage-one ranking matrix, final scores of its candidates ``(rows, cols)``, full
+    ranking matrix with the candidates lifted): ``sim + head``, or its dual softmax with ``dsl``."""
+    stage_one = _dual_softmax(sim, temperature, direction) if dsl else sim
+    if dsl:
+        final = np.array(sim, dtype=np.float64)
+        final[rows, cols] += head
+        post = _dual_softmax(final, temperature, direction)
+        return stage_one, post[rows, cols], lift(post, rows, cols)
+    return stage_one, sim[rows, cols].astype(np.float64) + head, lift(sim, rows, cols, head)
+
+
 # ------------------------------------------------------------------------------ result
 @dataclass
 class RerankResult:
@@ -233,33 +246,17 @@ def rerank(
 
     t0 = time.perf_counter()
     if res.t2v_candidates is not None:
-        rows = np.arange(num_c)[:, None]
         cand = res.t2v_candidates
-        res.t2v_head = _lookup(caps, vids, scores, num_v, np.broadcast_to(rows, cand.shape), cand)
-        res.stage_one_t2v = _dual_softmax(sim, dsl_temperature, "t2v") if dsl else sim
-        if dsl:
-            final = np.array(sim, dtype=np.float64)
-            final[rows, cand] += res.t2v_head
-            post = _dual_softmax(final, dsl_temperature, "t2v")
-            res.t2v_final = post[rows, cand]
-            res.t2v_matrix = lift(post, rows, cand)
-        else:
-            res.t2v_final = sim[rows, cand].astype(np.float64) + res.t2v_head
-            res.t2v_matrix = lift(sim, rows, cand, res.t2v_head)
+        rows = np.broadcast_to(np.arange(num_c)[:, None], cand.shape)
+        res.t2v_head = _lookup(caps, vids, scores, num_v, rows, cand)
+        res.stage_one_t2v, res.t2v_final, res.t2v_matrix = _final_scores(sim, rows, cand, res.t2v_head, "t2v",
+                                                                          dsl, dsl_temperature)
     if res.v2t_candidates is not None:
-        cols = res.v2t_videos[:, None]
         cand = res.v2t_candidates  # caption rows
-        res.v2t_head = _lookup(caps, vids, scores, num_v, cand, np.broadcast_to(cols, cand.shape))
-        res.stage_one_v2t = _dual_softmax(sim, dsl_temperature, "v2t") if dsl else sim
-        if dsl:
-            final = np.array(sim, dtype=np.float64)
-            final[cand, cols] += res.v2t_head
-            post = _dual_softmax(final, dsl_temperature, "v2t")
-            res.v2t_final = post[cand, cols]
-            res.v2t_matrix = lift(post, cand, np.broadcast_to(cols, cand.shape))
-        else:
-            res.v2t_final = sim[cand, cols].astype(np.float64) + res.v2t_head
-            res.v2t_matrix = lift(sim, cand, np.broadcast_to(cols, cand.shape), res.v2t_head)
+        cols = np.broadcast_to(res.v2t_videos[:, None], cand.shape)
+        res.v2t_head = _lookup(caps, vids, scores, num_v, cand, cols)
+        res.stage_one_v2t, res.v2t_final, res.v2t_matrix = _final_scores(sim, cand, cols, res.v2t_head, "v2t",
+                                                                          dsl, dsl_temperature)
     res.seconds["matrices"] = time.perf_counter() - t0
     res.seconds["total"] = time.perf_counter() - t_start
     return res
