@@ -1,7 +1,7 @@
 """The manifest format shared by every dataset.
 
 A manifest is a directory holding ``videos.parquet``, ``captions.parquet`` and ``meta.json``
-(see docs/ARCHITECTURE.md, section 1). :class:`Manifest` keeps both tables as
+(see docs/ARCHITECTURE.md, "Manifest"). :class:`Manifest` keeps both tables as
 ``pyarrow.Table`` objects, validates them and computes a content hash that does not depend on
 row order.
 """
@@ -180,7 +180,7 @@ def _table_from_records(records: Sequence[Mapping[str, Any]],
 
 @dataclass
 class Manifest:
-    """Videos and captions of one dataset; see docs/ARCHITECTURE.md section 1."""
+    """Videos and captions of one dataset; see docs/ARCHITECTURE.md, "Manifest"."""
 
     videos: pa.Table
     captions: pa.Table

@@ -1,4 +1,4 @@
-"""A deterministic synthetic fine-grained text-video benchmark (docs/ARCHITECTURE.md, section 2).
+"""A deterministic synthetic fine-grained text-video benchmark (docs/SYNTHETIC.md).
 
 Every video is a real h264 mp4 (224x224, 3 s at 8 fps = 24 frames) showing a LARGE main object
 (shape, colour, motion) on a coloured, mildly textured background, and a SMALL detail object

@@ -1,4 +1,4 @@
-"""Frozen image-text encoders built from open_clip (docs/ARCHITECTURE.md, section 3).
+"""Frozen image-text encoders built from open_clip (docs/ARCHITECTURE.md, "Encoders").
 
 An :class:`EncoderSpec` names an open_clip architecture and its weights: an open_clip pretrained
 tag (``openai``, ``laion400m_s11b_b41k``, ...), a local checkpoint path (a ``state_dict`` saved

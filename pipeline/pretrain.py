@@ -8,15 +8,13 @@ single decoded frames of TRAIN videos and frame captions from
 :func:`manifests.synthetic.frame_caption` (main object always, detail with probability
 ``p_detail``).
 
-``p_detail`` is the calibration knob of the benchmark (DESIGN: details present in the patch tokens,
-clearly weaker in the pooled embedding). Measured with ``probe-encoder`` (BENCHMARKS.md): at 0.5
-the detail colour was decodable from the CLS embedding at 96.5%, so stage one already separated
-detail colours; at 0.1 (the default) it is 47% from CLS and still 100% from the detail's patch
-token, and timing falls from 84% to 46% in the CLS pair while staying at 96% in the patch.
+``p_detail`` is the calibration knob of the benchmark (docs/SYNTHETIC.md: details present in the
+patch tokens, clearly weaker in the pooled embedding); ``probe-encoder`` measures where each
+attribute ends up, and BENCHMARKS.md records the calibration that chose the default.
 
 ``cluster_size`` > 0 builds batches of frames that share background and main colour
-(:class:`BatchSampler`); measured at 8, it did not teach the main shape any faster (CLS probe
-31 -> 29%), so the default stays random batches.
+(:class:`BatchSampler`); it did not help in the measurements of BENCHMARKS.md, so the default stays
+random batches.
 
 Loss: symmetric multi-positive InfoNCE. Frame captions are short and repeat within a batch, so a
 caption is a positive for every frame in the batch whose content it describes truly (same main

@@ -1,6 +1,8 @@
 """The Zarr v3 feature cache (docs/ARCHITECTURE.md, "Store"): create, open, read and write it.
 
-Staging a split into local memory-mapped files is ``pipeline.staging``.
+Staging a split into local memory-mapped files is ``pipeline.staging``. The on-disk format stays in
+one module (its layout below, creation, opening, reading and writing with their checks), which is
+why it is longer than the others.
 
 Layout (schema version 1; ``V`` videos, ``T`` frames, ``N`` visual tokens of width ``D``,
 ``E`` embedding width, ``C`` captions, ``L`` text tokens of width ``Dt``, ``S`` shard size,

@@ -20,8 +20,8 @@ at the class-prior loss (docs/METHOD.md, "What the synthetic benchmark taught").
 * ``QFormerLayer`` follows one BLIP-2 Q-Former (BERT) layer: self-attention over
   ``[queries; text]`` (text padding masked), cross-attention from the queries to visual tokens
   (with ``text_cross=True``, the default, the text tokens cross-attend too, which is what broke
-  the class-prior plateau on the synthetic benchmark, docs/METHOD.md), then feed-forward, with separate FFNs for
-  query and text positions as in BLIP-2. Post-LN (BERT style, residual then LayerNorm) by default
+  the class-prior plateau on the synthetic benchmark, docs/METHOD.md), then feed-forward, with
+  separate FFNs for query and text positions as in BLIP-2. Post-LN (BERT style, residual then LayerNorm) by default
   so real Q-Former weights map one to one; ``prenorm=True`` switches to pre-LN.
 * Spatial pass: the block stack runs once per frame over that frame's CLS+patches; the last
   layer's query outputs are averaged over the valid frames -> spatial-enhanced queries.
@@ -44,21 +44,9 @@ at the class-prior loss (docs/METHOD.md, "What the synthetic benchmark taught").
   feed-forward). With ``itc_dim`` > 0 the head has BLIP-2's ``vision_proj`` / ``text_proj`` and
   temperature, and ``pair_score`` is the ITM log-odds plus the pair's ITC logit
   (``scale * max_q cos``), BLIP-2's retrieval rule. ``token_pos=True`` adds a learned embedding
-  per token position to the visual tokens (off by default: no gain measured).
+  per token position to the visual tokens (off by default: BENCHMARKS.md found no gain).
 
-Mapping BLIP-2 Q-Former weights (``Blip2QFormerModel``; not implemented here): layer ``i`` ->
-``layers[i]``: ``attention.self.{query,key,value}`` -> ``self_attn.in_proj_{weight,bias}``
-(stacked q;k;v), ``attention.output.dense`` -> ``self_attn.out_proj``,
-``attention.output.LayerNorm`` -> ``norm_self``; ``crossattention.self.query`` -> ``cross_attn.q``,
-``.key``/``.value`` -> ``cross_attn.k``/``.v`` (BLIP-2's take the 1408-d EVA tokens, so build with
-``visual_proj=False`` for an EVA-g/14 store), ``crossattention.output.dense`` -> ``cross_attn.out``,
-``crossattention.output.LayerNorm`` -> ``norm_cross``; ``intermediate_query.dense`` /
-``output_query.dense`` / ``output_query.LayerNorm`` -> ``ffn_query.fc1`` / ``ffn_query.fc2`` /
-``norm_ffn_query``; ``intermediate.dense`` / ``output.dense`` / ``output.LayerNorm`` ->
-``ffn_text.*`` / ``norm_ffn_text``; ``query_tokens`` -> ``queries``; ``itm_head`` -> ``fc``.
-BLIP-2 has cross attention only in every other layer (``cross_every=2``) and width 768 / 12 heads /
-32 queries; its text side is its own BERT word embeddings, so ``text_proj`` (CLIP text tokens ->
-width) stays trained from scratch.
+How BLIP-2's Q-Former weights map onto these layers is in docs/METHOD.md.
 
 ``T2V2T`` (Kim et al.)
 ----------------------
