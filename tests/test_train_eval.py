@@ -52,14 +52,14 @@ def test_sampler_one_caption_per_video_deterministic() -> None:
     s = EpochSampler(cv, num_videos=5, batch_size=2, seed=7)
     plan = s.epoch(0)
     assert len(plan) == len(s) == 2
-    videos = np.concatenate([v for v, _ in plan])
-    captions = np.concatenate([c for _, c in plan])
+    captions = np.concatenate([c for c, _ in plan])
+    videos = np.concatenate([v for _, v in plan])
     assert sorted(videos.tolist()) == [0, 1, 2, 4]
     assert (cv[captions] == videos).all()
     again = EpochSampler(cv, num_videos=5, batch_size=2, seed=7).epoch(0)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(plan, again))
     other = [s.epoch(e) for e in range(1, 6)]
-    assert any(not np.array_equal(np.concatenate([v for v, _ in p]), videos) for p in other)
+    assert any(not np.array_equal(np.concatenate([v for _, v in p]), videos) for p in other)
 
 
 def test_prefetch_matches_plain(splits: dict[str, StagedSplit]) -> None:

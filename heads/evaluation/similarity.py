@@ -6,14 +6,13 @@ term's cosine and QB-Norm's querybanks all encode through ``encode_texts`` / ``e
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from core.metrics import retrieval_metrics
-from core.split import Split
+from core.split import Split, StagedSplit
 from heads.evaluation.postprocess import check_querybank_split
 from heads.stage_one.models import MeanP, StageOneHead
 from heads.training.data import blocks, require_text_tokens, uses_text_tokens
@@ -88,8 +87,11 @@ def querybanks(head: StageOneHead, split: Split, bank: Split) -> tuple[np.ndarra
     check_querybank_split(bank.split, split.split)
     if getattr(bank, "store_fingerprint", None) != getattr(split, "store_fingerprint", None):
         raise ValueError(f"QB-Norm querybank split {bank.split!r} comes from another store than {split.split!r}")
-    texts = SimpleNamespace(video_ids=split.video_ids, frame_emb=split.frame_emb, frame_mask=split.frame_mask,
-                            text_emb=bank.text_emb)
-    videos = SimpleNamespace(video_ids=bank.video_ids, frame_emb=bank.frame_emb, frame_mask=bank.frame_mask,
-                             text_emb=split.text_emb)
+    def cross(videos: Split, captions: Split) -> StagedSplit:  # one split's videos, the other's captions
+        return StagedSplit(split=captions.split, video_ids=list(videos.video_ids),
+                           caption_ids=list(captions.caption_ids), caption_video=captions.caption_video,
+                           frame_emb=videos.frame_emb, frame_mask=videos.frame_mask, text_emb=captions.text_emb,
+                           text_tokens=captions.text_tokens, text_mask=captions.text_mask)
+
+    texts, videos = cross(split, bank), cross(bank, split)
     return similarity(head, texts), similarity(head, videos).T

@@ -137,7 +137,7 @@ def epoch_plan(sampler: EpochSampler, negatives: HardNegativeSampler | None, epo
     """Deterministic batches of epoch ``epoch``: positives and their negatives (seeded by epoch)."""
     rng = np.random.default_rng([int(seed), int(epoch), 0x5752])
     plan = []
-    for i, (v, c) in enumerate(sampler.epoch(epoch)):
+    for i, (c, v) in enumerate(sampler.epoch(epoch)):
         b = v.size
         share = hard_fraction(mode, first_step + i, total, anneal, anneal_start)
         partner = (np.arange(b) + rng.integers(1, b, size=b)) % b  # random in-batch partner

@@ -97,7 +97,7 @@ class EpochSampler:
         return full + (0 if self.drop_last or rest < 2 else 1)
 
     def epoch(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(video_index, caption_index), ...]`` for this epoch."""
+        """``[(caption_index, video_index), ...]`` for this epoch (caption ``i`` is of video ``i``)."""
         rng = np.random.default_rng([self.seed, int(epoch)])
         pick = self._start + (rng.random(self.videos.size) * self._count).astype(np.int64)
         captions = self._captions_sorted[pick]
@@ -108,11 +108,11 @@ class EpochSampler:
             v = videos[start : start + self.batch_size]
             if v.size < 2 or (self.drop_last and v.size < self.batch_size):
                 continue
-            batches.append((v, captions[start : start + self.batch_size]))
+            batches.append((captions[start : start + self.batch_size], v))
         return batches
 
 
-def load_batch(split: Split, video_index: np.ndarray, caption_index: np.ndarray,
+def load_batch(split: Split, caption_index: np.ndarray, video_index: np.ndarray,
                text_tokens: bool = False) -> Batch:
     """Read the rows of one batch from the (memory-mapped) arrays of ``split``.
 
@@ -186,8 +186,8 @@ def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2)
 
 def iterate_batches(split: Split, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2,
                     text_tokens: bool = False) -> Iterator[Batch]:
-    """Yield ``load_batch`` for each planned ``(video_index, caption_index)`` batch, ``prefetch`` ahead."""
-    return prefetched(plan, lambda vc: load_batch(split, vc[0], vc[1], text_tokens), prefetch)
+    """Yield ``load_batch`` for each planned ``(caption_index, video_index)`` batch, ``prefetch`` ahead."""
+    return prefetched(plan, lambda cv: load_batch(split, cv[0], cv[1], text_tokens), prefetch)
 
 
 def blocks(n: int, size: int) -> Iterator[slice]:
