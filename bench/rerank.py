@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cache: {a.videos} videos x {a.frames} frames x {a.tokens} tokens x {a.width} (fp16, {gib:.2f} GiB), "
               f"{a.queries} captions x {a.text_len} x {a.text_width}; written in {time.perf_counter() - t0:.1f}s")
         torch.manual_seed(0)
-        head = build_stage_two(a.head, a.width, a.text_width, **cfg).eval()
+        head = create_head(a.head, a.width, a.text_width, stage=2, **cfg).eval()
         head.standardizer.fit(split)
         print(f"head: {a.head} {json.dumps(head.config())} ({head.num_parameters():,} parameters), "
               f"torch threads {torch.get_num_threads()}, batch {a.batch_size} pairs, K={a.k}")

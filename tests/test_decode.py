@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pipeline.decode import DecodePool, DecodeTask, decode_video, failed, resize_short_side
 

@@ -6,7 +6,6 @@ term's cosine and QB-Norm's querybanks all encode through ``encode_texts`` / ``e
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch

@@ -22,7 +22,6 @@ interrupted run continued gives the same weights as an uninterrupted one (CPU).
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 import numpy as np
