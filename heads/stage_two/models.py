@@ -1,5 +1,8 @@
 """Stage-two heads: score one (text, video) pair from cached frozen tokens with cross attention.
 
+The base class and both heads stay in one module (a little over 400 lines, most of it this
+description): they share one scoring API and its input projections; the layers are in ``layers``.
+
 Both heads read per-frame CLS+patch tokens ``(V, T, N, D)`` with a frame mask ``(V, T)`` and text
 tokens ``(C, L, Dt)`` with a token mask ``(C, L)``. Their scoring API, in (caption, video) order:
 
