@@ -4,10 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORK   ?= work
 DATASET ?= synthetic
+DATA_ROOT ?= data
 ENCODERS ?=
 ANNOTATIONS ?=
 VIDEOS ?=
-FRAMES ?= 12
+FRAMES ?=
 WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
@@ -19,7 +20,7 @@ help:
 	@echo "make demo                 set up and run the synthetic benchmark end to end"
 	@echo "make test                 set up and run the test suite"
 	@echo "make compare [STORE=zarr] train meanP / seqTransf / clip2video on the demo store, one test table"
-	@echo "make extract DATASET=name [ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' WORK=dir]"
+	@echo "make extract DATASET=name [DATA_ROOT=data ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' FRAMES=n WORK=dir]"
 	@echo "make bench                extraction throughput benchmark"
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
@@ -41,9 +42,9 @@ compare: $(STAMP)
 	$(PY) cli.py compare-stage-one --work-dir $(WORK) $(if $(STORE),--store $(STORE)) $(if $(HEADS),--heads $(HEADS))
 
 extract: $(STAMP)
-	$(PY) cli.py extract --dataset $(DATASET) --work-dir $(WORK) --frames $(FRAMES) --workers $(WORKERS) \
-		$(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(if $(VIDEOS),--videos $(VIDEOS)) \
-		$(foreach e,$(ENCODERS),--encoder $(e))
+	$(PY) cli.py extract --dataset $(DATASET) --work-dir $(WORK) --data-root $(DATA_ROOT) --workers $(WORKERS) \
+		$(if $(FRAMES),--frames $(FRAMES)) $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) \
+		$(if $(VIDEOS),--videos $(VIDEOS)) $(foreach e,$(ENCODERS),--encoder $(e))
 
 bench: $(STAMP)
 	$(PY) bench/extract.py

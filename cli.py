@@ -17,6 +17,7 @@ import click
 from core.errors import CrossTVRError, UsageError
 from core.options import format_key_values, parse_key_values
 from heads.registry import HEADS, head_options, list_heads
+from pipeline.config import ExtractConfig
 from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import ABLATION_VARIANTS, HARD_NEGATIVE_MODES, StageTwoTrainConfig, with_switches
 from workflows.workdir import DEFAULT_WORK, WorkDir, resolve_device
@@ -24,16 +25,22 @@ from workflows.workdir import DEFAULT_WORK, WorkDir, resolve_device
 
 # -- errors and options ----------------------------------------------------------------------------
 class Main(click.Group):
-    """The command group: the project's errors become one clear line and a non-zero exit."""
+    """The command group: the project's errors become one clear line and a non-zero exit (2 for a
+    wrong option, input file or annotation row, 1 for a job that did not fully succeed); with
+    ``--debug`` they keep their traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from manifests import ManifestError, UnknownDatasetError
 
         try:
             return super().invoke(ctx)
-        except UsageError as exc:
+        except (UsageError, ManifestError, UnknownDatasetError) as exc:
+            if ctx.params.get("debug"):
+                raise
             raise click.UsageError(str(exc)) from exc
-        except (CrossTVRError, ManifestError, UnknownDatasetError, FileNotFoundError) as exc:
+        except (CrossTVRError, FileNotFoundError) as exc:
+            if ctx.params.get("debug"):
+                raise
             raise click.ClickException(str(exc)) from exc
 
 
@@ -44,6 +51,9 @@ stage_dir_option = click.option("--stage-dir", help="Local directory for the mem
 device_option = click.option("--device", default="auto", show_default=True, help="Torch device (auto: cuda if any).")
 seed_option = click.option("--seed", default=0, show_default=True)
 store_option = click.option("--store", required=True, help="Token store path or URL (file://, http(s)://, s3://).")
+allow_incomplete_option = click.option(
+    "--allow-incomplete", is_flag=True,
+    help="Report metrics even when videos of the split are missing from the store (labelled incomplete).")
 head_options_option = click.option("--head-option", "head_options", multiple=True,
                                    help="Head option key=value, repeatable (`python cli.py heads` lists them).")
 
@@ -69,15 +79,20 @@ def _config_option(fn: Callable) -> Callable:
 def _dataclass_options(cls: type, skip: tuple[str, ...] = (), unset: bool = False, **overrides: dict) -> Callable:
     """One option per field of the trainer config ``cls`` (help from its metadata); ``unset``: every
     default is None (the trainer's default applies); ``overrides`` replace an option's settings."""
-    kinds = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+    kinds = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
 
     def apply(fn: Callable) -> Callable:
         for f in reversed(fields):
-            default = None if unset or f.default is dataclasses.MISSING else f.default
-            kw: dict[str, Any] = {"type": kinds[f.type], "default": default, "show_default": default is not None,
-                                  "help": f.metadata.get("help")}
-            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, **{**kw, **overrides.get(f.name, {})})(fn)
+            flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+            if f.type == "bool":
+                kw: dict[str, Any] = {"is_flag": True, "default": None if unset else f.default}
+            else:
+                default = None if unset or f.default is dataclasses.MISSING else f.default
+                kw = {"type": kinds[f.type], "default": default, "show_default": default is not None}
+            hint = f" [default: {f.default}]" if unset and f.default not in (None, False) else ""
+            fn = click.option(flag, f.name, help=f.metadata.get("help", "") + hint,
+                              **{**kw, **overrides.get(f.name, {})})(fn)
         return fn
     return apply
 
@@ -90,7 +105,8 @@ def _record(ctx: click.Context, **resolved: Any) -> dict:
 
 
 @click.group(cls=Main)
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def main(debug: bool) -> None:
     """Frozen-encoder text-video retrieval: feature cache, stage-one heads, re-ranking."""
 
 
@@ -115,19 +131,28 @@ def heads_cmd(show_options: bool) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------------
+data_root_option = click.option("--data-root", envvar="DATA_ROOT", default="data", show_default=True,
+                                help="Datasets as laid out in docs/DATASETS.md: <data-root>/<dataset>/ (env DATA_ROOT).")
+
+
 @main.command("make-manifest")
 @click.option("--dataset", required=True, help="Registered dataset name (see `datasets`).")
 @work_dir_option
 @click.option("--annotations", type=click.Path(), help="Directory with the official annotation files.")
 @click.option("--videos", type=click.Path(), help="Directory with the video files.")
+@data_root_option
 @click.option("--option", "options", multiple=True, help="Builder option key=value (e.g. seed=1, test_groups=80).")
-def make_manifest_cmd(dataset, work_dir, annotations, videos, options) -> None:
+def make_manifest_cmd(dataset, work_dir, annotations, videos, data_root, options) -> None:
     """Turn a dataset's official annotation files (or the generator) into a Parquet manifest."""
-    from workflows.data import make_manifest
+    from workflows.data import make_manifest, missing_videos
 
-    m = make_manifest(WorkDir(work_dir), dataset, annotations, videos, parse_key_values(options, "--option"))
+    m = make_manifest(WorkDir(work_dir), dataset, annotations, videos, parse_key_values(options, "--option"),
+                      data_root)
     click.echo(f"manifest: {m.root}  videos={m.videos.num_rows} captions={m.captions.num_rows}  "
                f"sha256={m.sha256()[:12]}")
+    if missing_videos(m):
+        click.echo(f"{missing_videos(m)} of {m.videos.num_rows} listed videos are missing on disk "
+                   f"(under {m.source.get('video_dir')}); extraction records them as failed")
 
 
 @main.command("pretrain-encoder")
@@ -173,26 +198,31 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
               help="Preset (clip-b32, eva-g14), open_clip `model:tag` or `model:/path/ckpt.pt`; repeatable. "
                    "All encoders run on the same decoded frames.")
 @click.option("--store", "stores", multiple=True, help="Store path/URL per --encoder (default under work-dir/stores).")
-@click.option("--frames", default=12, show_default=True, help="Frames sampled uniformly per video.")
-@click.option("--shard-size", default=64, show_default=True, help="Videos per shard (the unit of work).")
-@click.option("--workers", default=2, show_default=True, help="Decoder worker processes.")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds before a video's decode is abandoned.")
-@click.option("--max-text-tokens", default=32, show_default=True)
+@data_root_option
+@_dataclass_options(ExtractConfig, unset=True)
+@click.option("--max-failed", help="Failed videos tolerated in a store: a count (5), a percentage (1%) or a "
+                                   "fraction (0.01) [default: 0: any failure exits 1].")
 @device_option
 @click.option("--option", "options", multiple=True, help="Manifest builder option key=value.")
-def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stores, frames, shard_size,
-                workers, timeout, max_text_tokens, device, options) -> None:
-    """Decode each video once, run every encoder on the sampled frames, write the token stores."""
-    from workflows.data import extract_stores, load_manifest
+def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stores, data_root, max_failed, device,
+                options, **config) -> None:
+    """Decode each video once, run every encoder on the sampled frames, write the token stores.
+
+    Frames and text tokens default to the dataset's (12 and 32; 64 and 64 for paragraph datasets).
+    Exits 1 when a store holds more failed videos than --max-failed allows (the summary says where
+    their reasons are listed); --retry-failed decodes them again once the files are fixed.
+    """
+    from workflows.data import check_extraction, extract_config, extract_stores, failure_budget, load_manifest
 
     work = WorkDir(work_dir)
-    m = load_manifest(work, dataset, manifest, annotations, videos, parse_key_values(options, "--option"))
-    report, paths = extract_stores(work, m, encoders, stores, device=resolve_device(device), num_frames=frames,
-                                   shard_size=shard_size, workers=workers, timeout=timeout,
-                                   max_text_tokens=max_text_tokens)
+    m = load_manifest(work, dataset, manifest, annotations, videos, parse_key_values(options, "--option"),
+                      data_root)
+    failure_budget(max_failed, m.videos.num_rows)  # a malformed --max-failed fails before the work
+    report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device))
     click.echo(report.summary())
     for p in paths:
         click.echo(f"store: {p}")
+    check_extraction(report, max_failed)
 
 
 # -- stage one -------------------------------------------------------------------------------------
@@ -237,13 +267,15 @@ def train_stage_one_cmd(ctx, store, head_options, work_dir, stage_dir, out, devi
 @click.option("--qb-k", default=1, show_default=True, help="QB-Norm activation set: top-k of each bank query.")
 @click.option("--qb-beta", default=20.0, show_default=True, help="QB-Norm inverse temperature.")
 @device_option
+@allow_incomplete_option
 def eval_cmd(store, stage_one, split, work_dir, stage_dir, out, dsl, dsl_temperature, qb_norm, qb_bank, qb_k,
-             qb_beta, device) -> None:
+             qb_beta, device, allow_incomplete) -> None:
     """Evaluate stage one (or the zero-shot meanP baseline): T2V/V2T R@1/5/10, MdR, MnR -> JSON + table."""
     from workflows.runs import evaluate_stage_one
 
     json_path, table = evaluate_stage_one(WorkDir(work_dir, stage_dir), store, stage_one, split, out, dsl,
-                                          dsl_temperature, qb_norm, qb_bank, qb_k, qb_beta, resolve_device(device))
+                                          dsl_temperature, qb_norm, qb_bank, qb_k, qb_beta, resolve_device(device),
+                                          allow_incomplete)
     click.echo(table)
     click.echo(f"report: {json_path}")
 
@@ -261,7 +293,9 @@ def eval_cmd(store, stage_one, split, work_dir, stage_dir, out, dsl, dsl_tempera
 @click.option("--name", help="Name in reports (default: the output directory's name).")
 @click.option("--out", help="Output directory (default work-dir/external/<split>).")
 @work_dir_option
-def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_normalize, name, out, work_dir) -> None:
+@allow_incomplete_option
+def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_normalize, name, out, work_dir,
+                         allow_incomplete) -> None:
     """Import an external stage one (embeddings or a similarity matrix keyed by the manifest's ids).
 
     Validates ids, shapes and values, reorders to the split's order and writes
@@ -270,8 +304,8 @@ def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_norma
     """
     from workflows.runs import import_external
 
-    ext, _, table = import_external(WorkDir(work_dir), store, split, out, video_emb=video_emb, text_emb=text_emb,
-                                    similarity=similarity, normalize=not no_normalize, name=name)
+    ext, _, table = import_external(WorkDir(work_dir), store, split, out, allow_incomplete, video_emb=video_emb,
+                                    text_emb=text_emb, similarity=similarity, normalize=not no_normalize, name=name)
     click.echo(table)
     click.echo(f"imported {ext.summary()}\nexternal stage one: {ext.path}")
 
@@ -289,7 +323,9 @@ def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_norma
                     skip=STAGE_ONE_SKIP + ("head",))
 @device_option
 @click.option("--threads", type=int, help="Torch CPU threads while training (default: all cores).")
-def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, out, device, threads, **config) -> None:
+@allow_incomplete_option
+def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, out, device, threads, allow_incomplete,
+                          **config) -> None:
     """Train each stage-one head (selection on val), evaluate all on test, print and write one table.
 
     The table starts with the untrained meanP baseline (zero-shot CLIP on the cached embeddings).
@@ -301,7 +337,7 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
     names = [h.strip() for h in head_list.split(",") if h.strip()]
     cfg = StageOneTrainConfig(**config, device=resolve_device(device), num_threads=threads)
     json_path, table = compare_stage_one(WorkDir(work_dir, stage_dir), store, names, head_options, cfg, out,
-                                         echo=click.echo)
+                                         echo=click.echo, allow_incomplete=allow_incomplete)
     click.echo(table)
     click.echo(f"report: {json_path}")
 
@@ -358,8 +394,9 @@ def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_opt
 @stage_dir_option
 @click.option("--out", help="Output directory (default work-dir/reports/rerank-<split>).")
 @device_option
+@allow_incomplete_option
 def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batch_size, work_dir, stage_dir, out,
-               device) -> None:
+               device, allow_incomplete) -> None:
     """Re-rank every query's stage-one top K with a stage-two head (final = cosine + head score).
 
     Writes ranked_t2v.parquet / ranked_v2t.parquet (each query's re-ranked top K), metrics.json
@@ -369,7 +406,7 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
 
     paths, table, res = rerank_split(WorkDir(work_dir, stage_dir), store, stage_one, head_ckpt, split=split, k=k,
                                      dsl=dsl, dsl_temperature=dsl_temperature, out=out, device=resolve_device(device),
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, allow_incomplete=allow_incomplete)
     click.echo(table)
     click.echo(f"{res.num_pairs} pairs scored in {res.seconds['scoring']:.1f}s; outputs: {paths['metrics'].parent}")
 
@@ -389,9 +426,10 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
 @click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")
 @seed_option
 @device_option
+@allow_incomplete_option
 @click.pass_context
 def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, stage_dir, out, seed, device,
-                 **config) -> None:
+                 allow_incomplete, **config) -> None:
     """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) /
     both without the contrastive (ITC) training / T2V2T, in one table.
 
@@ -411,7 +449,7 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
     cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=resolve_device(device))
     names = [v.strip() for v in variants.split(",") if v.strip()]
     json_path, table = ablation(work, names, cfg, store=store, stage_one=stage_one, k=k, out=out,
-                                demo_defaults=demo_defaults, echo=click.echo)
+                                demo_defaults=demo_defaults, echo=click.echo, allow_incomplete=allow_incomplete)
     click.echo(f"test split, top {k} re-ranked (model selection on val)")
     click.echo(table)
     click.echo(f"report: {json_path}")

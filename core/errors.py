@@ -50,6 +50,14 @@ class EncoderError(CrossTVRError, ValueError):
     """An encoder spec cannot be parsed or its weights cannot be loaded."""
 
 
+class ExtractionError(CrossTVRError):
+    """An extraction finished with more failed videos in a store than tolerated."""
+
+
+class IncompleteSplitError(CrossTVRError, ValueError):
+    """Metrics were asked for on a split some of whose videos (or captions) are missing from the store."""
+
+
 class UnknownHeadError(CrossTVRError, KeyError):
     """A head name that is not in the registry."""
 

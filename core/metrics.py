@@ -214,14 +214,28 @@ def metrics_to_json(rows: Mapping[str, object], indent: int | None = 2) -> str:
     return json.dumps(jsonable(rows, strict=True), indent=indent, sort_keys=False, allow_nan=False)
 
 
-def write_report(results: Mapping[str, object], out_dir: str | Path, name: str = "report") -> tuple[Path, str]:
+def write_report(results: Mapping[str, object], out_dir: str | Path, name: str = "report",
+                 split: Mapping | None = None) -> tuple[Path, str]:
     """Write ``out_dir/<name>.json`` and ``out_dir/<name>.txt``; return (json path, table text).
 
     ``results`` maps a model name to its metrics (``{"t2v": {...}, "v2t": {...}}`` or flat).
+    ``split`` (``core.split.check_complete``'s entry) is kept in the JSON under ``"split"`` and heads
+    the table, which is labelled INCOMPLETE when videos of the split are missing.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
-    json_path = write_text(out / f"{name}.json", metrics_to_json(results) + "\n")
+    table = split_title(split) + format_table(results)
+    data = {**results, "split": dict(split)} if split is not None else results
+    json_path = write_text(out / f"{name}.json", metrics_to_json(data) + "\n")
     write_text(out / f"{name}.txt", table + "\n")
     return json_path, table
+
+
+def split_title(split: Mapping | None) -> str:
+    """The line that heads a metrics table: which split, how much of it was scored ("" without one)."""
+    if split is None:
+        return ""
+    label = "" if split.get("complete", True) else (
+        f"INCOMPLETE ({len(split.get('missing_video_ids', {}))} videos missing; not comparable with published "
+        f"figures): ")
+    return f"{label}{split['split']} split, {split['videos']} videos, {split['captions']} captions\n"

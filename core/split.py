@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from core.errors import StoreMismatchError
+from core.errors import IncompleteSplitError, StoreMismatchError
 
 TOKEN_ARRAYS = ("tokens", "frame_mask", "text_tokens", "text_mask")
 
@@ -62,6 +62,7 @@ class StagedSplit:
     store_fingerprint: str = ""
     encoder_identity: dict = field(default_factory=dict)
     store_attrs: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # pipeline.store.CacheStore.split_coverage; {} = complete
 
 
 def require_arrays(split: Split, names: Sequence[str], purpose: str) -> None:
@@ -79,3 +80,34 @@ def check_same_store(a: Split, b: Split) -> None:
         raise StoreMismatchError(
             f"splits {a.split!r} and {b.split!r} come from different stores "
             f"({a.store_fingerprint[:12]} vs {b.store_fingerprint[:12]})")
+
+
+def coverage_line(split: Split) -> str:
+    """"test: 5 of 6 videos and 10 of 12 captions scored (1 video missing)" for a split staged from
+    a store; a split without a coverage record (built from arrays) counts as whole."""
+    cov = getattr(split, "coverage", None) or {}
+    v, c = len(split.video_ids), len(split.caption_ids)
+    vt, ct = cov.get("videos_total", v), cov.get("captions_total", c)
+    missing = len(cov.get("missing_videos", {}))
+    tail = f" ({missing} video{'s' if missing != 1 else ''} missing from the store)" if missing else ""
+    return f"{split.split}: {v} of {vt} videos and {c} of {ct} captions scored{tail}"
+
+
+def check_complete(split: Split, allow_incomplete: bool = False) -> dict:
+    """The split's coverage as a report entry (``{"complete": ..., "videos": "5/6", ...,
+    "missing_video_ids": {id: why}}``); ``IncompleteSplitError`` when videos of the split are missing
+    from the store (failed or not extracted) unless ``allow_incomplete``: metrics on part of a
+    benchmark split are not comparable with published ones."""
+    cov = getattr(split, "coverage", None) or {}
+    missing = dict(cov.get("missing_videos", {}))
+    entry = {"split": split.split, "complete": not missing,
+             "videos": f"{len(split.video_ids)}/{cov.get('videos_total', len(split.video_ids))}",
+             "captions": f"{len(split.caption_ids)}/{cov.get('captions_total', len(split.caption_ids))}",
+             "missing_video_ids": missing}
+    if missing and not allow_incomplete:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(missing.items())[:3])
+        raise IncompleteSplitError(
+            f"{coverage_line(split)}: {shown}{', ...' if len(missing) > 3 else ''}. Metrics on an incomplete "
+            f"split are not comparable with published ones; extract the missing videos (--retry-failed) or "
+            f"pass --allow-incomplete to report them labelled incomplete")
+    return entry

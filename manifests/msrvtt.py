@@ -10,6 +10,9 @@ Protocols (``train_list``):
   no val split.
 - ``"full"``: the json's own split (train 6513 / validate 497 -> val / test 2990), all
   sentences of every video.
+
+``splits="test"`` builds the 1k-A test split alone (zero-shot evaluation) from the JSFusion csv,
+which holds every test caption: ``MSRVTT_data.json`` and the train list are not needed then.
 """
 
 from __future__ import annotations
@@ -57,12 +60,27 @@ def _sentences(data: dict, path: Path) -> dict[str, list[tuple[str, str]]]:
 def build(annotations_dir: str | Path | None = None, video_dir: str | Path | None = None,
           out_dir: str | Path | None = None, *, data_json: str | Path | None = None,
           train_csv: str | Path | None = None, test_csv: str | Path | None = None,
-          train_list: str = "9k", require_videos: bool = False) -> Manifest:
+          train_list: str = "9k", require_videos: bool = False, splits: str = "all") -> Manifest:
     """Build the MSR-VTT manifest (see the module docstring for the protocols)."""
     if train_list not in (*TRAIN_LISTS, "full"):
         raise ManifestError(f"msrvtt: train_list must be '9k', '7k' or 'full', not "
                             f"{train_list!r}")
-    json_path = annotation_file(data_json, annotations_dir, [DATA_JSON], "MSRVTT_data.json")
+    if splits not in ("all", "test"):
+        raise ManifestError(f"msrvtt: splits must be 'all' or 'test', not {splits!r}")
+    if splits == "test":
+        if train_list == "full":
+            raise ManifestError("msrvtt: splits='test' builds the 1k-A test from the JSFusion csv; "
+                                "train_list='full' takes its test split from MSRVTT_data.json")
+        test_path = annotation_file(test_csv, annotations_dir, [TEST_CSV], "MSR-VTT 1k-A test csv")
+        rec = RecordCollector("msrvtt", video_dir, default_ext=".mp4")
+        _add_test(rec, test_path, None)
+        return rec.finish({"annotations": {"test_csv": str(test_path)}, "train_list": None, "splits": "test"},
+                          out_dir, require_videos)
+    try:
+        json_path = annotation_file(data_json, annotations_dir, [DATA_JSON], "MSRVTT_data.json")
+    except ManifestError as exc:
+        raise ManifestError(f"{exc}: the training splits need it (the captions of the train videos); "
+                            f"the 1k-A test split alone needs only {TEST_CSV} (option splits=test)") from None
     data = load_json(json_path)
     sentences = _sentences(data, json_path)
     rec = RecordCollector("msrvtt", video_dir, default_ext=".mp4")
@@ -97,6 +115,12 @@ def build(annotations_dir: str | Path | None = None, video_dir: str | Path | Non
         if not rec.has_video(vid):  # tolerate repeated ids in the list
             add_with_sentences(vid, "train", f"{train_path} line {i + 2}")
 
+    _add_test(rec, test_path, train_path)
+    return rec.finish(source, out_dir, require_videos)
+
+
+def _add_test(rec: RecordCollector, test_path: Path, train_path: Path | None) -> None:
+    """The 1k-A test videos and their captions from the JSFusion csv."""
     for i, row in enumerate(_read_csv(test_path, ["video_id", "sentence"])):
         vid = row["video_id"].strip()
         origin = f"{test_path} line {i + 2}"
@@ -107,5 +131,4 @@ def build(annotations_dir: str | Path | None = None, video_dir: str | Path | Non
         rec.add_video(vid, "test", origin)
         key = (row.get("key") or "").strip() or "test"
         rec.add_caption(vid, row["sentence"], origin, caption_id=f"{vid}#{key}")
-    return rec.finish(source, out_dir, require_videos)
 

@@ -1,15 +1,17 @@
-"""Video decoding with decord in worker processes, with a per-video timeout.
+"""Video decoding (decord, PyAV where decord fails) in worker processes, with a per-video timeout.
 
-:func:`decode_video` decodes the uniformly sampled frames of one clip (see
-``pipeline.sampling``) and resizes them so the shorter side is ``short_side`` (aspect kept;
-PIL bicubic). It never raises: missing, empty, corrupt or non-video files and decord errors
-(``DECORDError`` is an ``Exception``, not a ``RuntimeError``) give a :class:`DecodeResult` with
-``ok=False`` and a ``reason``.
+:func:`decode_video` decodes the sampled frames of one clip (see ``pipeline.sampling``) and
+resizes them so the shorter side is ``short_side`` (aspect kept; PIL bicubic). It never raises:
+missing, empty, corrupt, truncated or non-video files give a :class:`DecodeResult` with
+``ok=False``, a ``kind`` (missing / empty / not a video / truncated / decode error / timeout /
+crashed), a short ``reason`` ("<kind>: <one line>", what the store keeps) and the decoders' raw
+messages in ``detail``. decord is tried first; PyAV reads what decord cannot (other containers,
+damaged indexes), and the result says which decoder served the clip.
 
 :class:`DecodePool` runs the decoding in spawned worker processes (decord can leak memory and
 hang). A background thread in the calling process feeds the workers, collects results and
 enforces the timeout: a worker still busy after ``timeout`` seconds (or one that died) is killed
-and replaced, and its video is reported with reason ``"timeout"`` (or ``"worker crashed ..."``).
+and replaced, and its video is reported as a ``timeout`` (or ``crashed``).
 Results come back in submission order while later videos are already being decoded, so decoding
 overlaps with whatever the caller does with the results (encoding). Workers are also recycled
 after ``max_tasks_per_worker`` videos to bound decord's memory growth.
@@ -31,9 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.sampling import FrameSample, sample_frames
+from pipeline.sampling import FrameSample, is_constant_rate, sample_by_time, sample_frames
 
-TIMEOUT_REASON = "timeout"
+TIMEOUT = "timeout"
+CRASHED = "crashed"
+# What a failure can be, for people: the short reason stored is "<kind>: <one line>".
+FAILURE_KINDS = ("missing", "empty", "not a video", "truncated", "decode error", TIMEOUT, CRASHED)
+DECODERS = ("decord", "pyav")
+# the first bytes of the containers videos come in (offset, magic): a file that starts like one but
+# cannot be read is damaged or cut short, not something else
+_SIGNATURES = ((4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (0, b"\x1aE\xdf\xa3"),
+               (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"), (0, b"\x00\x00\x01\xba"), (0, b"G"))
 
 
 @dataclass
@@ -51,7 +61,9 @@ class DecodeResult:
     """Decoded frames of one clip, or why it failed.
 
     ``frames`` (T,H,W,3) uint8 with zero rows where ``mask`` is False (padding); ``indices``
-    (T,) int32 frame numbers (-1 padding); ``times`` (T,) float32 seconds (-1 padding).
+    (T,) int32 frame numbers (-1 padding); ``times`` (T,) float32 seconds (-1 padding). A failure
+    has ``kind`` (one of ``FAILURE_KINDS``), ``reason`` (``"<kind>: <one line>"``, what the store
+    keeps) and ``detail`` (the decoders' raw messages). ``decoder`` names the decoder that served it.
     """
 
     video_id: str
@@ -64,6 +76,9 @@ class DecodeResult:
     seconds: float = 0.0
     fps: float = 0.0
     num_video_frames: int = 0
+    kind: str = ""
+    detail: str = ""
+    decoder: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -72,9 +87,18 @@ class DecodeResult:
         return self.frames[self.mask]
 
 
-def failed(video_id: str, reason: str, seconds: float = 0.0) -> DecodeResult:
-    """A failure result."""
-    return DecodeResult(video_id=video_id, ok=False, reason=reason, seconds=seconds)
+def failed(video_id: str, kind: str, line: str = "", detail: str = "", seconds: float = 0.0) -> DecodeResult:
+    """A failure result of ``kind`` (``FAILURE_KINDS``) with a short line and the raw ``detail``."""
+    return DecodeResult(video_id=video_id, ok=False, kind=kind, reason=f"{kind}: {line}" if line else kind,
+                        detail=detail, seconds=seconds)
+
+
+class DecodeFailure(Exception):
+    """Raised by a decoder: ``kind`` (``FAILURE_KINDS``), a short line for people, the raw message."""
+
+    def __init__(self, kind: str, line: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {line}")
+        self.kind, self.line, self.detail = kind, line, detail
 
 
 def resize_short_side(frames: np.ndarray, short_side: int | None) -> np.ndarray:
@@ -96,50 +120,166 @@ def resize_short_side(frames: np.ndarray, short_side: int | None) -> np.ndarray:
 
 def decode_video(video_id: str, path: str | os.PathLike, num_frames: int,
                  short_side: int | None = None, start: float | None = None,
-                 end: float | None = None) -> DecodeResult:
-    """Decode the sampled frames of one clip with decord (in this process); never raises."""
+                 end: float | None = None, sample_fps: float | None = None,
+                 decoders: tuple[str, ...] = DECODERS) -> DecodeResult:
+    """Decode the sampled frames of one clip (in this process); never raises.
+
+    The decoders are tried in order (decord, then PyAV where decord cannot read the file); the
+    first that reads the clip serves it (``DecodeResult.decoder``). When none does, the failure
+    is classified (``FAILURE_KINDS``) and every decoder's raw message kept in ``detail``.
+    """
     t0 = time.perf_counter()
-
-    def fail(reason: str) -> DecodeResult:
-        return failed(video_id, reason, time.perf_counter() - t0)
-
     p = Path(path)
     try:
         if not p.exists():
-            return fail(f"missing file: {p}")
+            return failed(video_id, "missing", f"no file at {p}", seconds=time.perf_counter() - t0)
         if not p.is_file():
-            return fail(f"not a regular file: {p}")
+            return failed(video_id, "missing", f"{p} is not a regular file", seconds=time.perf_counter() - t0)
         if p.stat().st_size == 0:
-            return fail("empty file (0 bytes)")
-        import decord
-
-        try:
-            vr = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
-        except Exception as exc:  # RuntimeError / DECORDError: corrupt, not a video
-            return fail(f"cannot open video: {_one_line(exc)}")
-        n = len(vr)
-        fps = float(vr.get_avg_fps() or 0.0)
-        if n <= 0:
-            return fail("video has no frames")
-        try:
-            sample: FrameSample = sample_frames(n, fps, num_frames, start, end)
-        except ValueError as exc:
-            return fail(f"cannot sample frames: {exc}")
-        if sample.num_valid == 0:
-            return fail(f"clip [{start}, {end}) s has no frames (video: {n} frames at {fps:.3f} fps)")
-        try:
-            batch = vr.get_batch(sample.valid_indices.tolist()).asnumpy()
-        except Exception as exc:  # DECORDError is an Exception, not a RuntimeError
-            return fail(f"decode error: {_one_line(exc)}")
-        del vr
-        batch = resize_short_side(np.ascontiguousarray(batch, dtype=np.uint8), short_side)
-        frames = np.zeros((num_frames,) + batch.shape[1:], dtype=np.uint8)
-        frames[sample.mask] = batch
-        return DecodeResult(video_id=video_id, ok=True, frames=frames, indices=sample.indices,
-                            times=sample.times, mask=sample.mask,
-                            seconds=time.perf_counter() - t0, fps=fps, num_video_frames=n)
+            return failed(video_id, "empty", "the file has 0 bytes", seconds=time.perf_counter() - t0)
+        failures: list[tuple[str, DecodeFailure]] = []
+        for name in decoders:
+            try:
+                frames, sample, fps, n = _READERS[name](p, num_frames, start, end, sample_fps)
+            except DecodeFailure as exc:
+                failures.append((name, exc))
+                continue
+            except Exception as exc:  # a decoder's own error: DECORDError is an Exception, not a RuntimeError
+                failures.append((name, DecodeFailure("decode error", _one_line(exc), _one_line(exc, 1000))))
+                continue
+            batch = resize_short_side(np.ascontiguousarray(frames, dtype=np.uint8), short_side)
+            out = np.zeros((num_frames,) + batch.shape[1:], dtype=np.uint8)
+            out[sample.mask] = batch
+            return DecodeResult(video_id=video_id, ok=True, frames=out, indices=sample.indices, times=sample.times,
+                                mask=sample.mask, seconds=time.perf_counter() - t0, fps=fps, num_video_frames=n,
+                                decoder=name)
+        kind, line = _classify(p, failures)
+        detail = "; ".join(f"{name}: {f.detail or f.line}" for name, f in failures)
+        return failed(video_id, kind, line, detail, time.perf_counter() - t0)
     except Exception as exc:  # anything else: record, never kill the run
-        return fail(f"{type(exc).__name__}: {_one_line(exc)}")
+        return failed(video_id, "decode error", _one_line(exc), _one_line(exc, 1000), time.perf_counter() - t0)
+
+
+def _classify(path: Path, failures: list[tuple[str, DecodeFailure]]) -> tuple[str, str]:
+    """One kind and line for a file no decoder could read: what the decoders found, and a file that
+    starts like a video container but cannot be opened counts as truncated (damaged or cut short)."""
+    kinds = [f.kind for _, f in failures]
+    for kind in ("truncated", "decode error"):
+        if kind in kinds:
+            return kind, failures[kinds.index(kind)][1].line
+    if kinds and all(k == "not a video" for k in kinds):
+        if _looks_like_a_container(path):
+            return "truncated", "the file starts like a video container but cannot be read (cut short or damaged)"
+        return "not a video", "no decoder recognises the file as a video"
+    return (kinds[0], failures[0][1].line) if failures else ("decode error", "no decoder available")
+
+
+def _looks_like_a_container(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    return any(head[off:off + len(magic)] == magic for off, magic in _SIGNATURES if magic != b"G") or (
+        len(head) > 0 and head[:1] == b"G" and path.suffix.lower() in (".ts", ".m2ts", ".mts"))
+
+
+def _sample(n: int, fps: float, num_frames: int, start: float | None, end: float | None,
+            sample_fps: float | None, timestamps: np.ndarray | None = None) -> FrameSample:
+    """The frames to decode: by frame number, or by time for a variable-frame-rate video."""
+    if n <= 0:
+        raise DecodeFailure("not a video", "the video stream has no frames")
+    try:
+        if timestamps is not None and len(timestamps) == n and not is_constant_rate(timestamps, fps):
+            sample = sample_by_time(timestamps, num_frames, start, end, sample_fps)
+        else:
+            sample = sample_frames(n, fps, num_frames, start, end, sample_fps=sample_fps)
+    except ValueError as exc:
+        raise DecodeFailure("decode error", f"cannot sample frames: {exc}") from None
+    if sample.num_valid == 0:
+        dur = f"{n / fps:.2f} s" if fps else f"{n} frames"
+        raise DecodeFailure("truncated", f"the clip [{start}, {end}) s lies beyond the video ({dur})")
+    return sample
+
+
+def _read_decord(p: Path, num_frames: int, start: float | None, end: float | None,
+                 sample_fps: float | None) -> tuple[np.ndarray, FrameSample, float, int]:
+    import av  # noqa: F401  (loaded before decord: decord's own FFmpeg libraries would shadow PyAV's codecs)
+    import decord
+
+    try:
+        vr = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
+    except Exception as exc:  # RuntimeError / DECORDError: corrupt, not a video
+        raise DecodeFailure("not a video", "cannot be opened as a video", _one_line(exc, 1000)) from None
+    n = len(vr)
+    fps = float(vr.get_avg_fps() or 0.0)
+    try:
+        timestamps = np.asarray(vr.get_frame_timestamp(list(range(n))), dtype=np.float64)[:, 0] if n else None
+    except Exception:  # no usable timestamps: frame numbers and the average rate
+        timestamps = None
+    sample = _sample(n, fps, num_frames, start, end, sample_fps, timestamps)
+    try:
+        batch = vr.get_batch(sample.valid_indices.tolist()).asnumpy()
+    except Exception as exc:
+        raise DecodeFailure("decode error", "frames could not be decoded", _one_line(exc, 1000)) from None
+    return batch, sample, fps, n
+
+
+def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
+               sample_fps: float | None) -> tuple[np.ndarray, FrameSample, float, int]:
+    """PyAV: count the video packets (no decoding), then decode in order up to the last frame
+    needed (frame ``i`` is the ``i``-th decoded frame, as decord counts them)."""
+    import av
+
+    try:
+        container = av.open(str(p))
+    except Exception as exc:
+        raise DecodeFailure("not a video", "cannot be opened as a video", _one_line(exc, 1000)) from None
+    with container:
+        if not container.streams.video:
+            raise DecodeFailure("not a video", "the file has no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        try:
+            pts = [pkt.pts for pkt in container.demux(stream) if pkt.size]
+        except Exception as exc:
+            raise DecodeFailure("truncated", "the file ends before its video stream does",
+                                _one_line(exc, 1000)) from None
+        n = len(pts)
+        timestamps = None
+        if n and all(p is not None for p in pts) and stream.time_base:
+            timestamps = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base)
+            timestamps -= float(stream.start_time or 0) * float(stream.time_base)
+    sample = _sample(n, fps, num_frames, start, end, sample_fps, timestamps)
+    wanted = {int(i): k for k, i in enumerate(sample.valid_indices)}
+    last = max(wanted)
+    frames: dict[int, np.ndarray] = {}
+    got = 0
+    try:
+        with av.open(str(p)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                got = i + 1
+                if i in wanted:  # turned upright as players show it (and as decord returns it)
+                    frames[i] = np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4)
+                if i >= last:
+                    break
+    except Exception as exc:
+        if len(frames) < len(wanted):
+            raise DecodeFailure("truncated", f"only {got} of {n} frames could be decoded",
+                                _one_line(exc, 1000)) from None
+    if len(frames) < len(wanted):
+        raise DecodeFailure("truncated", f"only {got} of {n} frames could be decoded")
+    shapes = {f.shape for f in frames.values()}
+    if len(shapes) > 1:  # the size changes mid-stream: bring every frame to the first one's size
+        h, w = frames[min(frames)].shape[:2]
+        from PIL import Image
+
+        frames = {i: np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) if f.shape[:2] != (h, w) else f
+                  for i, f in frames.items()}
+    return np.stack([frames[int(i)] for i in sample.valid_indices]), sample, fps, n
+
+
+_READERS = {"decord": _read_decord, "pyav": _read_pyav}
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -151,7 +291,7 @@ DecodeFn = Callable[..., DecodeResult]
 
 
 def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
-                 short_side: int | None) -> None:
+                 short_side: int | None, sample_fps: float | None = None) -> None:
     """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
     conn.send(("ready", None))
@@ -164,9 +304,10 @@ def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
             return
         seq, task = msg
         try:
-            res = decode_fn(task.video_id, task.path, num_frames, short_side, task.start, task.end)
+            res = decode_fn(task.video_id, task.path, num_frames, short_side, task.start, task.end,
+                            **({"sample_fps": sample_fps} if sample_fps else {}))
         except Exception as exc:
-            res = failed(task.video_id, f"{type(exc).__name__}: {_one_line(exc)}")
+            res = failed(task.video_id, "decode error", _one_line(exc), _one_line(exc, 1000))
         conn.send((seq, res))
 
 
@@ -207,7 +348,7 @@ class DecodePool:
     def __init__(self, num_frames: int, short_side: int | None = None, workers: int = 2,
                  timeout: float = 60.0, prefetch: int | None = None,
                  max_tasks_per_worker: int = 1000, decode_fn: DecodeFn | None = None,
-                 start_method: str = "spawn") -> None:
+                 start_method: str = "spawn", sample_fps: float | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.num_frames = num_frames
@@ -217,12 +358,13 @@ class DecodePool:
         self.prefetch = prefetch if prefetch is not None else max(4 * workers, 8)
         self.max_tasks_per_worker = max_tasks_per_worker
         self.decode_fn = decode_fn or decode_video
+        self.sample_fps = sample_fps
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self.killed = 0  # workers killed for a timeout or crash
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, (self.decode_fn, self.num_frames, self.short_side))
+        return _Worker(self._ctx, (self.decode_fn, self.num_frames, self.short_side, self.sample_fps))
 
     def __enter__(self) -> "DecodePool":
         return self
@@ -347,8 +489,9 @@ class _OrderedRun(Iterator[DecodeResult]):
                     try:
                         msg = w.conn.recv()
                     except (EOFError, OSError):
+                        w.proc.join(1)  # the exit code is known once the process is reaped
                         code = w.proc.exitcode
-                        replace.append((w, f"worker crashed (exit code {code})"))
+                        replace.append((w, f"decoder worker crashed (exit code {code})"))
                         continue
                     tag, res = msg
                     if tag == "ready":
@@ -363,15 +506,21 @@ class _OrderedRun(Iterator[DecodeResult]):
             for w in workers:
                 if w.seq is not None and now - w.started > pool.timeout \
                         and all(w is not r for r, _ in replace):
-                    replace.append((w, TIMEOUT_REASON))
+                    replace.append((w, TIMEOUT))
             for w, reason in replace:
                 if reason is not None and w.seq is None and not w.ready:
                     self.startup_failures += 1
                     if self.startup_failures >= 3:
                         raise RuntimeError(f"decoder workers die on start-up ({reason})")
                 if w.seq is not None:
-                    self._put(w.seq, failed(w.task.video_id, reason or TIMEOUT_REASON,
-                                            time.monotonic() - w.started))
+                    elapsed = time.monotonic() - w.started
+                    if reason in (None, TIMEOUT):
+                        res = failed(w.task.video_id, TIMEOUT, f"decoding took longer than {pool.timeout:g} s",
+                                     seconds=elapsed)
+                    else:
+                        res = failed(w.task.video_id, CRASHED, "the decoder process died on this file", reason,
+                                     elapsed)
+                    self._put(w.seq, res)
                     finished += 1
                     pool.killed += 1
                     w.kill()

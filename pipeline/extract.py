@@ -4,8 +4,10 @@ Unit of work: a shard of ``shard_size`` consecutive videos (rows sorted by split
 decoded once, encoded by every encoder whose store lacks that shard, and written whole into each
 of those stores; captions likewise in text shards. Re-running skips done shards and does no work
 twice. A store whose attributes do not match the request raises ``StoreMismatchError``. Failed
-videos get status 2 and their reason in the store (and ``failures.json`` next to the arrays of a
-local store) and are skipped; the run always finishes.
+videos get status 2 and their reason in the store (a short "kind: line", the decoders' raw messages
+apart; ``failures.json`` next to the arrays of a local store lists both) and are skipped; the run
+always finishes, and its report says what every store holds afterwards. ``retry_failed`` decodes
+the shards holding failed videos again (when the files have appeared or been repaired).
 """
 
 from __future__ import annotations
@@ -13,29 +15,32 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from core.fileio import write_json
+from pipeline.config import ExtractConfig
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
 from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder, parse_encoder
-from pipeline.sampling import PAD_INDEX, PAD_TIME, STRATEGY
-from core.fileio import write_json
-from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, StoreLayout, local_path
+from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_name
+from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+FAILURES_JSON = "failures.json"
 
 
 @dataclass
 class ExtractReport:
-    """What one ``extract`` call did."""
+    """What one ``extract`` call did, and what its stores hold afterwards."""
 
     stores: list[str]
     videos: int = 0            # videos in the manifest
     ok: int = 0                # decoded and encoded in this run
     failed: int = 0            # failed in this run (reason in ``failures``)
     skipped: int = 0           # already done in every store
+    retried: int = 0           # videos of shards decoded again for --retry-failed
     captions_encoded: int = 0  # captions encoded in this run (per encoder counted once)
     captions_skipped: int = 0
     seconds: float = 0.0
@@ -43,14 +48,33 @@ class ExtractReport:
     encode_seconds: float = 0.0        # video encoding incl. preprocessing
     text_seconds: float = 0.0
     frames_encoded: int = 0            # per encoder
-    failures: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # failed in this run: short reason
+    decoders: dict[str, int] = field(default_factory=dict)  # videos served by each decoder, this run
+    totals: dict[str, dict] = field(default_factory=dict)   # per store: ok / failed / pending, failure list
 
     def summary(self) -> str:
-        """One line for humans."""
+        """For humans: this run, then every store's totals and where its failure list is."""
         rate = self.ok / self.seconds if self.seconds > 0 else 0.0
-        return (f"videos: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (done) "
-                f"of {self.videos}; captions: {self.captions_encoded} encoded, "
-                f"{self.captions_skipped} skipped; {self.seconds:.1f}s ({rate:.2f} videos/s)")
+        used = ", ".join(f"{n} by {d}" for d, n in sorted(self.decoders.items()))
+        lines = [f"this run: videos {self.ok} ok ({used or 'none decoded'}), {self.failed} failed, "
+                 f"{self.skipped} skipped (done), {self.retried} retried, of {self.videos}; captions "
+                 f"{self.captions_encoded} encoded, {self.captions_skipped} skipped; {self.seconds:.1f}s "
+                 f"({rate:.2f} videos/s)"]
+        for path, t in self.totals.items():
+            where = f"; failures listed in {t['failure_list']}" if t.get("failure_list") else ""
+            lines.append(f"store {path}: {t['ok']} ok, {t['failed']} failed, {t['pending']} pending of "
+                         f"{t['videos']} videos{where}")
+        return "\n".join(lines)
+
+    @property
+    def store_failed(self) -> int:
+        """The most failed videos any of the stores holds after the run."""
+        return max((t["failed"] for t in self.totals.values()), default=0)
+
+    @property
+    def store_pending(self) -> int:
+        """The most videos any store still lacks (shards of other parts, or not reached)."""
+        return max((t["pending"] for t in self.totals.values()), default=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,18 +161,22 @@ def encode_batch(enc: FrozenEncoder, items: list[tuple[int, DecodeResult]],
 
 
 def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder],
-            store_paths: Sequence[str | os.PathLike], num_frames: int = 12,
-            shard_size: int = 64, workers: int = 2, timeout: float = 60.0,
-            max_text_tokens: int = 32, device: str = "cpu", batch_size: int = 96,
-            text_batch_size: int = 256, text_shard_size: int = 1024,
-            compressor: str | None = None, part: tuple[int, int] | None = None,
-            progress: bool = True, decode_fn: DecodeFn | None = None) -> ExtractReport:
+            store_paths: Sequence[str | os.PathLike], config: ExtractConfig | None = None, *, device: str = "cpu",
+            part: tuple[int, int] | None = None, progress: bool = True, decode_fn: DecodeFn | None = None,
+            **options: Any) -> ExtractReport:
     """Extract features of ``manifest`` for every encoder into its store (one path each).
 
-    ``batch_size`` frames per encoder forward pass; ``part=(k, n)`` processes only shards with
-    ``index % n == k`` (to split one store's work between processes that share it);
-    ``decode_fn`` replaces :func:`pipeline.decode.decode_video` (tests).
+    ``config`` (or its fields as keyword ``options``, which override it) sets the sampling, the
+    shards and the decoders; ``part=(k, n)`` processes only shards with ``index % n == k`` (to split
+    one store's work between processes that share it); ``decode_fn`` replaces
+    :func:`pipeline.decode.decode_video` (tests). The report's ``totals`` say what each store holds
+    afterwards (the caller decides whether failures are tolerated).
     """
+    c = replace(config or ExtractConfig(), **options)
+    num_frames, sample_fps, shard_size, workers, timeout = c.num_frames, c.sample_fps, c.shard_size, c.workers, \
+        c.timeout
+    max_text_tokens, batch_size, text_batch_size = c.max_text_tokens, c.batch_size, c.text_batch_size
+    text_shard_size, compressor, retry_failed = c.text_shard_size, c.compressor, c.retry_failed
 
     t_start = time.perf_counter()
     if len(encoders) != len(store_paths):
@@ -169,7 +197,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
                              num_tokens=enc.num_tokens, token_dim=enc.token_dim,
                              embed_dim=enc.embed_dim, text_dim=enc.text_dim,
                              max_text_tokens=max_text_tokens, shard_size=shard_size,
-                             text_shard_size=text_shard_size, strategy=STRATEGY,
+                             text_shard_size=text_shard_size, strategy=strategy_name(sample_fps),
                              compressor=compressor)
         stores.append(CacheStore.open_or_create(path, layout, rows.video_ids, rows.video_splits,
                                                 rows.caption_ids, rows.caption_video,
@@ -178,6 +206,12 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
     S = shard_size
     V = len(rows.video_ids)
     num_shards = stores[0].num_shards
+    if retry_failed:
+        for store in stores:
+            again = sorted({int(r) // S for r in np.flatnonzero(store.status() == STATUS_FAILED)
+                            if _in_part(int(r) // S, part)})
+            store.reset_shards(again)
+            report.retried = max(report.retried, sum(min(S, V - i * S) for i in again))
     done = [s.done_shards() for s in stores]
     todo: list[tuple[int, list[int]]] = []  # (shard, encoders that need it)
     for i in range(num_shards):
@@ -193,7 +227,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
     try:
         if tasks:
             pool = DecodePool(num_frames, max(e.image_size for e in encs), workers=workers,
-                              timeout=timeout, decode_fn=decode_fn)
+                              timeout=timeout, decode_fn=decode_fn, sample_fps=sample_fps)
             results = pool.map(tasks)  # decoding starts now, overlapping the text pass
         _extract_texts(encs, stores, rows, max_text_tokens, text_batch_size, part, report,
                        progress)
@@ -207,9 +241,15 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
             pool.close()
     for store, path in zip(stores, store_paths):
         store.consolidate()
+        status = store.status()
+        totals = {"videos": int(status.size), "ok": int((status == STATUS_OK).sum()),
+                  "failed": int((status == STATUS_FAILED).sum()), "pending": int((status == STATUS_PENDING).sum()),
+                  "failure_list": None}
         local = local_path(path)
         if local is not None:
-            write_json(local / "failures.json", store.failures(), indent=1, sort_keys=True)
+            totals["failure_list"] = str(write_json(local / FAILURES_JSON, store.failures(detail=True), indent=1,
+                                                    sort_keys=True))
+        report.totals[os.fspath(path)] = totals
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -267,7 +307,7 @@ def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
         n = hi - lo
         bufs = {k: ShardBuffer(n, T, encs[k]) for k in need}
         status = np.zeros(n, dtype=np.int8)
-        error = [""] * n
+        error, detail, decoder = [""] * n, [""] * n, [""] * n
         mask = np.zeros((n, T), dtype=bool)
         index = np.full((n, T), PAD_INDEX, dtype=np.int32)
         times = np.full((n, T), PAD_TIME, dtype=np.float32)
@@ -294,6 +334,8 @@ def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
             if res.ok:
                 status[row] = STATUS_OK
                 mask[row], index[row], times[row] = res.mask, res.indices, res.times
+                decoder[row] = res.decoder
+                report.decoders[res.decoder or "?"] = report.decoders.get(res.decoder or "?", 0) + 1
                 pending.append((row, res))
                 pending_frames += int(res.mask.sum())
                 report.ok += 1
@@ -301,7 +343,7 @@ def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
                     flush()
             else:
                 status[row] = STATUS_FAILED
-                error[row] = res.reason or "failed"
+                error[row], detail[row] = res.reason or "decode error", res.detail
                 report.failed += 1
                 report.failures[res.video_id] = error[row]
             bar.update(1)
@@ -309,5 +351,5 @@ def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
         for k in need:
             stores[k].write_shard(i, status=status, error=error, tokens=bufs[k].tokens,
                                   frame_emb=bufs[k].emb, frame_mask=mask, frame_index=index,
-                                  frame_time=times)
+                                  frame_time=times, error_detail=detail, decoder=decoder)
     bar.close()

@@ -57,7 +57,7 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
             meta = json.loads(meta_path.read_text())
         except ValueError:
             meta = {}
-        if meta.get("key") == key:
+        if meta.get("key") == key and "coverage" in meta:
             return _load_staged(out, meta)
     if out.exists():
         shutil.rmtree(out)
@@ -91,7 +91,8 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
     np.save(out / "caption_video.npy", caption_video)
     meta = {"key": key, "video_ids": [ids[r] for r in rows],
             "caption_ids": [cids[c] for c in crows], "store_url": store.url,
-            "encoder_identity": store.encoder_identity, "store_attrs": store.attrs}
+            "encoder_identity": store.encoder_identity, "store_attrs": store.attrs,
+            "coverage": store.split_coverage(split)}
     write_text(meta_path, json.dumps(meta))
     return _load_staged(out, meta)
 
@@ -108,7 +109,7 @@ def _load_staged(out: Path, meta: dict) -> StagedSplit:
         caption_ids=list(meta["caption_ids"]), caption_video=np.load(out / "caption_video.npy"),
         frame_emb=mm("frame_emb"), frame_mask=mm("frame_mask"), text_emb=mm("text_emb"),
         tokens=mm("tokens"), text_tokens=mm("text_tokens"), text_mask=mm("text_mask"),
-        frame_time=mm("frame_time"), store_attrs=meta.get("store_attrs", {}))
+        frame_time=mm("frame_time"), store_attrs=meta.get("store_attrs", {}), coverage=meta.get("coverage", {}))
 
 
 def _blocks(sel: np.ndarray, shard: int, row_bytes: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -4,7 +4,7 @@ Staging a split into local memory-mapped files is ``pipeline.staging``. The on-d
 one module (its layout below, creation, opening, reading and writing with their checks), which is
 why it is longer than the others.
 
-Layout (schema version 1; ``V`` videos, ``T`` frames, ``N`` visual tokens of width ``D``,
+Layout (schema version 2; ``V`` videos, ``T`` frames, ``N`` visual tokens of width ``D``,
 ``E`` embedding width, ``C`` captions, ``L`` text tokens of width ``Dt``, ``S`` shard size,
 ``St`` text shard size)::
 
@@ -12,18 +12,20 @@ Layout (schema version 1; ``V`` videos, ``T`` frames, ``N`` visual tokens of wid
                                 sampling {num_frames, strategy}, max_text_tokens, shard_size,
                                 num_shards, text_shard_size, num_text_shards, num_videos,
                                 num_captions, dims, compressor, created_by
-      videos/ids          (V,) str            chunk S
-      videos/split        (V,) str            chunk S
+      videos/ids          (V, W) uint8        chunk S   UTF-8, zero-padded (every string array)
+      videos/split        (V, W) uint8        chunk S
       videos/status       (V,) int8           chunk S   0 pending, 1 ok, 2 failed
-      videos/error        (V,) str            chunk S   failure reason ("" when ok)
+      videos/error        (V, 200) uint8      chunk S   "kind: one line" ("" when ok)
+      videos/error_detail (V, 1000) uint8     chunk S   the decoder's raw message
+      videos/decoder      (V, 16) uint8       chunk S   which decoder served the video
       videos/tokens       (V,T,N,D) float16   chunk (1,T,N,D) inside shards (S,T,N,D)
       videos/frame_emb    (V,T,E) float32     chunk (S,T,E)
       videos/frame_mask   (V,T) bool          chunk (S,T)
       videos/frame_index  (V,T) int32         chunk (S,T)   -1 for padding
       videos/frame_time   (V,T) float32       chunk (S,T)   seconds, -1 for padding
-      texts/ids           (C,) str            chunk St
+      texts/ids           (C, W) uint8        chunk St
       texts/video_index   (C,) int64          chunk St  row of the caption's video
-      texts/split         (C,) str            chunk St
+      texts/split         (C, W) uint8        chunk St
       texts/tokens        (C,L,Dt) float16    chunk (St,L,Dt)
       texts/mask          (C,L) bool          chunk (St,L)
       texts/emb           (C,E) float32       chunk (St,E)
@@ -33,7 +35,9 @@ Layout (schema version 1; ``V`` videos, ``T`` frames, ``N`` visual tokens of wid
 Every array is aligned to the shards, so video shard ``i`` (rows ``[i*S, (i+1)*S)``) and text
 shard ``j`` are each written whole by exactly one writer, then marked done; separate processes
 may fill disjoint shards of one store. Rows: videos sorted by (split, video_id); captions by
-(video row, caption_id). Strings use zarr 3's variable-length UTF-8 dtype. Arrays are
+(video row, caption_id). Strings are fixed-width UTF-8 bytes (uint8, zero-padded), so any zarr v3
+reader (tensorstore, zarr-python, ...) gets them; schema version 1 used zarr-python's
+variable-length strings, which are still read. Arrays are
 uncompressed unless a compressor is chosen (``"zstd"`` or ``"blosc-zstd"``, applied to the token
 arrays).
 """
@@ -59,12 +63,16 @@ from pipeline.staging import STAGE_ARRAYS, stage_split
 __all__ = ["CacheStore", "StoreLayout", "StagedSplit", "StoreError", "StoreMismatchError", "STAGE_ARRAYS",
            "STATUS_PENDING", "STATUS_OK", "STATUS_FAILED", "fingerprint_of", "local_path", "layout_dict"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 stored strings as zarr-python's variable-length strings
 FORMAT = "crosstvr-feature-cache"
 CREATED_BY = "pipeline.store (crosstvr-cache 0.1.0)"
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+ERROR_BYTES = 200  # the short failure reason ("kind: one line")
+DETAIL_BYTES = 1000  # the decoder's raw message
+DECODER_BYTES = 16  # which decoder served the video (decord, pyav)
 # Keys of the attrs that must equal the request for a store to be reused.
-MATCH_KEYS = ("schema_version", "dataset", "manifest_sha256", "encoder", "sampling",
+MATCH_KEYS = ("dataset", "manifest_sha256", "encoder", "sampling",
               "max_text_tokens", "shard_size", "text_shard_size", "num_videos", "num_captions")
 
 
@@ -173,9 +181,9 @@ class CacheStore:
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{url}: not a feature cache store (attrs format="
                              f"{attrs.get('format')!r}, expected {FORMAT!r})")
-        if attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema_version") not in READABLE_VERSIONS:
             raise StoreError(f"{url}: store schema_version {attrs.get('schema_version')!r} is not "
-                             f"supported (this code reads version {SCHEMA_VERSION})")
+                             f"supported (this code reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         self.attrs: dict = attrs
         self._cache: dict[str, Any] = {}
 
@@ -217,23 +225,31 @@ class CacheStore:
 
         def arr(name: str, shape: tuple, chunks: tuple, dtype: Any, fill: Any,
                 compressors: Any = None, shards: tuple | None = None) -> Any:
-            kw = {} if dtype is str else {"compressors": compressors}
             return g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                                  fill_value=fill, **kw)
+                                  fill_value=fill, compressors=compressors)
 
-        arr("videos/ids", (V,), (vs,), str, "")[...] = np.asarray(list(video_ids), dtype=str)
-        arr("videos/split", (V,), (vs,), str, "")[...] = np.asarray(list(video_splits), dtype=str)
+        def text_arr(name: str, values: Sequence[str] | None, n: int, chunk: int, width: int = 0) -> None:
+            data = encode_strings(values, width) if values is not None else None
+            width = data.shape[1] if data is not None else width
+            a = arr(name, (n, width), (chunk, width), "uint8", 0)
+            if data is not None and n:
+                a[...] = data
+
+        text_arr("videos/ids", video_ids, V, vs)
+        text_arr("videos/split", video_splits, V, vs)
         arr("videos/status", (V,), (vs,), "int8", STATUS_PENDING)
-        arr("videos/error", (V,), (vs,), str, "")
+        text_arr("videos/error", None, V, vs, ERROR_BYTES)
+        text_arr("videos/error_detail", None, V, vs, DETAIL_BYTES)
+        text_arr("videos/decoder", None, V, vs, DECODER_BYTES)
         arr("videos/tokens", (V, T, N, D), (1, T, N, D), "float16", 0, big, shards=(vs, T, N, D))
         arr("videos/frame_emb", (V, T, E), (vs, T, E), "float32", 0)
         arr("videos/frame_mask", (V, T), (vs, T), "bool", False)
         arr("videos/frame_index", (V, T), (vs, T), "int32", -1)
         arr("videos/frame_time", (V, T), (vs, T), "float32", -1.0)
-        arr("texts/ids", (C,), (ts,), str, "")[...] = np.asarray(list(caption_ids), dtype=str)
+        text_arr("texts/ids", caption_ids, C, ts)
         arr("texts/video_index", (C,), (ts,), "int64", -1)[...] = np.asarray(caption_video,
                                                                           dtype=np.int64)
-        arr("texts/split", (C,), (ts,), str, "")[...] = np.asarray(list(caption_splits), dtype=str)
+        text_arr("texts/split", caption_splits, C, ts)
         arr("texts/tokens", (C, L, Dt), (ts, L, Dt), "float16", 0, big)
         arr("texts/mask", (C, L), (ts, L), "bool", False)
         arr("texts/emb", (C, E), (ts, E), "float32", 0)
@@ -314,8 +330,19 @@ class CacheStore:
             self._cache[name] = self._g[name]
         return self._cache[name]
 
-    def _strings(self, name: str) -> list[str]:
-        return [str(s) for s in self.array(name)[...].tolist()] if self.array(name).shape[0] else []
+    def has_array(self, name: str) -> bool:
+        """Whether the store has array ``name`` (stores of schema version 1 lack some)."""
+        try:
+            self.array(name)
+        except KeyError:
+            return False
+        return True
+
+    def _strings(self, name: str, sel: slice = slice(None)) -> list[str]:
+        arr = self.array(name)
+        if not arr.shape[0]:
+            return []
+        return decode_strings(arr[sel])
 
     @property
     def video_ids(self) -> list[str]:
@@ -367,42 +394,79 @@ class CacheStore:
         """(V,) int8 status per video."""
         return np.asarray(self.array("videos/status")[...])
 
-    def failures(self) -> dict[str, str]:
-        """``{video_id: reason}`` for videos with status failed."""
-        st = self.status()
-        rows = np.flatnonzero(st == STATUS_FAILED)
+    def failures(self, detail: bool = False) -> dict[str, Any]:
+        """``{video_id: reason}`` for videos with status failed; ``detail=True``: ``{video_id:
+        {"reason": ..., "detail": <the decoder's raw message>}}`` (stores of schema version 1 kept
+        no raw message)."""
+        rows = np.flatnonzero(self.status() == STATUS_FAILED)
         if not rows.size:
             return {}
-        err = self.array("videos/error")[...]
         ids = self.video_ids
-        return {ids[r]: str(err[r]) for r in rows}
+        reasons = self._strings("videos/error")
+        if not detail:
+            return {ids[r]: reasons[r] for r in rows}
+        raw = self._strings("videos/error_detail") if self.has_array("videos/error_detail") else [""] * len(ids)
+        return {ids[r]: {"reason": reasons[r], "detail": raw[r]} for r in rows}
 
     # -- writing ----------------------------------------------------------------------------
     def _check_writable(self) -> None:
         if not self.writable:
             raise StoreError(f"{self.url}: store opened read-only")
 
+    def _string_data(self, name: str, values: Sequence[str]) -> np.ndarray:
+        """``values`` in the array's own string encoding (fixed-width UTF-8 bytes; variable-length
+        strings in stores of schema version 1)."""
+        arr = self.array(name)
+        if arr.ndim == 2:
+            return encode_strings(values, arr.shape[1])
+        return np.asarray(list(values), dtype=str).reshape(-1)
+
     def write_shard(self, i: int, *, status: np.ndarray, error: Sequence[str],
                     tokens: np.ndarray, frame_emb: np.ndarray, frame_mask: np.ndarray,
-                    frame_index: np.ndarray, frame_time: np.ndarray) -> None:
-        """Write every array of video shard ``i`` at once, then mark it done."""
+                    frame_index: np.ndarray, frame_time: np.ndarray,
+                    error_detail: Sequence[str] | None = None, decoder: Sequence[str] | None = None) -> None:
+        """Write every array of video shard ``i`` at once, then mark it done. ``error``: the short
+        failure reason of each video ("" when ok), ``error_detail``: the raw message, ``decoder``:
+        which decoder served each video."""
         self._check_writable()
         lo, hi = self.shard_range(i)
         n = hi - lo
         data = {"videos/status": np.asarray(status, dtype=np.int8),
-                "videos/error": np.asarray(list(error), dtype=str).reshape(-1),
+                "videos/error": self._string_data("videos/error", error),
                 "videos/tokens": np.asarray(tokens, dtype=np.float16),
                 "videos/frame_emb": np.asarray(frame_emb, dtype=np.float32),
                 "videos/frame_mask": np.asarray(frame_mask, dtype=bool),
                 "videos/frame_index": np.asarray(frame_index, dtype=np.int32),
                 "videos/frame_time": np.asarray(frame_time, dtype=np.float32)}
+        if self.has_array("videos/error_detail"):
+            data["videos/error_detail"] = self._string_data("videos/error_detail", error_detail or [""] * n)
+        if self.has_array("videos/decoder"):
+            data["videos/decoder"] = self._string_data("videos/decoder", decoder or [""] * n)
         for name, value in data.items():
             want = (n,) + self.array(name).shape[1:]
             if value.shape != want:
                 raise ValueError(f"shard {i}: {name} has shape {value.shape}, expected {want}")
+        self._forget_chunks(data, i)
         for name, value in data.items():
             self.array(name)[lo:hi] = value
         self.array("shards/done")[i] = True
+
+    def _forget_chunks(self, names: Sequence[str], index: int) -> None:
+        """Delete the stored chunk (or shard) ``index`` of every array in ``names`` before it is
+        written again: an unfinished earlier write may have left it torn, and a sharded array reads
+        what is there before writing."""
+        from zarr.core.sync import sync
+
+        for name in names:
+            arr = self.array(name)
+            key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+            sync((arr.store_path / key).delete())
+
+    def reset_shards(self, shards: Sequence[int]) -> None:
+        """Mark video shards not done, so the next extraction decodes and writes them again whole."""
+        self._check_writable()
+        for i in shards:
+            self.array("shards/done")[int(i)] = False
 
     def write_text_shard(self, j: int, *, tokens: np.ndarray, mask: np.ndarray,
                          emb: np.ndarray) -> None:
@@ -418,6 +482,7 @@ class CacheStore:
             if value.shape != want:
                 raise ValueError(f"text shard {j}: {name} has shape {value.shape}, "
                                  f"expected {want}")
+        self._forget_chunks(data, j)
         for name, value in data.items():
             self.array(name)[lo:hi] = value
         self.array("shards/text_done")[j] = True
@@ -449,6 +514,22 @@ class CacheStore:
         crows = np.flatnonzero(np.isin(vidx, rows)) if rows.size else np.zeros(0, np.int64)
         return rows, crows, np.searchsorted(rows, vidx[crows]).astype(np.int64)
 
+    def split_coverage(self, split: str) -> dict[str, Any]:
+        """How much of ``split`` a staged copy holds: videos and captions of the split in the store
+        (all of the manifest's) and those usable (videos extracted ok, their captions), and every
+        missing video with why (its failure reason, or ``pending`` when not extracted yet)."""
+        rows, crows, _ = self.split_rows(split)
+        in_split = np.flatnonzero(np.array(self._strings("videos/split"), dtype=object) == split)
+        vidx = np.asarray(self.array("texts/video_index")[...]) if self.num_captions else np.zeros(0, np.int64)
+        status = self.status()
+        ids = self.video_ids
+        reasons = self._strings("videos/error")
+        missing = {ids[r]: (reasons[r] or "failed") if status[r] == STATUS_FAILED else "pending"
+                   for r in np.setdiff1d(in_split, rows)}
+        return {"split": split, "videos_total": int(in_split.size), "videos_scored": int(rows.size),
+                "captions_total": int(np.isin(vidx, in_split).sum()), "captions_scored": int(crows.size),
+                "complete": not missing, "missing_videos": missing}
+
     def split_status(self, split: str) -> np.ndarray:
         """Status (pending / ok / failed) of every video of ``split``, in store order."""
         return self.status()[np.array(self._strings("videos/split"), dtype=object) == split]
@@ -457,6 +538,28 @@ class CacheStore:
               arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
         """Copy one split into local memory-mapped ``.npy`` files (``pipeline.staging.stage_split``)."""
         return stage_split(self, split, stage_dir, arrays)
+
+
+def encode_strings(values: Sequence[str], width: int = 0) -> np.ndarray:
+    """``values`` as zero-padded UTF-8 bytes, ``uint8 (N, width)`` (``width`` 0: the longest); a
+    longer value is cut at a character boundary. Any zarr reader gets the row -> id mapping."""
+    raw = [str(v).encode("utf-8") for v in values]
+    w = int(width) or max([len(b) for b in raw] + [1])
+    out = np.zeros((len(raw), w), dtype=np.uint8)
+    for i, b in enumerate(raw):
+        if len(b) > w:
+            b = b[:w].decode("utf-8", "ignore").encode("utf-8")
+        out[i, :len(b)] = np.frombuffer(b, dtype=np.uint8)
+    return out
+
+
+def decode_strings(values: Any) -> list[str]:
+    """The strings of ``encode_strings`` (or of a variable-length string array, schema version 1)."""
+    a = np.asarray(values)
+    if a.dtype == np.uint8 and a.ndim == 2:
+        a = np.ascontiguousarray(a)
+        return [b.decode("utf-8", "replace") for b in a.view(f"S{a.shape[1]}").reshape(-1).tolist()]
+    return [str(v) for v in a.tolist()]
 
 
 def _short(value: Any) -> str:

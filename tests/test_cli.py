@@ -63,7 +63,9 @@ def test_train_and_eval_from_the_cli(tiny_world, tmp_path):
     out = run_cli(["eval", "--store", store, "--work-dir", work, "--stage-one", ckpt, "--out", tmp_path / "report"])
     assert "R@1" in out
     report = json.loads(next((tmp_path / "report").glob("*.json")).read_text())
-    (metrics,) = report.values() if "t2v" not in report else (report,)
+    assert report.pop("split") == {"split": "test", "complete": True, "videos": "7/7", "captions": "7/7",
+                                   "missing_video_ids": {}}
+    (metrics,) = report.values()
     assert set(metrics) >= {"t2v", "v2t"}
 
 

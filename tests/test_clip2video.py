@@ -269,6 +269,7 @@ def test_cli_train_eval_and_compare(tiny_world: dict, tmp_path: Path) -> None:
                 "--head-option", "clip2video:num_centers=2", "--epochs", "1", "--batch-size", "8",
                 "--threads", "1", "--out", str(cmp_dir)])
     report = json.loads((cmp_dir / "compare-stage-one.json").read_text())
+    assert report.pop("split")["complete"] is True
     assert list(report) == ["meanP (untrained)", "meanP (trained)", "clip2video (trained)"]
     for metrics in report.values():
         assert set(metrics["t2v"]) >= {"R@1", "R@5", "R@10", "MdR", "MnR"}

@@ -7,18 +7,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from pipeline.decode import DecodePool, DecodeTask, decode_video, failed, resize_short_side
+from pipeline.decode import DECODERS, DecodePool, DecodeTask, decode_video, failed, resize_short_side
 
 
-def slow_or_crashing_decode(video_id, path, num_frames, short_side, start, end):
+def slow_or_crashing_decode(video_id, path, num_frames, short_side, start, end, **kw):
     """Decode function for the pool tests (module-level so spawned workers can import it)."""
     name = Path(path).name
     if "hang" in name:
         time.sleep(600)
     if "crash" in name:
         os._exit(3)
-    return decode_video(video_id, path, num_frames, short_side, start, end)
+    return decode_video(video_id, path, num_frames, short_side, start, end, **kw)
 
 
 def test_fixture_video(fixture_video):
@@ -55,11 +56,12 @@ def test_bad_files_in_process(tmp_path):
     (tmp_path / "zero.mp4").write_bytes(b"")
     (tmp_path / "corrupt.mp4").write_bytes(os.urandom(4096))
     (tmp_path / "text.mp4").write_text("not a video at all\n" * 100)
-    assert "missing" in decode_video("m", tmp_path / "missing.mp4", 4).reason
-    assert "empty" in decode_video("z", tmp_path / "zero.mp4", 4).reason
+    assert decode_video("m", tmp_path / "missing.mp4", 4).kind == "missing"
+    assert decode_video("z", tmp_path / "zero.mp4", 4).reason == "empty: the file has 0 bytes"
     for name in ("corrupt.mp4", "text.mp4"):
         r = decode_video("c", tmp_path / name, 4)
-        assert not r.ok and r.reason
+        assert not r.ok and r.kind == "not a video" and r.reason.startswith("not a video: ")
+        assert "decord:" in r.detail and "pyav:" in r.detail  # both decoders' raw messages, kept apart
     assert "not a regular file" in decode_video("d", tmp_path, 4).reason
 
 
@@ -93,10 +95,10 @@ def test_pool_records_failures_and_timeouts(tmp_path, make_video, fixture_video)
     assert time.monotonic() - t0 < 30
     assert [r.video_id for r in out] == [t.video_id for t in tasks]
     by = {r.video_id: r for r in out}
-    assert by["hang"].reason == "timeout" and not by["hang"].ok
-    assert by["crash"].reason.startswith("worker crashed")
-    assert "empty" in by["zero"].reason and "missing" in by["missing"].reason
-    assert not by["corrupt"].ok and by["corrupt"].reason
+    assert by["hang"].kind == "timeout" and not by["hang"].ok and "3 s" in by["hang"].reason
+    assert by["crash"].kind == "crashed" and "exit code 3" in by["crash"].detail
+    assert by["zero"].kind == "empty" and by["missing"].kind == "missing"
+    assert not by["corrupt"].ok and by["corrupt"].kind == "not a video"
     for vid in ("ok0", "ok1", "fixture", "ok2"):
         assert by[vid].ok, by[vid].reason
     assert by["ok2"].indices.tolist() == [4, 5, 6, 7]  # 8 fps, [0.5, 1.0) s -> frames 4..7
@@ -104,5 +106,71 @@ def test_pool_records_failures_and_timeouts(tmp_path, make_video, fixture_video)
 
 
 def test_failed_helper():
-    r = failed("x", "why")
-    assert not r.ok and r.reason == "why" and r.frames is None
+    r = failed("x", "truncated", "why", "raw message")
+    assert not r.ok and r.reason == "truncated: why" and r.detail == "raw message" and r.frames is None
+
+
+HOSTILE = {  # name: write_video options; every one must decode to the same frames with either decoder
+    "odd.mp4": dict(width=97, height=61, pix_fmt="yuv444p"),
+    "vp9.webm": dict(container="webm", codec="libvpx-vp9"),
+    "vp8.webm": dict(container="webm", codec="libvpx"),
+    "h264.mkv": dict(container="matroska"),
+    "mpeg4.avi": dict(container="avi", codec="mpeg4"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_other_containers_codecs_and_sizes(make_video, name):
+    path = make_video(name, num_frames=16, **HOSTILE[name])
+    by = {d: decode_video("v", path, 4, None, decoders=(d,)) for d in DECODERS}
+    for d, r in by.items():
+        assert r.ok and r.decoder == d, (d, r.reason)
+        assert r.indices.tolist() == [2, 6, 10, 14]
+        red = np.median(r.frames[:, -8:, :, 0].reshape(4, -1), axis=1)
+        np.testing.assert_allclose(red, [20, 60, 100, 140], atol=10)
+    assert by["decord"].frames.shape == by["pyav"].frames.shape
+    np.testing.assert_allclose(by["decord"].frames.astype(float), by["pyav"].frames.astype(float), atol=6)
+
+
+def test_variable_frame_rate_is_sampled_by_time(make_video):
+    # 8 frames 40 ms apart, then 8 frames 250 ms apart: uniform in time, not in frame numbers
+    path = make_video("vfr.mkv", num_frames=16, container="matroska", frame_ms=[40] * 8 + [250] * 8)
+    for d in DECODERS:
+        r = decode_video("v", path, 4, None, decoders=(d,))
+        assert r.ok, r.reason
+        assert r.indices.tolist() == [6, 9, 11, 14]  # not [2, 6, 10, 14]
+        np.testing.assert_allclose(r.times, [0.24, 0.57, 1.07, 1.82], atol=1e-3)  # the frames' own times
+    clip = decode_video("v", path, 8, None, start=0.5, end=1.5)
+    assert clip.ok and clip.times[clip.mask].min() >= 0.5 and clip.times[clip.mask].max() < 1.5
+    assert clip.indices[clip.mask].tolist() == [9, 10, 11, 12]  # the 4 frames shown in [0.5, 1.5) s
+
+
+def test_rotation_metadata_is_applied(make_video):
+    path = make_video("rot.mp4", num_frames=8, width=96, height=64, rotation=90)
+    by = {d: decode_video("v", path, 2, None, decoders=(d,)) for d in DECODERS}
+    for r in by.values():
+        assert r.ok and r.frames.shape == (2, 96, 64, 3)  # upright, as a player shows it
+    np.testing.assert_allclose(by["decord"].frames.astype(float), by["pyav"].frames.astype(float), atol=6)
+
+
+def test_truncated_files_and_the_pyav_fallback(make_video, tmp_path):
+    for name, opts in (("cut.mp4", {}), ("cut.mkv", {"container": "matroska"}),
+                       ("cut.avi", {"container": "avi", "codec": "mpeg4"})):
+        whole = make_video("whole-" + name, num_frames=16, **opts).read_bytes()
+        (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+        r = decode_video("v", tmp_path / name, 4)
+        if r.ok:  # what is there decodes: the clip is shorter, never garbage
+            assert r.mask.any()
+        else:
+            assert r.kind == "truncated", r.reason
+    # a file decord cannot open but PyAV can is served by PyAV, and says so
+    r = decode_video("v", make_video("ok.mp4"), 4, decoders=("pyav",))
+    assert r.ok and r.decoder == "pyav"
+
+
+def test_fps_sampling(make_video):
+    path = make_video("long.mp4", num_frames=24, fps=8)  # 3 s
+    r = decode_video("v", path, 12, None, sample_fps=2)
+    assert r.ok and r.mask.sum() == 6 and r.indices[:6].tolist() == [2, 6, 10, 14, 18, 22]
+    capped = decode_video("v", path, 4, None, sample_fps=2)
+    assert capped.mask.all() and capped.indices.tolist() == [3, 9, 15, 21]

@@ -52,8 +52,11 @@ def test_extract_end_to_end(tmp_path, manifest, micro, monkeypatch):
                   timeout=30, text_shard_size=5, batch_size=6, progress=False)
     assert (rep.ok, rep.failed, rep.skipped, rep.videos) == (5, 2, 0, 7)
     assert rep.captions_encoded == 14 and set(rep.failures) == {"missing", "corrupt"}
-    assert "missing file" in rep.failures["missing"]
-    assert "5 ok, 2 failed" in rep.summary()
+    assert rep.failures["missing"].startswith("missing: no file at") and rep.failures["corrupt"].startswith(
+        "not a video: ")
+    assert rep.decoders == {"decord": 5}
+    assert "videos 5 ok (5 by decord), 2 failed" in rep.summary()
+    assert f"store {store_path}: 5 ok, 2 failed, 0 pending of 7 videos; failures listed in" in rep.summary()
 
     g = zarr.open_group(str(store_path), mode="r")
     assert g["videos/tokens"].shape == (7, T, 17, 64) and g["texts/tokens"].shape == (14, 32, 64)
@@ -61,6 +64,8 @@ def test_extract_end_to_end(tmp_path, manifest, micro, monkeypatch):
     assert g["shards/done"][...].all() and g["shards/text_done"][...].all()
     fails = json.loads((store_path / "failures.json").read_text())
     assert set(fails) == {"missing", "corrupt"}
+    assert fails["corrupt"]["reason"].startswith("not a video") and "decord:" in fails["corrupt"]["detail"]
+    assert CacheStore.open(store_path).failures() == {k: v["reason"] for k, v in fails.items()}
 
     # stored features equal the encoder run on the decoded frames directly
     store = CacheStore.open(store_path)
@@ -86,6 +91,8 @@ def test_extract_end_to_end(tmp_path, manifest, micro, monkeypatch):
     rep2 = extract(manifest, [micro], [store_path], num_frames=T, shard_size=2,
                    text_shard_size=5, progress=False)
     assert (rep2.ok, rep2.failed, rep2.skipped, rep2.captions_skipped) == (0, 0, 7, 14)
+    # a re-run's summary still states what the store holds: its failures did not go away
+    assert rep2.store_failed == 2 and "5 ok, 2 failed, 0 pending of 7 videos" in rep2.summary()
     monkeypatch.undo()
 
     # a different request on the same store is refused
@@ -134,3 +141,59 @@ def test_two_encoders_resume_and_parts(tmp_path, manifest, micro):
     with pytest.raises(StoreMismatchError, match="encoder"):
         extract(manifest, [spec], [a], num_frames=T, shard_size=2, text_shard_size=5,
                 progress=False)
+
+
+def test_failed_videos_are_retried_and_torn_shards_rewritten(tmp_path, manifest, micro, make_video):
+    store_path = tmp_path / "retry.zarr"
+    kw = dict(num_frames=T, shard_size=2, text_shard_size=5, progress=False)
+    rep = extract(manifest, [micro], [store_path], **kw)
+    assert rep.store_failed == 2
+    # the missing file appears and the corrupt one is replaced: --retry-failed decodes their shards again
+    make_video("nope.mp4", num_frames=12)
+    make_video("bad.mp4", num_frames=12, seed=9)
+    store = CacheStore.open(store_path)
+    before = store.array("videos/frame_emb")[...]
+    rep = extract(manifest, [micro], [store_path], retry_failed=True, **kw)
+    assert rep.retried == 4 and (rep.ok, rep.failed) == (4, 0) and rep.store_failed == 0  # 2 shards of 2
+    store = CacheStore.open(store_path)
+    assert store.failures() == {} and (store.status() == 1).all()
+    ok_before = [r for r in range(7) if r not in (3, 4)]
+    np.testing.assert_array_equal(store.array("videos/frame_emb")[ok_before], before[ok_before])
+    # a shard left torn by a crash (written, not marked done) is overwritten on resume, no checksum error
+    shard_files = sorted(p for p in (store_path / "videos" / "tokens").rglob("*") if p.is_file() and "c" in p.parts)
+    shard_files[0].write_bytes(shard_files[0].read_bytes()[:100])
+    store = CacheStore.open(store_path, mode="r+")
+    store.reset_shards([0])
+    rep = extract(manifest, [micro], [store_path], **kw)
+    assert rep.ok == 2 and CacheStore.open(store_path).is_complete()
+    np.testing.assert_allclose(CacheStore.open(store_path).array("videos/tokens")[0:2].astype(np.float32),
+                               before_tokens(store_path, micro, manifest), atol=2e-3)
+
+
+def before_tokens(store_path, micro, manifest):
+    """The tokens of the store's first two videos, computed afresh."""
+    rows = manifest_rows(manifest)
+    out = []
+    for task in rows.tasks[:2]:
+        dec = decode_video(task.video_id, task.path, T, micro.image_size, task.start, task.end)
+        tok, _ = micro.encode_frames(torch.from_numpy(dec.valid_frames))
+        out.append(tok.half().float().numpy())
+    return np.stack(out)
+
+
+def test_strings_are_portable(tmp_path, manifest, micro):
+    """Ids, splits and reasons are fixed-width UTF-8 bytes: a reader that is not zarr-python (here
+    tensorstore) reads every array of a store, bit-exactly."""
+    import tensorstore
+    store_path = tmp_path / "portable.zarr"
+    extract(manifest, [micro], [store_path], num_frames=T, shard_size=2, text_shard_size=5, progress=False)
+    g = zarr.open_group(str(store_path), mode="r")
+    names = [f"{grp}/{n}" for grp in ("videos", "texts", "shards") for n in g[grp].array_keys()]
+    assert {"videos/ids", "videos/split", "videos/error", "videos/error_detail", "texts/ids", "texts/split"} <= set(names)
+    for name in names:
+        ts_arr = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store_path / name)}},
+                                  read=True).result()
+        np.testing.assert_array_equal(ts_arr.read().result(), g[name][...], err_msg=name)
+    ids = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store_path / "videos/ids")}},
+                           read=True).result().read().result()
+    assert [bytes(r).rstrip(b"\0").decode() for r in ids] == CacheStore.open(store_path).video_ids

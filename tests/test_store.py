@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import (CacheStore, StoreError, StoreLayout, StoreMismatchError,
+from pipeline.store import (CacheStore, StoreError, StoreLayout, StoreMismatchError, decode_strings,
                             fingerprint_of)
 
 V, C, T, N, D, E, L, DT, S, ST = 5, 7, 3, 4, 8, 6, 5, 8, 2, 3
@@ -67,23 +67,25 @@ def test_layout_roundtrip_with_plain_zarr(tmp_path):
     fill(store, failed={3})
     g = zarr.open_group(str(path), mode="r")
     a = dict(g.attrs)
-    assert a["schema_version"] == 1 and a["dataset"] == "toy" and a["num_shards"] == 3
+    assert a["schema_version"] == 2 and a["dataset"] == "toy" and a["num_shards"] == 3
     assert a["sampling"] == {"num_frames": T, "strategy": "uniform-midpoint"}
     assert a["encoder"] == {"name": "x", "weights": "r"} and a["max_text_tokens"] == L
-    expect = {"videos/ids": (V,), "videos/split": (V,), "videos/status": (V,),
-              "videos/error": (V,), "videos/tokens": (V, T, N, D), "videos/frame_emb": (V, T, E),
+    expect = {"videos/status": (V,), "videos/tokens": (V, T, N, D), "videos/frame_emb": (V, T, E),
               "videos/frame_mask": (V, T), "videos/frame_index": (V, T),
-              "videos/frame_time": (V, T), "texts/ids": (C,), "texts/video_index": (C,),
-              "texts/split": (C,), "texts/tokens": (C, L, DT), "texts/mask": (C, L),
+              "videos/frame_time": (V, T), "texts/video_index": (C,), "texts/tokens": (C, L, DT), "texts/mask": (C, L),
               "texts/emb": (C, E), "shards/done": (3,), "shards/text_done": (3,)}
     for name, shape in expect.items():
         assert g[name].shape == shape, name
+    for name, rows in (("videos/ids", V), ("videos/split", V), ("videos/error", V), ("texts/ids", C),
+                       ("texts/split", C)):
+        assert g[name].shape[0] == rows and g[name].ndim == 2, name
     tok = g["videos/tokens"]
     assert tok.dtype == np.float16 and tok.chunks == (1, T, N, D) and tok.shards == (S, T, N, D)
     assert g["videos/frame_emb"].dtype == np.float32 and g["texts/tokens"].dtype == np.float16
-    assert g["videos/ids"][...].tolist() == VIDS
+    assert decode_strings(g["videos/ids"][...]) == VIDS
+    assert g["videos/ids"].dtype == np.uint8  # fixed-width UTF-8: any zarr reader gets the ids
     assert g["videos/status"][...].tolist() == [1, 1, 1, 2, 1]
-    assert g["videos/error"][3] == "timeout"
+    assert decode_strings(g["videos/error"][3:4]) == ["timeout"]
     assert float(g["videos/tokens"][4, 0, 0, 0]) == 4.0
     assert g["texts/video_index"][...].tolist() == CVID
     assert g["shards/done"][...].all() and g["shards/text_done"][...].all()

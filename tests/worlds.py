@@ -7,6 +7,9 @@ is given, as staged stores are).
 * ``make_token_split``: stage two's world. Every video has ``ATTRS`` attributes shown by one patch
   each; a caption names them with one word token each; stage-one embeddings are noisy.
 * ``run_cli``: the command line, in-process.
+* ``write_video``: a small generated video (containers, codecs, sizes, frame rates, rotation).
+* ``make_data_root``: a registered dataset's official annotation files (small, in its format) and
+  generated videos, laid out as docs/DATASETS.md documents.
 * ``row_split``: tokens that encode their own row (``tokens[v, 0, 0, 0] == v``, ``text_tokens[c, 0,
   0] == c``), so a fake head can look up a known score per pair.
 """
@@ -149,3 +152,128 @@ def random_pair_inputs(b: int, t: int, n: int, d: int, dt: int, seed: int = 0):
     tm = torch.ones(b, L, dtype=torch.bool)
     tm[1, 3:] = False
     return tokens, fm, text, tm
+
+
+def write_video(path: str | Path, num_frames: int = 16, width: int = 96, height: int = 64,
+                fps: int = 8, seed: int = 0, container: str | None = None, codec: str = "libx264",
+                pix_fmt: str = "yuv420p", frame_ms: list[int] | None = None, rotation: int = 0) -> Path:
+    """Write a small video with PyAV (h264 mp4 by default); frame ``i`` is a solid colour plus a
+    moving square, and its mean red value encodes ``i`` (red = 10 * i mod 250) so tests can check
+    ordering. ``container`` / ``codec`` / ``pix_fmt`` for other formats (webm, matroska, avi; odd
+    sizes need yuv444p), ``frame_ms``: each frame's duration in ms (a variable frame rate),
+    ``rotation``: display rotation metadata in degrees."""
+    import av
+    from fractions import Fraction
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if codec == "libx264":
+            stream.options = {"crf": "18", "preset": "ultrafast"}
+        if frame_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        t = 0
+        for i in range(num_frames):
+            img = np.empty((height, width, 3), dtype=np.uint8)
+            img[:] = base
+            img[..., 0] = (10 * i) % 250
+            s = min(width, height) // 4
+            x = (i * 3) % max(1, width - s)
+            img[:s, x:x + s] = 255 - img[:s, x:x + s]
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if frame_ms is not None:
+                frame.pts, frame.time_base = t, Fraction(1, 1000)
+                t += frame_ms[i % len(frame_ms)]
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def make_data_root(root: Path, dataset: str) -> dict:
+    """``<root>/<dataset>/``: the dataset's official annotation files (a few videos, in their real
+    format and names) and ``videos/`` with generated videos named as the dataset names them
+    (docs/DATASETS.md). Returns ``{"videos": n, "captions": n, "splits": {...}}`` to expect."""
+    import csv
+    import json
+
+    base = root / dataset
+    vdir = base / "videos"
+    vdir.mkdir(parents=True, exist_ok=True)
+    made = {"videos": 0}
+
+    def video(rel: str, seed: int) -> None:
+        write_video(vdir / rel, num_frames=16, seed=seed)
+        made["videos"] += 1
+
+    if dataset == "msrvtt":
+        train, test = [f"video{i}" for i in range(4)], ["video7010", "video7011"]
+        (base / "MSRVTT_data.json").write_text(json.dumps({
+            "videos": [{"video_id": v, "split": "train"} for v in train],
+            "sentences": [{"video_id": v, "caption": f"clip {v} number {k}", "sen_id": 10 * i + k}
+                          for i, v in enumerate(train) for k in range(2)]}))
+        with open(base / "MSRVTT_train.9k.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([["video_id"], *[[v] for v in train]])
+        with open(base / "MSRVTT_JSFUSION_test.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([["key", "vid_key", "video_id", "sentence"],
+                                      *[[f"ret{i}", f"msr{i}", v, f"a test clip {v}"] for i, v in enumerate(test)]])
+        for i, v in enumerate(train + test):
+            video(f"{v}.mp4", i)
+        return {**made, "splits": {"train": 4, "test": 2}}
+    if dataset == "msvd":
+        ids = {"train": ["aaa_1_5", "bbb_2_9"], "val": ["ccc_0_4"], "test": ["ddd_3_7", "eee_1_2"]}
+        for split, vids in ids.items():
+            (base / f"{split}_list.txt").write_text("\n".join(vids) + "\n")
+        (base / "captions_msvd.json").write_text(json.dumps(
+            {v: [f"{v} caption {k}" for k in range(3)] for vids in ids.values() for v in vids}))
+        for i, v in enumerate(v for vids in ids.values() for v in vids):
+            video(f"{v}.avi", i)
+        return {**made, "splits": {"train": 2, "val": 1, "test": 2}}
+    if dataset == "vatex":
+        def entry(v: str) -> dict:
+            return {"videoID": v, "enCap": [f"{v} english {k}" for k in range(10)], "chCap": ["中文"] * 10}
+        train, val = ["aaaaaaaaaaa_000001_000003", "bbbbbbbbbbb_000000_000002"], ["ccccccccccc_000002_000004"]
+        (base / "vatex_training_v1.0.json").write_text(json.dumps([entry(v) for v in train]))
+        (base / "vatex_validation_v1.0.json").write_text(json.dumps([entry(v) for v in val]))
+        for i, v in enumerate(train + val):
+            video(f"{v}.mp4", i)  # the clips, already cut
+        return {**made, "splits": {"train": 2, "test": 1}}
+    if dataset == "lsmdc":
+        clips = {"LSMDC16_annos_training.csv": ["0001_Movie_A_00.00.01.000-00.00.02.000",
+                                                "0001_Movie_A_00.00.03.000-00.00.04.000"],
+                 "LSMDC16_annos_val.csv": ["0002_Movie_B_00.00.05.000-00.00.06.000"],
+                 "LSMDC16_challenge_1000_publictect.csv": ["0003_Movie_C_00.00.07.000-00.00.08.000"]}
+        for name, ids in clips.items():
+            (base / name).write_text("".join("\t".join([c, "0", "1", "0", "1", f"SOMEONE does {c[-6:]}."]) + "\n"
+                                             for c in ids))
+        for i, c in enumerate(c for ids in clips.values() for c in ids):
+            video(f"{c.rsplit('_', 1)[0]}/{c}.avi", i)
+        return {**made, "splits": {"train": 2, "val": 1, "test": 1}}
+    if dataset == "didemo":
+        def item(v: str, desc: str) -> dict:
+            return {"video": v, "description": desc, "times": [[0, 1]], "annotation_id": 1}
+        data = {"train": [item("1@N0_1_a.mov", "a dog runs"), item("1@N0_1_a.mov", "it stops"),
+                          item("2@N0_2_b.mp4", "a car")],
+                "val": [item("3@N0_3_c.m4v", "people talk")], "test": [item("4@N0_4_d.avi", "rain falls")]}
+        for split, items in data.items():
+            (base / f"{split}_data.json").write_text(json.dumps(items))
+        for i, name in enumerate(["1@N0_1_a.mp4", "2@N0_2_b.mp4", "3@N0_3_c.mp4", "4@N0_4_d.avi"]):
+            video(name, i)
+        return {**made, "splits": {"train": 2, "val": 1, "test": 1}}
+    if dataset == "activitynet":
+        def clips(*ids: str) -> dict:
+            return {v: {"duration": 2.0, "timestamps": [[0, 1], [1, 2]], "sentences": ["A thing.", "Another."]}
+                    for v in ids}
+        (base / "train.json").write_text(json.dumps(clips("v_aaaaaaaaaaa", "v_bbbbbbbbbbb")))
+        (base / "val_1.json").write_text(json.dumps(clips("v_ccccccccccc")))
+        for i, v in enumerate(["v_aaaaaaaaaaa", "v_bbbbbbbbbbb", "v_ccccccccccc"]):
+            video(f"{v}.mp4", i)
+        return {**made, "splits": {"train": 2, "test": 1}}
+    raise ValueError(f"no data layout for {dataset!r}")

@@ -11,33 +11,63 @@ from manifests import Manifest, build_manifest, get_dataset
 from workflows.workdir import WorkDir
 
 SYNTH_CONFIG = "synth-vit-b32-tiny"
+DEFAULT_DATA_ROOT = "data"
+# the method's two frozen encoders (CrossTVR Base and Large), extracted in one decoding pass
+REAL_ENCODERS = ("clip-b32", "eva-g14")
+
+
+def data_dirs(dataset: str, data_root: str | Path | None = None, annotations: str | None = None,
+              videos: str | None = None) -> tuple[Path, Path]:
+    """Where ``dataset``'s annotation files and videos are: the given directories, else
+    ``<data_root>/<dataset>/`` and ``<data_root>/<dataset>/videos/`` (docs/DATASETS.md). A missing
+    directory, or a default layout lacking every annotation file it should hold, is a
+    ``UsageError`` naming what is missing."""
+    spec = get_dataset(dataset)
+    base = Path(data_root or DEFAULT_DATA_ROOT) / dataset
+    ann = Path(annotations) if annotations else base
+    vid = Path(videos) if videos else (base / "videos" if annotations is None else ann)
+    if not ann.is_dir():
+        raise UsageError(f"{ann}: no annotation directory for {dataset!r} (give --annotations, or put "
+                         f"{', '.join(spec.files) or 'its annotation files'} there; docs/DATASETS.md)")
+    if annotations is None and spec.files and not any((ann / f).is_file() for f in spec.files):
+        raise UsageError(f"{ann}: none of {dataset!r}'s annotation files is there (expected "
+                         f"{', '.join(spec.files)}; docs/DATASETS.md)")
+    if not vid.is_dir():
+        raise UsageError(f"{vid}: no video directory for {dataset!r} (give --videos, or put the videos "
+                         f"there; docs/DATASETS.md)")
+    return ann, vid
 
 
 def make_manifest(work: WorkDir, dataset: str, annotations: str | None = None, videos: str | None = None,
-                  options: dict | None = None) -> Manifest:
+                  options: dict | None = None, data_root: str | Path | None = None) -> Manifest:
     """Build ``dataset``'s manifest under the work dir: the synthetic benchmark from its generator
-    (``options``: sizes, seed), a real dataset from its official annotation files."""
+    (``options``: sizes, seed), a real dataset from its official annotation files (``annotations``
+    / ``videos``, or the layout under ``data_root``)."""
     get_dataset(dataset)  # clear error for an unknown name
     kwargs = dict(options or {})
     if dataset == "synthetic":
         kwargs.setdefault("out_dir", work.synthetic_dir)
     else:
-        if annotations is None:
-            raise UsageError(f"dataset {dataset!r} needs --annotations DIR (the official annotation files)")
-        kwargs["annotations_dir"] = annotations
-        kwargs["video_dir"] = videos if videos is not None else annotations
+        ann, vid = data_dirs(dataset, data_root, annotations, videos)
+        kwargs["annotations_dir"], kwargs["video_dir"] = str(ann), str(vid)
         kwargs["out_dir"] = work.manifest_dir(dataset)
     return build_manifest(dataset, **kwargs)
 
 
+def missing_videos(manifest: Manifest) -> int:
+    """How many of the manifest's videos were not found on disk when it was built."""
+    return int(manifest.source.get("missing_videos", 0) or 0)
+
+
 def load_manifest(work: WorkDir, dataset: str | None, manifest: str | None, annotations: str | None = None,
-                  videos: str | None = None, options: dict | None = None) -> Manifest:
+                  videos: str | None = None, options: dict | None = None,
+                  data_root: str | Path | None = None) -> Manifest:
     """An existing manifest directory, or ``dataset``'s manifest built now."""
     if manifest:
         return Manifest.read(manifest)
     if dataset is None:
         raise UsageError("give --dataset NAME or --manifest DIR")
-    return make_manifest(work, dataset, annotations, videos, options)
+    return make_manifest(work, dataset, annotations, videos, options, data_root)
 
 
 def synthetic_encoder(work: WorkDir, manifest: Manifest, options: dict | None = None) -> str:
@@ -50,16 +80,47 @@ def synthetic_encoder(work: WorkDir, manifest: Manifest, options: dict | None = 
 
 def default_encoders(work: WorkDir, manifest: Manifest, encoders: Sequence[str] = ()) -> list[str]:
     """The encoders to extract with: those given, else the synthetic world's own for the synthetic
-    benchmark, else CLIP ViT-B/32."""
+    benchmark, else the method's two (CLIP ViT-B/32 and EVA-CLIP ViT-g/14) in one decoding pass."""
     if encoders:
         return list(encoders)
     if manifest.dataset == "synthetic":
         return [synthetic_encoder(work, manifest)]
-    return ["clip-b32"]
+    return list(REAL_ENCODERS)
+
+
+def extract_config(manifest: Manifest, options: dict) -> Any:
+    """The extraction config of ``options`` (unset ones: None), the sampling defaulting to the papers'
+    choice for the dataset (12 frames and 32 text tokens; 64 and 64 for paragraph-to-video ones)."""
+    from manifests import DATASETS
+    from pipeline.config import ExtractConfig
+
+    spec = DATASETS.get(manifest.dataset)
+    given = {k: v for k, v in options.items() if v is not None}
+    if spec is not None:
+        given.setdefault("num_frames", spec.frames)
+        given.setdefault("max_text_tokens", spec.text_tokens)
+    return ExtractConfig(**given)
+
+
+def failure_budget(text: str | None, videos: int) -> int:
+    """How many failed videos a store may hold and the extraction still count as a success:
+    ``N`` (a count), ``P%`` (a share of the videos) or ``0.F`` (a fraction); default 0."""
+    if not text:
+        return 0
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            return int(float(t[:-1]) / 100.0 * videos)
+        value = float(t)
+    except ValueError:
+        raise UsageError(f"--max-failed: expected a count (5), a percentage (1%) or a fraction (0.01), got {text!r}") from None
+    if value < 0:
+        raise UsageError(f"--max-failed must be >= 0, got {text!r}")
+    return int(value * videos) if 0 < value < 1 else int(value)
 
 
 def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], stores: Sequence[str] = (),
-                   device: str = "cpu", **options: Any) -> tuple[Any, list[str]]:
+                   config: Any = None, device: str = "cpu", **options: Any) -> tuple[Any, list[str]]:
     """Extract ``manifest`` with every encoder (decoded once) into one store each: ``stores``, or
     ``<work>/stores/<dataset>-<encoder>.zarr``. Returns (``ExtractReport``, store paths)."""
     from pipeline.encoders import parse_encoder
@@ -69,8 +130,23 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
     if stores and len(stores) != len(specs):
         raise UsageError(f"got {len(stores)} --store for {len(specs)} --encoder; give one per encoder or none")
     paths = list(stores) if stores else [str(work.store_path(manifest.dataset, s.short_name())) for s in specs]
-    report = extract(manifest, specs, paths, device=device, **options)
+    report = extract(manifest, specs, paths, config, device=device, **options)
     return report, paths
+
+
+def check_extraction(report: Any, max_failed: str | None = None) -> None:
+    """Refuse (``ExtractionError``) an extraction whose stores hold more failed videos than
+    ``max_failed`` allows (``failure_budget``), naming where the failure lists are."""
+    from core.errors import ExtractionError
+
+    allowed = failure_budget(max_failed, report.videos)
+    bad = {p: t for p, t in report.totals.items() if t["failed"] > allowed}
+    if bad:
+        lists = ", ".join(t["failure_list"] or p for p, t in bad.items())
+        worst = max(t["failed"] for t in bad.values())
+        raise ExtractionError(f"{worst} of {report.videos} videos failed (tolerated: {allowed}); reasons in "
+                              f"{lists}. Fix or replace those files and run again with --retry-failed, or "
+                              f"tolerate them with --max-failed")
 
 
 def probe_synthetic_encoders(work: WorkDir, manifest: Manifest, encoders: Sequence[str], steps: int,

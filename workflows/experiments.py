@@ -12,6 +12,7 @@ from core.errors import RunMismatchError, UsageError
 from core.fileio import write_text
 from core.metrics import metrics_to_json, write_report
 from core.options import parse_key_values
+from core.split import check_complete
 from heads.evaluation.similarity import evaluate, untrained_baseline
 from heads.evaluation.sources import stage_one_scores
 from heads.registry import list_heads, supports
@@ -42,13 +43,14 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     echo(f"      {report.summary()}  ({time.time() - t0:.0f}s)")
     echo("[4/6] stage-one training")
     test = work.stage(store, "test")
+    coverage = check_complete(test)
     results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test)}
     for head in DEMO_STAGE_ONE:
         ckpt = train_stage_one_run(work, store, StageOneTrainConfig(head=head, seed=seed, device=device))
         trained = load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity)
         results[f"{head} (trained)"] = evaluate(trained.head, test)
     echo(f"      ({time.time() - t0:.0f}s)")
-    json_path, table = write_report(results, work.reports_dir("demo"))
+    json_path, table = write_report(results, work.reports_dir("demo"), split=coverage)
     echo(table)
     echo(f"report: {json_path}")
     echo("[5/6] stage-two training (CrossTVR head on the cached tokens: contrastive pre-training, then ITM "
@@ -81,8 +83,8 @@ def per_head_options(pairs: Sequence[str], heads: Sequence[str]) -> dict[str, di
 
 
 def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_options: Sequence[str],
-                      config: StageOneTrainConfig, out: str | Path | None = None, echo: Echo = print
-                      ) -> tuple[Path, str]:
+                      config: StageOneTrainConfig, out: str | Path | None = None, echo: Echo = print,
+                      allow_incomplete: bool = False) -> tuple[Path, str]:
     """Train each stage-one head (selection on val), evaluate all on test next to the untrained meanP
     baseline; ``head_options``: ``HEAD:key=value`` pairs. Writes ``compare-stage-one.{json,txt}`` and
     ``compare-stage-one.runs.json``."""
@@ -96,6 +98,7 @@ def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_o
     if val is None:
         echo("no val split in the store: each head keeps its last epoch")
     test = work.stage(store, "test")
+    coverage = check_complete(test, allow_incomplete)
     results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test,
                                              device=config.device)}
     runs: dict[str, dict] = {}
@@ -111,7 +114,7 @@ def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_o
                       "val_rsum": loaded.history.get("best_score"), "config": loaded.config,
                       "parameters": loaded.head.num_parameters(), "train_seconds": round(seconds, 1)}
         echo(f"      best epoch {runs[name]['best_epoch']}, {seconds:.0f}s")
-    json_path, table = write_report(results, out_dir, name="compare-stage-one")
+    json_path, table = write_report(results, out_dir, name="compare-stage-one", split=coverage)
     meta = {"store": store, "store_fingerprint": train.store_fingerprint, "test_split": test.split,
             "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
             "device": config.device, "threads": config.num_threads, "heads": runs}
@@ -138,7 +141,7 @@ def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[s
 
 def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,
              stage_one: str | None = None, k: int = DEMO_K, out: str | Path | None = None,
-             demo_defaults: bool = False, echo: Echo = print) -> tuple[Path, str]:
+             demo_defaults: bool = False, echo: Echo = print, allow_incomplete: bool = False) -> tuple[Path, str]:
     """Stage-two ablation: each variant (``ABLATION_VARIANTS``) trained on train (epoch selected on
     val only) re-ranks the test split's stage-one top ``k``; one table of all of them.
 
@@ -154,6 +157,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
     stage_one = stage_one or str(best_stage_one(work))
     out_dir = Path(out) if out else work.root / "ablation"
     test = work.stage(store, "test", STAGE_TWO_ARRAYS)
+    coverage = check_complete(test, allow_incomplete)
     s1 = stage_one_scores(stage_one, test, device=config.device)
     echo(f"stage one: {stage_one}")
     results: dict[str, dict] = {}
@@ -172,7 +176,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
         ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
         train_s = time.time() - t0
         _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", k=k, out=out_dir / name,
-                                 device=config.device, sim=s1.sim)
+                                 device=config.device, sim=s1.sim, allow_incomplete=allow_incomplete)
         m = res.metrics()
         stage_one_metrics = m["stage one"]
         results[label] = m["re-ranked"]
@@ -181,7 +185,8 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
                       "rerank_seconds": round(res.seconds["total"], 1), "pairs_scored": res.num_pairs}
         echo(f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one "
              f"{m['stage one']['t2v']['R@1']:.1f}), {train_s:.0f}s training, {res.seconds['total']:.0f}s re-ranking")
-    json_path, table = write_report(ablation_table(stage_one_metrics, results, k), out_dir, name="ablation")
+    json_path, table = write_report(ablation_table(stage_one_metrics, results, k), out_dir, name="ablation",
+                                    split=coverage)
     meta = {"store": store, "stage_one": s1.info, "split": "test", "k": k, "seed": config.seed,
             "device": config.device, "variants": runs}
     write_text(out_dir / "ablation.runs.json", metrics_to_json(meta) + "\n")

@@ -15,6 +15,7 @@ import torch
 from core.errors import UsageError
 from core.fileio import write_json
 from core.metrics import retrieval_metrics, write_report
+from core.split import check_complete
 from heads.evaluation.external import import_stage_one, split_ids_from_store
 from heads.evaluation.postprocess import (DEFAULT_DSL_TEMPERATURE, check_querybank_split, dual_softmax_metrics,
                                           qb_norm_metrics)
@@ -77,10 +78,12 @@ def best_stage_one(work: WorkDir) -> Path:
 def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: str = "test",
                        out: str | Path | None = None, dsl: bool = False, dsl_temperature: float | None = None,
                        qb_norm: bool = False, qb_bank: str = "val", qb_k: int = 1, qb_beta: float = 20.0,
-                       device: str = "cpu") -> tuple[Path, str]:
+                       device: str = "cpu", allow_incomplete: bool = False) -> tuple[Path, str]:
     """T2V / V2T metrics of a stage one (checkpoint, external import, or ``None`` for the untrained
-    meanP baseline) on ``split``, optionally with DSL and QB-Norm; returns (JSON report, table)."""
+    meanP baseline) on ``split``, optionally with DSL and QB-Norm; returns (JSON report, table).
+    Refuses a split with videos missing from the store unless ``allow_incomplete``."""
     data = work.stage(store, split)
+    coverage = check_complete(data, allow_incomplete)
     s1 = stage_one_scores(stage_one, data, device=device)
     cv = data.caption_video
     results = {s1.name: retrieval_metrics(s1.sim, cv)}
@@ -98,13 +101,13 @@ def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: 
         text_bank, video_bank = querybanks(s1.head, data, work.stage(store, qb_bank))
         results[f"{s1.name} +QB-Norm({qb_bank}, k={qb_k}, beta={qb_beta:g})"] = qb_norm_metrics(
             s1.sim, cv, text_bank, video_bank, k=qb_k, beta=qb_beta)
-    return write_report(results, Path(out) if out else work.reports_dir(split))
+    return write_report(results, Path(out) if out else work.reports_dir(split), split=coverage)
 
 
 def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: str | Path, split: str = "test",
                  k: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
                  out: str | Path | None = None, device: str = "cpu", batch_size: int = 64, sim: Any = None,
-                 progress: bool = True) -> tuple[dict[str, Path], str, RerankResult]:
+                 progress: bool = True, allow_incomplete: bool = False) -> tuple[dict[str, Path], str, RerankResult]:
     """Stage ``split`` with tokens, re-rank every query's stage-one top ``k`` with the head and write
     the outputs (default ``<work>/reports/rerank-<split>``); returns (paths, table, result).
 
@@ -112,6 +115,7 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
     one). Encoder identities are checked: ``StoreMismatchError`` names the differences.
     """
     data = work.stage(store, split, STAGE_TWO_ARRAYS)
+    coverage = check_complete(data, allow_incomplete)
     head, head_info = load_head(head_ckpt, data)
     s1_info: dict = {"path": str(stage_one)}
     if sim is None:
@@ -123,12 +127,12 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
     meta = {"store": str(store), "store_fingerprint": data.store_fingerprint, "stage_one": s1_info,
             "head": head_info, "device": device, "batch_size": batch_size}
     title = f"{split}: stage one vs re-ranked top {k}" + (" (DSL)" if dsl else "")
-    paths, table = write_outputs(res, data, out_dir, meta=meta, title=title)
+    paths, table = write_outputs(res, data, out_dir, meta=meta, title=title, coverage=coverage)
     return paths, table, res
 
 
-def import_external(work: WorkDir, store: str, split: str, out: str | Path | None = None, **files: Any
-                    ) -> tuple[Any, Any, str]:
+def import_external(work: WorkDir, store: str, split: str, out: str | Path | None = None,
+                    allow_incomplete: bool = False, **files: Any) -> tuple[Any, Any, str]:
     """Import an external stage one (``files``: ``video_emb`` + ``text_emb``, or ``similarity``;
     ``normalize``, ``name``) checked against ``split`` of ``store``; writes the import and its
     metrics report (default ``<work>/external/<split>``). Returns (import, split ids, table)."""
@@ -138,7 +142,8 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
         raise UsageError("give either embeddings (--video-emb/--text-emb) or --similarity, not both")
     out_dir = Path(out) if out else work.root / "external" / split
     ids = split_ids_from_store(CacheStore.open(store), split)
+    coverage = check_complete(ids, allow_incomplete)
     ext = import_stage_one(ids, out_dir, **files)
     results = {f"external {ext.name}": retrieval_metrics(ext.similarity(), ids.caption_video)}
-    _, table = write_report(results, out_dir, name="report")
+    _, table = write_report(results, out_dir, name="report", split=coverage)
     return ext, ids, table

@@ -88,6 +88,7 @@ class SplitIds:
     known_video_ids: frozenset = frozenset()
     known_caption_ids: frozenset = frozenset()
     caption_video: np.ndarray | None = None  # (C,) row of each caption's video in video_ids
+    coverage: dict = field(default_factory=dict)  # pipeline.store.CacheStore.split_coverage
 
 
 def split_ids_from_store(store: Any, split: str) -> SplitIds:
@@ -97,7 +98,8 @@ def split_ids_from_store(store: Any, split: str) -> SplitIds:
     vids, cids = store.video_ids, store.caption_ids
     return SplitIds(split=split, video_ids=[vids[r] for r in rows], caption_ids=[cids[c] for c in crows],
                     store_fingerprint=store.fingerprint, encoder_identity=dict(store.encoder_identity),
-                    known_video_ids=frozenset(vids), known_caption_ids=frozenset(cids), caption_video=caption_video)
+                    known_video_ids=frozenset(vids), known_caption_ids=frozenset(cids), caption_video=caption_video,
+                    coverage=store.split_coverage(split))
 
 
 # --------------------------------------------------------------------------- validation

@@ -44,8 +44,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from core.fileio import write_json, write_text
-from core.metrics import (DEFAULT_KS, check_finite, format_table, metrics_to_json, ranks_to_metrics, t2v_ranks,
-                          v2t_ranks)
+from core.metrics import (DEFAULT_KS, check_finite, format_table, metrics_to_json, ranks_to_metrics, split_title,
+                          t2v_ranks, v2t_ranks)
 from core.split import Split
 from heads.evaluation.postprocess import dual_softmax
 
@@ -311,8 +311,10 @@ def ranked_table(res: RerankResult, split: Split, direction: str):
 
 
 def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Mapping | None = None,
-                  title: str | None = None) -> tuple[dict[str, Path], str]:
+                  title: str | None = None, coverage: Mapping | None = None) -> tuple[dict[str, Path], str]:
     """Write the ranked lists (Parquet), ``metrics.json``, ``metrics.txt`` and ``run.json``.
+    ``coverage`` (``core.split.check_complete``'s entry) goes into ``metrics.json`` as ``"split"``
+    and heads the table.
 
     Returns ``({"t2v": path, "v2t": path, "metrics": path, "table": path, "run": path}, table)``.
     """
@@ -328,11 +330,11 @@ def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Ma
         paths[d] = out / f"ranked_{d}.parquet"
         pq.write_table(ranked_table(res, split, d), paths[d])
     metrics = res.metrics()
-    table = format_table(res.side_by_side(metrics))
+    table = split_title(coverage) + format_table(res.side_by_side(metrics))
     if title:
         table = f"{title}\n{table}"
     paths["metrics"] = out / "metrics.json"
-    write_text(paths["metrics"], metrics_to_json(metrics) + "\n")
+    write_text(paths["metrics"], metrics_to_json({**metrics, "split": dict(coverage)} if coverage else metrics) + "\n")
     paths["table"] = out / "metrics.txt"
     write_text(paths["table"], table + "\n")
     run = {"split": str(split.split), "k": res.k, "dsl": res.dsl, "num_captions": int(res.sim.shape[0]),

@@ -1,0 +1,28 @@
+"""The extraction config: every option of an extraction job, as data (torch-free, so the command
+line builds its options from it without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, **({"flag": flag} if flag else {})})
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of an extraction, as data (``help``: the command line's option help)."""
+
+    num_frames: int = _opt(12, "Frames per video (uniformly; the most with --fps).", "--frames")
+    sample_fps: float | None = _opt(None, "Sample this many frames per second instead, up to --frames.", "--fps")
+    shard_size: int = _opt(64, "Videos per shard (the unit of work).")
+    workers: int = _opt(2, "Decoder worker processes.")
+    timeout: float = _opt(60.0, "Seconds before a video's decoding is abandoned.")
+    max_text_tokens: int = _opt(32, "Text tokens kept per caption.")
+    batch_size: int = _opt(96, "Frames per encoder forward pass.")
+    text_batch_size: int = _opt(256, "Captions per text-encoder forward pass.")
+    text_shard_size: int = _opt(1024, "Captions per text shard.")
+    compressor: str | None = _opt(None, "Compression of the token arrays: zstd or blosc-zstd (default: none).")
+    retry_failed: bool = _opt(False, "Decode the shards holding failed videos again (after fixing the files).")
