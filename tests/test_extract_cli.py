@@ -117,3 +117,44 @@ def test_metrics_on_an_incomplete_split_are_refused_or_labelled(broken: dict, tm
     whole = run_cli(["eval", "--store", broken["store"], "--work-dir", broken["work"], "--split", "train",
                      "--out", tmp_path / "t"])
     assert whole.startswith("train split, 2/2 videos, 2/2 captions")
+
+
+def test_rerank_refuses_an_incomplete_split_before_any_work(broken: dict, tmp_path: Path) -> None:
+    invoke(extract_args(broken))
+    fake = tmp_path / "not-used.pt"
+    fake.write_bytes(b"")
+    result = invoke(["rerank", "--store", broken["store"], "--stage-one", fake, "--head", fake,
+                     "--work-dir", broken["work"]])
+    assert result.exit_code == 1 and "test: 2 of 3 videos" in result.output and "--allow-incomplete" in result.output
+
+
+def test_make_manifest_counts_missing_videos_and_fps_sampling_is_recorded(tmp_path: Path) -> None:
+    make_data_root(tmp_path / "data", "msvd")
+    (tmp_path / "data" / "msvd" / "videos" / "ccc_0_4.avi").unlink()
+    out = run_cli(["make-manifest", "--dataset", "msvd", "--data-root", tmp_path / "data", "--work-dir", tmp_path])
+    assert "1 of 5 listed videos are missing on disk" in out
+    result = invoke(["extract", "--dataset", "msvd", "--data-root", tmp_path / "data", "--work-dir", tmp_path,
+                     "--encoder", "test-vit-micro", "--workers", "1", "--fps", "4", "--max-failed", "1"])
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "stores").glob("msvd-*.zarr")
+    store = CacheStore.open(path)
+    assert store.attrs["sampling"] == {"num_frames": 12, "strategy": "uniform-midpoint@4fps"}
+    assert store.failures()["ccc_0_4"].startswith("missing: ")
+    # 16 frames at 8 fps = 2 s: 8 frames at 4 per second, the other 4 slots padding
+    assert store.array("videos/frame_mask")[...].sum(axis=1).tolist() == [8, 8, 0, 8, 8]
+
+
+def test_real_datasets_default_to_both_encoders_of_the_method(tmp_path: Path) -> None:
+    from workflows.data import default_encoders, extract_config
+    from workflows.workdir import WorkDir
+
+    make_data_root(tmp_path / "data", "didemo")
+    m = run_and_read_manifest(tmp_path, "didemo")
+    assert default_encoders(WorkDir(tmp_path), m) == ["clip-b32", "eva-g14"]
+    cfg = extract_config(m, {"num_frames": None, "workers": 1})
+    assert (cfg.num_frames, cfg.max_text_tokens, cfg.workers) == (64, 64, 1)
+
+
+def run_and_read_manifest(tmp_path: Path, dataset: str) -> Manifest:
+    run_cli(["make-manifest", "--dataset", dataset, "--data-root", tmp_path / "data", "--work-dir", tmp_path])
+    return Manifest.read(tmp_path / dataset / "manifest")
