@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{a.queries} captions x {a.text_len} x {a.text_width}; written in {time.perf_counter() - t0:.1f}s")
         torch.manual_seed(0)
         head = create_head(a.head, a.width, a.text_width, stage=2, **cfg).eval()
-        head.standardizer.fit(split)
+        head.fit_standardizer(split)
         print(f"head: {a.head} {json.dumps(head.config())} ({head.num_parameters():,} parameters), "
               f"torch threads {torch.get_num_threads()}, batch {a.batch_size} pairs, K={a.k}")
 

@@ -174,17 +174,17 @@ class QFormerLayer(nn.Module):
     """One Q-Former layer: self-attn over [queries; text], cross-attn to visual tokens, FFNs."""
 
     def __init__(self, width: int, heads: int, kv_dim: int, cross: bool = True, text_cross: bool = True,
-                 ff_mult: float = 4.0, dropout: float = 0.0, prenorm: bool = False) -> None:
+                 ff_mult: float = 4.0, dropout: float = 0.0, prenorm: bool = False, eps: float = 1e-5) -> None:
         super().__init__()
         self.prenorm, self.text_cross = bool(prenorm), bool(text_cross)
         self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.norm_self = nn.LayerNorm(width)
+        self.norm_self = nn.LayerNorm(width, eps=eps)
         self.cross_attn = CrossAttention(width, heads, kv_dim, dropout) if cross else None
-        self.norm_cross = nn.LayerNorm(width) if cross else None
+        self.norm_cross = nn.LayerNorm(width, eps=eps) if cross else None
         self.ffn_query = FeedForward(width, ff_mult, dropout)
-        self.norm_ffn_query = nn.LayerNorm(width)
+        self.norm_ffn_query = nn.LayerNorm(width, eps=eps)
         self.ffn_text = FeedForward(width, ff_mult, dropout)
-        self.norm_ffn_text = nn.LayerNorm(width)
+        self.norm_ffn_text = nn.LayerNorm(width, eps=eps)
         self.drop = nn.Dropout(dropout)
 
     def _res(self, x: torch.Tensor, norm: nn.LayerNorm, fn: Any) -> torch.Tensor:
@@ -233,17 +233,36 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """A stack of ``QFormerLayer`` (cross attention in layers ``i % cross_every == 0``)."""
+    """A stack of ``QFormerLayer`` (cross attention in layers ``i % cross_every == 0``).
+
+    ``embed_norm=True`` applies one LayerNorm to the stack's inputs, queries and text alike (it
+    acts per position, so this equals BLIP-2's LayerNorm over the concatenated ``[queries; text]``
+    embeddings). ``checkpointing = True`` (an attribute, set by the trainer) recomputes each
+    layer's activations in the backward pass instead of keeping them (training only).
+    """
 
     def __init__(self, layers: int, width: int, heads: int, kv_dim: int, cross_every: int = 1,
                  text_cross: bool = True, ff_mult: float = 4.0, dropout: float = 0.0,
-                 prenorm: bool = False) -> None:
+                 prenorm: bool = False, eps: float = 1e-5, embed_norm: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             QFormerLayer(width, heads, kv_dim, cross=(i % cross_every == 0), text_cross=text_cross,
-                         ff_mult=ff_mult, dropout=dropout, prenorm=prenorm)
+                         ff_mult=ff_mult, dropout=dropout, prenorm=prenorm, eps=eps)
             for i in range(layers))
-        self.final_norm = nn.LayerNorm(width) if prenorm else nn.Identity()
+        self.final_norm = nn.LayerNorm(width, eps=eps) if prenorm else nn.Identity()
+        self.embed_norm = nn.LayerNorm(width, eps=eps) if embed_norm else None
+        self.embed_drop = nn.Dropout(dropout)
+        self.checkpointing = False
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.embed_norm is None else self.embed_drop(self.embed_norm(x))
+
+    def _run(self, layer: nn.Module, *args: Any, **kw: Any) -> Any:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, *args, use_reentrant=False, **kw)
+        return layer(*args, **kw)
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
                 visual: torch.Tensor, visual_valid: torch.Tensor | None,
@@ -252,9 +271,10 @@ class QFormer(nn.Module):
         """Run the stack; ``expand`` and ``need_text`` as in ``QFormerLayer.forward`` (the first
         layer expands, the last one skips the text rows when ``need_text`` is False)."""
         last = len(self.layers) - 1
+        queries, text = self._embed(queries), self._embed(text)
         for i, layer in enumerate(self.layers):
-            queries, text = layer(queries, text, text_valid, visual, visual_valid, visual_index,
-                                  expand=expand if i == 0 else 1, need_text=need_text or i < last)
+            queries, text = self._run(layer, queries, text, text_valid, visual, visual_valid, visual_index,
+                                      expand=expand if i == 0 else 1, need_text=need_text or i < last)
             if i == 0 and expand > 1:
                 text_valid = text_valid.repeat_interleave(expand, dim=0)
         return self.final_norm(queries), None if text is None else self.final_norm(text)
@@ -263,6 +283,7 @@ class QFormer(nn.Module):
         """Text alone through the stack (self-attention and the text feed-forward, no queries and no
         cross attention): BLIP-2's unimodal text encoding for its contrastive (ITC) objective."""
         pad = ~text_valid
+        text = self._embed(text)
         for layer in self.layers:
             text = layer._res(text, layer.norm_self,
                               lambda h: layer.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.split import Split
 from heads.base import Head
 from heads.stage_two.layers import (CrossAttention, FeedForward, QFormer, TokenStandardizer, masked_mean,
                                     pick_frames, safe_valid, standardised_linear, straight_through_topk)
@@ -96,6 +97,21 @@ class CrossTVRConfig:
     token_pos: bool = False  # a learned embedding per token position
     max_tokens: int = 257
     itc_dim: int = 0  # width of the contrastive projection (0: none)
+    # options for a head with BLIP-2's Q-Former layout (docs/METHOD.md, "Initialising from BLIP-2")
+    ln_eps: float = 1e-5  # LayerNorm epsilon (BERT / BLIP-2: 1e-12)
+    embed_norm: bool = False  # a LayerNorm over the stack's inputs [queries; text]
+    text_input: str = "tokens"  # tokens: the store's text tokens, projected; ids: caption token ids
+    vocab_size: int = 0  # word embeddings of a text_input="ids" head
+    max_positions: int = 512  # position embeddings of a text_input="ids" head
+    standardize: bool = True  # standardise the frozen tokens per dimension first
+    itc_text_pool: str = "mean"  # mean: masked mean of the text outputs; cls: the first token's
+
+
+# options added after heads were first saved, with the value a head saved without them was built with:
+# left out of a saved config at that value, so earlier configs and today's default heads look alike
+LATER_OPTIONS = {"ln_eps": 1e-5, "embed_norm": False, "text_input": "tokens", "vocab_size": 0,
+                 "max_positions": 512, "standardize": True, "itc_text_pool": "mean"}
+TEXT_INPUTS = ("tokens", "ids")
 
 
 @dataclass
@@ -123,16 +139,38 @@ class StageTwoHead(Head):
         self.cfg = self.Config(**options)
         visual_proj = bool(getattr(self.cfg, "visual_proj", True))
         width = int(self.cfg.width)
+        self.text_input = str(getattr(self.cfg, "text_input", "tokens"))
+        if self.text_input not in TEXT_INPUTS:
+            raise ValueError(f"text_input must be one of {TEXT_INPUTS}, got {self.text_input!r}")
+        self.standardize = bool(getattr(self.cfg, "standardize", True))
         self.token_dim, self.text_dim, self.width = int(token_dim), int(text_dim), width
         self.standardizer = TokenStandardizer(token_dim, text_dim)
         self.visual_proj: nn.Module = nn.Linear(token_dim, width) if visual_proj else nn.Identity()
-        self.text_proj = nn.Linear(text_dim, width)
+        if self.text_input == "ids":
+            # BLIP-2's Q-Former reads caption token ids through its own BERT embeddings
+            vocab, positions = int(self.cfg.vocab_size), int(self.cfg.max_positions)
+            if vocab < 1:
+                raise ValueError("text_input='ids' needs vocab_size >= 1 (the tokenizer's vocabulary)")
+            self.word_embeddings = nn.Embedding(vocab, width)
+            self.position_embeddings = nn.Embedding(positions, width)
+        else:
+            self.text_proj = nn.Linear(text_dim, width)
         self.fc = nn.Linear(width, 2)
+
+    def fit_standardizer(self, split: Split, seed: int = 0) -> None:
+        """Fit the input standardisation on ``split`` (a head built with ``standardize=False``, such
+        as one initialised from BLIP-2, reads the tokens as they are and fits nothing)."""
+        if self.standardize:
+            self.standardizer.fit(split, seed=seed)
 
     def visual(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised, projected visual tokens (B, T, N, W) (padding frames -> 0 before the
         projection) and the bool mask."""
         fm = frame_mask.bool()
+        if not self.standardize:
+            vis = self.visual_proj(tokens.float())
+            fill = self.visual_proj.bias if isinstance(self.visual_proj, nn.Linear) else torch.zeros((), device=vis.device)
+            return torch.where(fm[:, :, None, None], vis, fill), fm
         if isinstance(self.visual_proj, nn.Linear):
             std = self.standardizer
             vis = standardised_linear(tokens, self.visual_proj, std.visual_mean, std.visual_std)
@@ -143,9 +181,22 @@ class StageTwoHead(Head):
 
     def _text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised, projected text tokens (B, L, W) (padding -> 0 before the projection) and
-        the usable-token mask."""
+        the usable-token mask; for a ``text_input="ids"`` head, ``text_tokens`` are token ids (B, L)
+        and the result is their word + position embeddings."""
         tm = text_mask.bool()
+        if self.text_input == "ids":
+            ids = text_tokens.long()
+            if ids.dim() != 2:
+                raise ValueError(f"this head reads caption token ids (C, L), got text of shape {tuple(ids.shape)}")
+            if ids.shape[1] > self.position_embeddings.num_embeddings:
+                raise ValueError(f"{ids.shape[1]} text positions > max_positions "
+                                 f"{self.position_embeddings.num_embeddings} of this head")
+            pos = torch.arange(ids.shape[1], device=ids.device)
+            return self.word_embeddings(ids) + self.position_embeddings(pos), safe_valid(tm)
         std = self.standardizer
+        if not self.standardize:
+            txt = self.text_proj(text_tokens.float())
+            return torch.where(tm[:, :, None], txt, self.text_proj.bias), safe_valid(tm)
         txt = standardised_linear(text_tokens, self.text_proj, std.text_mean, std.text_std)
         return torch.where(tm[:, :, None], txt, self.text_proj.bias), safe_valid(tm)
 
@@ -217,16 +268,18 @@ class CrossTVR(StageTwoHead):
         self.num_selected, self.keep_cls = int(c.num_selected), bool(c.keep_cls)
         self.spatial_frames = None if c.spatial_frames is None else int(c.spatial_frames)
         kv_dim = width if visual_proj else token_dim
+        if c.itc_text_pool not in ("mean", "cls"):
+            raise ValueError(f"itc_text_pool must be 'mean' or 'cls', got {c.itc_text_pool!r}")
         stack = dict(layers=layers, width=width, heads=heads, kv_dim=kv_dim, cross_every=int(c.cross_every),
                      text_cross=bool(c.text_cross), ff_mult=float(c.ff_mult), dropout=float(c.dropout),
-                     prenorm=bool(c.prenorm))
+                     prenorm=bool(c.prenorm), eps=float(c.ln_eps), embed_norm=bool(c.embed_norm))
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
         self.token_pos = nn.Parameter(torch.randn(max_tokens, kv_dim) * 0.02) if token_pos else None
         self.block = QFormer(**stack)
         self.temporal_block: QFormer | None = None
         if mode != "spatial":
             self.temporal_block = self.block if shared else QFormer(**stack)
-            self.selector = nn.Sequential(nn.LayerNorm(kv_dim), nn.Linear(kv_dim, width // 2), nn.GELU(),
+            self.selector = nn.Sequential(nn.LayerNorm(kv_dim, eps=float(c.ln_eps)), nn.Linear(kv_dim, width // 2), nn.GELU(),
                                           nn.Linear(width // 2, 1))
             self.frame_pos = nn.Parameter(torch.randn(max_frames, kv_dim) * 0.02)
 
@@ -293,9 +346,13 @@ class CrossTVR(StageTwoHead):
                             torch.zeros(v, 0, dtype=torch.bool, device=ref.device))
 
     def text_features(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Masked mean (C, W) of the text tokens passed alone through the (spatial) block stack."""
+        """The text tokens passed alone through the (spatial) block stack, pooled (C, W): their masked
+        mean, or the first ([CLS]) token's output with ``itc_text_pool="cls"`` (BLIP-2's ITC)."""
         txt, tv = self._text(text_tokens, text_mask)
-        return masked_mean(self.block.forward_text(txt, tv), tv, dim=1)
+        out = self.block.forward_text(txt, tv)
+        if self.cfg.itc_text_pool == "cls":
+            return out[:, 0]
+        return masked_mean(out, tv, dim=1)
 
     def _itc_check(self) -> None:
         if not self.itc_dim:
@@ -339,6 +396,9 @@ class CrossTVR(StageTwoHead):
             del cfg["token_pos"], cfg["max_tokens"]
         if not self.itc_dim:
             del cfg["itc_dim"]
+        for key, default in LATER_OPTIONS.items():
+            if cfg.get(key) == default and type(cfg.get(key)) is type(default):
+                del cfg[key]
         return cfg
 
 

@@ -158,7 +158,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
             model = create_head(cfg.head, int(train.tokens.shape[-1]), int(train.text_tokens.shape[-1]),
                                 stage=2, **cfg.head_options())
             if state is None:
-                model.standardizer.fit(train, seed=cfg.seed)
+                model.fit_standardizer(train, seed=cfg.seed)
             model.to(cfg.device)
             optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, total,
                                                   warmup_steps(cfg.warmup, total))
