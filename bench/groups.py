@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from heads.evaluation.sources import load_head, stage_one_similarity
     from heads.stage_two.scoring import pair_scorer
+    from workflows.data import caption_texts
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
     split = WorkDir(args.work_dir).stage(args.store, args.split, STAGE_TWO_ARRAYS)
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     scores = {"stage one": cos}
     selectors: dict[str, dict] = {}
     for path in args.head:
-        head, info = load_head(path, split)
+        head, info, head_split = load_head(path, split, captions=lambda: caption_texts(None, split, args.manifest))
         head.eval()
-        flat = pair_scorer(head, split, progress=False)(np.repeat(caps, size), cand.reshape(-1))
+        flat = pair_scorer(head, head_split, progress=False)(np.repeat(caps, size), cand.reshape(-1))
         hs = flat.reshape(caps.size, size)
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
         scores[f"{name} head"] = hs

@@ -63,6 +63,9 @@ class StagedSplit:
     encoder_identity: dict = field(default_factory=dict)
     store_attrs: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)  # pipeline.store.CacheStore.split_coverage; {} = complete
+    # captions as token ids of a head's own tokenizer (heads.stage_two.tokenizer.with_caption_ids)
+    text_ids: np.ndarray | None = None
+    text_ids_mask: np.ndarray | None = None
 
 
 def require_arrays(split: Split, names: Sequence[str], purpose: str) -> None:

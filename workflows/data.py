@@ -167,3 +167,29 @@ def probe_synthetic_encoders(work: WorkDir, manifest: Manifest, encoders: Sequen
         names[label if label not in names else s] = s
     results = {label: probe_encoder(manifest, s, work.encoders_dir, steps=steps) for label, s in names.items()}
     return results, write_probes(results, out or work.root / "reports" / "probes.json")
+
+
+def caption_texts(work: WorkDir | None, split: Any, manifest: str | Path | None = None) -> list[str]:
+    """The text of ``split``'s captions in row order, from the manifest its store was built from:
+    ``manifest`` when given, else ``<work>/<dataset>/manifest``; refused (``UsageError``) when that
+    manifest is not the store's (its hash differs, also after joining captions into paragraphs, as
+    paragraph-to-video stores do) or lacks a caption."""
+    attrs = getattr(split, "store_attrs", None) or {}
+    want, dataset = attrs.get("manifest_sha256"), attrs.get("dataset")
+    directory = Path(manifest) if manifest else (work.manifest_dir(dataset) if work and dataset else None)
+    if directory is None or not (directory / "meta.json").is_file():
+        raise UsageError(f"the head reads caption text: give --manifest DIR, the manifest store split "
+                         f"{split.split!r} was built from (none at {directory})")
+    found = Manifest.read(directory)
+    if want and found.sha256() != want:
+        joined = found.as_paragraphs()
+        if joined.sha256() != want:
+            raise UsageError(f"{directory}: not the manifest the store was built from (hash "
+                             f"{found.sha256()[:12]} vs the store's {want[:12]}); give --manifest DIR")
+        found = joined
+    text = dict(zip(found.captions.column("caption_id").to_pylist(), found.captions.column("text").to_pylist()))
+    missing = [c for c in split.caption_ids if c not in text]
+    if missing:
+        raise UsageError(f"{directory}: {len(missing)} captions of split {split.split!r} are not in the manifest "
+                         f"(first: {missing[0]!r})")
+    return [text[c] for c in split.caption_ids]

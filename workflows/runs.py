@@ -26,8 +26,10 @@ from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_one.train import train_stage_one
 from heads.stage_two.scoring import pair_scorer
 from heads.stage_two.config import StageTwoTrainConfig
+from heads.stage_two.tokenizer import caption_tokenizer, with_caption_ids
 from heads.stage_two.train import train_stage_two
 from pipeline.store import CacheStore
+from workflows.data import caption_texts
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
 RUN_JSON = "run.json"
@@ -50,11 +52,17 @@ def train_stage_one_run(work: WorkDir, store: str, config: StageOneTrainConfig, 
 
 
 def train_head(work: WorkDir, store: str, stage_one: str | Path, config: StageTwoTrainConfig | None = None,
-               out: str | Path | None = None, resume: bool = True, record: dict | None = None) -> Path:
+               out: str | Path | None = None, resume: bool = True, record: dict | None = None,
+               manifest: str | Path | None = None) -> Path:
     """Stage ``store``'s train (and val) split with tokens and train a stage-two head on them;
-    returns the checkpoint (default run dir ``<work>/runs/stage2-<head>``)."""
+    returns the checkpoint (default run dir ``<work>/runs/stage2-<head>``). A head reading caption
+    ids gets the captions' text from the store's manifest (``manifest`` or the work dir's)."""
     config = (config or StageTwoTrainConfig()).resolved()
     train, val = work.stage_train_val(store, STAGE_TWO_ARRAYS)
+    if config.reads_caption_ids():
+        tokenizer = caption_tokenizer(config.tokenizer or config.init_from)
+        train, val = (None if s is None else with_caption_ids(s, tokenizer, caption_texts(work, s, manifest),
+                                                               config.text_len) for s in (train, val))
     out_dir = Path(out) if out else work.run_dir(2, config.head)
     write_run_record(out_dir, config, record)
     return train_stage_two(train, val, stage_one, out_dir, config, resume=resume)
@@ -107,7 +115,8 @@ def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: 
 def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: str | Path, split: str = "test",
                  k: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
                  out: str | Path | None = None, device: str = "cpu", batch_size: int = 64, sim: Any = None,
-                 progress: bool = True, allow_incomplete: bool = False) -> tuple[dict[str, Path], str, RerankResult]:
+                 progress: bool = True, allow_incomplete: bool = False,
+                 manifest: str | Path | None = None) -> tuple[dict[str, Path], str, RerankResult]:
     """Stage ``split`` with tokens, re-rank every query's stage-one top ``k`` with the head and write
     the outputs (default ``<work>/reports/rerank-<split>``); returns (paths, table, result).
 
@@ -116,7 +125,7 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
     """
     data = work.stage(store, split, STAGE_TWO_ARRAYS)
     coverage = check_complete(data, allow_incomplete)
-    head, head_info = load_head(head_ckpt, data)
+    head, head_info, data = load_head(head_ckpt, data, captions=lambda: caption_texts(work, data, manifest))
     s1_info: dict = {"path": str(stage_one)}
     if sim is None:
         s1 = stage_one_scores(stage_one, data, device=device)

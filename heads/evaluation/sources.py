@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from core.errors import ConfigError
 from core.split import Split
 from heads.evaluation.external import is_external, load_external
 from heads.evaluation.similarity import similarity, untrained_baseline
 from heads.stage_one.checkpoint import is_stage_one_checkpoint, load_stage_one
 from heads.stage_two.checkpoint import load_stage_two
+from heads.stage_two.tokenizer import with_caption_ids
 
 
 @dataclass
@@ -65,10 +67,23 @@ def stage_one_similarity(path: str | Path, split: Split, device: str = "cpu") ->
     return scores.sim, scores.info
 
 
-def load_head(path: str | Path, split: Split) -> tuple[Any, dict]:
-    """The stage-two head of checkpoint ``path`` and a description of it, refused
-    (``StoreMismatchError``) when it was trained on another encoder's tokens than ``split``'s store."""
+def load_head(path: str | Path, split: Split,
+              captions: Sequence[str] | Callable[[], Sequence[str]] | None = None) -> tuple[Any, dict, Split]:
+    """The stage-two head of checkpoint ``path``, a description of it and ``split`` as the head reads
+    it; refused (``StoreMismatchError``) when it was trained on another encoder's tokens than
+    ``split``'s store. A head reading caption ids (initialised from BLIP-2) needs ``captions``, the
+    text of ``split``'s captions in row order (or a callable returning them, called only then): they
+    go through the tokenizer its checkpoint carries."""
     ckpt = load_stage_two(path, expect_encoder_identity=split.encoder_identity)
     info = {"path": str(path), "config": ckpt.config, "store_fingerprint": ckpt.store_fingerprint,
             "stage_one_identity": ckpt.stage_one_identity}
-    return ckpt.head, info
+    if ckpt.init:
+        info["init"] = {k: v for k, v in ckpt.init.items() if k != "kept"}
+    tokenizer = ckpt.caption_tokenizer()
+    if tokenizer is not None:
+        if captions is None:
+            raise ConfigError(f"the head {path} reads caption text through its own tokenizer: the captions' text "
+                              f"of split {split.split!r} is needed (from the manifest the store was built from)")
+        texts = captions() if callable(captions) else captions
+        split = with_caption_ids(split, tokenizer, texts, ckpt.text_len)
+    return ckpt.head, info, split

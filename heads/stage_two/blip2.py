@@ -263,6 +263,13 @@ def load_blip2(head: torch.nn.Module, weights: Blip2Weights | str | Path,
     return LoadReport(sorted(plan), kept, sorted(reinit), w.source)
 
 
+def blip2_init(head: torch.nn.Module, weights: Blip2Weights, reinit_visual_kv: bool = False) -> dict[str, Any]:
+    """:func:`load_blip2`, returned as the record a checkpoint keeps (source, counts, summary)."""
+    report = load_blip2(head, weights, reinit_visual_kv)
+    return {**report.source, "loaded": len(report.loaded), "kept": report.kept,
+            "reinitialised": report.reinitialised, "summary": report.summary()}
+
+
 def save_blip2(head: torch.nn.Module, directory: str | Path, encoder_width: int | None = None,
                dropout: float = 0.1) -> Path:
     """Write ``head``'s Q-Former (spatial stack), queries, ITM head, embeddings and contrastive

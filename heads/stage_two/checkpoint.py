@@ -11,6 +11,7 @@ import torch
 
 from core.fileio import jsonable, sha256_file
 from heads.stage_one.checkpoint import CHECKPOINT_NAME as STAGE_ONE_NAME
+from heads.stage_two.tokenizer import CaptionTokenizer
 from heads.training.common import Checkpoint, checkpoint_file, load_head_checkpoint
 
 CHECKPOINT_NAME = "stage_two.pt"
@@ -23,6 +24,13 @@ class StageTwoCheckpoint(Checkpoint):
     stage one it was trained with."""
 
     stage_one_identity: dict = field(default_factory=dict)
+    tokenizer: dict | None = None  # the caption tokenizer's files, for a head reading caption ids
+    text_len: int = 32
+    init: dict | None = None  # the BLIP-2 checkpoint it was initialised from: kind, sha256, what was loaded
+
+    def caption_tokenizer(self) -> CaptionTokenizer | None:
+        """The tokenizer of a head reading caption ids (``None`` for one reading the store's text tokens)."""
+        return None if self.tokenizer is None else CaptionTokenizer.from_state(self.tokenizer)
 
 
 def stage_one_identity(stage_one_ckpt_path: str | Path) -> dict:
@@ -45,4 +53,5 @@ def load_stage_two(path: str | Path, expect_encoder_identity: dict | None = None
     the store it was trained on: the head's input projections only make sense for that encoder.
     """
     return load_head_checkpoint(path, CHECKPOINT_NAME, 2, StageTwoCheckpoint, expect_encoder_identity, kind=KIND,
-                                extra=("stage_one_identity",), map_location=map_location)
+                                extra=("stage_one_identity",),
+                                optional={"tokenizer": None, "text_len": 32, "init": None}, map_location=map_location)

@@ -17,7 +17,8 @@ ITC_DEFAULTS = {"itc_steps": 1200, "itc_weight": 1.0}  # for heads that support 
 DEFAULT_ITC_DIM = 128   # width of the contrastive projection of a head trained with ITC
 # arguments added after runs were first saved: a saved state without them ran with these values
 _ARG_DEFAULTS = {"rank_weight": 0.0, "itc_steps": 0, "itc_batch": 64, "itc_cluster": 1, "itc_lr": 5e-4,
-                 "itc_weight": 0.0}
+                 "itc_weight": 0.0, "init_from": None, "tokenizer": None, "reinit_visual_kv": False, "text_len": 32}
+AMP_MODES = ("auto", "bf16", "off")
 
 
 def _opt(default: Any, help: str, resume_free: bool = False, **kw: Any) -> Any:
@@ -55,6 +56,18 @@ class StageTwoTrainConfig:
     itc_weight: float | None = _opt(None, "Weight of the positives' contrastive loss added to ITM, as BLIP-2 "
                                     f"trains both [default: {ITC_DEFAULTS['itc_weight']:g} for heads that "
                                     "support it, else 0]. With either, the head scores a pair by ITM + ITC.")
+    init_from: str | None = _opt(None, "Initialise the head from a BLIP-2 checkpoint: a Hugging Face-format "
+                                 "directory (Blip2ForImageTextRetrieval.save_pretrained) or a LAVIS .pth; the "
+                                 "head takes its Q-Former's layout and reads captions through its tokenizer.")
+    tokenizer: str | None = _opt(None, "Directory of the caption tokenizer of a head that reads caption ids "
+                                 "[default: the --init-from directory].")
+    reinit_visual_kv: bool = _opt(False, "With --init-from: re-initialise the cross attention's visual key/value "
+                                  "projections when the cached tokens' width differs from the Q-Former's.")
+    text_len: int = _opt(32, "Caption length in tokens of a head that reads caption ids.")
+    amp: str = _opt("auto", "Autocast of the training forward passes: auto (bf16 on CUDA, off on CPU), bf16, off.",
+                    resume_free=True)
+    grad_checkpoint: bool = _opt(False, "Recompute the Q-Former layers' activations in the backward pass "
+                                 "(less memory, ~30% more time).", resume_free=True)
     val_k: int = _opt(10, "Stage-one candidates re-ranked per val query for model selection.")
     val_queries: int = _opt(256, "Val captions used for model selection (0: all).")
     seed: int = _opt(0, "Seed of initialisation, batches and negatives.")
@@ -82,6 +95,10 @@ class StageTwoTrainConfig:
                               f"itc_steps=0, itc_weight=0")
         if self.hard_negatives not in HARD_NEGATIVE_MODES:
             raise ConfigError(f"hard_negatives must be one of {HARD_NEGATIVE_MODES}, got {self.hard_negatives!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.init_from and self.head != "crosstvr":
+            raise ConfigError(f"--init-from loads a BLIP-2 Q-Former into the crosstvr head, not {self.head!r}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 (random negatives come from the batch), got {self.batch_size}")
         return replace(self, itc_steps=steps, itc_weight=weight, head_config=dict(self.head_config or {}))
@@ -93,6 +110,11 @@ class StageTwoTrainConfig:
         if (self.itc_steps or 0) > 0 or (self.itc_weight or 0) > 0:
             options.setdefault("itc_dim", DEFAULT_ITC_DIM)
         return options
+
+    def reads_caption_ids(self) -> bool:
+        """Whether the head reads captions as token ids of its own tokenizer (a BLIP-2-initialised
+        head does) rather than the store's text tokens."""
+        return (self.head_config or {}).get("text_input", "ids" if self.init_from else "tokens") == "ids"
 
     def train_args(self, train: Split, val: Split | None, stage_one_sha256: str) -> dict:
         """The run's identity as saved in its checkpoint and resume state."""

@@ -23,7 +23,10 @@ interrupted run continued gives the same weights as an uninterrupted one (CPU).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -112,12 +115,13 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
                  lr: float = 5e-4, weight_decay: float = 0.05, warmup: int = 50, seed: int = 0,
                  neighbours: np.ndarray | None = None, cluster: int = 1, device: str = "cpu",
                  max_steps: int | None = None, save_every: int = 50, progress: bool = True,
-                 args: dict | None = None) -> tuple[bool, list[dict]]:
+                 args: dict | None = None, precision: Any = None) -> tuple[bool, list[dict]]:
     """Contrastive pre-training of ``model`` (in place) on ``train``; returns ``(finished, history)``.
 
     ``state_path`` holds the resumable state (model, optimizer, step); a state whose
     ``args`` differ from ``args`` raises ``RunMismatchError``. ``max_steps`` stops early (resumable).
     History: one record per ``save_every`` steps (mean loss, in-batch caption->video accuracy).
+    ``precision``: a callable returning the forward pass's autocast context (default: none).
     """
     if not supports_itc(model):
         raise ValueError(f"contrastive pre-training needs a Q-Former-style head with a contrastive projection "
@@ -163,7 +167,9 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
         captions, videos = itc_batch(train.caption_video, num_videos, batch_size, rng, neighbours, cluster)
         batch = load_pairs(train, captions, videos).to(device)
         # load_pairs keeps distinct rows sorted: pair_text / pair_video map back to the batch order
-        loss, logits = batch_itc_loss(model, batch, batch.pair_text, batch.pair_video)
+        with precision() if precision is not None else nullcontext():
+            loss, logits = batch_itc_loss(model, batch, batch.pair_text, batch.pair_video)
+        loss, logits = loss.float(), logits.float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from core.split import Split
 from heads.stage_two.models import StageTwoHead
 from heads.stage_two.pairs import load_pairs, require_tokens, text_rows
+from heads.stage_two.tokenizer import text_view
 from heads.training.data import blocks, prefetched
 
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -41,8 +42,10 @@ def score_pairs(head: StageTwoHead, split: Split, caption_index: np.ndarray, vid
                 batch: int = 128, device: str = "cpu", prefetch: int = 1, progress: bool = False,
                 parts: bool = False) -> np.ndarray:
     """(P,) float32 head scores (``pair_score``) of pairs ``(caption_index[i], video_index[i])`` of
-    ``split``; ``parts=True``: (P, 2) of ITM log-odds and contrastive logit."""
+    ``split``; ``parts=True``: (P, 2) of ITM log-odds and contrastive logit. A head reading caption
+    ids (``text_input="ids"``) reads the split's ``text_ids`` in place of its text tokens."""
     require_tokens(split)
+    split = text_view(split, getattr(head, "text_input", "tokens"))
     caption_index = np.asarray(caption_index, dtype=np.int64)
     video_index = np.asarray(video_index, dtype=np.int64)
     if video_index.shape != caption_index.shape:

@@ -39,19 +39,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core.errors import RunMismatchError
+from core.errors import ConfigError, RunMismatchError
 from core.fileio import json_diff, jsonable, write_json
 from core.split import Split
 from heads.evaluation.similarity import encode_texts, encode_videos, similarity
 from heads.registry import create_head
 from heads.stage_one.checkpoint import load_stage_one
+from heads.stage_two.blip2 import blip2_init, read_blip2
+from heads.stage_two.blip2 import head_options as blip2_head_options
 from heads.stage_two.checkpoint import CHECKPOINT_NAME, KIND, stage_one_identity
 from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, upgrade_args
 from heads.stage_two.itc import ITC_STATE_NAME, batch_itc_loss, pretrain_itc
 from heads.stage_two.negatives import HardNegativeSampler, epoch_plan
 from heads.stage_two.pairs import load_pairs, require_tokens
 from heads.stage_two.selection import ValSet, selection_score
-from heads.training.common import (BestState, check_splits, cpu_state, make_optimizer, save, torch_threads,
+from heads.stage_two.tokenizer import caption_tokenizer, text_view
+from heads.training.common import (BestState, check_splits, cpu_state, forward_precision, make_optimizer, save,
+                                   torch_threads,
                                    warmup_steps)
 from heads.training.data import EpochSampler, blocks, prefetched, uses_text_tokens
 
@@ -122,6 +126,17 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     cfg = cfg.resolved()
     s1_identity = stage_one_identity(stage_one)
     s1 = load_stage_one(stage_one, expect_encoder_identity=train.encoder_identity)
+    blip2, head_options = None, cfg.head_options()
+    if cfg.init_from:
+        blip2 = read_blip2(cfg.init_from)
+        head_options = {**blip2_head_options(blip2.layout), **head_options}
+    text_input = head_options.get("text_input", "tokens")
+    tokenizer = caption_tokenizer(cfg.tokenizer or cfg.init_from) if text_input == "ids" else None
+    if tokenizer is not None and tokenizer.vocab_size > int(head_options.get("vocab_size", 0)):
+        raise ConfigError(f"the caption tokenizer has {tokenizer.vocab_size} tokens, more than the head's "
+                          f"vocab_size {head_options.get('vocab_size')}")
+    tr = text_view(train, text_input)
+    init: dict | None = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_args = cfg.train_args(train, val, s1_identity["sha256"])
@@ -152,14 +167,21 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
         cosine = StageOneCosine(s1.head, train, cfg.device) if cfg.rank_weight > 0 else None
         valset = None
         if val is not None:
-            valset = ValSet(val, similarity(s1.head, val, device=cfg.device), cfg.val_k, cfg.val_queries, cfg.seed)
+            valset = ValSet(text_view(val, text_input), similarity(s1.head, val, device=cfg.device), cfg.val_k,
+                            cfg.val_queries, cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = create_head(cfg.head, int(train.tokens.shape[-1]), int(train.text_tokens.shape[-1]),
-                                stage=2, **cfg.head_options())
+            text_dim = 0 if text_input == "ids" else int(train.text_tokens.shape[-1])
+            model = create_head(cfg.head, int(train.tokens.shape[-1]), text_dim, stage=2, **head_options)
+            if blip2 is not None:
+                init = blip2_init(model, blip2, cfg.reinit_visual_kv)
             if state is None:
                 model.fit_standardizer(train, seed=cfg.seed)
             model.to(cfg.device)
+            if cfg.grad_checkpoint:
+                for stack in (getattr(model, "block", None), getattr(model, "temporal_block", None)):
+                    if stack is not None:
+                        stack.checkpointing = True
             optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, total,
                                                   warmup_steps(cfg.warmup, total))
             step, history, best = 0, [], BestState()
@@ -177,10 +199,11 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                                                         "weight_decay", "store_fingerprint", "stage_one_sha256",
                                                         "head", "head_config")}
                 done, itc_history = pretrain_itc(
-                    model, train, out / ITC_STATE_NAME, int(cfg.itc_steps), batch_size=cfg.itc_batch, lr=cfg.itc_lr,
+                    model, tr, out / ITC_STATE_NAME, int(cfg.itc_steps), batch_size=cfg.itc_batch, lr=cfg.itc_lr,
                     weight_decay=cfg.weight_decay, seed=cfg.seed,
                     neighbours=None if negatives is None else negatives.text_cand, cluster=cfg.itc_cluster,
-                    device=cfg.device, max_steps=cfg.max_steps, progress=cfg.progress, args=itc_args)
+                    device=cfg.device, max_steps=cfg.max_steps, progress=cfg.progress, args=itc_args,
+                    precision=lambda: forward_precision(cfg.amp, cfg.device))
                 stopped = not done
             itm_max_steps = None if cfg.max_steps is None else max(0, cfg.max_steps - int(cfg.itc_steps))
             bar = tqdm(total=total, initial=step, desc=f"stage two [{cfg.head}]",
@@ -193,21 +216,22 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 if state is not None and offset and state.get("partial"):
                     acc_loss, acc_hits, acc_n = (float(x) for x in state["partial"])
                 model.train()
-                load = lambda item: (item, load_pairs(train, *item.pairs()))  # noqa: E731
+                load = lambda item: (item, load_pairs(tr, *item.pairs()))  # noqa: E731
                 batches = prefetched(plan[offset:], load, cfg.prefetch)
                 for item, batch in batches:
                     if itm_max_steps is not None and step >= itm_max_steps:
                         stopped = True
                         break
                     batch = batch.to(cfg.device)
-                    video = model.encode_video(batch.tokens, batch.frame_mask)
-                    logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text,
-                                         batch.pair_video)
-                    loss = F.cross_entropy(logits, batch.labels)
-                    if cfg.itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
-                        b = item.video.size
-                        itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b], video)
-                        loss = loss + cfg.itc_weight * itc
+                    with forward_precision(cfg.amp, cfg.device):
+                        video = model.encode_video(batch.tokens, batch.frame_mask)
+                        logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text,
+                                             batch.pair_video).float()
+                        loss = F.cross_entropy(logits, batch.labels)
+                        if cfg.itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
+                            b = item.video.size
+                            itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b], video)
+                            loss = loss + cfg.itc_weight * itc.float()
                     if cosine is not None:
                         pc, pv, _ = item.pairs()
                         loss = loss + cfg.rank_weight * rank_loss(
@@ -264,7 +288,9 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     save({"kind": KIND, "config": jsonable(model.config()),
           "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
           "store_fingerprint": str(train.store_fingerprint), "encoder_identity": jsonable(train.encoder_identity),
-          "stage_one_identity": s1_identity, "train_args": train_args, "history": jsonable(summary)}, ckpt_path)
+          "stage_one_identity": s1_identity, "train_args": train_args, "history": jsonable(summary),
+          **({} if tokenizer is None else {"tokenizer": tokenizer.state(), "text_len": int(cfg.text_len)}),
+          **({} if init is None else {"init": init})}, ckpt_path)
     write_json(out / HISTORY_NAME, summary)
     return ckpt_path
 

@@ -11,9 +11,10 @@ score is kept (``BestState``); every checkpoint and resume state is written whol
 
 from __future__ import annotations
 
+
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -108,6 +109,15 @@ class BestState:
         return False
 
 
+def forward_precision(amp: str, device: str) -> Any:
+    """The autocast context of a training forward pass: ``auto`` = bf16 on CUDA and full precision
+    elsewhere, ``bf16`` = bf16 on any device, ``off`` = full precision."""
+    kind = torch.device(device).type
+    if amp == "off" or (amp == "auto" and kind != "cuda"):
+        return nullcontext()
+    return torch.autocast(kind, dtype=torch.bfloat16)
+
+
 def save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` that never leaves a torn file (written beside, then renamed)."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -151,10 +161,11 @@ def load_checkpoint(path: str | os.PathLike, name: str, what: str, required: set
 
 def load_head_checkpoint(path: str | os.PathLike, name: str, stage: int, cls: type,
                          expect_encoder_identity: dict | None = None, kind: str | None = None,
-                         extra: tuple[str, ...] = (), map_location: str = "cpu") -> Any:
+                         extra: tuple[str, ...] = (), optional: dict[str, Any] | None = None,
+                         map_location: str = "cpu") -> Any:
     """Load a head checkpoint of ``stage`` into ``cls`` (a ``Checkpoint``): its head rebuilt from the
     saved config (``heads.registry``), in eval mode; ``extra`` names further required keys, kept as
-    fields of ``cls``. Refused (``StoreMismatchError``) when trained on another encoder than
+    fields of ``cls``; ``optional`` maps further keys to their value when absent. Refused (``StoreMismatchError``) when trained on another encoder than
     ``expect_encoder_identity``."""
     what = STAGE_NAMES[stage]
     required = {"config", "state_dict", "store_fingerprint", "encoder_identity", *extra}
@@ -167,4 +178,5 @@ def load_head_checkpoint(path: str | os.PathLike, name: str, stage: int, cls: ty
     head.eval()
     return cls(head=head, config=config, store_fingerprint=ckpt["store_fingerprint"],
                encoder_identity=ckpt["encoder_identity"], train_args=ckpt.get("train_args", {}),
-               history=ckpt.get("history", {}), path=p, **{k: ckpt[k] for k in extra})
+               history=ckpt.get("history", {}), path=p, **{k: ckpt[k] for k in extra},
+               **{k: ckpt.get(k, v) for k, v in (optional or {}).items()})
