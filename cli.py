@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 import click
 
-from core.errors import CrossTVRError, UsageError
+from core.errors import CrossTVRError, UnknownHeadError, UsageError
 from core.options import format_key_values, parse_key_values
-from heads.registry import HEADS, head_options, list_heads
+from heads.registry import HEADS, get_preset, head_options, list_heads, list_presets
 from pipeline.config import ExtractConfig
 from heads.stage_one.config import StageOneTrainConfig
-from heads.stage_two.config import ABLATION_VARIANTS, HARD_NEGATIVE_MODES, StageTwoTrainConfig, with_switches
+from heads.stage_two.config import (ABLATION_VARIANTS, AMP_MODES, HARD_NEGATIVE_MODES, StageTwoTrainConfig,
+                                    with_switches)
 from workflows.workdir import DEFAULT_WORK, WorkDir, resolve_device
 
 
@@ -128,6 +129,12 @@ def heads_cmd(show_options: bool) -> None:
         click.echo(f"{name:11s} stage {spec.stage}  {','.join(sorted(spec.supports)) or '-':28s} {spec.description}")
         if show_options:
             click.echo("            " + ", ".join(f"{k}={v!r}" for k, v in head_options(name).items()))
+    for name in list_presets():
+        preset = get_preset(name)
+        click.echo(f"preset {name}: head {preset['head']}; {preset['description']}")
+        if show_options:
+            click.echo("            " + ", ".join(f"{k}={v!r}" for k, v in {**preset["head_config"],
+                                                                             **preset.get("train", {})}.items()))
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -343,11 +350,33 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
 
 
 # -- stage two -------------------------------------------------------------------------------------
+manifest_text_option = click.option(
+    "--manifest", type=click.Path(exists=True, file_okay=False),
+    help="The manifest the store was built from, for a head that reads caption text (BLIP-2-initialised) "
+         "[default: work-dir/<dataset>/manifest].")
 STAGE_TWO_SKIP = ("head_config", "device", "progress", "eval_batch", "num_threads", "prefetch")
+
+
+def _preset_option(fn: Callable) -> Callable:
+    """``--preset NAME``: a shipped head + recipe (``heads/presets``) as this command's defaults;
+    options given on the command line, ``--head-option`` included, still win."""
+    def load(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value:
+            try:
+                preset = get_preset(value)
+            except UnknownHeadError as exc:
+                raise click.BadParameter(str(exc)) from exc
+            ctx.default_map = {**(ctx.default_map or {}), "head": preset["head"], **preset.get("train", {})}
+            ctx.meta["preset_head_config"] = dict(preset.get("head_config", {}))
+        return value
+    return click.option("--preset", is_eager=True, callback=load, expose_value=False,
+                        help=f"A shipped head and training recipe ({', '.join(list_presets())}); "
+                             f"see `python cli.py heads`.")(fn)
 
 
 @main.command("train-head")
 @_config_option
+@_preset_option
 @store_option
 @click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
               help="Stage-one checkpoint: its train similarities drive hard-negative mining.")
@@ -358,24 +387,27 @@ STAGE_TWO_SKIP = ("head_config", "device", "progress", "eval_batch", "num_thread
 @head_options_option
 @_dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP,
                     head={"type": click.Choice(list_heads(stage=2))},
-                    hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)})
+                    hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)},
+                    amp={"type": click.Choice(AMP_MODES)})
 @click.option("--fresh", is_flag=True, help="Ignore an existing run in --out and start again.")
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Run directory (default work-dir/runs/stage2-<head>).")
+@manifest_text_option
 @device_option
 @click.pass_context
 def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_options, fresh, work_dir, stage_dir,
-                   out, device, **config) -> None:
+                   out, manifest, device, **config) -> None:
     """Train a stage-two re-ranking head (ITM with hard negatives) on cached patch and text tokens."""
     from workflows.runs import train_head
 
-    head_config = with_switches(config["head"], parse_key_values(head_options, "--head-option"), mode=mode,
-                                unshared=unshared, num_selected=num_selected)
+    given = {**ctx.meta.get("preset_head_config", {}), **parse_key_values(head_options, "--head-option")}
+    head_config = with_switches(config["head"], given, mode=mode, unshared=unshared, num_selected=num_selected)
     cfg = StageTwoTrainConfig(**config, head_config=head_config, device=resolve_device(device)).resolved()
     record = _record(ctx, mode=None, unshared=False, num_selected=None, head_options=format_key_values(head_config),
                      itc_steps=cfg.itc_steps, itc_weight=cfg.itc_weight, fresh=False)
-    ckpt = train_head(WorkDir(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record)
+    ckpt = train_head(WorkDir(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record,
+                      manifest=manifest)
     click.echo(f"checkpoint: {ckpt}")
 
 
@@ -393,10 +425,11 @@ def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_opt
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Output directory (default work-dir/reports/rerank-<split>).")
+@manifest_text_option
 @device_option
 @allow_incomplete_option
 def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batch_size, work_dir, stage_dir, out,
-               device, allow_incomplete) -> None:
+               manifest, device, allow_incomplete) -> None:
     """Re-rank every query's stage-one top K with a stage-two head (final = cosine + head score).
 
     Writes ranked_t2v.parquet / ranked_v2t.parquet (each query's re-ranked top K), metrics.json
@@ -406,7 +439,7 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
 
     paths, table, res = rerank_split(WorkDir(work_dir, stage_dir), store, stage_one, head_ckpt, split=split, k=k,
                                      dsl=dsl, dsl_temperature=dsl_temperature, out=out, device=resolve_device(device),
-                                     batch_size=batch_size, allow_incomplete=allow_incomplete)
+                                     batch_size=batch_size, allow_incomplete=allow_incomplete, manifest=manifest)
     click.echo(table)
     click.echo(f"{res.num_pairs} pairs scored in {res.seconds['scoring']:.1f}s; outputs: {paths['metrics'].parent}")
 
@@ -420,7 +453,8 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
 @click.option("--k", "k", default=15, show_default=True, help="Candidates re-ranked per query.")
 @head_options_option
 @_dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP + ("head", "seed", "max_steps"), unset=True,
-                    hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)})
+                    hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)},
+                    amp={"type": click.Choice(AMP_MODES)})
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")

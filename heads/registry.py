@@ -120,3 +120,26 @@ def create_head(name: str, *dims: int, stage: int | None = None, **kwargs: Any) 
         raise TypeError(f"unknown option(s) {unknown} for {STAGE_NAMES[spec.stage]} head {name!r}; "
                         f"its options: {', '.join(accepted)}")
     return cls(*(int(sizes[d]) for d in spec.dims), **kwargs)
+
+
+# -- presets: a head's options and its training recipe, as data (heads/presets/<name>.json) ---------
+def _preset_files() -> dict[str, Any]:
+    from importlib import resources
+
+    root = resources.files("heads") / "presets"
+    return {f.name[:-5]: f for f in root.iterdir() if f.name.endswith(".json")}
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets (``heads/presets/*.json``)."""
+    return sorted(_preset_files())
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A preset: ``{"description", "head", "head_config", "train"}`` (``train``: trainer options)."""
+    import json
+
+    files = _preset_files()
+    if name not in files:
+        raise UnknownHeadError(f"unknown preset {name!r} (known: {', '.join(sorted(files)) or 'none'})")
+    return json.loads(files[name].read_text())

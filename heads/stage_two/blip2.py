@@ -120,8 +120,13 @@ def read_blip2(path: str | Path, heads: int | None = None) -> Blip2Weights:
             cfg = json.loads(config.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config}: not JSON ({exc})") from exc
-        tensors, weights = _hf_weight_tensors(p)
         layout = _layout_from_config(cfg, config)
+        try:
+            tensors, weights = _hf_weight_tensors(p)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign weight file: one line naming it
+            raise CheckpointError(f"{p}: cannot read the BLIP-2 weights ({exc})") from exc
         if heads:
             layout["heads"] = int(heads)
         return Blip2Weights(tensors, layout, {"kind": "hf", "sha256": sha256_file(weights)})
@@ -137,6 +142,11 @@ def read_blip2(path: str | Path, heads: int | None = None) -> Blip2Weights:
         return Blip2Weights(tensors, _layout_from_tensors(tensors, p, heads or 12),
                             {"kind": "lavis", "sha256": sha256_file(p)})
     raise CheckpointError(f"{p}: no such BLIP-2 checkpoint (a Hugging Face-format directory or a LAVIS .pth file)")
+
+
+# options a BLIP-2 checkpoint decides (its tensors' shapes): with --init-from they override a preset's
+SHAPE_OPTIONS = ("width", "layers", "heads", "num_queries", "cross_every", "ff_mult", "ln_eps", "vocab_size",
+                 "max_positions", "itc_dim")
 
 
 def head_options(layout: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from core.split import Split
 from heads.evaluation.similarity import encode_texts, encode_videos, similarity
 from heads.registry import create_head
 from heads.stage_one.checkpoint import load_stage_one
-from heads.stage_two.blip2 import blip2_init, read_blip2
+from heads.stage_two.blip2 import SHAPE_OPTIONS, blip2_init, read_blip2
 from heads.stage_two.blip2 import head_options as blip2_head_options
 from heads.stage_two.checkpoint import CHECKPOINT_NAME, KIND, stage_one_identity
 from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, upgrade_args
@@ -129,7 +129,8 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     blip2, head_options = None, cfg.head_options()
     if cfg.init_from:
         blip2 = read_blip2(cfg.init_from)
-        head_options = {**blip2_head_options(blip2.layout), **head_options}
+        layout = blip2_head_options(blip2.layout)
+        head_options = {**layout, **head_options, **{k: layout[k] for k in SHAPE_OPTIONS}}
     text_input = head_options.get("text_input", "tokens")
     tokenizer = caption_tokenizer(cfg.tokenizer or cfg.init_from) if text_input == "ids" else None
     if tokenizer is not None and tokenizer.vocab_size > int(head_options.get("vocab_size", 0)):
