@@ -233,3 +233,31 @@ def test_train_head_init_from_and_rerank_from_the_cli(tiny_world: dict, tmp_path
         "rerank", "--store", store, "--work-dir", tmp_path / "elsewhere", "--stage-one", s1 / "stage_one.pt",
         "--head", tmp_path / "head", "--k", "3", "--out", tmp_path / "rr2")])
     assert result.exit_code == 2 and "give --manifest DIR" in result.output
+
+
+def test_pretrain_qformer_writes_a_blip2_checkpoint_that_init_from_loads(tiny_world: dict, tmp_path: Path) -> None:
+    """BLIP-2's first stage in miniature: ITC + ITM on single frames lowers both losses, the result is a
+    BLIP-2 directory (weights, config, tokenizer) and ``train-head --init-from`` starts from it."""
+    work, store = tiny_world["work"], tiny_world["store"]
+    out = run_cli(["pretrain-qformer", "--store", store, "--work-dir", work, "--steps", "30", "--batch-size", "8",
+                   "--lr", "1e-3", "--option", "width=32", "--option", "heads=2", "--option", "num_queries=4",
+                   "--option", "itc_dim=16", "--out", tmp_path / "qformer"])
+    assert f"BLIP-2 checkpoint: {tmp_path / 'qformer'}" in out
+    record = json.loads((tmp_path / "qformer" / "pretrain.json").read_text())
+    hist = record["history"]
+    assert hist[-1]["itc"] < hist[0]["itc"]
+    w = read_blip2(tmp_path / "qformer")
+    assert w.layout["width"] == 32 and w.layout["num_queries"] == 4 and w.layout["embed_dim"] == 16
+    tok = CaptionTokenizer.from_dir(tmp_path / "qformer")
+    assert tok.vocab_size == w.layout["vocab_size"]
+    ids, mask = tok.encode(["zzz"], 4)
+    assert ids[0].tolist() == [2, 1, 3, 0] and mask[0].tolist() == [True, True, True, False]  # [CLS] [UNK] [SEP]
+    s1 = tmp_path / "s1"
+    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP", "--epochs", "1",
+             "--batch-size", "8", "--out", s1])
+    run_cli(["train-head", "--init-from", tmp_path / "qformer", "--store", store, "--work-dir", work,
+             "--stage-one", s1 / "stage_one.pt", "--epochs", "1", "--batch-size", "4", "--itc-steps", "0",
+             "--val-queries", "4", "--out", tmp_path / "head"])
+    ckpt = load_stage_two(tmp_path / "head")
+    assert ckpt.init["loaded"] > 0 and ckpt.config["width"] == 32
+    assert ckpt.caption_tokenizer().vocab_size == tok.vocab_size

@@ -5,6 +5,8 @@ trainer's resolved config."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +28,8 @@ from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_one.train import train_stage_one
 from heads.stage_two.scoring import pair_scorer
 from heads.stage_two.config import StageTwoTrainConfig
-from heads.stage_two.tokenizer import caption_tokenizer, with_caption_ids
+from heads.stage_two.qformer_pretrain import pretrain_qformer
+from heads.stage_two.tokenizer import build_word_tokenizer, caption_tokenizer, with_caption_ids
 from heads.stage_two.train import train_stage_two
 from pipeline.store import CacheStore
 from workflows.data import caption_texts
@@ -156,3 +159,31 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
     results = {f"external {ext.name}": retrieval_metrics(ext.similarity(), ids.caption_video)}
     _, table = write_report(results, out_dir, name="report", split=coverage)
     return ext, ids, table
+
+
+# A Q-Former with BLIP-2's layout at the synthetic benchmark's size (the demo head's width, depth and
+# queries): the frozen tokens go unprojected into the cross attention, captions through its own words.
+QFORMER_SHAPE = {"width": 128, "layers": 2, "heads": 4, "num_queries": 8, "cross_every": 1, "ff_mult": 4.0,
+                 "ln_eps": 1e-12, "embed_norm": True, "prenorm": False, "dropout": 0.0, "text_input": "ids",
+                 "max_positions": 64, "text_cross": False, "visual_proj": False, "standardize": False,
+                 "itc_dim": 128, "itc_text_pool": "cls"}
+
+
+def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = None, steps: int = 2000,
+                         batch_size: int = 64, lr: float = 5e-4, seed: int = 0, text_len: int = 32,
+                         device: str = "cpu", manifest: str | Path | None = None,
+                         options: dict | None = None, progress: bool = True) -> Path:
+    """BLIP-2's first-stage pre-training (ITC + ITM on single frames) of a Q-Former on ``store``'s
+    train split, with a word tokenizer built from the train captions; saved as a BLIP-2 checkpoint
+    directory (default ``<work>/encoders/qformer-<hash>``) for ``train-head --init-from``."""
+    train = work.stage(store, "train", STAGE_TWO_ARRAYS)
+    texts = caption_texts(work, train, manifest)
+    tokenizer = build_word_tokenizer(texts)
+    train = with_caption_ids(train, tokenizer, texts, text_len)
+    opts = {**QFORMER_SHAPE, **(options or {}), "vocab_size": tokenizer.vocab_size}
+    if out is None:
+        key = json.dumps({"store": train.store_fingerprint, "opts": opts, "steps": steps, "batch": batch_size,
+                          "lr": lr, "seed": seed, "text_len": text_len}, sort_keys=True)
+        out = work.encoders_dir / f"qformer-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return pretrain_qformer(train, out, opts, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                            device=device, progress=progress)

@@ -83,6 +83,28 @@ class CaptionTokenizer:
         return cls({name: bytes(data) for name, data in state.items()})
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_word_tokenizer(texts: Sequence[str]) -> CaptionTokenizer:
+    """A BERT-style tokenizer (lower case, punctuation split, ``[CLS] ... [SEP]``) whose vocabulary is
+    every word of ``texts`` (for a Q-Former pre-trained here, where no BERT vocabulary is at hand)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for t in texts for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(t))})
+    vocab = {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + words)}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, splitter
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}
+    return CaptionTokenizer({TOKENIZER_FILE: tok.to_str().encode("utf-8"),
+                             CONFIG_FILE: json.dumps(config).encode("utf-8")})
+
+
 def caption_tokenizer(directory: str | Path | None) -> CaptionTokenizer:
     """The caption tokenizer in ``directory`` (for a LAVIS ``.pth`` file: the directory holding it)."""
     if not directory:

@@ -1,0 +1,118 @@
+"""Pre-training a Q-Former the way BLIP-2's first stage does, on cached frame tokens: image-text
+contrastive (ITC) and image-text matching (ITM, with hard negatives drawn from the batch's own ITC
+similarities) on single frames, each paired with a caption of its video. The result is saved as a
+Hugging Face-format BLIP-2 checkpoint (``blip2.save_blip2`` + the tokenizer's files), so
+``train-head --init-from`` loads it exactly as it loads a downloaded BLIP-2: the synthetic
+benchmark's stand-in for BLIP-2's 129M-pair pre-training (docs/METHOD.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from core.fileio import jsonable, write_json
+from core.split import Split
+from heads.registry import create_head
+from heads.stage_two.blip2 import save_blip2
+from heads.stage_two.itc import itc_batch, itc_loss
+from heads.stage_two.pairs import load_pairs, require_tokens
+from heads.stage_two.tokenizer import CaptionTokenizer, text_view
+from heads.training.common import check_not_test, make_optimizer, torch_threads, warmup_steps
+
+DONE_NAME = "pretrain.json"
+
+
+def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP-2's ITM negatives: for each caption a video and for each video a caption of the batch,
+    drawn with probability softmax(ITC logits) over the others (the pair itself excluded)."""
+    with torch.no_grad():
+        eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+        masked = logits.float().masked_fill(eye, float("-inf"))
+        neg_video = torch.multinomial(masked.softmax(dim=1), 1, generator=generator).squeeze(1)
+        neg_text = torch.multinomial(masked.t().softmax(dim=1), 1, generator=generator).squeeze(1)
+    return neg_video, neg_text
+
+
+def pretrain_qformer(train: Split, out_dir: str | Path, head_options: dict[str, Any], tokenizer: CaptionTokenizer,
+                     steps: int = 2000, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.05,
+                     seed: int = 0, device: str = "cpu", num_threads: int | None = None,
+                     progress: bool = True) -> Path:
+    """Pre-train a CrossTVR head with BLIP-2's layout on ``train``'s single frames (ITC + ITM) and
+    save it to ``out_dir`` as a BLIP-2 checkpoint; returns ``out_dir``. ``train`` must carry the
+    captions' ids (``tokenizer.with_caption_ids``). A finished run with the same arguments in
+    ``out_dir`` is reused."""
+    check_not_test(train, "pre-training")
+    require_tokens(train)
+    out = Path(out_dir)
+    args = jsonable({"head_options": head_options, "steps": steps, "batch_size": batch_size, "lr": lr,
+                     "weight_decay": weight_decay, "seed": seed, "store_fingerprint": train.store_fingerprint,
+                     "vocab_size": tokenizer.vocab_size})
+    done = out / DONE_NAME
+    if done.is_file() and json.loads(done.read_text()).get("args") == args:
+        return out
+    view = text_view(train, "ids")
+    cv = np.asarray(view.caption_video)
+    num_videos = len(view.video_ids)
+    with torch_threads(num_threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        opts = {**head_options, "mode": "spatial", "spatial_frames": None}
+        head = create_head("crosstvr", int(view.tokens.shape[-1]), 0, stage=2, **opts).to(device)
+        head.train()
+        optimizer, scheduler = make_optimizer(head, lr, weight_decay, steps, warmup_steps(0.05, steps))
+        gen = torch.Generator(device=device).manual_seed(seed)
+        history: list[dict] = []
+        acc = {"itc": 0.0, "itm": 0.0, "itm_acc": 0.0, "n": 0}
+        t0 = time.perf_counter()
+        log_every = min(100, max(1, steps // 10))
+        bar = tqdm(range(steps), desc="Q-Former pre-training (ITC + ITM)", disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            rng = np.random.default_rng([int(seed), int(step), 0xB12])
+            captions, videos = itc_batch(cv, num_videos, batch_size, rng)
+            batch = load_pairs(view, captions, videos).to(device)
+            b = videos.size
+            # one random valid frame of each video: image-text pairs
+            valid = batch.frame_mask.float()
+            frame = torch.multinomial(valid / valid.sum(dim=1, keepdim=True), 1, generator=gen).squeeze(1)
+            tokens = batch.tokens[torch.arange(batch.tokens.shape[0], device=device), frame][:, None]
+            fm = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
+            video = head.encode_video(tokens, fm)
+            text = head.text_features(batch.text_tokens, batch.text_mask)[batch.pair_text]
+            logits = head.itc_logits(head.video_queries(video)[batch.pair_video], text)  # (b, b)
+            itc = itc_loss(logits)
+            neg_video, neg_text = in_batch_negatives(logits, gen)
+            pair_text = torch.cat([batch.pair_text, batch.pair_text, batch.pair_text[neg_text]])
+            pair_video = torch.cat([batch.pair_video, batch.pair_video[neg_video], batch.pair_video])
+            labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(device)
+            match = head.match(batch.text_tokens, batch.text_mask, video, pair_text, pair_video)
+            itm = F.cross_entropy(match, labels)
+            loss = itc + itm
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            acc["itc"] += float(itc.detach()) * b
+            acc["itm"] += float(itm.detach()) * b
+            acc["itm_acc"] += float((match.argmax(dim=1) == labels).float().mean()) * b
+            acc["n"] += b
+            bar.set_postfix(itc=f"{float(itc.detach()):.3f}", itm=f"{float(itm.detach()):.3f}")
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                n = max(1, acc.pop("n"))
+                history.append({"step": step + 1, **{k: v / n for k, v in acc.items()},
+                                "seconds": round(time.perf_counter() - t0, 2)})
+                acc = {"itc": 0.0, "itm": 0.0, "itm_acc": 0.0, "n": 0}
+        bar.close()
+    head.eval()
+    save_blip2(head.cpu(), out)
+    for name, data in tokenizer.files.items():
+        (out / name).write_bytes(data)
+    write_json(done, {"args": args, "history": history, "frames": int(steps * min(batch_size, num_videos)),
+                      "encoder_identity": jsonable(train.encoder_identity)})
+    return out
