@@ -418,21 +418,23 @@ def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_opt
 @click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--text-len", default=32, show_default=True, help="Caption length in tokens.")
+@click.option("--num-threads", type=int, help="Torch CPU threads (default: all cores).")
 @click.option("--option", "options", multiple=True, help="Q-Former option key=value (width, layers, heads, ...).")
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Output directory (default work-dir/encoders/qformer-<hash>).")
 @manifest_text_option
 @device_option
-def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, options, work_dir, stage_dir, out, manifest,
-                         device) -> None:
+def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, num_threads, options, work_dir, stage_dir, out,
+                         manifest, device) -> None:
     """Pre-train a Q-Former as BLIP-2's first stage does (ITC + ITM) on the store's train-split frames and
     captions; it is saved as a BLIP-2 checkpoint directory for `train-head --init-from`."""
     from workflows.runs import pretrain_qformer_run
 
     path = pretrain_qformer_run(WorkDir(work_dir, stage_dir), store, out=out, steps=steps, batch_size=batch_size,
                                 lr=lr, seed=seed, text_len=text_len, device=resolve_device(device),
-                                manifest=manifest, options=parse_key_values(options, "--option"))
+                                manifest=manifest, options=parse_key_values(options, "--option"),
+                                num_threads=num_threads)
     click.echo(f"BLIP-2 checkpoint: {path}")
 
 

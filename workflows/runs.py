@@ -172,7 +172,7 @@ QFORMER_SHAPE = {"width": 128, "layers": 2, "heads": 4, "num_queries": 8, "cross
 def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = None, steps: int = 2000,
                          batch_size: int = 64, lr: float = 5e-4, seed: int = 0, text_len: int = 32,
                          device: str = "cpu", manifest: str | Path | None = None,
-                         options: dict | None = None, progress: bool = True) -> Path:
+                         options: dict | None = None, progress: bool = True, num_threads: int | None = None) -> Path:
     """BLIP-2's first-stage pre-training (ITC + ITM on single frames) of a Q-Former on ``store``'s
     train split, with a word tokenizer built from the train captions; saved as a BLIP-2 checkpoint
     directory (default ``<work>/encoders/qformer-<hash>``) for ``train-head --init-from``."""
@@ -186,4 +186,4 @@ def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = Non
                           "lr": lr, "seed": seed, "text_len": text_len}, sort_keys=True)
         out = work.encoders_dir / f"qformer-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return pretrain_qformer(train, out, opts, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                            device=device, progress=progress)
+                            device=device, num_threads=num_threads, progress=progress)
