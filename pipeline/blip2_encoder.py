@@ -22,7 +22,8 @@ Outputs (float32; embeddings **not** L2-normalised afterwards, heads normalise):
   embeddings; stage one needs a single vector per frame);
 * text tokens = the Q-Former's text-only pass (``embeddings`` -> ``qformer`` with
   ``query_length=0``), last hidden state, cut / padded to ``max_tokens`` with a validity mask
-  (``True`` for real tokens incl. [CLS] and [SEP]); texts are truncated at ``context_length`` =
+  (``True`` for real tokens incl. [CLS] and [SEP]; padded positions are zeros, so a caption's
+  tokens do not depend on its batch); texts are truncated at ``context_length`` =
   min(tokenizer's ``model_max_length``, Q-Former's ``max_position_embeddings``) tokens;
 * text embedding = ``text_projection`` of the [CLS] hidden state (BLIP-2's ITC text side).
 
@@ -242,7 +243,8 @@ class Blip2Encoder(Encoder):
         h = m.qformer(query_embeds=m.embeddings(input_ids=ids), query_length=0,
                       attention_mask=attn).last_hidden_state
         emb = m.text_projection(h[:, 0].to(m.text_projection.weight.dtype))
-        tokens, mask = h[:, :max_tokens], attn[:, :max_tokens].bool()
+        mask = attn[:, :max_tokens].bool()
+        tokens = h[:, :max_tokens] * mask.unsqueeze(-1).to(h.dtype)  # padding: zeros, whatever the batch
         if tokens.shape[1] < max_tokens:
             pad = max_tokens - tokens.shape[1]
             tokens = F.pad(tokens, (0, 0, 0, pad))
