@@ -148,7 +148,7 @@ def test_a_vision_only_blip2_save_is_refused_by_name(tmp_path, arch):
     assert "Blip2ForImageTextRetrieval" in text
 
 
-def test_a_missing_or_foreign_directory_is_one_line(tmp_path, blip2_dir):
+def test_a_missing_or_foreign_directory_is_one_line(tmp_path, blip2_dir, toy_manifest):
     cases = {}
     cases["no such directory"] = tmp_path / "nowhere"
     (tmp_path / "empty").mkdir()
@@ -169,9 +169,31 @@ def test_a_missing_or_foreign_directory_is_one_line(tmp_path, blip2_dir):
         parse_encoder("blip2:")
     with pytest.raises(EncoderError, match="tokens are fixed"):
         parse_encoder(f"blip2:{tmp_path}/x@-2")
-    result = CliRunner().invoke(cli.main, ["extract", "--manifest", tmp_path / "m", "--encoder",
-                                           f"blip2:{tmp_path / 'nowhere'}"])
-    assert result.exit_code != 0 and "Traceback" not in result.output
+    result = CliRunner().invoke(cli.main, [str(a) for a in ["extract", "--manifest", toy_manifest, "--work-dir",
+                                                            tmp_path / "w", "--encoder", f"blip2:{tmp_path / 'nowhere'}"]])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: blip2:{tmp_path / 'nowhere'}: no such directory" in result.output
+
+
+def test_a_sharded_save_loads_and_every_shard_is_in_the_identity(tmp_path, blip2_dir, blip2, reference):
+    import shutil
+
+    d = tmp_path / "sharded"
+    reference.save_pretrained(d, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(blip2_dir / name, d / name)
+    assert not (d / "model.safetensors").exists() and (d / "model.safetensors.index.json").is_file()
+    enc = load_encoder(f"blip2:{d}")
+    shards = sorted(p.name for p in d.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(enc.identity()["weights"]["sha256"]) == shards
+    frames = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    for a, b in zip(enc.encode_frames(frames), blip2.encode_frames(frames)):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(enc.encode_texts(TEXTS)[2], blip2.encode_texts(TEXTS)[2], rtol=0.0, atol=0.0)
+    (d / shards[-1]).unlink()
+    with pytest.raises(EncoderError) as exc:
+        load_encoder(f"blip2:{d}")
+    assert shards[-1] in one_line(exc) and "missing" in str(exc.value)
 
 
 @pytest.fixture(scope="module")
