@@ -202,8 +202,9 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
 @click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
 @click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
 @click.option("--encoder", "encoders", multiple=True,
-              help="Preset (clip-b32, eva-g14), open_clip `model:tag` or `model:/path/ckpt.pt`; repeatable. "
-                   "All encoders run on the same decoded frames.")
+              help="Preset (clip-b32, eva-g14), open_clip `model:tag` or `model:/path/ckpt.pt` (a suffix `@N`: "
+                   "tokens from visual block N), or `blip2:/path/to/dir` (a Hugging Face BLIP-2 retrieval save); "
+                   "repeatable. All encoders run on the same decoded frames.")
 @click.option("--store", "stores", multiple=True, help="Store path/URL per --encoder (default under work-dir/stores).")
 @data_root_option
 @_dataclass_options(ExtractConfig, unset=True)

@@ -26,3 +26,6 @@ class ExtractConfig:
     text_shard_size: int = _opt(1024, "Captions per text shard.")
     compressor: str | None = _opt(None, "Compression of the token arrays: zstd or blosc-zstd (default: none).")
     retry_failed: bool = _opt(False, "Decode the shards holding failed videos again (after fixing the files).")
+    token_layer: int | None = _opt(None, "Visual tokens of every open_clip encoder from the output of this transformer "
+                                         "block (negative: from the end, -2 = second-last), no final norm "
+                                         "(default: after the final norm). Same as the spec suffix model:tag@N.")

@@ -1,16 +1,23 @@
-"""Frozen image-text encoders built from open_clip (docs/ARCHITECTURE.md, "Encoders").
+"""The registry of frozen image-text encoders (docs/ARCHITECTURE.md, "Encoders").
 
 An :class:`EncoderSpec` names an open_clip architecture and its weights: an open_clip pretrained
 tag (``openai``, ``laion400m_s11b_b41k``, ...), a local checkpoint path (a ``state_dict`` saved
 with ``torch.save``) or ``None`` for random weights (initialised under a fixed torch seed, so the
-same spec always gives the same weights). :func:`load_encoder` builds a :class:`FrozenEncoder`.
+same spec always gives the same weights), and optionally the visual block the tokens are taken
+from (``token_layer``; ``model:tag@N``). ``blip2:/path/to/dir`` names a Hugging Face BLIP-2
+directory instead (``pipeline.blip2_encoder``). :func:`parse_encoder` reads every spec string and
+:func:`load_encoder` builds a :class:`FrozenEncoder` (open_clip) or a ``Blip2Encoder``; both are
+:class:`pipeline.encoder_base.Encoder`.
 
 Conventions of the outputs:
 
 * ``encode_frames`` -> visual tokens = CLS + patch tokens *before* the projection, after the
   final norm (``ln_post`` for open_clip's own VisionTransformer; ``trunk.forward_features`` for
   timm trunks such as EVA01-g-14), and the projected frame embedding, **not** L2-normalised
-  (it equals ``model.encode_image(x)``; heads normalise).
+  (it equals ``model.encode_image(x)``; heads normalise). With ``token_layer`` N the tokens are
+  the output of visual block N instead (``visual.transformer.resblocks[N]`` or
+  ``visual.trunk.blocks[N]``; negative N counts from the end, -2 = second-last as BLIP-2 reads
+  EVA ViT-g/14), with no final norm; the frame embedding is still ``model.encode_image(x)``.
 * ``encode_texts`` -> text tokens after ``ln_final`` truncated to ``max_tokens`` positions with a
   validity mask (``True`` for real tokens incl. start/end-of-text), and the projected text
   embedding computed from the full context, **not** L2-normalised (equals ``model.encode_text``).
@@ -21,7 +28,8 @@ The JSON configs in ``pipeline/model_configs/`` are registered with open_clip on
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +38,13 @@ import torch.nn.functional as F
 
 from core.errors import EncoderError
 from core.fileio import sha256_file
+from pipeline.encoder_base import Encoder
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 RANDOM_INIT_SEED = 0
+BLIP2 = "blip2"  # the spec prefix (and EncoderSpec.model) of a Hugging Face BLIP-2 directory
 _CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_LAYER_SUFFIX = re.compile(r"^(.*)@(-?\d+)$")
 _configs_registered = False
 
 
@@ -59,25 +70,39 @@ def is_checkpoint_path(pretrained: str | None) -> bool:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """An open_clip architecture name and its weights (tag, checkpoint path or None = random)."""
+    """An open_clip architecture name and its weights (tag, checkpoint path or None = random), and
+    the visual block the tokens come from (None: after the final norm); or, with ``model`` =
+    :data:`BLIP2`, a Hugging Face BLIP-2 directory in ``pretrained``."""
 
     model: str
     pretrained: str | None = None
+    token_layer: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"blip2"`` for a BLIP-2 directory, else ``"open_clip"``."""
+        return BLIP2 if self.model == BLIP2 else "open_clip"
 
     @property
     def is_checkpoint(self) -> bool:
-        return is_checkpoint_path(self.pretrained)
+        return self.kind == "open_clip" and is_checkpoint_path(self.pretrained)
 
     def short_name(self) -> str:
-        """A readable name for file names: ``model`` + tag, or + checkpoint file stem."""
+        """A readable name for file names: ``model`` + tag, or + checkpoint file stem (+ the token
+        layer when set); ``blip2-<directory name>`` for BLIP-2."""
+        if self.kind == BLIP2:
+            return f"{BLIP2}-{Path(str(self.pretrained)).name or 'model'}"
         if not self.pretrained:
-            return f"{self.model}-random"
-        if self.is_checkpoint:
-            return f"{self.model}-{Path(self.pretrained).stem}"
-        return f"{self.model}-{self.pretrained}"
+            name = f"{self.model}-random"
+        elif self.is_checkpoint:
+            name = f"{self.model}-{Path(self.pretrained).stem}"
+        else:
+            name = f"{self.model}-{self.pretrained}"
+        return name if self.token_layer is None else f"{name}-layer{self.token_layer}"
 
     def __str__(self) -> str:
-        return self.model if not self.pretrained else f"{self.model}:{self.pretrained}"
+        text = self.model if not self.pretrained else f"{self.model}:{self.pretrained}"
+        return text if self.token_layer is None else f"{text}@{self.token_layer}"
 
 
 PRESETS: dict[str, EncoderSpec] = {
@@ -88,14 +113,45 @@ PRESETS: dict[str, EncoderSpec] = {
 }
 
 
+def with_token_layer(spec: EncoderSpec, layer: int | None) -> EncoderSpec:
+    """``spec`` with its tokens taken from visual block ``layer`` (``--token-layer``); ``None``
+    leaves it as it is. Refused for BLIP-2 (its tokens are fixed) and for a spec that already names
+    another layer (``model:tag@N``)."""
+    if layer is None:
+        return spec
+    if spec.kind == BLIP2:
+        raise EncoderError(f"--token-layer {layer}: {spec} gives BLIP-2's own tokens (second-last EVA "
+                           f"block + ln_vision); the token layer is for open_clip encoders only")
+    if spec.token_layer is not None and spec.token_layer != int(layer):
+        raise EncoderError(f"--token-layer {layer} conflicts with encoder {spec} (layer {spec.token_layer})")
+    return replace(spec, token_layer=int(layer))
+
+
 def parse_encoder(text: str) -> EncoderSpec:
-    """Parse ``preset``, ``preset:weights``, ``model``, ``model:tag`` or ``model:/path/ckpt.pt``.
+    """Parse ``preset``, ``preset:weights``, ``model``, ``model:tag`` or ``model:/path/ckpt.pt``,
+    each optionally followed by ``@N`` (tokens from visual block N), or ``blip2:/path/to/dir``.
 
     A bare model name means random weights. ``hf-hub:`` model names are kept whole.
     """
     text = text.strip()
     if not text:
         raise EncoderError("empty encoder spec")
+    name, _, weights = text.partition(":")
+    if name == BLIP2:
+        if not weights:
+            raise EncoderError(f"encoder spec {text!r}: give the BLIP-2 directory, blip2:/path/to/dir")
+        if _LAYER_SUFFIX.match(weights) and not Path(weights).exists():
+            raise EncoderError(f"encoder spec {text!r}: BLIP-2's tokens are fixed (second-last EVA block + "
+                               f"ln_vision); '@N' is for open_clip encoders only")
+        return EncoderSpec(BLIP2, weights)
+    layer = None
+    m = _LAYER_SUFFIX.match(text)
+    if m:
+        text, layer = m.group(1), int(m.group(2))
+    return with_token_layer(_parse_open_clip(text), layer)
+
+
+def _parse_open_clip(text: str) -> EncoderSpec:
     if text in PRESETS:
         return PRESETS[text]
     if text.startswith("hf-hub:"):
@@ -109,20 +165,7 @@ def parse_encoder(text: str) -> EncoderSpec:
     return EncoderSpec(model, weights)
 
 
-def _resize_short_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (N,3,H,W) float so the shorter side is ``size`` (bicubic, antialiased), then
-    center-crop to ``size`` x ``size``."""
-    h, w = x.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        h, w = nh, nw
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
-
-
-class FrozenEncoder:
+class FrozenEncoder(Encoder):
     """An open_clip model in eval mode with token-level image and text encoders."""
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, tokenizer: Any,
@@ -140,11 +183,7 @@ class FrozenEncoder:
             if size[0] != size[1]:
                 raise EncoderError(f"{spec}: non-square image size {size} is not supported")
             size = size[0]
-        self.image_size: int = int(size)
-        self.mean: tuple[float, ...] = tuple(float(v) for v in cfg["mean"])
-        self.std: tuple[float, ...] = tuple(float(v) for v in cfg["std"])
-        self._mean_t = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        self._std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        self.set_image_format(int(size), cfg["mean"], cfg["std"], "short_crop")
         self._timm = hasattr(model.visual, "trunk")
         self._text = getattr(model, "text", None)  # CustomTextCLIP keeps its text tower here
         if self._text is not None and not hasattr(self._text, "ln_final"):
@@ -152,16 +191,33 @@ class FrozenEncoder:
                                f"(need open_clip's TextTransformer)")
         self.context_length: int = int(getattr(model, "context_length", 77))
         self._causal_only = self._text_is_causal_only()
-        with torch.no_grad():
-            tok, emb = self.encode_frames(torch.zeros(1, self.image_size, self.image_size, 3,
-                                                      dtype=torch.uint8))
-            ttok, _, temb = self.encode_texts(["a"], max_tokens=self.context_length)
-        self.num_tokens: int = int(tok.shape[1])
-        self.token_dim: int = int(tok.shape[2])
-        self.embed_dim: int = int(emb.shape[1])
-        self.text_dim: int = int(ttok.shape[2])
-        if temb.shape[1] != self.embed_dim:
-            raise EncoderError(f"{spec}: image embed {self.embed_dim} != text embed {temb.shape[1]}")
+        self.token_layer: int | None = None  # the visual block the tokens come from (0-based)
+        self.num_blocks: int = 0
+        self._token_block: torch.nn.Module | None = None
+        self._blocks_seq_first = False
+        if spec.token_layer is not None:
+            self._select_token_block(int(spec.token_layer))
+        self.probe_dims()
+
+    def _select_token_block(self, layer: int) -> None:
+        """Take the tokens from the output of visual block ``layer`` (negative: from the end)."""
+        visual = self.model.visual
+        if self._timm:
+            blocks = getattr(visual.trunk, "blocks", None)
+        else:
+            blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+            self._blocks_seq_first = not getattr(visual.transformer, "batch_first", True)
+        if blocks is None or len(blocks) == 0:
+            raise EncoderError(f"{self.spec}: --token-layer needs a visual tower with transformer blocks "
+                               f"(visual.transformer.resblocks or visual.trunk.blocks); "
+                               f"{type(visual).__name__} has none")
+        n = len(blocks)
+        if not -n <= layer < n:
+            raise EncoderError(f"{self.spec}: --token-layer {layer} is out of range: the visual tower has {n} "
+                               f"blocks (0..{n - 1}, or -{n}..-1 from the end)")
+        self.num_blocks = n
+        self.token_layer = layer % n
+        self._token_block = blocks[self.token_layer]
 
     def _text_is_causal_only(self) -> bool:
         """Whether the text tower attends with a causal mask only (no padding mask / cls)."""
@@ -176,7 +232,8 @@ class FrozenEncoder:
 
     # -- identity -------------------------------------------------------------------------
     def identity(self) -> dict:
-        """JSON-serialisable description of what produced the features (no local paths)."""
+        """JSON-serialisable description of what produced the features (no local paths);
+        ``token_layer`` (the 0-based visual block) appears only when it was set."""
         p = self.spec.pretrained
         if not p:
             weights = {"kind": "random", "seed": RANDOM_INIT_SEED}
@@ -184,29 +241,40 @@ class FrozenEncoder:
             weights = {"kind": "checkpoint", "sha256": sha256_file(p)}
         else:
             weights = {"kind": "open_clip", "tag": p}
-        return {"name": self.spec.model, "weights": weights, "image_size": self.image_size,
-                "mean": list(self.mean), "std": list(self.std), "num_tokens": self.num_tokens,
-                "token_dim": self.token_dim, "embed_dim": self.embed_dim,
-                "text_dim": self.text_dim, "context_length": self.context_length,
-                "tokens": "cls+patches after final norm, before projection",
-                "emb": "projected, not normalised"}
+        ident = {"name": self.spec.model, "weights": weights, "image_size": self.image_size,
+                 "mean": list(self.mean), "std": list(self.std), "num_tokens": self.num_tokens,
+                 "token_dim": self.token_dim, "embed_dim": self.embed_dim,
+                 "text_dim": self.text_dim, "context_length": self.context_length,
+                 "tokens": "cls+patches after final norm, before projection",
+                 "emb": "projected, not normalised"}
+        if self.token_layer is not None:
+            ident["token_layer"] = self.token_layer
+            ident["tokens"] = (f"cls+patches output of visual block {self.token_layer} of {self.num_blocks}, "
+                               f"no final norm, before projection")
+        return ident
 
     # -- images ---------------------------------------------------------------------------
-    def preprocess(self, frames_uint8: torch.Tensor) -> torch.Tensor:
-        """(N,H,W,3) uint8 (any device) -> (N,3,S,S) normalised float on the encoder device."""
-        if frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
-            raise ValueError(f"expected frames (N,H,W,3), got {tuple(frames_uint8.shape)}")
-        x = torch.as_tensor(frames_uint8).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
-        x = _resize_short_crop(x, self.image_size).clamp_(0, 255) / 255.0
-        x = (x - self._mean_t) / self._std_t
-        return x.to(self.dtype).contiguous()
-
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed (N,3,S,S) -> (tokens (N,num_tokens,token_dim), emb (N,embed_dim))."""
-        visual = self.model.visual
         x = x.to(self.device, self.dtype)
+        if self._token_block is None:
+            return self._encode_images(x)
+        caught: list[torch.Tensor] = []
+        hook = self._token_block.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            _, emb = self._encode_images(x)
+        finally:
+            hook.remove()
+        if len(caught) != 1:
+            raise EncoderError(f"{self.spec}: visual block {self.token_layer} ran {len(caught)} times in one pass")
+        tokens = caught[0][0] if isinstance(caught[0], tuple) else caught[0]
+        if self._blocks_seq_first:
+            tokens = tokens.transpose(0, 1)
+        return tokens.contiguous(), emb
+
+    def _encode_images(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.model.visual
         if self._timm:
             tokens = visual.trunk.forward_features(x)
             emb = visual.head(visual.trunk.forward_head(tokens))
@@ -218,11 +286,6 @@ class FrozenEncoder:
         if visual.proj is not None:
             pooled = pooled @ visual.proj
         return tokens, pooled
-
-    @torch.no_grad()
-    def encode_frames(self, frames_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,H,W,3) uint8 frames -> (tokens (N,num_tokens,token_dim), emb (N,embed_dim))."""
-        return self.encode_images(self.preprocess(torch.as_tensor(frames_uint8)))
 
     # -- texts ----------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -280,12 +343,18 @@ class FrozenEncoder:
         return tokens, mask, pooled
 
 
-def load_encoder(spec: EncoderSpec | str, device: str | torch.device = "cpu") -> FrozenEncoder:
-    """Build the frozen encoder for ``spec`` (a spec or a string for :func:`parse_encoder`)."""
-    import open_clip
-
+def load_encoder(spec: EncoderSpec | str, device: str | torch.device = "cpu") -> Encoder:
+    """Build the frozen encoder for ``spec`` (a spec or a string for :func:`parse_encoder`): a
+    :class:`FrozenEncoder` for open_clip, a ``pipeline.blip2_encoder.Blip2Encoder`` for
+    ``blip2:/path/to/dir``."""
     if isinstance(spec, str):
         spec = parse_encoder(spec)
+    if spec.kind == BLIP2:
+        from pipeline.blip2_encoder import load_blip2
+
+        return load_blip2(spec, device=device)
+    import open_clip
+
     register_model_configs()
     if spec.model not in open_clip.list_models() and not spec.model.startswith("hf-hub:"):
         raise EncoderError(f"unknown open_clip model {spec.model!r} (registered configs in "

@@ -23,7 +23,8 @@ import numpy as np
 from core.fileio import write_json
 from pipeline.config import ExtractConfig
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
-from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder, parse_encoder
+from pipeline.encoder_base import Encoder
+from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
 from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_name
 from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path
 
@@ -127,21 +128,26 @@ def _in_part(i: int, part: tuple[int, int] | None) -> bool:
     return part is None or i % part[1] == part[0]
 
 
-def _as_encoder(e: EncoderSpec | str | FrozenEncoder, device: str) -> FrozenEncoder:
-    if isinstance(e, FrozenEncoder):
+def _as_encoder(e: EncoderSpec | str | Encoder, device: str, token_layer: int | None) -> Encoder:
+    """A built encoder, or the encoder of a spec with ``token_layer`` applied (``--token-layer``)."""
+    if isinstance(e, Encoder):
+        if token_layer is not None and getattr(e.spec, "token_layer", None) != token_layer:
+            raise ValueError(f"token_layer={token_layer} but encoder {e.spec} was built with "
+                             f"token layer {getattr(e.spec, 'token_layer', None)}")
         return e
-    return load_encoder(parse_encoder(e) if isinstance(e, str) else e, device=device)
+    spec = parse_encoder(e) if isinstance(e, str) else e
+    return load_encoder(with_token_layer(spec, token_layer), device=device)
 
 
 class ShardBuffer:
     """Per-encoder arrays of one video shard, filled batch by batch."""
 
-    def __init__(self, n: int, T: int, enc: FrozenEncoder) -> None:
+    def __init__(self, n: int, T: int, enc: Encoder) -> None:
         self.tokens = np.zeros((n, T, enc.num_tokens, enc.token_dim), dtype=np.float16)
         self.emb = np.zeros((n, T, enc.embed_dim), dtype=np.float32)
 
 
-def encode_batch(enc: FrozenEncoder, items: list[tuple[int, DecodeResult]],
+def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
                   buf: ShardBuffer) -> int:
     """Encode the valid frames of ``items`` (local row, result) in one forward pass."""
     import torch
@@ -160,7 +166,7 @@ def encode_batch(enc: FrozenEncoder, items: list[tuple[int, DecodeResult]],
     return pos
 
 
-def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder],
+def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             store_paths: Sequence[str | os.PathLike], config: ExtractConfig | None = None, *, device: str = "cpu",
             part: tuple[int, int] | None = None, progress: bool = True, decode_fn: DecodeFn | None = None,
             **options: Any) -> ExtractReport:
@@ -188,7 +194,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
     rows = manifest_rows(manifest)
-    encs = [_as_encoder(e, device) for e in encoders]
+    encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     msha = manifest.sha256()
     stores: list[CacheStore] = []
     for enc, path in zip(encs, store_paths):
@@ -254,7 +260,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | FrozenEncoder]
     return report
 
 
-def _extract_texts(encs: list[FrozenEncoder], stores: list[CacheStore], rows: _Rows,
+def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
                    max_text_tokens: int, batch: int, part: tuple[int, int] | None,
                    report: ExtractReport, progress: bool) -> None:
     """Encode every pending text shard of every store."""
@@ -294,7 +300,7 @@ def _extract_texts(encs: list[FrozenEncoder], stores: list[CacheStore], rows: _R
     report.text_seconds += time.perf_counter() - t0
 
 
-def _extract_videos(encs: list[FrozenEncoder], stores: list[CacheStore],
+def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
                     todo: list[tuple[int, list[int]]], results: Any, T: int, S: int, V: int,
                     batch_size: int, report: ExtractReport, progress: bool) -> None:
     """Consume decoded videos shard by shard; encode in frame batches; write whole shards."""

@@ -123,10 +123,11 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
                    config: Any = None, device: str = "cpu", **options: Any) -> tuple[Any, list[str]]:
     """Extract ``manifest`` with every encoder (decoded once) into one store each: ``stores``, or
     ``<work>/stores/<dataset>-<encoder>.zarr``. Returns (``ExtractReport``, store paths)."""
-    from pipeline.encoders import parse_encoder
+    from pipeline.encoders import parse_encoder, with_token_layer
     from pipeline.extract import extract
 
-    specs = [parse_encoder(e) for e in default_encoders(work, manifest, encoders)]
+    layer = options.get("token_layer", getattr(config, "token_layer", None))
+    specs = [with_token_layer(parse_encoder(e), layer) for e in default_encoders(work, manifest, encoders)]
     if stores and len(stores) != len(specs):
         raise UsageError(f"got {len(stores)} --store for {len(specs)} --encoder; give one per encoder or none")
     paths = list(stores) if stores else [str(work.store_path(manifest.dataset, s.short_name())) for s in specs]
