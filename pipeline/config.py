@@ -26,3 +26,4 @@ class ExtractConfig:
     text_shard_size: int = _opt(1024, "Captions per text shard.")
     compressor: str | None = _opt(None, "Compression of the token arrays: zstd or blosc-zstd (default: none).")
     retry_failed: bool = _opt(False, "Decode the shards holding failed videos again (after fixing the files).")
+    thumbnails: int = _opt(3, "Small JPEGs of the sampled frames stored per video, for reports (0: none).")
