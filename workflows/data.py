@@ -167,3 +167,12 @@ def probe_synthetic_encoders(work: WorkDir, manifest: Manifest, encoders: Sequen
         names[label if label not in names else s] = s
     results = {label: probe_encoder(manifest, s, work.encoders_dir, steps=steps) for label, s in names.items()}
     return results, write_probes(results, out or work.root / "reports" / "probes.json")
+
+
+def add_store_thumbnails(store: str, manifest: Manifest, workers: int = 2, timeout: float = 60.0,
+                         progress: bool = True) -> Any:
+    """Give the store made from ``manifest`` the thumbnails it lacks (``pipeline.extract.add_thumbnails``:
+    decodes the videos again, encodes nothing). Returns the ``ThumbnailReport``."""
+    from pipeline.extract import add_thumbnails
+
+    return add_thumbnails(store, manifest, workers=workers, timeout=timeout, progress=progress)
