@@ -167,7 +167,8 @@ def build_context(rerank_dir: str | os.PathLike, runs: Sequence[str | os.PathLik
             "before": [{"video_id": c.video_id, "rank": c.rank, "positive": c.positive, "score": f"{c.score:.3f}",
                         "thumb": _thumb(thumbs, c.video_id, 0)} for c in q.before],
             "after": [{"video_id": c.video_id, "rank": c.rank, "positive": c.positive,
-                       "score": f"{c.score:.3f} ({c.stage_one_score:.3f} {c.head_score:+.3f})",
+                       "score": f"{c.score:.3f}" if rr.run.get("dsl") else
+                       f"{c.score:.3f} = {c.stage_one_score:.3f} {c.head_score:+.3f}",
                        "thumb": _thumb(thumbs, c.video_id, 0)} for c in q.after]})
     kinds = {k: sum(q.kind == k for q in samples) for k in ("improved", "hurt", "random")}
     sample_line = (f"{kinds['improved']} most improved, {kinds['hurt']} most hurt and {kinds['random']} random "
@@ -180,9 +181,11 @@ def build_context(rerank_dir: str | os.PathLike, runs: Sequence[str | os.PathLik
         "notes": notes, "k": rr.k, "max_k": opts.max_k, "metric_columns": columns, "metric_rows": rows,
         "plots": plots, "groups": group_rows,
         "groups_outside": (groups.get("outside top K") or {}).get("n") if groups else None,
-        "runs": [{"name": r.name, "path": str(r.path), "source": r.source,
+        "runs": [{"name": r.name, "path": str(r.path), "source": r.source, "selected": r.selected,
                   "svg": data_uri(training_svg(r), "image/svg+xml")} for r in curves_runs],
         "samples": sample_items, "sample_line": sample_line,
+        "score_line": ("scores: stage one's before, the dual-softmax of cosine + head score after" if rr.run.get("dsl")
+                       else "scores: stage one's cosine before, cosine + head score = final score after"),
     }
 
 

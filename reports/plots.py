@@ -38,8 +38,13 @@ def _svg(fig) -> str:
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
-    return fig
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _integer_axis(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def recall_svg(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], k: int, complete: bool = True) -> str:
@@ -71,6 +76,10 @@ def rank_change_svg(changes: Mapping[str, Mapping[int, int]]) -> str:
         ys = np.array([hist[x] for x in xs], dtype=np.int64)
         colors = [RERANKED if x > 0 else "#d62728" if x < 0 else STAGE_ONE for x in xs]
         ax.bar(xs, ys, color=colors, width=0.8)
+        reach = max([3, *np.abs(xs).tolist()])
+        ax.set_xlim(-reach - 0.5, reach + 0.5)
+        _integer_axis(ax.xaxis)
+        _integer_axis(ax.yaxis)
         ax.set_xlabel("places moved by the re-ranker (up > 0)")
         ax.set_ylabel("queries")
         total = int(ys.sum())
@@ -117,8 +126,10 @@ def training_svg(run: RunCurves) -> str:
         ax = row[0]
         if x.size:
             tx, ty = _thin(x, loss)
-            ax.plot(tx, ty, color=RERANKED, lw=0.6, alpha=0.35, label="per step" if x.size > 50 else "loss")
-            if x.size > 50:
+            many = x.size > 50
+            ax.plot(tx, ty, color=RERANKED, lw=0.6 if many else 1.4, alpha=0.35 if many else 1.0,
+                    label="per step" if many else "loss")
+            if many:
                 sx, sy = _thin(x, _smooth(loss))
                 ax.plot(sx, sy, color=RERANKED, lw=1.6, label="moving average")
             ax.legend(fontsize=7)
@@ -145,10 +156,10 @@ def training_svg(run: RunCurves) -> str:
         else:
             ax.text(0.5, 0.5, "no validation in this phase", ha="center", va="center", transform=ax.transAxes,
                     color="#777")
-        ax.set_title("validation" + (f": {run.selected}" if run.selected and x.size else ""), fontsize=10)
+        ax.set_title("validation score", fontsize=10)
         ax.set_xlabel("step")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
-    fig.suptitle(run.name, fontsize=11)
     return _svg(fig)
 
 
