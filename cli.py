@@ -513,7 +513,8 @@ def report_cmd(rerank_dir, runs, out, store, manifest, improved, hurt, random_, 
 @device_option
 def demo_cmd(work_dir, seed, device) -> None:
     """The synthetic benchmark end to end: generate, pretrain encoder, extract, train stage one and
-    stage two, evaluate stage one and the re-ranked top 15 on the test split."""
+    stage two, evaluate stage one and the re-ranked top 15 on the test split; ends with the path of
+    its HTML report."""
     from workflows.experiments import demo
 
     demo(WorkDir(work_dir), seed=seed, device=resolve_device(device), echo=click.echo)
