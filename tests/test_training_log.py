@@ -79,6 +79,35 @@ def test_stage_two_logs_both_phases_and_resume_does_not_repeat_steps(token_world
             by_key[key(r)]["loss" if r["kind"] == "step" else "score"], rel=1e-6)
 
 
+def test_the_log_changes_nothing_in_the_weights(token_world: dict, tmp_path: Path, monkeypatch) -> None:
+    """The same runs with a log that records nothing end with the same weights, bit for bit."""
+    import heads.stage_one.train as s1_train
+    import heads.stage_two.itc as itc_module
+    import heads.stage_two.train as s2_train
+
+    w = token_world
+    kw = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+              num_threads=1, itc_steps=4, itc_batch=16, itc_cluster=2, itc_weight=1.0)
+    train, val = make_split("train", 40, 2, seed=0), make_split("val", 16, 1, seed=1)
+    runs = {}
+    for name in ("logged", "silent"):
+        if name == "silent":
+            class Silent:
+                def __init__(self, *a, **k) -> None: ...
+                def step(self, *a, **k) -> None: ...
+                def validation(self, *a, **k) -> None: ...
+                def close(self) -> None: ...
+            for module in (s1_train, s2_train, itc_module):
+                monkeypatch.setattr(module, "TrainingLog", Silent)
+        one = train_stage_one(train, val, tmp_path / name / "s1", head="seqTransf", epochs=2, batch_size=16, seed=0,
+                              progress=False)
+        two = train_stage_two(w["train"], w["val"], w["stage_one"], tmp_path / name / "s2", **kw)
+        runs[name] = [torch.load(p, weights_only=True)["state_dict"] for p in (one, two)]
+    assert (tmp_path / "logged" / "s2" / LOG_NAME).is_file() and not (tmp_path / "silent" / "s2" / LOG_NAME).exists()
+    for a, b in zip(runs["logged"], runs["silent"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_log_reader_and_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=LOG_NAME):
         read_training_log(tmp_path)
