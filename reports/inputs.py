@@ -109,7 +109,8 @@ class RunCurves:
     name: str
     path: Path
     source: str                                   # "training_log.jsonl" or "history.json (per epoch)"
-    phases: dict[str, dict[str, list]] = field(default_factory=dict)  # phase -> {"step", "loss", "lr", "val_step", "val_score", "val_metrics"}
+    # phase -> {"step", "loss", "lr", "val_step", "val_score", "val_metrics"}
+    phases: dict[str, dict[str, list]] = field(default_factory=dict)
     selected: str | None = None                   # what the validation score is ("val rsum", ...)
 
 
