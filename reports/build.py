@@ -81,7 +81,7 @@ def metric_table(rr: RerankOutputs) -> tuple[list[str], list[dict]]:
             if c == "n" or before.get(c) is None or after.get(c) is None:
                 cells.append({"metric": c, "text": "", "css": ""})
                 continue
-            delta = float(after[c]) - float(before[c])
+            delta = round(float(after[c]) - float(before[c]), 1) + 0.0  # + 0.0: no "-0.0"
             better = delta > 0 if c.startswith("R@") else delta < 0
             cells.append({"metric": c, "text": f"{delta:+.1f}", "css": "" if delta == 0 else
                           ("up" if better else "down")})
