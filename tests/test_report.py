@@ -218,3 +218,20 @@ def test_report_in_headless_chromium(reranked: dict, chromium: dict, tmp_path: P
 
     img = np.asarray(Image.open(tmp_path / "report.png").convert("L"))
     assert img.std() > 10  # a page was drawn, not a blank window
+
+
+def test_the_demo_writes_its_report_next_to_the_reranking(reranked: dict, tmp_path: Path) -> None:
+    """What the demo's last step calls: the report beside the re-ranking's outputs, with every run's curves."""
+    from workflows.reports import demo_runs, retrieval_report
+    from workflows.workdir import WorkDir
+
+    work = WorkDir(tmp_path / "work")
+    rerank = work.reports_dir("rerank-test")
+    shutil.copytree(reranked["rerank"], rerank)
+    for run in reranked["runs"]:
+        shutil.copytree(run, work.root / "runs" / run.name)
+    runs = demo_runs(work)
+    assert [r.name for r in runs] == ["stage1-meanP", "stage2-crosstvr"]
+    path, ctx = retrieval_report(rerank, runs)
+    assert path == rerank / "report.html" and path.is_file()
+    assert [r["name"] for r in ctx["runs"]] == ["stage1-meanP", "stage2-crosstvr"]
