@@ -134,7 +134,8 @@ def build_context(rerank_dir: str | os.PathLike, runs: Sequence[str | os.PathLik
             continue
         _, before, after, full = positive_ranks(rr, d)
         complete &= full
-        curves[d] = (recall_curve(before, opts.max_k), recall_curve(after, opts.max_k))
+        last = opts.max_k if full else min(opts.max_k, rr.k)  # without the ranks file: known up to K only
+        curves[d] = (recall_curve(before, last), recall_curve(after, last))
         changes[d] = rank_changes(before, after, rr.k)
     if not complete:
         notes.append(f"{rr.path} has no positive_ranks.parquet (written by `rerank` since reports exist): the "
