@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: install test demo compare extract bench clean-work help
+.PHONY: install test browser demo compare extract bench clean-work help
 
 help:
 	@echo "make demo                 set up and run the synthetic benchmark end to end"
@@ -32,7 +32,15 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# the report's browser test needs headless chromium: installed here when missing and we are root (CI);
+# elsewhere the test installs it itself if it can, or is skipped saying why
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver \
+		  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }; } \
+		|| echo "chromium not installed (needs root and apt-get): the browser test will be skipped"; }
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -233,6 +233,31 @@ def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stor
     check_extraction(report, max_failed)
 
 
+@main.group("cache")
+def cache_group() -> None:
+    """Work on an existing token store (thumbnails)."""
+
+
+@cache_group.command("thumbnails")
+@click.option("--store", required=True, help="Local token store path (made by `extract`).")
+@click.option("--manifest", type=click.Path(), help="The store's manifest directory (its videos must be at hand).")
+@click.option("--dataset", help="Or: the registered dataset whose manifest is built under --work-dir.")
+@work_dir_option
+@click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
+@click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
+@data_root_option
+@click.option("--workers", default=2, show_default=True, help="Decoder worker processes.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds before a video's decoding is abandoned.")
+def cache_thumbnails_cmd(store, manifest, dataset, work_dir, annotations, videos, data_root, workers, timeout) -> None:
+    """Add the thumbnails a store made before they existed lacks: decodes its videos again (the same
+    frames it sampled), encodes nothing; resumable, shards that have them are skipped."""
+    from workflows.data import add_store_thumbnails, load_manifest
+
+    m = load_manifest(WorkDir(work_dir), dataset, manifest, annotations, videos, None, data_root)
+    report = add_store_thumbnails(store, m, workers=workers, timeout=timeout)
+    click.echo(report.summary())
+
+
 # -- stage one -------------------------------------------------------------------------------------
 STAGE_ONE_SKIP = ("head_config", "device", "num_threads", "prefetch", "progress")
 
@@ -517,6 +542,32 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
     click.echo(f"report: {json_path}")
 
 
+# -- reports ---------------------------------------------------------------------------------------
+@main.command("report")
+@click.option("--rerank-dir", required=True, help="Output directory of `rerank` (metrics.json, run.json, ranked lists).")
+@click.option("--run", "runs", multiple=True, help="Training run directory whose curves to show; repeatable.")
+@click.option("-o", "--out", help="HTML file to write (default RERANK_DIR/report.html).")
+@click.option("--store", help="Token store with the thumbnails (default: the store the re-ranking used).")
+@click.option("--manifest", type=click.Path(), help="The store's manifest directory, for caption texts and the "
+                                                    "synthetic groups (default: found in the store's work dir).")
+@click.option("--improved", default=5, show_default=True, help="Queries the re-ranker improved most to show.")
+@click.option("--hurt", default=5, show_default=True, help="Queries the re-ranker hurt most to show.")
+@click.option("--random", "random_", default=5, show_default=True, help="Random queries to show.")
+@click.option("--max-k", default=50, show_default=True, help="The recall curve's last K.")
+@seed_option
+def report_cmd(rerank_dir, runs, out, store, manifest, improved, hurt, random_, max_k, seed) -> None:
+    """One self-contained HTML page of a re-ranking: metrics, recall@K curves, rank changes, training
+    curves of the given runs, within-group accuracy (synthetic benchmark) and sample queries with
+    their top 5 before and after re-ranking (thumbnails from the store)."""
+    from workflows.reports import ReportOptions, retrieval_report
+
+    options = ReportOptions(improved=improved, hurt=hurt, random=random_, seed=seed, max_k=max_k)
+    path, context = retrieval_report(rerank_dir, runs, out, store, manifest, options)
+    for note in context["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"report: {path}")
+
+
 # -- demo ------------------------------------------------------------------------------------------
 @main.command("demo")
 @work_dir_option
@@ -524,7 +575,8 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
 @device_option
 def demo_cmd(work_dir, seed, device) -> None:
     """The synthetic benchmark end to end: generate, pretrain encoder, extract, train stage one and
-    stage two, evaluate stage one and the re-ranked top 15 on the test split."""
+    stage two, evaluate stage one and the re-ranked top 15 on the test split; ends with the path of
+    its HTML report."""
     from workflows.experiments import demo
 
     demo(WorkDir(work_dir), seed=seed, device=resolve_device(device), echo=click.echo)

@@ -28,29 +28,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.groups import group_members, within_group_accuracy  # noqa: E402  (the library's, shared with reports)
+
 
 def manifest_videos(manifest_dir: str | Path) -> dict[str, dict]:
     """``{video_id: row}`` of a synthetic manifest's ``videos.parquet`` (read once, shared)."""
     import pyarrow.parquet as pq
 
     return {r["video_id"]: r for r in pq.read_table(Path(manifest_dir) / "videos.parquet").to_pylist()}
-
-
-def group_members(video_ids: list, by_id: dict[str, dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Per split video row: its group label (-1 = not in a group) and the attribute its group varies."""
-    group = np.full(len(video_ids), -1, dtype=np.int64)
-    varied = np.empty(len(video_ids), dtype=object)
-    labels: dict = {}
-    for i, vid in enumerate(video_ids):
-        rec = by_id.get(vid)
-        if rec is None:
-            raise KeyError(f"video {vid!r} of the store is not in the manifest's videos.parquet")
-        g = rec.get("group_id")
-        if g is None or g == "" or (isinstance(g, (int, np.integer)) and g < 0):
-            continue
-        group[i] = labels.setdefault(g, len(labels))
-        varied[i] = rec.get("varied")
-    return group, varied
 
 
 def selector_hit_rate(head, split, rows: dict[str, dict], max_videos: int = 256,
@@ -90,22 +75,6 @@ def selector_hit_rate(head, split, rows: dict[str, dict], max_videos: int = 256,
     m = int(head.num_selected)
     chance = (m - 1) / (n_tok - 1) if head.keep_cls else m / n_tok
     return {"hit_rate": 100.0 * hits / max(1, total), "random": 100.0 * chance, "frames": total}
-
-
-def within_group_accuracy(scores: dict[str, np.ndarray], caps: np.ndarray, cand: np.ndarray,
-                          own: np.ndarray, attr: np.ndarray) -> dict[str, dict[str, float]]:
-    """``scores[name]`` (Q, G): each caption's score against its group's members ``cand`` (Q, G);
-    ``own`` (Q,) column of the right member; ``attr`` (Q,) the varied attribute.
-    Returns {name: {attribute: accuracy %, "all": ...}} (strictly highest counts as right)."""
-    out: dict[str, dict[str, float]] = {}
-    for name, s in scores.items():
-        pos = s[np.arange(len(own)), own]
-        others = np.where(np.arange(s.shape[1])[None, :] == own[:, None], -np.inf, s)
-        right = pos > others.max(axis=1)
-        res = {a: float(100.0 * right[attr == a].mean()) for a in sorted(set(attr.tolist()))}
-        res["all"] = float(100.0 * right.mean())
-        out[name] = res
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

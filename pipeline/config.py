@@ -29,3 +29,4 @@ class ExtractConfig:
     token_layer: int | None = _opt(None, "Visual tokens of every open_clip encoder from the output of this transformer "
                                          "block (negative: from the end, -2 = second-last), no final norm "
                                          "(default: after the final norm). Same as the spec suffix model:tag@N.")
+    thumbnails: int = _opt(3, "Small JPEGs of the sampled frames stored per video, for reports (0: none).")

@@ -8,6 +8,10 @@ videos get status 2 and their reason in the store (a short "kind: line", the dec
 apart; ``failures.json`` next to the arrays of a local store lists both) and are skipped; the run
 always finishes, and its report says what every store holds afterwards. ``retry_failed`` decodes
 the shards holding failed videos again (when the files have appeared or been repaired).
+
+Each video shard also gets its videos' thumbnails (``pipeline.thumbnails``, from the frames decoded
+for the encoders; ``thumbnails=0`` makes none); ``add_thumbnails`` gives them to a store made before
+thumbnails existed, decoding the videos again but encoding nothing.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import StoreMismatchError
 from core.fileio import write_json
 from pipeline.config import ExtractConfig
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
 from pipeline.encoder_base import Encoder
 from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
-from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_name
+from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_fps, strategy_name
 from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path
+from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE, thumbnails_of
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 FAILURES_JSON = "failures.json"
@@ -183,6 +189,8 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         c.timeout
     max_text_tokens, batch_size, text_batch_size = c.max_text_tokens, c.batch_size, c.text_batch_size
     text_shard_size, compressor, retry_failed = c.text_shard_size, c.compressor, c.retry_failed
+    if c.thumbnails < 0:
+        raise ValueError(f"thumbnails must be >= 0, got {c.thumbnails}")
 
     t_start = time.perf_counter()
     if len(encoders) != len(store_paths):
@@ -208,6 +216,8 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         stores.append(CacheStore.open_or_create(path, layout, rows.video_ids, rows.video_splits,
                                                 rows.caption_ids, rows.caption_video,
                                                 rows.caption_splits))
+        if c.thumbnails:
+            stores[-1].add_thumbnail_arrays(c.thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
     report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids))
     S = shard_size
     V = len(rows.video_ids)
@@ -239,7 +249,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                        progress)
         if results is not None:
             _extract_videos(encs, stores, todo, results, num_frames, S, V, batch_size, report,
-                            progress)
+                            progress, c.thumbnails)
     finally:
         if results is not None:
             results.close()
@@ -302,8 +312,9 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
 
 def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
                     todo: list[tuple[int, list[int]]], results: Any, T: int, S: int, V: int,
-                    batch_size: int, report: ExtractReport, progress: bool) -> None:
-    """Consume decoded videos shard by shard; encode in frame batches; write whole shards."""
+                    batch_size: int, report: ExtractReport, progress: bool, thumbnails: int = 0) -> None:
+    """Consume decoded videos shard by shard; encode in frame batches; write whole shards (with
+    ``thumbnails`` JPEGs of each video, when the stores hold them)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(min(V, (i + 1) * S) - i * S for i, _ in todo), unit="video",
@@ -319,6 +330,7 @@ def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
         times = np.full((n, T), PAD_TIME, dtype=np.float32)
         pending: list[tuple[int, DecodeResult]] = []
         pending_frames = 0
+        thumbs: list[list[bytes]] = [[] for _ in range(n)]
 
         def flush() -> None:
             nonlocal pending, pending_frames
@@ -344,6 +356,8 @@ def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
                 report.decoders[res.decoder or "?"] = report.decoders.get(res.decoder or "?", 0) + 1
                 pending.append((row, res))
                 pending_frames += int(res.mask.sum())
+                if thumbnails:
+                    thumbs[row] = thumbnails_of(res.frames, res.mask, thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
                 report.ok += 1
                 if pending_frames >= batch_size:
                     flush()
@@ -357,5 +371,107 @@ def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
         for k in need:
             stores[k].write_shard(i, status=status, error=error, tokens=bufs[k].tokens,
                                   frame_emb=bufs[k].emb, frame_mask=mask, frame_index=index,
-                                  frame_time=times, error_detail=detail, decoder=decoder)
+                                  frame_time=times, error_detail=detail, decoder=decoder,
+                                  thumbnails=thumbs if thumbnails else None)
     bar.close()
+
+
+# ------------------------------------------------------------------------------ thumbnails only
+@dataclass
+class ThumbnailReport:
+    """What one ``add_thumbnails`` call did."""
+
+    store: str
+    shards_done: int = 0       # shards given thumbnails in this run
+    shards_skipped: int = 0    # shards that had them already
+    videos: int = 0            # videos given thumbnails in this run
+    failed: dict[str, str] = field(default_factory=dict)   # decoding failed now: video id -> reason
+    other_frames: int = 0      # videos whose frames decoded now differ from those the store sampled
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"thumbnails: {self.videos} videos in {self.shards_done} shards, {self.shards_skipped} shards had "
+                 f"them already; {len(self.failed)} failed to decode; {self.seconds:.1f}s  ({self.store})"]
+        if self.other_frames:
+            lines.append(f"{self.other_frames} videos decoded to other frames than the store sampled (the video files "
+                         f"changed?): their thumbnails show the frames decoded now")
+        for vid, reason in list(self.failed.items())[:10]:
+            lines.append(f"  {vid}: {reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def add_thumbnails(store_path: str | os.PathLike, manifest: Any, *, workers: int = 2, timeout: float = 60.0,
+                   count: int = THUMBNAIL_COUNT, max_side: int = THUMBNAIL_SIDE, max_bytes: int = THUMBNAIL_BYTES,
+                   decode_fn: DecodeFn | None = None, progress: bool = True) -> ThumbnailReport:
+    """Give every video of the store at ``store_path`` whose extraction succeeded its thumbnails, decoding
+    the video files ``manifest`` (the store's own, checked by its hash) lists; shards that have them are
+    skipped. ``StoreMismatchError`` when the manifest is not the store's."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    store = CacheStore.open(store_path, mode="r+")
+    want = store.attrs.get("manifest_sha256")
+    have = manifest.sha256()
+    if have != want:
+        raise StoreMismatchError(f"{store_path}: the store was made from another manifest (store: sha256 "
+                                 f"{str(want)[:12]}, --manifest: {have[:12]}); give the store's own manifest")
+    rows = manifest_rows(manifest)
+    if rows.video_ids != store.video_ids:
+        raise StoreMismatchError(f"{store_path}: the manifest lists other videos than the store")
+    store.add_thumbnail_arrays(count, max_side, max_bytes)
+    info = store.attrs["thumbnails"]
+    report = ThumbnailReport(store=os.fspath(store_path))
+    done = store.thumbnail_shards()
+    todo = [i for i in range(store.num_shards) if i not in done]
+    report.shards_skipped = store.num_shards - len(todo)
+    if not todo:
+        report.seconds = time.perf_counter() - t0
+        return report
+    status = store.status()
+    sampling = store.attrs["sampling"]
+    want_index = np.asarray(store.array("videos/frame_index")[...])
+    jobs = [(i, [r for r in range(*store.shard_range(i)) if status[r] == STATUS_OK]) for i in todo]
+    tasks = [rows.tasks[r] for _, rs in jobs for r in rs]
+    # decoded as extraction decodes for this encoder, so the thumbnails are those extraction would make
+    short_side = int(store.encoder_identity.get("image_size") or info["max_side"])
+    pool = DecodePool(int(sampling["num_frames"]), short_side, workers=workers, timeout=timeout,
+                      decode_fn=decode_fn, sample_fps=strategy_fps(sampling["strategy"]))
+    results = pool.map(tasks) if tasks else iter(())
+    bar = tqdm(total=len(tasks), unit="video", desc="thumbnails", disable=not progress)
+    try:
+        for i, ok_rows in jobs:
+            lo, hi = store.shard_range(i)
+            shard: list[list[bytes]] = [[] for _ in range(hi - lo)]
+            for r in ok_rows:
+                res = next(results)
+                if res.video_id != store.video_ids[r]:
+                    raise RuntimeError(f"decode results out of order: got {res.video_id!r} for row {r}")
+                bar.update(1)
+                if not res.ok:
+                    report.failed[res.video_id] = res.reason or "decode error"
+                    continue
+                valid = want_index[r][want_index[r] >= 0]
+                if not np.array_equal(np.asarray(res.indices)[np.asarray(res.mask, bool)], valid):
+                    report.other_frames += 1
+                shard[r - lo] = thumbnails_of(res.frames, res.mask, int(info["count"]), int(info["max_side"]),
+                                              int(info["max_bytes"]))
+                report.videos += 1
+            store.write_thumbnails(i, shard)
+            report.shards_done += 1
+    finally:
+        bar.close()
+        if hasattr(results, "close"):
+            results.close()
+        pool.close()
+    store.consolidate()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def missing_thumbnails(store: CacheStore) -> int:
+    """How many video shards of ``store`` lack thumbnails (all of them for a store without the arrays)."""
+    return store.num_shards - len(store.thumbnail_shards())
+

@@ -90,6 +90,20 @@ def strategy_name(sample_fps: float | None = None) -> str:
     return STRATEGY if not sample_fps else f"{STRATEGY}@{float(sample_fps):g}fps"
 
 
+def strategy_fps(name: str) -> float | None:
+    """The frames per second of a strategy name of ``strategy_name`` (``None``: uniform over the clip);
+    ``ValueError`` for a name it did not write."""
+    if name == STRATEGY:
+        return None
+    prefix = f"{STRATEGY}@"
+    if name.startswith(prefix) and name.endswith("fps"):
+        try:
+            return float(name[len(prefix):-len("fps")])
+        except ValueError:
+            pass
+    raise ValueError(f"unknown sampling strategy {name!r} (known: {STRATEGY}, {STRATEGY}@<F>fps)")
+
+
 def sample_frames(num_video_frames: int, fps: float, num_frames: int, start: float | None = None,
                   end: float | None = None, sample_fps: float | None = None) -> FrameSample:
     """Sample ``num_frames`` frames uniformly from a clip, or ``sample_fps`` frames per second of

@@ -32,6 +32,12 @@ Layout (schema version 2; ``V`` videos, ``T`` frames, ``N`` visual tokens of wid
       shards/done         (num_shards,) bool       chunk 1: video shard i written whole
       shards/text_done    (num_text_shards,) bool  chunk 1: text shard j written whole
 
+    optional (stores made before thumbnails existed lack them; ``add_thumbnails`` adds them):
+      videos/thumbnails       (V, K, B) uint8   chunk (S, K, B), zstd   K JPEGs per video, zero-padded
+      videos/thumbnail_bytes  (V, K) int32      chunk (S, K)   length of each JPEG (0: none)
+      shards/thumbnails_done  (num_shards,) bool chunk 1: thumbnails of video shard i written whole
+                              attrs["thumbnails"] = {"count": K, "max_side": px, "max_bytes": B, "format": "jpeg"}
+
 Every array is aligned to the shards, so video shard ``i`` (rows ``[i*S, (i+1)*S)``) and text
 shard ``j`` are each written whole by exactly one writer, then marked done; separate processes
 may fill disjoint shards of one store. Rows: videos sorted by (split, video_id); captions by
@@ -61,6 +67,7 @@ from core.split import StagedSplit
 from pipeline.staging import STAGE_ARRAYS, stage_split
 
 __all__ = ["CacheStore", "StoreLayout", "StagedSplit", "StoreError", "StoreMismatchError", "STAGE_ARRAYS",
+           "THUMBNAIL_ARRAYS",
            "STATUS_PENDING", "STATUS_OK", "STATUS_FAILED", "fingerprint_of", "local_path", "layout_dict"]
 
 SCHEMA_VERSION = 2
@@ -71,6 +78,8 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 ERROR_BYTES = 200  # the short failure reason ("kind: one line")
 DETAIL_BYTES = 1000  # the decoder's raw message
 DECODER_BYTES = 16  # which decoder served the video (decord, pyav)
+THUMBNAIL_ARRAYS = ("videos/thumbnails", "videos/thumbnail_bytes")
+THUMBNAILS_DONE = "shards/thumbnails_done"
 # Keys of the attrs that must equal the request for a store to be reused.
 MATCH_KEYS = ("dataset", "manifest_sha256", "encoder", "sampling",
               "max_text_tokens", "shard_size", "text_shard_size", "num_videos", "num_captions")
@@ -424,10 +433,12 @@ class CacheStore:
     def write_shard(self, i: int, *, status: np.ndarray, error: Sequence[str],
                     tokens: np.ndarray, frame_emb: np.ndarray, frame_mask: np.ndarray,
                     frame_index: np.ndarray, frame_time: np.ndarray,
-                    error_detail: Sequence[str] | None = None, decoder: Sequence[str] | None = None) -> None:
+                    error_detail: Sequence[str] | None = None, decoder: Sequence[str] | None = None,
+                    thumbnails: Sequence[Sequence[bytes]] | None = None) -> None:
         """Write every array of video shard ``i`` at once, then mark it done. ``error``: the short
         failure reason of each video ("" when ok), ``error_detail``: the raw message, ``decoder``:
-        which decoder served each video."""
+        which decoder served each video, ``thumbnails``: each video's JPEGs (written, and marked
+        done, when the store has thumbnail arrays)."""
         self._check_writable()
         lo, hi = self.shard_range(i)
         n = hi - lo
@@ -449,7 +460,82 @@ class CacheStore:
         self._forget_chunks(data, i)
         for name, value in data.items():
             self.array(name)[lo:hi] = value
+        if thumbnails is not None and self.has_thumbnails:
+            self.write_thumbnails(i, thumbnails)
         self.array("shards/done")[i] = True
+
+    # -- thumbnails -------------------------------------------------------------------------
+    @property
+    def has_thumbnails(self) -> bool:
+        """Whether the store has the thumbnail arrays (filled or not: see ``thumbnail_shards``)."""
+        return all(self.has_array(n) for n in (*THUMBNAIL_ARRAYS, THUMBNAILS_DONE))
+
+    def add_thumbnail_arrays(self, count: int, max_side: int, max_bytes: int) -> None:
+        """Create the (empty) thumbnail arrays when the store lacks them, ``count`` JPEGs of at most
+        ``max_bytes`` bytes per video; a store that has them keeps its own sizes."""
+        from zarr.codecs import ZstdCodec
+
+        self._check_writable()
+        if self.has_thumbnails:
+            return
+        if count < 1 or max_bytes < 1:
+            raise ValueError("thumbnail count and bytes must be >= 1")
+        V, S = self.num_videos, max(1, self.shard_size)
+        # kept in the cache: this open group reads its children from the consolidated metadata it was
+        # opened with, which the consolidation below updates only for later readers
+        self._cache["videos/thumbnails"] = self._g.create_array(
+            "videos/thumbnails", shape=(V, count, max_bytes), chunks=(S, count, max_bytes), dtype="uint8",
+            fill_value=0, compressors=(ZstdCodec(level=3),), overwrite=True)
+        self._cache["videos/thumbnail_bytes"] = self._g.create_array(
+            "videos/thumbnail_bytes", shape=(V, count), chunks=(S, count), dtype="int32", fill_value=0,
+            overwrite=True)
+        self._cache[THUMBNAILS_DONE] = self._g.create_array(
+            THUMBNAILS_DONE, shape=(self.num_shards,), chunks=(1,), dtype="bool", fill_value=False, overwrite=True)
+        info = {"count": int(count), "max_side": int(max_side), "max_bytes": int(max_bytes), "format": "jpeg"}
+        self._g.attrs.update({"thumbnails": info})
+        self.attrs["thumbnails"] = info
+        self.consolidate()
+
+    def thumbnail_shards(self) -> set[int]:
+        """Video shards whose thumbnails are written (none for a store without thumbnail arrays)."""
+        if not self.has_thumbnails or not self.num_shards:
+            return set()
+        return set(np.flatnonzero(self.array(THUMBNAILS_DONE)[...]).tolist())
+
+    def write_thumbnails(self, i: int, thumbnails: Sequence[Sequence[bytes]]) -> None:
+        """Write the JPEGs of every video of shard ``i`` at once (``thumbnails[row]``: that video's, at
+        most ``count``; empty for a failed video), then mark the shard's thumbnails done."""
+        self._check_writable()
+        lo, hi = self.shard_range(i)
+        if len(thumbnails) != hi - lo:
+            raise ValueError(f"shard {i}: {len(thumbnails)} thumbnail lists for {hi - lo} videos")
+        arr = self.array("videos/thumbnails")
+        _, count, width = arr.shape
+        data = np.zeros((hi - lo, count, width), dtype=np.uint8)
+        sizes = np.zeros((hi - lo, count), dtype=np.int32)
+        for r, jpegs in enumerate(thumbnails):
+            if len(jpegs) > count:
+                raise ValueError(f"video row {lo + r}: {len(jpegs)} thumbnails, the store holds {count}")
+            for k, b in enumerate(jpegs):
+                if len(b) > width:
+                    raise ValueError(f"video row {lo + r}: thumbnail of {len(b)} bytes, the store holds {width}")
+                data[r, k, :len(b)] = np.frombuffer(b, dtype=np.uint8)
+                sizes[r, k] = len(b)
+        self._forget_chunks(THUMBNAIL_ARRAYS, i)
+        arr[lo:hi] = data
+        self.array("videos/thumbnail_bytes")[lo:hi] = sizes
+        self.array(THUMBNAILS_DONE)[i] = True
+
+    def thumbnails(self, rows: Sequence[int]) -> list[list[bytes]]:
+        """The JPEGs of the video ``rows`` (an empty list for a video without any)."""
+        rows = [int(r) for r in rows]
+        if not self.has_thumbnails or not rows:
+            return [[] for _ in rows]
+        order = np.unique(rows)
+        sizes = np.asarray(self.array("videos/thumbnail_bytes").get_orthogonal_selection((order, slice(None))))
+        data = np.asarray(self.array("videos/thumbnails").get_orthogonal_selection((order, slice(None), slice(None))))
+        at = {r: j for j, r in enumerate(order.tolist())}
+        return [[data[at[r], k, :n].tobytes() for k, n in enumerate(sizes[at[r]]) if n > 0] for r in rows]
 
     def _forget_chunks(self, names: Sequence[str], index: int) -> None:
         """Delete the stored chunk (or shard) ``index`` of every array in ``names`` before it is

@@ -75,3 +75,38 @@ def token_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     s1 = train_stage_one(train, val, out_dir=root / "s1", head="meanP", epochs=2, batch_size=32, lr=1e-2, seed=0,
                          progress=False)
     return {"root": root, "train": train, "val": val, "test": test, "stage_one": s1}
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> dict:
+    """Debian's headless Chromium and its driver for the browser tests: installed with apt-get where missing
+    and this process may (root, apt-get present, CROSSTVR_NO_APT unset), else the test is skipped saying why."""
+    import shutil
+    import subprocess
+
+    def found() -> bool:
+        return Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()
+
+    if not found():
+        if os.environ.get("CROSSTVR_NO_APT"):
+            pytest.skip(f"{CHROMIUM} / {CHROMEDRIVER} missing and CROSSTVR_NO_APT is set: "
+                        f"apt-get install chromium chromium-driver")
+        if shutil.which("apt-get") is None or os.geteuid() != 0:
+            pytest.skip(f"{CHROMIUM} / {CHROMEDRIVER} missing and cannot be installed here (needs root and apt-get): "
+                        f"apt-get install chromium chromium-driver")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:  # a clean machine may not have the package lists yet
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if not found():
+            pytest.skip(f"could not install chromium with apt-get: {(done.stderr or done.stdout).strip()[-300:]}")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -r requirements.txt)")
+    return {"browser": CHROMIUM, "driver": CHROMEDRIVER}

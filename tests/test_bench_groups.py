@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.groups import within_group_accuracy
+from core.groups import within_group_accuracy
 
 
 def test_within_group_accuracy_per_attribute_and_ties() -> None:
@@ -48,3 +48,28 @@ def test_error_types_splits_errors_into_near_duplicates_and_other_scenes(tmp_pat
                              "stage_one_errors_in_group": 1, "reranked_errors": 1, "reranked_errors_in_group": 0}
     assert out["random scene"]["stage_one_errors"] == 1 and out["random scene"]["reranked_R@1"] == 100.0
     assert out["random scene"]["stage_one_errors_in_group"] == 0
+
+
+def test_within_group_accuracy_from_ranked_lists() -> None:
+    from core.groups import ranked_within_group
+
+    by_id = {"a": {"group_id": "g1", "varied": "motion"}, "b": {"group_id": "g1", "varied": "motion"},
+             "c": {"group_id": "g2", "varied": "timing"}, "d": {"group_id": "g2", "varied": "timing"},
+             "e": {"group_id": "", "varied": ""}}
+    rows = []
+
+    def query(qid, ranked, stage_one_order, positive):
+        for rank, cand in enumerate(ranked, 1):
+            rows.append((qid, cand, rank, stage_one_order.index(cand) + 1, cand == positive))
+
+    query("a#0", ["a", "e", "b"], ["b", "a", "e"], "a")  # stage one puts b above a, re-ranked a above b
+    query("b#0", ["a", "b", "e"], ["b", "a", "e"], "b")  # re-ranking hurts
+    query("c#0", ["e", "c", "a"], ["e", "c", "a"], "c")  # d outside the top K: right both times
+    query("d#0", ["e", "a", "b"], ["e", "a", "b"], "d")  # d itself outside the top K: left out
+    query("e#0", ["e", "a", "b"], ["e", "a", "b"], "e")  # not grouped
+    res = ranked_within_group(*zip(*rows), by_id=by_id, caption_video={q: q[0] for q in "a#0 b#0 c#0 d#0 e#0".split()})
+    assert res["motion"] == {"n": 2, "stage one": 50.0, "re-ranked": 50.0}
+    assert res["timing"] == {"n": 1, "stage one": 100.0, "re-ranked": 100.0}
+    assert res["all"]["n"] == 3 and res["all"]["re-ranked"] == pytest.approx(200 / 3)
+    assert res["outside top K"] == {"n": 1}
+    assert ranked_within_group(*zip(*rows[-3:]), by_id=by_id) == {}

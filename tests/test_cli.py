@@ -17,7 +17,7 @@ from worlds import run_cli
 def test_help_lists_every_stage():
     out = run_cli(["--help"])
     for cmd in ("datasets", "heads", "make-manifest", "extract", "pretrain-encoder", "train-stage-one", "eval",
-                "train-head", "rerank", "demo"):
+                "train-head", "rerank", "report", "cache", "demo"):
         assert cmd in out
 
 

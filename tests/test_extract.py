@@ -189,7 +189,8 @@ def test_strings_are_portable(tmp_path, manifest, micro):
     extract(manifest, [micro], [store_path], num_frames=T, shard_size=2, text_shard_size=5, progress=False)
     g = zarr.open_group(str(store_path), mode="r")
     names = [f"{grp}/{n}" for grp in ("videos", "texts", "shards") for n in g[grp].array_keys()]
-    assert {"videos/ids", "videos/split", "videos/error", "videos/error_detail", "texts/ids", "texts/split"} <= set(names)
+    assert {"videos/ids", "videos/split", "videos/error", "videos/error_detail", "texts/ids", "texts/split",
+            "videos/thumbnails", "videos/thumbnail_bytes", "shards/thumbnails_done"} <= set(names)
     for name in names:
         ts_arr = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store_path / name)}},
                                   read=True).result()

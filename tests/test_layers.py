@@ -3,6 +3,8 @@
 * ``core`` (the torch-free leaf) and ``manifests`` import nothing of ours but themselves;
 * ``pipeline`` imports only ``core``, ``manifests`` and itself;
 * ``heads`` imports only ``core`` and itself (never decoding, manifests or the pipeline's jobs);
+* ``reports`` imports ``core``, ``manifests`` and ``pipeline`` (the store's thumbnails), never ``heads``:
+  it reads the files runs and re-rankings wrote;
 * ``workflows`` may import every library package; ``cli.py`` and ``bench/`` are imported by nothing;
 * no module imports a private (``_name``) name from another module;
 * no import cycles between modules.
@@ -14,15 +16,16 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "manifests", "pipeline", "heads", "workflows", "bench")
+PACKAGES = ("core", "manifests", "pipeline", "heads", "reports", "workflows", "bench")
 ALLOWED = {
     "core": {"core"},
     "manifests": {"manifests"},
     "pipeline": {"core", "manifests", "pipeline"},
     "heads": {"core", "heads"},
-    "workflows": {"core", "manifests", "pipeline", "heads", "workflows"},
-    "cli": {"core", "manifests", "pipeline", "heads", "workflows", "cli"},
-    "bench": {"core", "manifests", "pipeline", "heads", "workflows", "bench"},
+    "reports": {"core", "manifests", "pipeline", "reports"},
+    "workflows": {"core", "manifests", "pipeline", "heads", "reports", "workflows"},
+    "cli": {"core", "manifests", "pipeline", "heads", "reports", "workflows", "cli"},
+    "bench": {"core", "manifests", "pipeline", "heads", "reports", "workflows", "bench"},
 }
 
 

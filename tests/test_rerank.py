@@ -263,6 +263,17 @@ def test_rerank_cli_on_a_tiny_store(tiny_runs, tmp_path):
     assert t2v.num_rows == 3 * metrics["stage one"]["t2v"]["n"]
     run = json.loads((tmp_path / "rr" / "run.json").read_text())
     assert run["pairs_scored"] <= run["candidates"]
+    # every query's positive's rank over the split, before and after: the metrics follow from them
+    ranks = pq.read_table(tmp_path / "rr" / "positive_ranks.parquet").to_pydict()
+    for d in ("t2v", "v2t"):
+        rows = [i for i, x in enumerate(ranks["direction"]) if x == d]
+        before = np.array([ranks["stage_one_rank"][i] for i in rows])
+        after = np.array([ranks["reranked_rank"][i] for i in rows])
+        assert len(rows) == metrics["stage one"][d]["n"]
+        for name, r in (("stage one", before), ("re-ranked", after)):
+            for k in (1, 3):
+                assert 100.0 * (r <= k).mean() == pytest.approx(metrics[name][d][f"R@{k}"])
+        assert (before[before > 3] == after[before > 3]).all()  # beyond K nothing moves
 
 
 def test_rerank_refuses_a_head_of_another_encoder(tiny_runs, tmp_path):

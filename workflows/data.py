@@ -194,3 +194,12 @@ def caption_texts(work: WorkDir | None, split: Any, manifest: str | Path | None 
         raise UsageError(f"{directory}: {len(missing)} captions of split {split.split!r} are not in the manifest "
                          f"(first: {missing[0]!r})")
     return [text[c] for c in split.caption_ids]
+
+
+def add_store_thumbnails(store: str, manifest: Manifest, workers: int = 2, timeout: float = 60.0,
+                         progress: bool = True) -> Any:
+    """Give the store made from ``manifest`` the thumbnails it lacks (``pipeline.extract.add_thumbnails``:
+    decodes the videos again, encodes nothing). Returns the ``ThumbnailReport``."""
+    from pipeline.extract import add_thumbnails
+
+    return add_thumbnails(store, manifest, workers=workers, timeout=timeout, progress=progress)

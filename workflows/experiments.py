@@ -20,6 +20,7 @@ from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
 from workflows.data import extract_stores, make_manifest, synthetic_encoder
+from workflows.reports import demo_runs, retrieval_report
 from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
@@ -29,8 +30,8 @@ DEMO_K = 15
 
 def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) -> Path:
     """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
-    and stage two, evaluate stage one and the re-ranked top 15 on the test split. Returns the
-    re-ranking metrics file."""
+    and stage two, evaluate stage one and the re-ranked top 15 on the test split, and write the HTML
+    report of it (``<work>/reports/rerank-test/report.html``). Returns the re-ranking metrics file."""
     t0 = time.time()
     echo("[1/6] synthetic benchmark")
     m = make_manifest(work, "synthetic", options={"seed": seed})
@@ -66,7 +67,9 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     echo(f"[6/6] test split: stage one vs its top {DEMO_K} re-ranked")
     paths, table, _ = rerank_split(work, store, stage_one, head_ckpt, split="test", k=DEMO_K, device=device)
     echo(table)
-    echo(f"report: {paths['metrics']}   total {time.time() - t0:.0f}s")
+    echo(f"report: {paths['metrics']}")
+    html, _ = retrieval_report(paths["metrics"].parent, demo_runs(work))
+    echo(f"HTML report: {html}   (open it in a browser; total {time.time() - t0:.0f}s)")
     return paths["metrics"]
 
 

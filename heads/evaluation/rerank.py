@@ -30,6 +30,7 @@ captions x videos, higher = better.
 
 Outputs (``write_outputs``): ``ranked_t2v.parquet`` / ``ranked_v2t.parquet`` with the K re-ranked
 candidates of every query (positions beyond K are the stage-one order: ``sim`` alone ranks them),
+``positive_ranks.parquet`` (every query's positive's rank over the whole split, before and after),
 ``metrics.json`` (stage one vs re-ranked, T2V and V2T), ``metrics.txt`` (the printed table) and
 ``run.json`` (K, pair count, timings, identities).
 """
@@ -190,6 +191,22 @@ class RerankResult:
             out["re-ranked"]["v2t"] = ranks_to_metrics(v2t_ranks(self.v2t_matrix, self.caption_video), ks)
         return out
 
+    def positive_ranks(self, direction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(query rows, stage-one ranks, re-ranked ranks)`` of ``direction``'s queries: the 1-based
+        rank of each query's positive over the whole split, as the metrics count it (T2V: every
+        caption; V2T: every captioned video, its best caption)."""
+        if direction == "t2v" and self.t2v_matrix is not None:
+            queries = np.arange(self.caption_video.size)
+            before = t2v_ranks(self.stage_one_t2v, self.caption_video)
+            after = t2v_ranks(self.t2v_matrix, self.caption_video)
+        elif direction == "v2t" and self.v2t_matrix is not None:
+            queries = v2t_query_videos(self.caption_video, self.sim.shape[1])
+            before = v2t_ranks(self.stage_one_v2t, self.caption_video)
+            after = v2t_ranks(self.v2t_matrix, self.caption_video)
+        else:
+            raise ValueError(f"direction {direction!r} was not re-ranked")
+        return queries, before + 1, after + 1
+
     def side_by_side(self, metrics: Mapping | None = None) -> dict[str, dict[str, float]]:
         """Flat rows ``"t2v stage one"``, ``"t2v re-ranked"``, ``"v2t ..."`` for ``format_table``."""
         m = self.metrics() if metrics is None else metrics
@@ -316,8 +333,14 @@ def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Ma
     ``coverage`` (``core.split.check_complete``'s entry) goes into ``metrics.json`` as ``"split"``
     and heads the table.
 
-    Returns ``({"t2v": path, "v2t": path, "metrics": path, "table": path, "run": path}, table)``.
+    Also ``positive_ranks.parquet``: per direction and query, the 1-based rank of its positive over
+    the whole split before and after re-ranking (direction, query_id, query_index, stage_one_rank,
+    reranked_rank), from which the metrics (and a report's recall curve) follow.
+
+    Returns ``({"t2v": path, "v2t": path, "ranks": path, "metrics": path, "table": path, "run": path},
+    table)``.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(out_dir)
@@ -329,6 +352,20 @@ def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Ma
             continue
         paths[d] = out / f"ranked_{d}.parquet"
         pq.write_table(ranked_table(res, split, d), paths[d])
+    ranks = []
+    for d in DIRECTIONS:
+        if (res.t2v_candidates if d == "t2v" else res.v2t_candidates) is None:
+            continue
+        queries, before, after = res.positive_ranks(d)
+        ids = list(split.caption_ids) if d == "t2v" else list(split.video_ids)
+        ranks.append(pa.table({"direction": pa.array([d] * queries.size, pa.string()),
+                               "query_id": pa.array([ids[i] for i in queries], pa.string()),
+                               "query_index": pa.array(queries, pa.int64()),
+                               "stage_one_rank": pa.array(before, pa.int64()),
+                               "reranked_rank": pa.array(after, pa.int64())}))
+    if ranks:
+        paths["ranks"] = out / "positive_ranks.parquet"
+        pq.write_table(pa.concat_tables(ranks), paths["ranks"])
     metrics = res.metrics()
     table = split_title(coverage) + format_table(res.side_by_side(metrics))
     if title:

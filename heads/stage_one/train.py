@@ -3,7 +3,8 @@
 ``train_stage_one(train, val, out_dir, config)`` trains the head ``config.head`` for
 ``config.epochs`` epochs of batches with one random caption per video (``EpochSampler``), keeps the
 epoch with the best val rsum (R@1+5+10 of both directions; the last epoch without val) and writes
-``out_dir/stage_one.pt`` and ``out_dir/history.json``. A finished run with the same arguments on
+``out_dir/stage_one.pt``, ``out_dir/history.json`` and ``out_dir/training_log.jsonl`` (every step's loss
+and learning rate, every validation's metrics: ``core.training_log``). A finished run with the same arguments on
 the same store is reused as is (its file, and so the identity stage-two heads record, stays).
 """
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from core.fileio import jsonable, write_json
 from core.metrics import rsum
 from core.split import Split
+from core.training_log import TrainingLog
 from heads.evaluation.similarity import evaluate
 from heads.registry import create_head
 from heads.stage_one.checkpoint import CHECKPOINT_NAME, HISTORY_NAME
@@ -68,6 +70,7 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
         history: list[dict] = []
         best = BestState()
         bar = tqdm(total=total, desc=f"stage one [{cfg.head}]", disable=not cfg.progress, leave=False)
+        log = TrainingLog(out, "stage_one")
         step = 0
         for epoch in range(cfg.epochs):
             model.train()
@@ -79,10 +82,12 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                model.decay_text_proj(scheduler.get_last_lr()[0], cfg.weight_decay)
+                lr = scheduler.get_last_lr()[0]
+                model.decay_text_proj(lr, cfg.weight_decay)
                 scheduler.step()
                 step += 1
                 losses.append(loss.item())
+                log.step(step, losses[-1], lr, epoch=epoch)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
             record: dict[str, Any] = {
@@ -93,11 +98,13 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
             if val is not None:
                 record["val"] = evaluate(model, val, device=cfg.device)
                 record["val_rsum"] = score = rsum(record["val"])
+                log.validation(step, record["val"], score, epoch)
             else:
                 score = float(epoch)  # no val split: keep the last epoch
             best.update(score, epoch, model)
             history.append(record)
         bar.close()
+        log.close()
 
     summary = {"best_epoch": best.epoch, "selected_on": None if val is None else f"{val.split} rsum",
                "best_score": None if val is None else best.score, "epochs": history}

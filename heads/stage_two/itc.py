@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from core.errors import RunMismatchError
 from core.split import Split
+from core.training_log import TrainingLog
 from heads.stage_two.pairs import ItmBatch, load_pairs
 from heads.training.common import make_optimizer, save
 
@@ -120,7 +121,9 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
 
     ``state_path`` holds the resumable state (model, optimizer, step); a state whose
     ``args`` differ from ``args`` raises ``RunMismatchError``. ``max_steps`` stops early (resumable).
-    History: one record per ``save_every`` steps (mean loss, in-batch caption->video accuracy).
+    History: one record per ``save_every`` steps (mean loss, in-batch caption->video accuracy); every
+    step's loss, learning rate and accuracy also go to ``training_log.jsonl`` beside ``state_path``
+    (phase ``itc``, ``core.training_log``).
     ``precision``: a callable returning the forward pass's autocast context (default: none).
     """
     if not supports_itc(model):
@@ -153,6 +156,7 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
                       "step": step, "history": history, "finished": finished, "args": args}, state_path)
 
     num_videos = len(train.video_ids)
+    log = TrainingLog(state_path.parent, "itc", step)
     model.train()
     bar = tqdm(total=steps, initial=step, desc="stage two contrastive pre-training", disable=not progress,
                dynamic_ncols=True)
@@ -162,6 +166,7 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
         if max_steps is not None and step >= max_steps:
             save_state(False)
             bar.close()
+            log.close()
             return False, history
         rng = np.random.default_rng([int(seed), int(step), 0x17C])
         captions, videos = itc_batch(train.caption_video, num_videos, batch_size, rng, neighbours, cluster)
@@ -173,10 +178,12 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
         with torch.no_grad():
             hits = float((logits.argmax(dim=1) == torch.arange(logits.shape[0], device=logits.device)).sum())
+        log.step(step, float(loss.detach()), lr, acc=hits / logits.shape[0])
         acc_loss += float(loss.detach()) * logits.shape[0]
         acc_hits += hits
         acc_n += logits.shape[0]
@@ -189,4 +196,5 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
             t0 = time.perf_counter()
             save_state(step >= steps)
     bar.close()
+    log.close()
     return True, history

@@ -23,7 +23,8 @@ model, optimizer, scheduler and RNG state, so an interrupted run (or one stopped
 continues where it stopped and ends with exactly the weights of an uninterrupted run on CPU.
 
 Files in ``out_dir``: ``stage_two.pt`` (``heads.stage_two.checkpoint``), ``train_state.pt`` (resume
-state), ``itc_state.pt`` (the contrastive phase's resume state) and ``history.json``.
+state), ``itc_state.pt`` (the contrastive phase's resume state), ``history.json`` and ``training_log.jsonl`` (every step's loss and learning rate, every
+validation's metrics, for both phases: ``core.training_log``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError, RunMismatchError
 from core.fileio import json_diff, jsonable, write_json
 from core.split import Split
+from core.training_log import TrainingLog
 from heads.evaluation.similarity import encode_texts, encode_videos, similarity
 from heads.registry import create_head
 from heads.stage_one.checkpoint import load_stage_one
@@ -209,6 +211,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
             itm_max_steps = None if cfg.max_steps is None else max(0, cfg.max_steps - int(cfg.itc_steps))
             bar = tqdm(total=total, initial=step, desc=f"stage two [{cfg.head}]",
                        disable=not cfg.progress or stopped, dynamic_ncols=True)
+            log = TrainingLog(out, "itm", step) if not stopped and step < total else None
             while step < total and not stopped:
                 epoch, offset = divmod(step, steps_per_epoch)
                 plan = epoch_plan(sampler, negatives, epoch, cfg.seed, cfg.hard_negatives,
@@ -240,9 +243,12 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    lr = scheduler.get_last_lr()[0]
                     scheduler.step()
                     step += 1
                     hits = int((logits.argmax(dim=1) == batch.labels).sum())
+                    log.step(step, loss.item(), lr, epoch=epoch, acc=hits / batch.labels.numel(),
+                             hard_share=float(item.hard_share))
                     acc_loss += float(loss.item()) * batch.labels.numel()
                     acc_hits += hits
                     acc_n += batch.labels.numel()
@@ -262,6 +268,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 if valset is not None:
                     record["val"] = valset.evaluate(model, cfg.eval_batch, cfg.device)
                     score = selection_score(record["val"])
+                    log.validation(step, record["val"], score, epoch)
                 else:
                     score = float(epoch)  # no val split: keep the last epoch
                 best.update(score, epoch, model)
@@ -275,6 +282,8 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 _save_state(state_path, model, optimizer, scheduler, step, history, best, train_args,
                             finished=step >= total, partial=None)
             bar.close()
+            if log is not None:
+                log.close()
 
     finished = step >= total
     best_state = best.state if best.state is not None else model.state_dict()
