@@ -138,6 +138,4 @@ def text_view(split: Split, text_input: str) -> Split:
 def _replace(split: Split, **changes: Any) -> Split:
     if not is_dataclass(split):
         raise TypeError(f"caption ids need a dataclass split (StagedSplit), got {type(split).__name__}")
-    fields = split.__dataclass_fields__
-    changes = {k: v for k, v in changes.items() if k in fields}
     return replace(split, **changes)
