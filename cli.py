@@ -481,8 +481,13 @@ def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, num_threa
 @manifest_text_option
 @device_option
 @allow_incomplete_option
+@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False),
+              help="An `index build` directory of this split and stage one: the T2V candidate lists come from "
+                   "its search (exact or approximate) instead of the full similarity's top K.")
+@click.option("--nprobe", type=int, help="IVF index: cells scanned per query [default: the index's].")
+@click.option("--ef-search", type=int, help="HNSW index: candidates kept per query [default: the index's].")
 def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batch_size, work_dir, stage_dir, out,
-               manifest, device, allow_incomplete) -> None:
+               manifest, device, allow_incomplete, index_dir, nprobe, ef_search) -> None:
     """Re-rank every query's stage-one top K with a stage-two head (final = cosine + head score).
 
     Writes ranked_t2v.parquet / ranked_v2t.parquet (each query's re-ranked top K), metrics.json
@@ -492,7 +497,12 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
 
     paths, table, res = rerank_split(WorkDir(work_dir, stage_dir), store, stage_one, head_ckpt, split=split, k=k,
                                      dsl=dsl, dsl_temperature=dsl_temperature, out=out, device=resolve_device(device),
-                                     batch_size=batch_size, allow_incomplete=allow_incomplete, manifest=manifest)
+                                     batch_size=batch_size, allow_incomplete=allow_incomplete, manifest=manifest,
+                                     index=index_dir, nprobe=nprobe, ef_search=ef_search)
+    if index_dir:
+        info = json.loads(paths["run"].read_text())["t2v_candidates_from_index"]
+        click.echo(f"T2V candidates from the {info['kind']} index {index_dir}: "
+                   f"{100 * info['recall@K vs exact']:.1f}% of the exact top {k}")
     click.echo(table)
     click.echo(f"{res.num_pairs} pairs scored in {res.seconds['scoring']:.1f}s; outputs: {paths['metrics'].parent}")
 
@@ -540,6 +550,78 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
     click.echo(f"test split, top {k} re-ranked (model selection on val)")
     click.echo(table)
     click.echo(f"report: {json_path}")
+
+
+# -- index and search ------------------------------------------------------------------------------
+@main.group("index")
+def index_group() -> None:
+    """A FAISS index of a split's stage-one video embeddings (for `search` and `rerank --index`)."""
+
+
+@index_group.command("build")
+@store_option
+@click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
+              help="Stage-one checkpoint (stage_one.pt or its run dir): its video embeddings are indexed.")
+@click.option("--split", default="test", show_default=True, help="The split whose videos are indexed.")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
+              help="flat: exact inner product; ivf / hnsw: approximate (recall vs exact measured and saved).")
+@click.option("--option", "options", multiple=True,
+              help="Index option key=value: ivf nlist, nprobe, train_size; hnsw m, ef_construction, ef_search.")
+@click.option("--out", help="Index directory (default work-dir/indexes/<store>-<split>-<stage one>-<kind>).")
+@click.option("--threads", type=int, help="FAISS threads (default: all cores).")
+@work_dir_option
+@stage_dir_option
+@seed_option
+@device_option
+def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_dir, stage_dir, seed, device) -> None:
+    """Encode the split's videos with the stage one and index them (index.faiss, video_ids.json, index.json)."""
+    from workflows.search import build_video_index
+
+    vi = build_video_index(WorkDir(work_dir, stage_dir), store, stage_one, split=split, kind=kind,
+                           options=parse_key_values(options, "--option"), out=out, device=resolve_device(device),
+                           threads=threads, seed=seed)
+    click.echo(f"{vi.kind} index of {vi.size} videos ({vi.meta['dim']}-d, split {split!r}) built in "
+               f"{vi.meta['build_seconds']:.1f}s: {vi.path}")
+    rec = vi.meta.get("recall")
+    if rec:
+        click.echo(f"recall vs exact on {rec['queries']} captions: R@10 {100 * rec['recall@10']:.1f}%  "
+                   f"R@100 {100 * rec['recall@100']:.1f}% (of the top {rec['k_max']})")
+
+
+@main.command("search")
+@store_option
+@click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
+              help="Stage-one checkpoint (stage_one.pt or its run dir).")
+@click.option("--head", "head_ckpt", type=click.Path(exists=True),
+              help="Stage-two checkpoint: re-rank each query's --candidates best by cosine + head score.")
+@click.argument("queries", nargs=-1, required=True)
+@click.option("--split", default="test", show_default=True, help="The split searched (the index's).")
+@click.option("--k", "k", default=10, show_default=True, help="Videos printed per query.")
+@click.option("--candidates", default=15, show_default=True, help="Stage-one candidates the head re-ranks.")
+@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False),
+              help="An `index build` directory (default: the exact index under work-dir/indexes, built if missing).")
+@click.option("--nprobe", type=int, help="IVF index: cells scanned per query.")
+@click.option("--ef-search", type=int, help="HNSW index: candidates kept per query.")
+@click.option("--encoder", help="The store's frozen encoder (spec or checkpoint) when its weights are local files "
+                                "(default: found under work-dir/encoders by the store's encoder identity).")
+@click.option("--out", help="Also write the results to this .json or .parquet file.")
+@click.option("--batch-size", default=64, show_default=True, help="Pairs per head forward pass.")
+@work_dir_option
+@stage_dir_option
+@device_option
+def search_cmd(store, stage_one, head_ckpt, queries, split, k, candidates, index_dir, nprobe, ef_search, encoder,
+               out, batch_size, work_dir, stage_dir, device) -> None:
+    """Text-to-video search: each QUERY is encoded by the store's own text encoder and stage one, the
+    index gives the top videos of the split (cosine), and with --head they are re-ranked."""
+    from workflows.search import format_results, search_videos, write_results
+
+    table = search_videos(WorkDir(work_dir, stage_dir), store, stage_one, list(queries), head_ckpt=head_ckpt,
+                          split=split, k=k, candidates=candidates, index=index_dir, encoder=encoder,
+                          device=resolve_device(device), batch_size=batch_size, nprobe=nprobe, ef_search=ef_search,
+                          echo=click.echo)
+    click.echo(format_results(table))
+    if out:
+        click.echo(f"results: {write_results(table, out)}")
 
 
 # -- reports ---------------------------------------------------------------------------------------

@@ -371,3 +371,43 @@ def load_encoder(spec: EncoderSpec | str, device: str | torch.device = "cpu") ->
         raise EncoderError(f"cannot load encoder {spec}: {exc}") from exc
     tokenizer = open_clip.get_tokenizer(spec.model)
     return FrozenEncoder(spec, model, tokenizer, device=device)
+
+
+def encoder_for_identity(identity: dict, candidates: list[str] | tuple[str, ...] = (),
+                         device: str | torch.device = "cpu") -> Encoder:
+    """The frozen encoder whose ``identity()`` is ``identity`` (a store's ``encoder`` attribute), to
+    encode new captions the way the store's were. Random weights and open_clip tags are rebuilt from
+    the identity alone; local weights (a checkpoint, a BLIP-2 directory) come from ``candidates``:
+    encoder specs or checkpoint files, the one whose identity matches is taken. ``EncoderError``
+    names what differs when none matches."""
+    from core.fileio import json_diff
+
+    name = str(identity.get("name", ""))
+    weights = identity.get("weights") or {}
+    layer = identity.get("token_layer")
+    specs: list[EncoderSpec] = []
+    for c in candidates:
+        c = str(c)
+        spec = parse_encoder(c) if (":" in c or c in PRESETS or not Path(c).is_file()) else EncoderSpec(name, c)
+        if spec.kind != BLIP2 and spec.model == name and spec.token_layer is None and layer is not None:
+            spec = replace(spec, token_layer=int(layer))
+        if spec.is_checkpoint and weights.get("kind") == "checkpoint" and Path(str(spec.pretrained)).is_file() \
+                and sha256_file(str(spec.pretrained)) != weights.get("sha256"):
+            continue  # another checkpoint: not worth building
+        specs.append(spec)
+    if weights.get("kind") == "random":
+        specs.append(EncoderSpec(name, None, None if layer is None else int(layer)))
+    elif weights.get("kind") == "open_clip":
+        specs.append(EncoderSpec(name, str(weights.get("tag")), None if layer is None else int(layer)))
+    if not specs:
+        what = "BLIP-2 directory (blip2:/path)" if weights.get("kind") == BLIP2 else \
+            f"checkpoint (sha256 {str(weights.get('sha256'))[:12]})"
+        raise EncoderError(f"the store's encoder {name!r} has local weights: give the {what} with --encoder")
+    diffs: list[str] = []
+    for spec in specs:
+        enc = load_encoder(spec, device=device)
+        d = json_diff(identity, enc.identity())
+        if not d:
+            return enc
+        diffs.append(f"{spec}: {'; '.join(d[:3])}")
+    raise EncoderError("no given encoder is the store's (" + " | ".join(diffs) + ")")

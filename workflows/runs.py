@@ -119,12 +119,16 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
                  k: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
                  out: str | Path | None = None, device: str = "cpu", batch_size: int = 64, sim: Any = None,
                  progress: bool = True, allow_incomplete: bool = False,
-                 manifest: str | Path | None = None) -> tuple[dict[str, Path], str, RerankResult]:
+                 manifest: str | Path | None = None, index: str | Path | None = None,
+                 nprobe: int | None = None, ef_search: int | None = None) -> tuple[dict[str, Path], str, RerankResult]:
     """Stage ``split`` with tokens, re-rank every query's stage-one top ``k`` with the head and write
     the outputs (default ``<work>/reports/rerank-<split>``); returns (paths, table, result).
 
     ``sim`` (optional) is a precomputed stage-one similarity of that split (the ablation reuses
-    one). Encoder identities are checked: ``StoreMismatchError`` names the differences.
+    one). Encoder identities are checked: ``StoreMismatchError`` names the differences. ``index``
+    (an ``index build`` directory of this split and stage one): the T2V candidate lists come from its
+    search (``nprobe`` / ``ef_search``: an approximate index's width); the full stage-one similarity
+    still gives the metrics, and run.json records how many of the exact top K the index found.
     """
     data = work.stage(store, split, STAGE_TWO_ARRAYS)
     coverage = check_complete(data, allow_incomplete)
@@ -133,11 +137,28 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
     if sim is None:
         s1 = stage_one_scores(stage_one, data, device=device)
         sim, s1_info = s1.sim, s1.info
+    cand, index_info = None, None
+    if index is not None:
+        from heads.evaluation.index import recall_at
+        from heads.evaluation.rerank import top_k
+        from heads.evaluation.similarity import encode_texts
+        from heads.stage_one.checkpoint import load_stage_one
+        from workflows.search import open_index, stage_one_file
+
+        vi = open_index(work, store, stage_one, split, index, data, nprobe=nprobe, ef_search=ef_search)
+        s1_head = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity).head
+        with torch.no_grad():
+            texts = encode_texts(s1_head.to(device).eval(), data, device=device).float().cpu().numpy()
+        _, cand = vi.search(texts, k)
+        index_info = {"path": str(vi.path), "kind": vi.kind, "params": vi.meta.get("params"),
+                      "recall@K vs exact": recall_at(cand, top_k(sim, k), k)}
     scorer = pair_scorer(head, data, batch_size=batch_size, device=device, progress=progress)
-    res = rerank(sim, data, scorer, k=k, dsl=dsl, dsl_temperature=dsl_temperature)
+    res = rerank(sim, data, scorer, k=k, dsl=dsl, dsl_temperature=dsl_temperature, t2v_candidates=cand)
     out_dir = Path(out) if out else work.reports_dir(f"rerank-{split}")
     meta = {"store": str(store), "store_fingerprint": data.store_fingerprint, "stage_one": s1_info,
             "head": head_info, "device": device, "batch_size": batch_size}
+    if index_info:
+        meta["t2v_candidates_from_index"] = index_info
     title = f"{split}: stage one vs re-ranked top {k}" + (" (DSL)" if dsl else "")
     paths, table = write_outputs(res, data, out_dir, meta=meta, title=title, coverage=coverage)
     return paths, table, res

@@ -226,12 +226,15 @@ def rerank(
     directions: Sequence[str] = DIRECTIONS,
     dsl: bool = False,
     dsl_temperature: float | None = None,
+    t2v_candidates: np.ndarray | None = None,
 ) -> RerankResult:
     """Re-rank the stage-one top ``k`` of every query (see the module docstring).
 
     ``sim``: (C, V) stage-one similarities of ``split``'s captions and videos; ``scorer(caption_rows,
     video_rows) -> scores`` scores pairs (``heads.stage_two.scoring.pair_scorer`` runs a stage-two
-    head on the split's cached tokens).
+    head on the split's cached tokens). ``t2v_candidates`` (C, K) video rows, best first: the T2V
+    candidate lists from elsewhere (a vector index, ``heads.evaluation.index``) in place of ``sim``'s
+    top K; ``sim`` still ranks everything beyond them for the metrics.
     """
     t_start = time.perf_counter()
     sim = check_finite(sim, "stage-one similarity")
@@ -245,7 +248,16 @@ def rerank(
         raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {list(directions)}")
     res = RerankResult(k=int(k), sim=sim, caption_video=cv, dsl=bool(dsl))
     t0 = time.perf_counter()
-    if "t2v" in directions:
+    if "t2v" in directions and t2v_candidates is not None:
+        cand = np.asarray(t2v_candidates, dtype=np.int64)
+        if cand.shape != (num_c, min(int(k), num_v)) or (cand < 0).any() or (cand >= num_v).any():
+            raise ValueError(f"T2V candidate lists of shape {cand.shape} (rows {cand.min(initial=0)}.."
+                             f"{cand.max(initial=0)}) for {num_c} captions, K={k} and {num_v} videos: every query "
+                             f"needs K distinct video rows (an approximate index may find fewer: search wider)")
+        if (np.sort(cand, axis=1)[:, 1:] == np.sort(cand, axis=1)[:, :-1]).any():
+            raise ValueError("T2V candidate lists repeat a video within a query")
+        res.t2v_candidates = cand
+    elif "t2v" in directions:
         res.t2v_candidates = top_k(sim, k)
     if "v2t" in directions:
         res.v2t_videos = v2t_query_videos(cv, num_v)

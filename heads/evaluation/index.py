@@ -1,0 +1,241 @@
+"""A FAISS index over a split's stage-one video embeddings: stage one at the scale of a collection.
+
+An index directory holds
+
+    index.faiss        the FAISS index (inner product over unit vectors = cosine)
+    video_ids.json     the video id of every index row (row i = row i of the split it was built from)
+    index.json         kind and parameters, dims, count, the split and store fingerprint, the encoder
+                       identity, the stage one (checkpoint sha256, head), build seconds and, for an
+                       approximate index, its recall against exact search measured at build time
+
+Kinds: ``flat`` (exact inner product, the default), ``ivf`` (``IndexIVFFlat``: k-means cells, a
+query scans ``nprobe`` of them) and ``hnsw`` (``IndexHNSWFlat``: a navigable small-world graph,
+``ef_search`` candidates per query). Scores are the same cosine stage one ranks by; an approximate
+index only may miss some of the exact top K, which ``recall_at`` measures.
+
+Torch-free: the embeddings come in as float32 arrays (``heads.evaluation.similarity`` encodes them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from core.errors import ConfigError, StoreMismatchError, UsageError
+from core.fileio import atomic_write, write_json
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "video_ids.json", "index.json"
+INDEX_FORMAT = "crosstvr-index"
+# defaults of the approximate kinds (options: nlist, nprobe, train_size; m, ef_construction, ef_search)
+IVF_DEFAULTS = {"nlist": 0, "nprobe": 32, "train_size": 0}  # nlist 0: about 4 * sqrt(N); train_size 0: 64 * nlist
+HNSW_DEFAULTS = {"m": 32, "ef_construction": 80, "ef_search": 128}
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a pinned requirement
+        raise ConfigError("the vector index needs faiss (pip install faiss-cpu)") from exc
+    return faiss
+
+
+def set_threads(n: int | None) -> None:
+    """FAISS's OpenMP threads (None: leave as is)."""
+    if n:
+        _faiss().omp_set_num_threads(int(n))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Contiguous float32 copy of ``x`` with unit rows (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-d (rows, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings hold non-finite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def resolve_options(kind: str, num: int, options: dict | None = None) -> dict:
+    """The kind's parameters with ``options`` applied (unknown names refused) and sizes resolved."""
+    if kind not in INDEX_KINDS:
+        raise UsageError(f"--kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    defaults = {"flat": {}, "ivf": IVF_DEFAULTS, "hnsw": HNSW_DEFAULTS}[kind]
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UsageError(f"index kind {kind!r} has no option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(defaults) or 'none'})")
+    out = {k: int(given.get(k, v)) for k, v in defaults.items()}
+    if kind == "ivf":
+        if out["nlist"] <= 0:
+            out["nlist"] = int(max(1, min(num // 39 or 1, round(4 * np.sqrt(max(num, 1))))))
+        out["nlist"] = int(min(out["nlist"], max(num, 1)))
+        out["nprobe"] = int(max(1, min(out["nprobe"], out["nlist"])))
+        if out["train_size"] <= 0:
+            out["train_size"] = int(min(num, 64 * out["nlist"]))
+    return out
+
+
+def make_index(emb: np.ndarray, kind: str = "flat", options: dict | None = None, seed: int = 0) -> tuple[Any, dict]:
+    """A FAISS inner-product index of the unit rows of ``emb`` and its resolved parameters."""
+    faiss = _faiss()
+    x = unit_rows(emb)
+    num, dim = x.shape
+    if num == 0:
+        raise UsageError("no videos to index (the split holds no extracted video)")
+    params = resolve_options(kind, num, options)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+        index.hnsw.efSearch = params["ef_search"]
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(seed)
+        rng = np.random.default_rng(seed)
+        sample = x if params["train_size"] >= num else x[np.sort(rng.choice(num, params["train_size"], replace=False))]
+        index.train(sample)
+        index.nprobe = params["nprobe"]
+    index.add(x)
+    return index, params
+
+
+def search(index: Any, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores (Q, k'), rows (Q, k'))`` of each query's ``k' = min(k, N)`` best rows, best first
+    (queries are made unit first); ties in score keep the lower row first."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = unit_rows(queries)
+    kk = int(min(k, index.ntotal))
+    scores = np.empty((q.shape[0], kk), dtype=np.float32)
+    rows = np.empty((q.shape[0], kk), dtype=np.int64)
+    for start in range(0, q.shape[0], batch):
+        d, i = index.search(q[start:start + batch], kk)
+        scores[start:start + batch], rows[start:start + batch] = d, i
+    # an approximate index may find fewer than k rows for a query: -1 rows, -inf scores
+    scores[rows < 0] = -np.inf
+    order = np.lexsort((rows, -scores), axis=1) if rows.size else np.zeros_like(rows)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def recall_at(approx_rows: np.ndarray, exact_rows: np.ndarray, k: int) -> float:
+    """Mean share of each query's exact top ``k`` that the approximate top ``k`` holds."""
+    k = int(min(k, exact_rows.shape[1], approx_rows.shape[1]))
+    if exact_rows.shape[0] == 0 or k == 0:
+        return float("nan")
+    hits = [np.intersect1d(a[:k], e[:k]).size for a, e in zip(approx_rows, exact_rows)]
+    return float(np.mean(hits) / k)
+
+
+@dataclass
+class VideoIndex:
+    """A loaded (or just built) index directory: the FAISS index, its row ids and its metadata."""
+
+    index: Any
+    video_ids: list[str]
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "flat"))
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)`` of the ``k`` best videos of every query (see module ``search``)."""
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise ValueError(f"queries of shape {queries.shape} for an index of {self.index.d}-d vectors")
+        return search(self.index, queries, k)
+
+    def check(self, *, store_fingerprint: str | None = None, split: str | None = None,
+              stage_one_sha256: str | None = None, video_ids: Sequence[str] | None = None) -> None:
+        """Refuse (``StoreMismatchError``) an index made from another store, split, stage one or video list."""
+        where = self.path or "the index"
+        m = self.meta
+        if store_fingerprint is not None and m.get("store_fingerprint") != store_fingerprint:
+            raise StoreMismatchError(f"{where} was built from store {str(m.get('store_fingerprint'))[:12]}, not "
+                                     f"{store_fingerprint[:12]}; build one with `python cli.py index build`")
+        if split is not None and m.get("split") != split:
+            raise StoreMismatchError(f"{where} holds split {m.get('split')!r}, not {split!r}")
+        if stage_one_sha256 is not None and (m.get("stage_one") or {}).get("sha256") != stage_one_sha256:
+            raise StoreMismatchError(f"{where} was built with another stage one (sha256 "
+                                     f"{str((m.get('stage_one') or {}).get('sha256'))[:12]}, given "
+                                     f"{stage_one_sha256[:12]})")
+        if video_ids is not None and list(video_ids) != self.video_ids:
+            raise StoreMismatchError(f"{where} lists {self.size} videos that differ from the split's "
+                                     f"{len(video_ids)} (the store changed since it was built?)")
+
+
+def build_index(emb: np.ndarray, video_ids: Sequence[str], kind: str = "flat", options: dict | None = None,
+                meta: dict | None = None, recall_queries: np.ndarray | None = None, seed: int = 0) -> VideoIndex:
+    """Index ``emb`` (one row per id of ``video_ids``); an approximate kind measures its recall@10 /
+    @100 against exact search on ``recall_queries`` (e.g. the split's caption embeddings)."""
+    if len(video_ids) != emb.shape[0]:
+        raise ValueError(f"{emb.shape[0]} embeddings for {len(video_ids)} video ids")
+    t0 = time.perf_counter()
+    index, params = make_index(emb, kind, options, seed=seed)
+    info = {"format": INDEX_FORMAT, "version": 1, "kind": kind, "params": params, "metric": "inner product of unit "
+            "vectors (cosine)", "dim": int(index.d), "count": int(index.ntotal), **dict(meta or {}),
+            "build_seconds": round(time.perf_counter() - t0, 3)}
+    if kind != "flat" and recall_queries is not None and len(recall_queries):
+        exact, _ = make_index(emb, "flat")
+        k = min(100, int(index.ntotal))
+        _, e_rows = search(exact, recall_queries, k)
+        _, a_rows = search(index, recall_queries, k)
+        info["recall"] = {"queries": int(len(recall_queries)), "recall@10": recall_at(a_rows, e_rows, 10),
+                          "recall@100": recall_at(a_rows, e_rows, 100), "k_max": k}
+    return VideoIndex(index, list(video_ids), info)
+
+
+def save_index(vi: VideoIndex, out_dir: str | Path) -> Path:
+    """Write the index directory (each file whole or not at all); returns it."""
+    faiss = _faiss()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(faiss.serialize_index(vi.index), dtype=np.uint8).tobytes()
+    atomic_write(out / INDEX_FILE, lambda tmp: tmp.write_bytes(data))
+    write_json(out / IDS_FILE, list(vi.video_ids))
+    write_json(out / META_FILE, vi.meta)
+    vi.path = out
+    return out
+
+
+def is_index_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / META_FILE).is_file() and (p / INDEX_FILE).is_file()
+
+
+def load_index(path: str | Path, nprobe: int | None = None, ef_search: int | None = None) -> VideoIndex:
+    """Read an index directory; ``nprobe`` / ``ef_search`` override an approximate index's search width."""
+    faiss = _faiss()
+    p = Path(path)
+    if not is_index_dir(p):
+        raise FileNotFoundError(f"{p}: not an index directory (no {META_FILE} / {INDEX_FILE}; "
+                                f"build one with `python cli.py index build`)")
+    try:
+        meta = json.loads((p / META_FILE).read_text())
+        ids = json.loads((p / IDS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: cannot read the index metadata: {exc}") from exc
+    if meta.get("format") != INDEX_FORMAT:
+        raise ConfigError(f"{p / META_FILE}: not an index of this project (format {meta.get('format')!r})")
+    index = faiss.deserialize_index(np.fromfile(p / INDEX_FILE, dtype=np.uint8))
+    if index.ntotal != len(ids):
+        raise ConfigError(f"{p}: the index holds {index.ntotal} vectors but {IDS_FILE} lists {len(ids)} ids")
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = int(nprobe)
+    if ef_search is not None and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(ef_search)
+    return VideoIndex(index, ids, meta, p)
