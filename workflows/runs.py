@@ -44,13 +44,34 @@ def write_run_record(out_dir: Path, config: Any, record: dict | None = None) -> 
     return write_json(out_dir / RUN_JSON, {**(record or {}), "config": asdict(config)})
 
 
+def once_per_node(device: str, fn: Any) -> Any:
+    """``fn()`` (staging a split) under torchrun: local rank 0 of each machine first, the other
+    ranks after a barrier (they then reopen what it staged); one process: just ``fn()``."""
+    from heads.training.distributed import context
+
+    d = context(device)
+    if not d.enabled:
+        return fn()
+    result = fn() if d.local_rank == 0 else None
+    d.barrier()
+    return result if d.local_rank == 0 else fn()
+
+
+def is_main_process() -> bool:
+    from heads.training.distributed import env_world
+
+    return env_world()[0] == 0
+
+
 def train_stage_one_run(work: WorkDir, store: str, config: StageOneTrainConfig, out: str | Path | None = None,
                         reuse: bool = True, record: dict | None = None) -> Path:
     """Stage ``store``'s train (and val) split and train a stage-one head; returns the checkpoint
-    (default run dir ``<work>/runs/stage1-<head>``)."""
-    train, val = work.stage_train_val(store)
+    (default run dir ``<work>/runs/stage1-<head>``). Under torchrun every rank trains its part
+    (``heads.training.distributed``); rank 0 writes run.json and the checkpoint."""
+    train, val = once_per_node(config.device, lambda: work.stage_train_val(store))
     out_dir = Path(out) if out else work.run_dir(1, config.head)
-    write_run_record(out_dir, config, record)
+    if is_main_process():
+        write_run_record(out_dir, config, record)
     return train_stage_one(train, val, out_dir, config, reuse=reuse)
 
 

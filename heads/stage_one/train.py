@@ -30,6 +30,30 @@ from heads.stage_one.config import RUN_ONLY, StageOneTrainConfig
 from heads.stage_one.losses import positive_mask, symmetric_infonce
 from heads.training.common import BestState, check_splits, make_optimizer, save, torch_threads, warmup_steps
 from heads.training.data import EpochSampler, iterate_batches, require_text_tokens, uses_text_tokens
+from heads.training.distributed import Dist, NullLog, context, gather, gather_with_grad, wrap
+
+
+class _Embeddings(torch.nn.Module):
+    """The head's text and video embeddings as one forward (what DistributedDataParallel wraps)."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, text_emb: torch.Tensor, frame_emb: torch.Tensor, frame_mask: torch.Tensor,
+                **text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.encode_text(text_emb, **text), self.head.encode_video(frame_emb, frame_mask)
+
+
+def _global_loss(d: Dist, model: Any, ddp: torch.nn.Module, batch: Any, global_videos: np.ndarray) -> torch.Tensor:
+    """The symmetric InfoNCE of the whole global batch, from this rank's rows and the others'
+    embeddings gathered with their gradient (``heads.training.distributed``)."""
+    sizes = d.sizes(len(global_videos))
+    text, video = ddp(batch.text_emb, batch.frame_emb, batch.frame_mask, **batch.text_kwargs())
+    text_all, video_all = gather_with_grad(d, text, sizes), gather_with_grad(d, video, sizes)
+    raw_text = gather(d, batch.text_emb, sizes)
+    vids = torch.from_numpy(np.asarray(global_videos, dtype=np.int64)).to(text.device)
+    return symmetric_infonce(model.logits(text_all, video_all), positive_mask(vids, vids, raw_text))
 
 
 def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stage_one",
@@ -40,6 +64,11 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
     split may be a test split (``ForbiddenSplitError``), and both must come from the same store
     (``StoreMismatchError``). With ``reuse`` (default) a finished run of the same arguments on the
     same store in ``out_dir`` is returned as is; ``reuse=False`` always trains.
+
+    Under ``torchrun`` (``heads.training.distributed``) every rank takes its slice of each global
+    batch of ``batch_size`` and the loss is that of the whole global batch (embeddings gathered with
+    their gradient), in DistributedDataParallel; rank 0 validates and writes the checkpoint (the
+    one-process format), every rank returns its path.
     """
     cfg = replace(config or StageOneTrainConfig(), **options)
     check_splits(train, val)
@@ -60,25 +89,40 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
     path = out / CHECKPOINT_NAME
     if reuse and _finished_run(path, train_args, train.store_fingerprint):
         return path
+    d = context(cfg.device)
+    device = d.device(cfg.device)
     sampler = EpochSampler(train.caption_video, len(train.video_ids), cfg.batch_size, seed=cfg.seed)
-    total = max(1, cfg.epochs * len(sampler))
+
+    def plan(epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:  # the global batches (every rank alike)
+        return [b for b in sampler.epoch(epoch) if len(b[1]) >= d.world_size]
+
+    total = max(1, sum(len(plan(e)) for e in range(cfg.epochs)) if d.enabled else cfg.epochs * len(sampler))
     with torch_threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = create_head(cfg.head, int(train.frame_emb.shape[-1]), stage=1, **head_config).to(cfg.device)
+        model = create_head(cfg.head, int(train.frame_emb.shape[-1]), stage=1, **head_config).to(device)
+        ddp = wrap(_Embeddings(model), d, device)
         optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, total,
                                               warmup_steps(cfg.warmup, total))
         history: list[dict] = []
         best = BestState()
-        bar = tqdm(total=total, desc=f"stage one [{cfg.head}]", disable=not cfg.progress, leave=False)
-        log = TrainingLog(out, "stage_one")
+        bar = tqdm(total=total, desc=f"stage one [{cfg.head}]", disable=not cfg.progress or not d.is_main,
+                   leave=False)
+        log = TrainingLog(out, "stage_one") if d.is_main else NullLog()
         step = 0
         for epoch in range(cfg.epochs):
             model.train()
             t0, losses = time.perf_counter(), []
-            for batch in iterate_batches(train, sampler.epoch(epoch), prefetch=cfg.prefetch, text_tokens=words):
-                batch = batch.to(cfg.device)
-                logits = model(batch.text_emb, batch.frame_emb, batch.frame_mask, **batch.text_kwargs())
-                loss = symmetric_infonce(logits, positive_mask(batch.video_index, batch.video_index, batch.text_emb))
+            batches = plan(epoch)
+            local = [(c[d.part(c)], v[d.part(v)]) for c, v in batches] if d.enabled else batches
+            for (_, global_videos), batch in zip(batches, iterate_batches(train, local, prefetch=cfg.prefetch,
+                                                                           text_tokens=words)):
+                batch = batch.to(device)
+                if d.enabled:
+                    loss = _global_loss(d, model, ddp, batch, global_videos)
+                else:
+                    logits = model(batch.text_emb, batch.frame_emb, batch.frame_mask, **batch.text_kwargs())
+                    loss = symmetric_infonce(logits, positive_mask(batch.video_index, batch.video_index,
+                                                                   batch.text_emb))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -95,8 +139,8 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
                 "lr": float(scheduler.get_last_lr()[0]), "logit_scale": model.scale().item(),
                 "seconds": round(time.perf_counter() - t0, 3),
             }
-            if val is not None:
-                record["val"] = evaluate(model, val, device=cfg.device)
+            if val is not None and d.is_main:  # rank 0 alone selects and saves
+                record["val"] = evaluate(model, val, device=device)
                 record["val_rsum"] = score = rsum(record["val"])
                 log.validation(step, record["val"], score, epoch)
             else:
@@ -106,13 +150,17 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
         bar.close()
         log.close()
 
-    summary = {"best_epoch": best.epoch, "selected_on": None if val is None else f"{val.split} rsum",
-               "best_score": None if val is None else best.score, "epochs": history}
-    save({"config": model.config(), "state_dict": best.state, "store_fingerprint": str(train.store_fingerprint),
-          "encoder_identity": jsonable(train.encoder_identity), "train_args": jsonable(train_args),
-          "history": summary},
-         path)
-    write_json(out / HISTORY_NAME, summary)
+    if d.is_main:
+        summary = {"best_epoch": best.epoch, "selected_on": None if val is None else f"{val.split} rsum",
+                   "best_score": None if val is None else best.score, "epochs": history}
+        if d.enabled:
+            summary["world_size"] = d.world_size
+        save({"config": model.config(), "state_dict": best.state, "store_fingerprint": str(train.store_fingerprint),
+              "encoder_identity": jsonable(train.encoder_identity), "train_args": jsonable(train_args),
+              "history": summary},
+             path)
+        write_json(out / HISTORY_NAME, summary)
+    d.barrier()
     return path
 
 
