@@ -70,3 +70,30 @@ def test_stage_one_two_processes_equal_one(tiny_world, tmp_path):
              and '"kind": "step"' in line]
     assert len(steps) == len([x for x in (tmp_path / "one" / "training_log.jsonl").read_text().splitlines()
                               if '"kind": "step"' in x])
+
+
+def test_stage_two_two_processes_resume_and_equal_one(tiny_world, tmp_path):
+    """Contrastive phase + ITM with hard negatives under 2 processes, stopped by --max-steps and
+    resumed: the same weights (within 1e-4) and val score as one uninterrupted process, in the
+    one-process checkpoint format."""
+    from worlds import run_cli
+
+    work, store = tiny_world["work"], tiny_world["store"]
+    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP", "--epochs", "1",
+             "--batch-size", "8", "--out", tmp_path / "s1"])
+    args = ["train-head", "--store", store, "--stage-one", tmp_path / "s1" / "stage_one.pt", "--work-dir", work,
+            "--epochs", "2", "--batch-size", "4", "--itc-steps", "2", "--itc-batch", "4", "--device", "cpu",
+            "--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
+            "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
+    run_cli(args + ["--out", tmp_path / "one"])
+    torchrun(args + ["--out", tmp_path / "two", "--max-steps", "4"])
+    assert not (tmp_path / "two" / "stage_two.pt").is_file() or not _weights(
+        tmp_path / "two" / "stage_two.pt")["history"]["finished"]
+    torchrun(args + ["--out", tmp_path / "two"])
+    one, two = _weights(tmp_path / "one" / "stage_two.pt"), _weights(tmp_path / "two" / "stage_two.pt")
+    assert set(one) == set(two) and one["train_args"] == two["train_args"]
+    assert two["history"]["finished"] and two["history"]["steps"] == one["history"]["steps"]
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][k], v, atol=1e-4, rtol=1e-4)
+    assert one["history"]["best_epoch"] == two["history"]["best_epoch"]
+    assert abs(one["history"]["best_score"] - two["history"]["best_score"]) <= 0.5

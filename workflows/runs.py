@@ -82,13 +82,14 @@ def train_head(work: WorkDir, store: str, stage_one: str | Path, config: StageTw
     returns the checkpoint (default run dir ``<work>/runs/stage2-<head>``). A head reading caption
     ids gets the captions' text from the store's manifest (``manifest`` or the work dir's)."""
     config = (config or StageTwoTrainConfig()).resolved()
-    train, val = work.stage_train_val(store, STAGE_TWO_ARRAYS)
+    train, val = once_per_node(config.device, lambda: work.stage_train_val(store, STAGE_TWO_ARRAYS))
     if config.reads_caption_ids():
         tokenizer = caption_tokenizer(config.tokenizer or config.init_from)
         train, val = (None if s is None else with_caption_ids(s, tokenizer, caption_texts(work, s, manifest),
                                                                config.text_len) for s in (train, val))
     out_dir = Path(out) if out else work.run_dir(2, config.head)
-    write_run_record(out_dir, config, record)
+    if is_main_process():
+        write_run_record(out_dir, config, record)
     return train_stage_two(train, val, stage_one, out_dir, config, resume=resume)
 
 

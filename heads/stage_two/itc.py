@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from core.split import Split
 from core.training_log import TrainingLog
 from heads.stage_two.pairs import ItmBatch, load_pairs
 from heads.training.common import make_optimizer, save
+from heads.training.distributed import Dist, NullLog, StepModule, gather_with_grad, wrap
 
 __all__ = ["itc_loss", "itc_batch", "pretrain_itc", "supports_itc", "batch_itc_loss", "ITC_STATE_NAME"]
 
@@ -51,14 +52,19 @@ def supports_itc(head: nn.Module) -> bool:
 
 
 def batch_itc_loss(model: nn.Module, batch: ItmBatch, captions: torch.Tensor, videos: torch.Tensor,
-                   video: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   video: dict[str, torch.Tensor] | None = None,
+                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ITC loss and (C, V) logits of aligned pairs ``(captions[i], videos[i])`` (rows of ``batch``'s
     distinct ``text_tokens`` / ``tokens``; videos distinct). ``video``: ``model.encode_video`` of
-    the batch's tokens when the caller already has it (the ITM step)."""
+    the batch's tokens when the caller already has it (the ITM step). ``gather``: under torchrun,
+    every rank's query outputs and text features (``heads.training.distributed.gather_with_grad``),
+    so the loss contrasts the whole global batch."""
     if video is None:
         video = model.encode_video(batch.tokens, batch.frame_mask)
     queries = model.video_queries(video)[videos]
     text = model.text_features(batch.text_tokens, batch.text_mask)[captions]
+    if gather is not None:
+        queries, text = gather(queries), gather(text)
     logits = model.itc_logits(queries, text)
     return itc_loss(logits), logits
 
@@ -116,7 +122,8 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
                  lr: float = 5e-4, weight_decay: float = 0.05, warmup: int = 50, seed: int = 0,
                  neighbours: np.ndarray | None = None, cluster: int = 1, device: str = "cpu",
                  max_steps: int | None = None, save_every: int = 50, progress: bool = True,
-                 args: dict | None = None, precision: Any = None) -> tuple[bool, list[dict]]:
+                 args: dict | None = None, precision: Any = None, dist: Dist | None = None,
+                 ddp: nn.Module | None = None) -> tuple[bool, list[dict]]:
     """Contrastive pre-training of ``model`` (in place) on ``train``; returns ``(finished, history)``.
 
     ``state_path`` holds the resumable state (model, optimizer, step); a state whose
@@ -125,6 +132,9 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
     step's loss, learning rate and accuracy also go to ``training_log.jsonl`` beside ``state_path``
     (phase ``itc``, ``core.training_log``).
     ``precision``: a callable returning the forward pass's autocast context (default: none).
+    ``dist`` (under torchrun): every rank takes its slice of each step's batch, the loss contrasts
+    the gathered global batch, DistributedDataParallel averages the gradients (``ddp``: the run's
+    ``wrap(StepModule(model))``, made here when not given); rank 0 saves and logs.
     """
     if not supports_itc(model):
         raise ValueError(f"contrastive pre-training needs a Q-Former-style head with a contrastive projection "
@@ -150,16 +160,22 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
         if state["finished"]:
             return True, history
 
+    d = dist or Dist()
+    if d.enabled and ddp is None:
+        ddp = wrap(StepModule(model), d, device, find_unused=True)
+
     def save_state(finished: bool) -> None:
+        if not d.is_main:
+            return
         save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "step": step, "history": history, "finished": finished, "args": args}, state_path)
 
     num_videos = len(train.video_ids)
-    log = TrainingLog(state_path.parent, "itc", step)
+    log = TrainingLog(state_path.parent, "itc", step) if d.is_main else NullLog()
     model.train()
-    bar = tqdm(total=steps, initial=step, desc="stage two contrastive pre-training", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc="stage two contrastive pre-training",
+               disable=not progress or not d.is_main, dynamic_ncols=True)
     acc_loss = acc_hits = acc_n = 0.0
     t0 = time.perf_counter()
     while step < steps:
@@ -170,10 +186,17 @@ def pretrain_itc(model: nn.Module, train: Split, state_path: str | Path, steps: 
             return False, history
         rng = np.random.default_rng([int(seed), int(step), 0x17C])
         captions, videos = itc_batch(train.caption_video, num_videos, batch_size, rng, neighbours, cluster)
+        if d.enabled:  # this rank's slice of the global batch; the loss sees all of it
+            sizes, part = d.sizes(len(videos)), d.part(videos)
+            captions, videos = captions[part], videos[part]
         batch = load_pairs(train, captions, videos).to(device)
         # load_pairs keeps distinct rows sorted: pair_text / pair_video map back to the batch order
         with precision() if precision is not None else nullcontext():
-            loss, logits = batch_itc_loss(model, batch, batch.pair_text, batch.pair_video)
+            if d.enabled:
+                loss, logits = ddp(lambda m, b: batch_itc_loss(m, b, b.pair_text, b.pair_video,
+                                                               gather=lambda x: gather_with_grad(d, x, sizes)), batch)
+            else:
+                loss, logits = batch_itc_loss(model, batch, batch.pair_text, batch.pair_video)
         loss, logits = loss.float(), logits.float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -52,7 +52,7 @@ from heads.stage_two.blip2 import head_options as blip2_head_options
 from heads.stage_two.checkpoint import CHECKPOINT_NAME, KIND, stage_one_identity
 from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, upgrade_args
 from heads.stage_two.itc import ITC_STATE_NAME, batch_itc_loss, pretrain_itc
-from heads.stage_two.negatives import HardNegativeSampler, epoch_plan
+from heads.stage_two.negatives import HardNegativeSampler, PlanItem, epoch_plan
 from heads.stage_two.pairs import load_pairs, require_tokens
 from heads.stage_two.selection import ValSet, selection_score
 from heads.stage_two.tokenizer import caption_tokenizer, text_view
@@ -60,6 +60,7 @@ from heads.training.common import (BestState, check_splits, cpu_state, forward_p
                                    torch_threads,
                                    warmup_steps)
 from heads.training.data import EpochSampler, blocks, prefetched, uses_text_tokens
+from heads.training.distributed import Dist, NullLog, StepModule, all_sum, context, gather_with_grad, wrap
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
@@ -119,6 +120,13 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     afresh. ``max_steps`` stops after that many steps in all, contrastive ones included (call again
     to continue). Neither split may be a test split (``ForbiddenSplitError``); both must come from
     one store (``StoreMismatchError``).
+
+    Under ``torchrun`` (``heads.training.distributed``): every rank plans the same steps (the same
+    hard negatives, mined from stage one's similarities over the whole train split) and takes its
+    slice of each step's positives with their negatives; the ITM and ranking losses are averaged
+    over the global batch and the contrastive losses contrast the gathered global batch;
+    DistributedDataParallel averages the gradients. Rank 0 validates and writes every file (the
+    one-process formats); a run resumes under any number of processes.
     """
     cfg = replace(config or StageTwoTrainConfig(), **options)
     check_splits(train, val)
@@ -158,7 +166,12 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
         if state["finished"] and ckpt_path.is_file():
             return ckpt_path
 
+    d = context(cfg.device)
+    device = d.device(cfg.device)
+    cfg = replace(cfg, device=device)
     sampler = EpochSampler(train.caption_video, len(train.video_ids), cfg.batch_size, seed=cfg.seed)
+    if d.enabled and 0 < sampler.videos.size % cfg.batch_size < d.world_size:
+        sampler.drop_last = True  # a last batch smaller than the world: dropped by every rank alike
     steps_per_epoch = len(sampler)
     total = max(1, cfg.epochs * steps_per_epoch)
     with torch_threads(cfg.num_threads):
@@ -195,6 +208,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 torch.set_rng_state(state["torch_rng"])
                 step, history = int(state["step"]), list(json.loads(state["history"]))
                 best = BestState(state["best_score"], state["best_epoch"], state["best_state"])
+            ddp = wrap(StepModule(model), d, device, find_unused=True)
             stopped = False
             itc_history: list[dict] = []
             if state is None and cfg.itc_steps > 0:
@@ -206,12 +220,12 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                     weight_decay=cfg.weight_decay, seed=cfg.seed,
                     neighbours=None if negatives is None else negatives.text_cand, cluster=cfg.itc_cluster,
                     device=cfg.device, max_steps=cfg.max_steps, progress=cfg.progress, args=itc_args,
-                    precision=lambda: forward_precision(cfg.amp, cfg.device))
+                    precision=lambda: forward_precision(cfg.amp, cfg.device), dist=d, ddp=ddp)
                 stopped = not done
             itm_max_steps = None if cfg.max_steps is None else max(0, cfg.max_steps - int(cfg.itc_steps))
             bar = tqdm(total=total, initial=step, desc=f"stage two [{cfg.head}]",
-                       disable=not cfg.progress or stopped, dynamic_ncols=True)
-            log = TrainingLog(out, "itm", step) if not stopped and step < total else None
+                       disable=not cfg.progress or stopped or not d.is_main, dynamic_ncols=True)
+            log = (TrainingLog(out, "itm", step) if d.is_main else NullLog()) if not stopped and step < total else None
             while step < total and not stopped:
                 epoch, offset = divmod(step, steps_per_epoch)
                 plan = epoch_plan(sampler, negatives, epoch, cfg.seed, cfg.hard_negatives,
@@ -220,44 +234,51 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 if state is not None and offset and state.get("partial"):
                     acc_loss, acc_hits, acc_n = (float(x) for x in state["partial"])
                 model.train()
-                load = lambda item: (item, load_pairs(tr, *item.pairs()))  # noqa: E731
+                load = lambda item: (item, load_pairs(tr, *_local(d, item).pairs()))  # noqa: E731
                 batches = prefetched(plan[offset:], load, cfg.prefetch)
                 for item, batch in batches:
                     if itm_max_steps is not None and step >= itm_max_steps:
                         stopped = True
                         break
                     batch = batch.to(cfg.device)
-                    with forward_precision(cfg.amp, cfg.device):
-                        video = model.encode_video(batch.tokens, batch.frame_mask)
-                        logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text,
-                                             batch.pair_video).float()
-                        loss = F.cross_entropy(logits, batch.labels)
-                        if cfg.itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
-                            b = item.video.size
-                            itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b], video)
-                            loss = loss + cfg.itc_weight * itc.float()
-                    if cosine is not None:
-                        pc, pv, _ = item.pairs()
-                        loss = loss + cfg.rank_weight * rank_loss(
-                            logits[:, 1] - logits[:, 0], cosine(pc, pv).to(logits.device))
+                    if d.enabled:
+                        loss, logits = ddp(_global_itm_loss, batch, item, d, cfg, cosine)
+                    else:
+                        with forward_precision(cfg.amp, cfg.device):
+                            video = model.encode_video(batch.tokens, batch.frame_mask)
+                            logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text,
+                                                 batch.pair_video).float()
+                            loss = F.cross_entropy(logits, batch.labels)
+                            if cfg.itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
+                                b = item.video.size
+                                itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b],
+                                                        video)
+                                loss = loss + cfg.itc_weight * itc.float()
+                        if cosine is not None:
+                            pc, pv, _ = item.pairs()
+                            loss = loss + cfg.rank_weight * rank_loss(
+                                logits[:, 1] - logits[:, 0], cosine(pc, pv).to(logits.device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     lr = scheduler.get_last_lr()[0]
                     scheduler.step()
                     step += 1
-                    hits = int((logits.argmax(dim=1) == batch.labels).sum())
-                    log.step(step, loss.item(), lr, epoch=epoch, acc=hits / batch.labels.numel(),
-                             hard_share=float(item.hard_share))
-                    acc_loss += float(loss.item()) * batch.labels.numel()
+                    # the global batch's loss and accuracy (one process: this batch's)
+                    loss_value, hits, n = all_sum(d, loss.item(), int((logits.argmax(dim=1) == batch.labels).sum()),
+                                                  batch.labels.numel())
+                    loss_value /= d.world_size
+                    hits, n = int(hits), int(n)
+                    log.step(step, loss_value, lr, epoch=epoch, acc=hits / n, hard_share=float(item.hard_share))
+                    acc_loss += loss_value * n
                     acc_hits += hits
-                    acc_n += batch.labels.numel()
+                    acc_n += n
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}",
-                                    acc=f"{hits / batch.labels.numel():.2f}", hard=f"{item.hard_share:.2f}")
+                    bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", acc=f"{hits / n:.2f}",
+                                    hard=f"{item.hard_share:.2f}")
                 batches.close()
                 if stopped:
-                    _save_state(state_path, model, optimizer, scheduler, step, history, best, train_args,
+                    _save_state(d, state_path, model, optimizer, scheduler, step, history, best, train_args,
                                 finished=False, partial=(acc_loss, acc_hits, acc_n))
                     break
                 record: dict[str, Any] = {
@@ -265,7 +286,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                     "itm_acc": acc_hits / max(1, acc_n), "hard_share": plan[-1].hard_share if plan else 0.0,
                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(time.perf_counter() - t0, 3),
                 }
-                if valset is not None:
+                if valset is not None and d.is_main:  # rank 0 alone selects and saves
                     record["val"] = valset.evaluate(model, cfg.eval_batch, cfg.device)
                     score = selection_score(record["val"])
                     log.validation(step, record["val"], score, epoch)
@@ -273,13 +294,13 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                     score = float(epoch)  # no val split: keep the last epoch
                 best.update(score, epoch, model)
                 history.append(jsonable(record))
-                if cfg.progress and valset is not None:
+                if cfg.progress and valset is not None and d.is_main:
                     v = record["val"]
                     bar.write(f"epoch {epoch}: loss {record['loss']:.3f} acc {record['itm_acc']:.3f} | val R@1 "
                               f"stage one {v['stage_one_R@1']:.1f} -> re-ranked {v['reranked_R@1']:.1f} "
                               f"(itm acc {v['itm_acc_balanced']:.3f})")
                 state = None
-                _save_state(state_path, model, optimizer, scheduler, step, history, best, train_args,
+                _save_state(d, state_path, model, optimizer, scheduler, step, history, best, train_args,
                             finished=step >= total, partial=None)
             bar.close()
             if log is not None:
@@ -295,19 +316,56 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
         "selected_on": None if val is None else f"{val.split} re-ranked T2V R@1 of stage-one top-{cfg.val_k}",
         "best_score": None if val is None or best.epoch is None else best.score, "epochs": history,
     }
-    save({"kind": KIND, "config": jsonable(model.config()),
-          "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
-          "store_fingerprint": str(train.store_fingerprint), "encoder_identity": jsonable(train.encoder_identity),
-          "stage_one_identity": s1_identity, "train_args": train_args, "history": jsonable(summary),
-          **({} if tokenizer is None else {"tokenizer": tokenizer.state(), "text_len": int(cfg.text_len)}),
-          **({} if init is None else {"init": init})}, ckpt_path)
-    write_json(out / HISTORY_NAME, summary)
+    if d.is_main:
+        save({"kind": KIND, "config": jsonable(model.config()),
+              "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
+              "store_fingerprint": str(train.store_fingerprint), "encoder_identity": jsonable(train.encoder_identity),
+              "stage_one_identity": s1_identity, "train_args": train_args, "history": jsonable(summary),
+              **({} if tokenizer is None else {"tokenizer": tokenizer.state(), "text_len": int(cfg.text_len)}),
+              **({} if init is None else {"init": init})}, ckpt_path)
+        write_json(out / HISTORY_NAME, summary)
+    d.barrier()
     return ckpt_path
 
 
-def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+def _local(d: Dist, item: PlanItem) -> PlanItem:
+    """This rank's slice of a planned step: its positives and their negatives (one process: all)."""
+    if not d.enabled:
+        return item
+    sl = d.part(item.video)
+    return PlanItem(item.video[sl], item.caption[sl], item.neg_video[sl], item.neg_caption[sl], item.hard_share)
+
+
+def _global_itm_loss(model: Any, batch: Any, item: PlanItem, d: Dist, cfg: StageTwoTrainConfig,
+                     cosine: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's share of the global step's loss (run inside DistributedDataParallel): ITM
+    cross-entropy and ranking loss of its pairs weighted so that the ranks' mean is the global
+    batch's mean, plus the contrastive loss of the gathered global positives (the same on every
+    rank). Returns (loss, this rank's logits)."""
+    sizes = d.sizes(item.video.size)
+    local = _local(d, item)
+    b = local.video.size
+    with forward_precision(cfg.amp, cfg.device):
+        video = model.encode_video(batch.tokens, batch.frame_mask)
+        logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text, batch.pair_video).float()
+        share = d.world_size * b / item.video.size  # this rank's pairs / the global pairs, times the world
+        loss = F.cross_entropy(logits, batch.labels) * share
+        if cfg.itc_weight > 0:
+            itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b], video,
+                                    gather=lambda x: gather_with_grad(d, x, sizes))
+            loss = loss + cfg.itc_weight * itc.float()
+    if cosine is not None:
+        pc, pv, _ = local.pairs()
+        loss = loss + cfg.rank_weight * share * rank_loss(logits[:, 1] - logits[:, 0],
+                                                          cosine(pc, pv).to(logits.device))
+    return loss, logits
+
+
+def _save_state(d: Dist, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
                 history: list, best: BestState, train_args: dict, finished: bool,
                 partial: tuple[float, int, int] | None) -> None:
+    if not d.is_main:
+        return
     save({
         "model": cpu_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(), "step": int(step), "history": json.dumps(history),

@@ -124,14 +124,37 @@ def gather(d: Dist, local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         return gather_with_grad(d, local.detach(), sizes)
 
 
-def wrap(model: torch.nn.Module, d: Dist, device: str) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when distributed (rank 0's weights broadcast), else itself."""
+def wrap(model: torch.nn.Module, d: Dist, device: str, find_unused: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when distributed (rank 0's weights broadcast), else itself.
+    ``find_unused``: some parameters may get no gradient in a step (a stage-two head's ITM classifier
+    in its contrastive phase)."""
     if not d.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(device).index] if str(device).startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+class StepModule(torch.nn.Module):
+    """A head whose ``forward(fn, *args)`` is ``fn(head, *args)``: a training step that calls several
+    of the head's methods runs as one forward of DistributedDataParallel (``wrap(StepModule(head))``)."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, fn: Any, *args: Any) -> Any:
+        return fn(self.head, *args)
+
+
+def all_sum(d: Dist, *values: float) -> list[float]:
+    """Each value summed over the ranks (one process: as given)."""
+    if not d.enabled:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return [float(v) for v in t.tolist()]
 
 
 class NullLog:
