@@ -227,9 +227,12 @@ def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stor
                       data_root)
     failure_budget(max_failed, m.videos.num_rows)  # a malformed --max-failed fails before the work
     report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device))
-    click.echo(report.summary())
-    for p in paths:
-        click.echo(f"store: {p}")
+    from core.world import world_from_env
+
+    if world_from_env()[0] == 0:  # under torchrun: the merged report, once
+        click.echo(report.summary())
+        for p in paths:
+            click.echo(f"store: {p}")
     check_extraction(report, max_failed)
 
 

@@ -175,14 +175,16 @@ def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
 def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             store_paths: Sequence[str | os.PathLike], config: ExtractConfig | None = None, *, device: str = "cpu",
             part: tuple[int, int] | None = None, progress: bool = True, decode_fn: DecodeFn | None = None,
-            **options: Any) -> ExtractReport:
+            finalize: bool = True, **options: Any) -> ExtractReport:
     """Extract features of ``manifest`` for every encoder into its store (one path each).
 
     ``config`` (or its fields as keyword ``options``, which override it) sets the sampling, the
     shards and the decoders; ``part=(k, n)`` processes only shards with ``index % n == k`` (to split
     one store's work between processes that share it); ``decode_fn`` replaces
     :func:`pipeline.decode.decode_video` (tests). The report's ``totals`` say what each store holds
-    afterwards (the caller decides whether failures are tolerated).
+    afterwards (the caller decides whether failures are tolerated). ``finalize=False`` leaves the
+    consolidated metadata, ``failures.json`` and the totals to one later ``finalize_stores`` call
+    (processes sharing the stores: the last step, once, after they all finished).
     """
     c = replace(config or ExtractConfig(), **options)
     num_frames, sample_fps, shard_size, workers, timeout = c.num_frames, c.sample_fps, c.shard_size, c.workers, \
@@ -255,6 +257,18 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             results.close()
         if pool is not None:
             pool.close()
+    if finalize:
+        finalize_stores(store_paths, report, stores)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def finalize_stores(store_paths: Sequence[str | os.PathLike], report: ExtractReport,
+                    stores: Sequence[CacheStore] | None = None) -> ExtractReport:
+    """The end of an extraction: each store's consolidated metadata, its failure list
+    (``failures.json`` of a local store) and its totals in ``report``."""
+    if stores is None:
+        stores = [CacheStore.open(p, mode="r+") for p in store_paths]
     for store, path in zip(stores, store_paths):
         store.consolidate()
         status = store.status()
@@ -266,7 +280,6 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             totals["failure_list"] = str(write_json(local / FAILURES_JSON, store.failures(detail=True), indent=1,
                                                     sort_keys=True))
         report.totals[os.fspath(path)] = totals
-    report.seconds = time.perf_counter() - t_start
     return report
 
 

@@ -43,6 +43,37 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 240) -> str:
     return res.stdout + res.stderr
 
 
+def _arrays(path: Path) -> dict:
+    import zarr
+
+    out = {}
+    root = zarr.open_group(str(path), mode="r")
+    for group in ("videos", "texts", "shards"):
+        for name, arr in root[group].arrays():
+            out[f"{group}/{name}"] = arr[...]
+    return out
+
+
+def test_extraction_two_processes_equal_one(tiny_world, tmp_path):
+    """`torchrun ... cli.py extract`: two ranks share one store, each its shards; the store equals
+    the one-process store of the session's tiny world array by array, its attributes included, and
+    the merged report is printed once."""
+    import json
+
+    store = tmp_path / "two.zarr"
+    out = torchrun(["extract", "--manifest", tiny_world["manifest"], "--work-dir", tmp_path / "work", "--encoder",
+                    "test-vit-micro", "--store", store, "--frames", "4", "--shard-size", "8", "--workers", "1"])
+    assert out.count("this run: videos 28 ok") == 1 and "0 pending of 28" in out
+    one, two = _arrays(tiny_world["store"]), _arrays(store)
+    assert set(one) == set(two) and "videos/tokens" in one
+    for name, arr in one.items():
+        np.testing.assert_array_equal(two[name], arr, err_msg=name)
+    attrs = lambda p: json.loads((p / "zarr.json").read_text())["attributes"]  # noqa: E731
+    assert attrs(store) == attrs(Path(tiny_world["store"]))
+    assert json.loads((store / "failures.json").read_text()) == json.loads(
+        (Path(tiny_world["store"]) / "failures.json").read_text())
+
+
 def _weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 

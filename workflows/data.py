@@ -131,8 +131,61 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
     if stores and len(stores) != len(specs):
         raise UsageError(f"got {len(stores)} --store for {len(specs)} --encoder; give one per encoder or none")
     paths = list(stores) if stores else [str(work.store_path(manifest.dataset, s.short_name())) for s in specs]
+    from core.world import world_from_env
+
+    if world_from_env()[1] > 1:
+        return distributed_extract(manifest, specs, paths, config, device, **options), paths
     report = extract(manifest, specs, paths, config, device=device, **options)
     return report, paths
+
+
+SUMMED = ("ok", "failed", "retried", "captions_encoded", "frames_encoded", "decode_wait_seconds", "encode_seconds",
+          "text_seconds")
+
+
+def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequence[str], config: Any = None,
+                        device: str = "cpu", **options: Any) -> Any:
+    """``extract`` under ``torchrun``: rank ``r`` of ``W`` takes the shards ``i % W == r`` (the
+    mechanism of ``extract(part=(r, W))``, a static split) on its own device (``cuda:LOCAL_RANK``);
+    every rank writes its whole shards into the shared stores. Rank 0 creates the stores before the
+    others open them; after a barrier rank 0 alone consolidates the metadata and writes the failure
+    lists, and every rank returns the merged report. A rank that dies leaves its shards not done: a
+    re-run (with any number of processes) does only them."""
+    from heads.training.distributed import context
+    from pipeline.encoders import load_encoder, with_token_layer
+    from pipeline.extract import ExtractReport, extract, finalize_stores
+
+    d = context(device)
+    dev = d.device(device)
+    layer = options.pop("token_layer", getattr(config, "token_layer", None))
+    encs = [load_encoder(with_token_layer(s, layer), device=dev) for s in specs]
+    if d.is_main:  # create (or check) the stores only: a part that holds no shard
+        none = max(manifest.videos.num_rows, manifest.captions.num_rows) + 1
+        extract(manifest, encs, paths, config, device=dev, part=(none - 1, none), progress=False, finalize=False,
+                **options)
+    d.barrier()
+    mine = extract(manifest, encs, paths, config, device=dev, part=(d.rank, d.world_size), finalize=False,
+                   progress=d.is_main, **options)
+    import torch.distributed as tdist
+
+    reports: list[Any] = [None] * d.world_size
+    tdist.all_gather_object(reports, mine.to_dict())
+    merged = ExtractReport(stores=list(mine.stores), videos=mine.videos)
+    # done before this run: what the rank that looked first saw (the others may see shards written meanwhile)
+    merged.skipped = min(r["skipped"] for r in reports)
+    merged.captions_skipped = min(r["captions_skipped"] for r in reports)
+    for r in reports:
+        for name in SUMMED:
+            setattr(merged, name, getattr(merged, name) + r[name])
+        merged.seconds = max(merged.seconds, r["seconds"])
+        merged.failures.update(r["failures"])
+        for k, v in r["decoders"].items():
+            merged.decoders[k] = merged.decoders.get(k, 0) + v
+    if d.is_main:
+        finalize_stores(paths, merged)
+    merged.totals = d.broadcast_object(merged.totals)
+    d.barrier()
+    return merged
 
 
 def check_extraction(report: Any, max_failed: str | None = None) -> None:
