@@ -150,3 +150,28 @@ def test_index_build_and_rerank_over_the_index(runs, tmp_path):
 
     res = CliRunner().invoke(cli.main, [str(a) for a in base + ["--out", tmp_path / "x", "--index", tmp_path / "val"]])
     assert res.exit_code == 1 and "holds split 'val', not 'test'" in res.output
+
+
+def test_query_encoder_found_by_the_checkpoint_sha256(tmp_path):
+    """A store made by an encoder with local weights (the demo's pretrained synthetic encoder): the
+    checkpoint whose sha256 the identity records is found among the candidates; without it, or with
+    another one, one clear error."""
+    import torch
+
+    from core.errors import EncoderError
+    from pipeline.encoders import encoder_for_identity, load_encoder
+
+    base = load_encoder("test-vit-micro")
+    good, other = tmp_path / "good.pt", tmp_path / "other.pt"
+    torch.save(base.model.state_dict(), good)
+    torch.save({k: v + 1 for k, v in base.model.state_dict().items()}, other)
+    identity = load_encoder(f"test-vit-micro:{good}").identity()
+    assert identity["weights"]["kind"] == "checkpoint"
+    enc = encoder_for_identity(identity, [str(other), str(good)])
+    assert enc.identity() == identity
+    texts = ["a small red ring", "a big blue star"]
+    np.testing.assert_allclose(enc.encode_texts(texts)[2].numpy(), base.encode_texts(texts)[2].numpy(), atol=1e-6)
+    with pytest.raises(EncoderError, match="give the checkpoint"):
+        encoder_for_identity(identity, [])
+    with pytest.raises(EncoderError, match="give the checkpoint"):
+        encoder_for_identity(identity, [str(other)])
