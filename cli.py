@@ -220,11 +220,11 @@ def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stor
     Exits 1 when a store holds more failed videos than --max-failed allows (the summary says where
     their reasons are listed); --retry-failed decodes them again once the files are fixed.
     """
-    from workflows.data import check_extraction, extract_config, extract_stores, failure_budget, load_manifest
+    from workflows.data import check_extraction, extract_config, extract_stores, failure_budget, load_manifest_once
 
     work = WorkDir(work_dir)
-    m = load_manifest(work, dataset, manifest, annotations, videos, parse_key_values(options, "--option"),
-                      data_root)
+    m = load_manifest_once(work, resolve_device(device), dataset, manifest, annotations, videos,
+                           parse_key_values(options, "--option"), data_root)
     failure_budget(max_failed, m.videos.num_rows)  # a malformed --max-failed fails before the work
     report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device))
     from core.world import world_from_env

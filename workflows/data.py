@@ -127,7 +127,9 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
     from pipeline.extract import extract
 
     layer = options.get("token_layer", getattr(config, "token_layer", None))
-    specs = [with_token_layer(parse_encoder(e), layer) for e in default_encoders(work, manifest, encoders)]
+    # under torchrun rank 0 alone prepares a default encoder (the synthetic world's pretraining)
+    names = on_rank_zero(device, lambda: default_encoders(work, manifest, encoders))
+    specs = [with_token_layer(parse_encoder(e), layer) for e in names]
     if stores and len(stores) != len(specs):
         raise UsageError(f"got {len(stores)} --store for {len(specs)} --encoder; give one per encoder or none")
     paths = list(stores) if stores else [str(work.store_path(manifest.dataset, s.short_name())) for s in specs]
@@ -137,6 +139,28 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
         return distributed_extract(manifest, specs, paths, config, device, **options), paths
     report = extract(manifest, specs, paths, config, device=device, **options)
     return report, paths
+
+
+def on_rank_zero(device: str, fn: Any) -> Any:
+    """``fn()``; under torchrun run by rank 0 alone (building a manifest, pretraining an encoder) and
+    its (picklable) result given to every rank."""
+    from core.world import world_from_env
+
+    if world_from_env()[1] == 1:
+        return fn()
+    from heads.training.distributed import context
+
+    d = context(device)
+    return d.broadcast_object(fn() if d.is_main else None)
+
+
+def load_manifest_once(work: WorkDir, device: str, *args: Any) -> Manifest:
+    """``load_manifest(work, *args)``, built by rank 0 alone under torchrun and read by the others."""
+    from core.world import world_from_env
+
+    if world_from_env()[1] == 1:
+        return load_manifest(work, *args)
+    return Manifest.read(on_rank_zero(device, lambda: str(load_manifest(work, *args).root)))
 
 
 SUMMED = ("ok", "failed", "retried", "captions_encoded", "frames_encoded", "decode_wait_seconds", "encode_seconds",
