@@ -4,9 +4,10 @@
                            [--batch 256] [--nlist 1024] [--nprobe 8 16 32 64] [--hnsw]
                            [--rerank-queries 200] [--k 15] [--json out.json]
 
-Embeddings: ``--videos`` synthetic ``--dim``-d video embeddings with the structure real ones have
-(a two-level mixture of Gaussians, ``--clusters`` sub-topics in a tenth as many topics: videos of
-one kind lie near each other), and
+Embeddings: ``--videos`` synthetic ``--dim``-d video embeddings with structure (``--data latent``,
+the default: a ``--latent``-dimensional linear manifold plus noise, continuous neighbourhoods of low
+intrinsic dimension; ``--data clusters``: a two-level mixture of Gaussians, ``--clusters``
+sub-topics in a tenth as many topics; approximate search's recall depends on that structure), and
 ``--queries`` text queries, each a noisy copy of a random video (text and video embeddings of one
 pair are correlated, not equal). Everything through ``heads.evaluation.index`` (the code behind
 ``index build`` and ``search``):
@@ -39,6 +40,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXACT_MS, APPROX_MS, APPROX_RECALL = 50.0, 5.0, 0.95
+
+
+def latent_embeddings(n: int, dim: int, latent: int, spread: float, seed: int, chunk: int = 65536) -> np.ndarray:
+    """(n, dim) float32 on a ``latent``-dimensional linear manifold: ``z @ W`` (z standard normal,
+    W a fixed random (latent, dim) map; rows of norm about 1) plus isotropic noise of norm ``spread``: continuous neighbourhoods
+    of a low intrinsic dimension, as embeddings of natural data have."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent * dim)  # rows of norm ~1
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        out[s:e] = rng.standard_normal((e - s, latent), dtype=np.float32) @ w
+        out[s:e] += rng.standard_normal((e - s, dim), dtype=np.float32) * (spread / np.sqrt(dim))
+    return out
 
 
 def embeddings(n: int, dim: int, clusters: int, spread: float, seed: int, chunk: int = 65536) -> np.ndarray:
@@ -100,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--videos", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--clusters", type=int, default=10000, help="Gaussian clusters of the synthetic embeddings")
+    p.add_argument("--data", choices=["latent", "clusters"], default="latent",
+                   help="latent: a low-dimensional linear manifold plus noise; clusters: a two-level Gaussian mixture")
+    p.add_argument("--latent", type=int, default=16, help="intrinsic dimension of --data latent")
+    p.add_argument("--clusters", type=int, default=10000, help="sub-topics of --data clusters (a tenth as many topics)")
     p.add_argument("--spread", type=float, default=1.0, help="noise around a cluster centre (centre norm: 1)")
     p.add_argument("--query-noise", type=float, default=1.0, help="noise of a query around its video")
     p.add_argument("--threads", type=int, default=2)
@@ -120,15 +138,17 @@ def main(argv: list[str] | None = None) -> None:
 
     set_threads(a.threads)
     t0 = time.perf_counter()
-    videos = embeddings(a.videos, a.dim, a.clusters, a.spread, seed=0)
+    videos = (latent_embeddings(a.videos, a.dim, a.latent, a.spread, seed=0) if a.data == "latent"
+              else embeddings(a.videos, a.dim, a.clusters, a.spread, seed=0))
     rng = np.random.default_rng(1)
     targets = rng.integers(0, a.videos, a.queries)
     queries = videos[targets] + rng.standard_normal((a.queries, a.dim), dtype=np.float32) * (a.query_noise /
                                                                                                 np.sqrt(a.dim))
-    print(f"{a.videos:,} x {a.dim}-d video embeddings ({a.clusters} clusters), {a.queries} queries; "
+    shape = f"latent dimension {a.latent}" if a.data == "latent" else f"{a.clusters} clusters"
+    print(f"{a.videos:,} x {a.dim}-d video embeddings ({shape}, spread {a.spread}), {a.queries} queries; "
           f"made in {time.perf_counter() - t0:.1f}s; FAISS threads {a.threads}, os.cpu_count {os.cpu_count()}")
     figures: dict = {"videos": a.videos, "dim": a.dim, "queries": a.queries, "threads": a.threads,
-                     "batch": a.batch, "clusters": a.clusters, "spread": a.spread, "query_noise": a.query_noise}
+                     "batch": a.batch, "data": a.data, "latent": a.latent, "clusters": a.clusters, "spread": a.spread, "query_noise": a.query_noise}
 
     t0 = time.perf_counter()
     flat, _ = make_index(videos, "flat")

@@ -113,11 +113,11 @@ def test_stage_two_two_processes_resume_and_equal_one(tiny_world, tmp_path):
     run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP", "--epochs", "1",
              "--batch-size", "8", "--out", tmp_path / "s1"])
     args = ["train-head", "--store", store, "--stage-one", tmp_path / "s1" / "stage_one.pt", "--work-dir", work,
-            "--epochs", "2", "--batch-size", "4", "--itc-steps", "2", "--itc-batch", "4", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "4", "--itc-steps", "2", "--itc-batch", "4", "--device", "cpu",
             "--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
             "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
     run_cli(args + ["--out", tmp_path / "one"])
-    torchrun(args + ["--out", tmp_path / "two", "--max-steps", "4"])
+    torchrun(args + ["--out", tmp_path / "two", "--max-steps", "3"])
     assert not (tmp_path / "two" / "stage_two.pt").is_file() or not _weights(
         tmp_path / "two" / "stage_two.pt")["history"]["finished"]
     torchrun(args + ["--out", tmp_path / "two"])

@@ -172,6 +172,10 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
         with torch.no_grad():
             texts = encode_texts(s1_head.to(device).eval(), data, device=device).float().cpu().numpy()
         _, cand = vi.search(texts, k)
+        short = int((cand < 0).any(axis=1).sum())
+        if short:
+            raise UsageError(f"the {vi.kind} index {vi.path} found fewer than {k} videos for {short} queries: "
+                             f"search wider (--nprobe / --ef-search) or use the exact index")
         index_info = {"path": str(vi.path), "kind": vi.kind, "params": vi.meta.get("params"),
                       "recall@K vs exact": recall_at(cand, top_k(sim, k), k)}
     scorer = pair_scorer(head, data, batch_size=batch_size, device=device, progress=progress)
