@@ -16,6 +16,7 @@ thumbnails existed, decoding the videos again but encoding nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -24,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import StoreMismatchError
-from core.fileio import write_json
+from core.errors import StoreError, StoreMismatchError
+from core.fileio import jsonable
 from pipeline.config import ExtractConfig
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
 from pipeline.encoder_base import Encoder
 from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
 from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_fps, strategy_name
-from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path
+from pipeline.store import (STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path,
+                            row_digest)
 from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE, thumbnails_of
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -58,12 +60,15 @@ class ExtractReport:
     failures: dict[str, str] = field(default_factory=dict)  # failed in this run: short reason
     decoders: dict[str, int] = field(default_factory=dict)  # videos served by each decoder, this run
     totals: dict[str, dict] = field(default_factory=dict)   # per store: ok / failed / pending, failure list
+    appended: dict[str, int] = field(default_factory=dict)  # per grown store: videos appended in this run
 
     def summary(self) -> str:
         """For humans: this run, then every store's totals and where its failure list is."""
         rate = self.ok / self.seconds if self.seconds > 0 else 0.0
         used = ", ".join(f"{n} by {d}" for d, n in sorted(self.decoders.items()))
-        lines = [f"this run: videos {self.ok} ok ({used or 'none decoded'}), {self.failed} failed, "
+        lines = [f"store {p}: grown by {n} videos (a grown manifest; its earlier rows kept)"
+                 for p, n in self.appended.items()]
+        lines += [f"this run: videos {self.ok} ok ({used or 'none decoded'}), {self.failed} failed, "
                  f"{self.skipped} skipped (done), {self.retried} retried, of {self.videos}; captions "
                  f"{self.captions_encoded} encoded, {self.captions_skipped} skipped; {self.seconds:.1f}s "
                  f"({rate:.2f} videos/s)"]
@@ -98,6 +103,8 @@ class _Rows:
     caption_video: list[int]
     caption_splits: list[str]
     caption_texts: list[str]
+    video_source: list[bytes] = field(default_factory=list)    # each row's manifest digest (row_digest)
+    caption_source: list[bytes] = field(default_factory=list)
 
 
 def _none_if_nan(x: Any) -> float | None:
@@ -107,14 +114,19 @@ def _none_if_nan(x: Any) -> float | None:
     return None if x != x else x
 
 
-def manifest_rows(manifest: Any) -> _Rows:
-    """Videos sorted by (split, video_id); captions by (video row, caption_id)."""
+def manifest_rows(manifest: Any, prior: tuple[Sequence[str], Sequence[str]] | None = None) -> _Rows:
+    """Videos sorted by (split, video_id); captions by (video row, caption_id). ``prior``: the
+    (video ids, caption ids) of an existing store in its row order, which come first (in that order,
+    those the manifest still lists), the manifest's other rows after them, sorted likewise: a grown
+    manifest appends to a store."""
     v = manifest.videos
     ids = v.column("video_id").to_pylist()
     splits = v.column("split").to_pylist()
     starts = v.column("start").to_pylist()
     ends = v.column("end").to_pylist()
-    order = sorted(range(len(ids)), key=lambda i: (SPLIT_ORDER.get(splits[i], 9), splits[i], ids[i]))
+    old_v = {vid: r for r, vid in enumerate(prior[0])} if prior else {}
+    order = sorted(range(len(ids)), key=lambda i: (0, old_v[ids[i]]) if ids[i] in old_v else
+                   (1, SPLIT_ORDER.get(splits[i], 9), splits[i], ids[i]))
     vids = [ids[i] for i in order]
     row_of = {vid: r for r, vid in enumerate(vids)}
     tasks = [DecodeTask(ids[i], str(manifest.video_path(ids[i])), _none_if_nan(starts[i]),
@@ -124,10 +136,33 @@ def manifest_rows(manifest: Any) -> _Rows:
     cvid = c.column("video_id").to_pylist()
     texts = c.column("text").to_pylist()
     csplit = c.column("split").to_pylist()
-    corder = sorted(range(len(cids)), key=lambda i: (row_of[cvid[i]], cids[i]))
+    old_c = {cid: r for r, cid in enumerate(prior[1])} if prior else {}
+    corder = sorted(range(len(cids)), key=lambda i: (0, old_c[cids[i]], "") if cids[i] in old_c else
+                    (1, row_of[cvid[i]], cids[i]))
+    vsource = [row_digest(ids[i], splits[i], _none_if_nan(starts[i]), _none_if_nan(ends[i])) for i in order]
+    csource = [row_digest(cids[i], cvid[i], csplit[i], texts[i]) for i in corder]
     return _Rows(vids, [splits[i] for i in order], tasks, [cids[i] for i in corder],
                  [row_of[cvid[i]] for i in corder], [csplit[i] for i in corder],
-                 [texts[i] for i in corder])
+                 [texts[i] for i in corder], vsource, csource)
+
+
+def _existing_rows(store_paths: Sequence[str | os.PathLike], msha: str) -> tuple[list[str], list[str]] | None:
+    """The row order of the existing stores made from another manifest (an append), else ``None``;
+    stores of different earlier manifests are refused (append them one at a time)."""
+    prior = None
+    for path in store_paths:
+        try:
+            old = CacheStore.open(path)
+        except StoreError:
+            continue  # nothing there yet (or unreadable: open_or_create names it)
+        if old.attrs.get("manifest_sha256") == msha:
+            continue
+        rows = (old.video_ids, old.caption_ids)
+        if prior is not None and rows != prior:
+            raise StoreMismatchError(f"{path}: the stores were made from different manifests; grow them one "
+                                     f"at a time (one --encoder/--store per run)")
+        prior = rows
+    return prior
 
 
 def _in_part(i: int, part: tuple[int, int] | None) -> bool:
@@ -201,10 +236,12 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         raise ValueError("each encoder needs its own store path")
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
-    rows = manifest_rows(manifest)
-    encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     msha = manifest.sha256()
+    rows = manifest_rows(manifest, _existing_rows(store_paths, msha))
+    encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     stores: list[CacheStore] = []
+    thumbs = {"count": c.thumbnails, "max_side": THUMBNAIL_SIDE, "max_bytes": THUMBNAIL_BYTES} if c.thumbnails else None
+    appended: dict[str, int] = {}
     for enc, path in zip(encs, store_paths):
         layout = StoreLayout(dataset=manifest.dataset, manifest_sha256=msha,
                              encoder=enc.identity(), num_frames=num_frames,
@@ -213,12 +250,17 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                              max_text_tokens=max_text_tokens, shard_size=shard_size,
                              text_shard_size=text_shard_size, strategy=strategy_name(sample_fps),
                              compressor=compressor)
+        grow = _grow(path, layout, rows, manifest.dataset)
+        if grow:
+            appended[os.fspath(path)] = grow["videos"]
         stores.append(CacheStore.open_or_create(path, layout, rows.video_ids, rows.video_splits,
                                                 rows.caption_ids, rows.caption_video,
-                                                rows.caption_splits))
+                                                rows.caption_splits, thumbnails=thumbs,
+                                                video_source=rows.video_source, caption_source=rows.caption_source))
         if c.thumbnails:
             stores[-1].add_thumbnail_arrays(c.thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
-    report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids))
+    report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids),
+                           appended=appended)
     S = shard_size
     V = len(rows.video_ids)
     num_shards = stores[0].num_shards
@@ -236,7 +278,9 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             todo.append((i, need))
         elif not need:
             report.skipped += min(S, V - i * S)
-    tasks = [rows.tasks[r] for i, _ in todo for r in range(i * S, min(V, (i + 1) * S))]
+    # rows an append kept aside (old rows of a reopened partial shard) are not decoded again
+    kept = {i: min(s.num_kept_rows("videos", i) for s in (stores[k] for k in need)) for i, need in todo}
+    tasks = [rows.tasks[r] for i, _ in todo for r in range(i * S + kept[i], min(V, (i + 1) * S))]
 
     pool = None
     results = None
@@ -249,7 +293,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                        progress)
         if results is not None:
             _extract_videos(encs, stores, todo, results, num_frames, S, V, batch_size, report,
-                            progress, c.thumbnails)
+                            progress, c.thumbnails, kept)
     finally:
         if results is not None:
             results.close()
@@ -257,17 +301,48 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             pool.close()
     for store, path in zip(stores, store_paths):
         store.consolidate()
-        status = store.status()
+        status = write_failure_list(store)
         totals = {"videos": int(status.size), "ok": int((status == STATUS_OK).sum()),
                   "failed": int((status == STATUS_FAILED).sum()), "pending": int((status == STATUS_PENDING).sum()),
-                  "failure_list": None}
-        local = local_path(path)
-        if local is not None:
-            totals["failure_list"] = str(write_json(local / FAILURES_JSON, store.failures(detail=True), indent=1,
-                                                    sort_keys=True))
+                  "failure_list": failure_list_location(path)}
         report.totals[os.fspath(path)] = totals
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _grow(path: str | os.PathLike, layout: StoreLayout, rows: _Rows, dataset: str) -> dict | None:
+    """Append the manifest's new rows to the store at ``path`` when it holds an earlier version of the
+    same dataset's manifest (``CacheStore.append``); ``None`` when there is nothing to grow."""
+    try:
+        old = CacheStore.open(path, mode="r+")
+    except StoreError:
+        return None
+    if old.attrs.get("manifest_sha256") == layout.manifest_sha256 or old.attrs.get("dataset") != dataset:
+        return None  # the same manifest, or another dataset (open_or_create names the difference)
+    return old.append(layout, rows.video_ids, rows.video_splits, rows.caption_ids, rows.caption_video,
+                      rows.caption_splits, rows.video_source, rows.caption_source)
+
+
+def write_failure_list(store: CacheStore) -> np.ndarray:
+    """Write ``failures.json`` (every failed video: reason and the decoders' message) into the store and
+    return the status it was made from. Several writers of one store may finish at once: each writes
+    the list whole (atomically), then reads the status again and writes once more if it changed, so
+    the list written last is made from the newest status (status only grows while they run)."""
+    status = store.status()
+    for _ in range(20):
+        body = json.dumps(jsonable(store.failures(detail=True)), indent=1, sort_keys=True) + "\n"
+        store.write_object(FAILURES_JSON, body.encode())
+        again = store.status()
+        if np.array_equal(again, status):
+            break
+        status = again
+    return status
+
+
+def failure_list_location(path: str | os.PathLike) -> str:
+    """Where a store's ``failures.json`` is (a local path, or a URL)."""
+    local = local_path(path)
+    return str(local / FAILURES_JSON) if local is not None else f"{os.fspath(path).rstrip('/')}/{FAILURES_JSON}"
 
 
 def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
@@ -293,8 +368,13 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
                     report.captions_skipped += hi - lo
                 counted.add(j)
                 continue
-            toks, masks, embs = [], [], []
-            for b in range(lo, hi, batch):
+            keep = store.num_kept_rows("texts", j)  # rows an append kept aside: taken from there, not encoded
+            shape = store.array("texts/tokens").shape[1:]
+            toks = [np.zeros((keep,) + shape, np.float16)]
+            masks = [np.zeros((keep, shape[0]), bool)]
+            embs = [np.zeros((keep, store.array("texts/emb").shape[1]), np.float32)]
+            bar.update(keep)
+            for b in range(lo + keep, hi, batch):
                 t, m, e = enc.encode_texts(rows.caption_texts[b:min(hi, b + batch)],
                                            max_tokens=max_text_tokens)
                 toks.append(t.to(torch.float16).cpu().numpy())
@@ -304,7 +384,8 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
             store.write_text_shard(j, tokens=np.concatenate(toks), mask=np.concatenate(masks),
                                    emb=np.concatenate(embs))
             if j not in counted:
-                report.captions_encoded += hi - lo
+                report.captions_encoded += hi - lo - keep
+                report.captions_skipped += keep
                 counted.add(j)
         bar.close()
     report.text_seconds += time.perf_counter() - t0
@@ -312,9 +393,11 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
 
 def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
                     todo: list[tuple[int, list[int]]], results: Any, T: int, S: int, V: int,
-                    batch_size: int, report: ExtractReport, progress: bool, thumbnails: int = 0) -> None:
+                    batch_size: int, report: ExtractReport, progress: bool, thumbnails: int = 0,
+                    kept: dict[int, int] | None = None) -> None:
     """Consume decoded videos shard by shard; encode in frame batches; write whole shards (with
-    ``thumbnails`` JPEGs of each video, when the stores hold them)."""
+    ``thumbnails`` JPEGs of each video, when the stores hold them). ``kept[i]``: leading rows of shard
+    ``i`` an append kept aside, neither decoded nor encoded (``write_shard`` takes them from the store)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(min(V, (i + 1) * S) - i * S for i, _ in todo), unit="video",
@@ -342,7 +425,7 @@ def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
             report.encode_seconds += time.perf_counter() - t0
             pending, pending_frames = [], 0
 
-        for row in range(n):
+        for row in range((kept or {}).get(i, 0), n):
             t0 = time.perf_counter()
             res = next(results)
             report.decode_wait_seconds += time.perf_counter() - t0
