@@ -24,7 +24,8 @@ class ExtractConfig:
     batch_size: int = _opt(96, "Frames per encoder forward pass.")
     text_batch_size: int = _opt(256, "Captions per text-encoder forward pass.")
     text_shard_size: int = _opt(1024, "Captions per text shard.")
-    compressor: str | None = _opt(None, "Compression of the token arrays: zstd or blosc-zstd (default: none).")
+    compressor: str | None = _opt(None, "Compression of the token arrays: zstd, blosc-zstd or blosc-lz4 "
+                                          "(default: none; sizes in BENCHMARKS.md).")
     retry_failed: bool = _opt(False, "Decode the shards holding failed videos again (after fixing the files).")
     token_layer: int | None = _opt(None, "Visual tokens of every open_clip encoder from the output of this transformer "
                                          "block (negative: from the end, -2 = second-last), no final norm "

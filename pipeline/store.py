@@ -44,8 +44,8 @@ may fill disjoint shards of one store. Rows: videos sorted by (split, video_id);
 (video row, caption_id). Strings are fixed-width UTF-8 bytes (uint8, zero-padded), so any zarr v3
 reader (tensorstore, zarr-python, ...) gets them; schema version 1 used zarr-python's
 variable-length strings, which are still read. Arrays are
-uncompressed unless a compressor is chosen (``"zstd"`` or ``"blosc-zstd"``, applied to the token
-arrays).
+uncompressed unless a compressor is chosen (``"zstd"``, ``"blosc-zstd"`` or ``"blosc-lz4"``, applied to
+the token arrays).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ VIDEO_SHARD_ARRAYS = ("videos/ids", "videos/split", "videos/source", "videos/sta
                       "videos/frame_index", "videos/frame_time")
 TEXT_SHARD_ARRAYS = ("texts/ids", "texts/split", "texts/source", "texts/video_index", "texts/tokens", "texts/mask", "texts/emb")
 LOCK_FILE = ".lock"
+COMPRESSORS = ("zstd", "blosc-zstd", "blosc-lz4")  # of the token arrays (--compressor); bench/store_size.py
 SOURCE_BYTES = 16  # videos/source, texts/source: the first bytes of each manifest row's sha256
 APPEND_PREFIX = "append"  # append/<kind>-<shard>.npz: old rows of a partial shard an append reopened  # the local store's writer lock (store_lock); not part of the zarr hierarchy
 # Keys of the attrs that must equal the request for a store to be reused.
@@ -180,7 +181,9 @@ def _codecs(compressor: str | None) -> Any:
         return (ZstdCodec(level=3),)
     if compressor == "blosc-zstd":
         return (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
-    raise StoreError(f"unknown compressor {compressor!r} (none, zstd, blosc-zstd)")
+    if compressor == "blosc-lz4":
+        return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+    raise StoreError(f"unknown compressor {compressor!r} (none, {', '.join(COMPRESSORS)})")
 
 
 def _is_url(s: str) -> bool:
@@ -431,6 +434,12 @@ class CacheStore:
                                      f"({details}); use another store path or delete it")
         if (self.video_ids != list(video_ids) or self.caption_ids != list(caption_ids)):
             raise StoreMismatchError(f"{self.url}: existing store lists other video/caption ids")
+
+    def update_attrs(self, values: dict) -> None:
+        """Set root attributes (``consolidate`` afterwards for http(s) readers)."""
+        self._check_writable()
+        self._g.attrs.update(values)
+        self.attrs.update(values)
 
     # -- growing -----------------------------------------------------------------------------
     def append(self, layout: StoreLayout, video_ids: Sequence[str], video_splits: Sequence[str],
