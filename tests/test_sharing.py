@@ -204,8 +204,8 @@ def grown(tmp_path):
             out.append({"caption_id": "v1-1", "video_id": "v1", "text": "another caption of v1", "split": "train"})
         return out
 
-    old = Manifest.from_records("toy", old_v, captions(old_v, False), root=tmp_path).write(tmp_path / "m1")
-    new = Manifest.from_records("toy", new_v, captions(new_v, True), root=tmp_path).write(tmp_path / "m2")
+    old = Manifest.read(Manifest.from_records("toy", old_v, captions(old_v, False), root=tmp_path).write(tmp_path / "m1"))
+    new = Manifest.read(Manifest.from_records("toy", new_v, captions(new_v, True), root=tmp_path).write(tmp_path / "m2"))
     return {"old": old, "new": new, "videos": new_v, "captions": captions(new_v, True)}
 
 
@@ -258,7 +258,8 @@ def test_a_grown_manifest_appends_without_recomputing(grown, tmp_path, monkeypat
     for name in ("videos/tokens", "videos/frame_emb", "videos/status", "videos/frame_index"):
         assert np.array_equal(np.asarray(s.array(name)[...]), np.asarray(f.array(name)[...])[order]), name
     corder = [f.caption_ids.index(c) for c in s.caption_ids]
-    assert np.array_equal(np.asarray(s.array("texts/emb")[...]), np.asarray(f.array("texts/emb")[...])[corder])
+    # (captions are encoded in other batches: equal up to float rounding)
+    assert np.allclose(np.asarray(s.array("texts/emb")[...]), np.asarray(f.array("texts/emb")[...])[corder], atol=1e-4)
     st = s.stage("train", tmp_path / "stage")
     assert st.video_ids == ["v0", "v1", "v2", "v5", "v6"] and len(st.caption_ids) == 6
     # removing or changing existing rows is refused: a new store is needed
