@@ -378,6 +378,8 @@ class CacheStore:
         (else :class:`StoreMismatchError`), or create it. Safe when several writers start at once:
         a local store is created under its lock; a remote one being created by another writer is
         waited for (up to ``wait`` seconds)."""
+        if is_read_only(path):
+            raise StoreError(f"{path}: http(s) stores are read-only; write to a path, file:// or s3://")
         with store_lock(path):
             store = cls._open_existing(path, storage_options, wait)
             if store is None:
