@@ -159,8 +159,10 @@ def staging_table(n: int, tmp: Path) -> list[str]:
                           CROSSTVR_S3_ENDPOINT=f"http://{host}:{port}")
         from pipeline.remote import filesystem
 
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
         fs, _ = filesystem("s3://bench/stage.zarr")
-        fs.mkdir("bench")
         fs.put(str(local), "bench/stage.zarr", recursive=True)
         rows.append(("S3 on 127.0.0.1 (moto server)", "s3://bench/stage.zarr"))
     except ImportError as exc:
