@@ -8,8 +8,8 @@ compressor of the token arrays (none, zstd, blosc-zstd, blosc-lz4); the tokens a
 bfloat16 storage is measured on the same values (their top 16 bits, through the same codecs) to show
 what it would save; the store does not offer it. The token values are synthetic, shaped like
 post-LayerNorm transformer tokens (per channel: a gain and a bias, a few outlier channels with
-large gains, Gaussian values), so the ratios are indicative: real features compress about as badly
-(float mantissas are noise to a byte compressor), and pure noise would compress less.
+large gains, Gaussian values), so the ratios are indicative (float mantissas are noise to a byte
+compressor, so real features should compress similarly; not measured here).
 
 Staging: one store of ``--stage-videos`` ViT-B/32-shaped videos staged (train split, tokens and
 embeddings) from a local path (page cache dropped first), from a moto S3 server on 127.0.0.1 and from

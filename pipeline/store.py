@@ -32,6 +32,12 @@ Layout (schema version 2; ``V`` videos, ``T`` frames, ``N`` visual tokens of wid
       shards/done         (num_shards,) bool       chunk 1: video shard i written whole
       shards/text_done    (num_text_shards,) bool  chunk 1: text shard j written whole
 
+    optional (stores made before them lack them): videos/source (V, 16) uint8, texts/source (C, 16) uint8
+      each manifest row's digest (``row_digest``), which lets ``append`` tell a grown manifest from a
+      changed one; attrs["manifest_history"]: every manifest version the store was extracted from.
+    objects beside the arrays: checksums/<kind>/<i>.json (``pipeline.integrity``), failures.json,
+      append/<kind>-<i>.npz (``append``), .lock (local stores, ``store_lock``).
+
     optional (stores made before thumbnails existed lack them; ``add_thumbnails`` adds them):
       videos/thumbnails       (V, K, B) uint8   chunk (S, K, B), zstd   K JPEGs per video, zero-padded
       videos/thumbnail_bytes  (V, K) int32      chunk (S, K)   length of each JPEG (0: none)
