@@ -60,14 +60,14 @@ class ExtractReport:
     failures: dict[str, str] = field(default_factory=dict)  # failed in this run: short reason
     decoders: dict[str, int] = field(default_factory=dict)  # videos served by each decoder, this run
     totals: dict[str, dict] = field(default_factory=dict)   # per store: ok / failed / pending, failure list
-    appended: dict[str, int] = field(default_factory=dict)  # per grown store: videos appended in this run
+    appended: dict[str, dict] = field(default_factory=dict)  # per grown store: {"videos", "captions"} appended
 
     def summary(self) -> str:
         """For humans: this run, then every store's totals and where its failure list is."""
         rate = self.ok / self.seconds if self.seconds > 0 else 0.0
         used = ", ".join(f"{n} by {d}" for d, n in sorted(self.decoders.items()))
-        lines = [f"store {p}: grown by {n} videos (a grown manifest; its earlier rows kept)"
-                 for p, n in self.appended.items()]
+        lines = [f"store {p}: grown by {n['videos']} videos and {n['captions']} captions (a grown manifest; "
+                 f"the store's rows kept)" for p, n in self.appended.items()]
         lines += [f"this run: videos {self.ok} ok ({used or 'none decoded'}), {self.failed} failed, "
                  f"{self.skipped} skipped (done), {self.retried} retried, of {self.videos}; captions "
                  f"{self.captions_encoded} encoded, {self.captions_skipped} skipped; {self.seconds:.1f}s "
@@ -241,7 +241,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     stores: list[CacheStore] = []
     thumbs = {"count": c.thumbnails, "max_side": THUMBNAIL_SIDE, "max_bytes": THUMBNAIL_BYTES} if c.thumbnails else None
-    appended: dict[str, int] = {}
+    appended: dict[str, dict] = {}
     for enc, path in zip(encs, store_paths):
         layout = StoreLayout(dataset=manifest.dataset, manifest_sha256=msha,
                              encoder=enc.identity(), num_frames=num_frames,
@@ -251,8 +251,8 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                              text_shard_size=text_shard_size, strategy=strategy_name(sample_fps),
                              compressor=compressor)
         grow = _grow(path, layout, rows, manifest.dataset)
-        if grow:
-            appended[os.fspath(path)] = grow["videos"]
+        if grow and (grow["videos"] or grow["captions"]):
+            appended[os.fspath(path)] = grow
         stores.append(CacheStore.open_or_create(path, layout, rows.video_ids, rows.video_splits,
                                                 rows.caption_ids, rows.caption_video,
                                                 rows.caption_splits, thumbnails=thumbs,

@@ -30,10 +30,12 @@ _GROUP_KEYS = ("zarr.json", "videos/zarr.json", "texts/zarr.json", "shards/zarr.
 # ----------------------------------------------------------------------------------------------- objects
 def list_objects(url: str | os.PathLike, store: CacheStore | None = None) -> dict[str, int | None]:
     """Every object of the store at ``url``: key -> size in bytes (``None`` where unknown before
-    reading it: enumerated over http(s))."""
+    reading it: over http(s), the objects no checksum record describes, which may not exist)."""
     s = os.fspath(url)
     if scheme(s) in ("http", "https"):
-        return {k: None for k in enumerate_keys(store or CacheStore.open(s))}
+        store = store or CacheStore.open(s)
+        known = _sizes_from_records(store)  # the written shards' objects, from their checksum records
+        return {k: known.get(k) for k in enumerate_keys(store)}
     fs, root = filesystem(s)
     try:
         found = fs.find(root, detail=True)
@@ -149,7 +151,8 @@ def _sizes_from_records(store: CacheStore) -> dict[str, int]:
         for i in range(count):
             rec = store.checksum_record(kind, i)
             for obj in (rec or {}).get("objects", {}).values():
-                out[obj["key"]] = int(obj.get("bytes") or 0)
+                if obj.get("sha256") is not None:  # recorded as never stored: size unknown, left out
+                    out[obj["key"]] = int(obj.get("bytes") or 0)
     return out
 
 

@@ -477,6 +477,9 @@ class CacheStore:
                                      f"captions are appended): make a new store for this manifest (another --store)")
         S, St = self.shard_size, self.text_shard_size
         with store_lock(self.url):
+            self._reload_group()  # another writer of this store may have grown it meanwhile
+            if self.attrs.get("manifest_sha256") == layout.manifest_sha256:
+                return {"videos": 0, "captions": 0}
             # 1. old rows of partial last shards aside (before anything else changes)
             if V > V0 and V0 % S and (V0 // S) in self.done_shards():
                 self._stash("videos", V0 // S, V0)

@@ -239,6 +239,7 @@ def test_a_grown_manifest_appends_without_recomputing(grown, tmp_path, monkeypat
     monkeypatch.setattr(type(micro), "encode_texts", counting_texts)
     second = extract_mod.extract(grown["new"], [micro], [store], **opts)
     assert sorted(decoded) == ["v5", "v6", "v7"] and second.ok == 3  # only the new videos
+    assert "grown by 3 videos and 4 captions" in second.summary()
     assert sorted(encoded) == sorted(["a clip v5", "a clip v6", "a clip v7", "another caption of v1"])
     s = CacheStore.open(store)
     assert s.video_ids == ["v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7"]  # old rows first, unchanged
@@ -369,3 +370,37 @@ def test_hdf5_round_trip_and_other_tools_features(tiny_world, tmp_path):
     assert s.array("videos/frame_mask")[row].sum() == k
     st = s.stage("train", tmp_path / "stage-other")
     assert st.tokens.shape[1:] == (4, 5, 16)
+
+
+def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path):
+    """No lock on S3: two writers racing to create the store both end up writing into one store."""
+    from test_store import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
+
+    url = "s3://team/race.zarr"
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            s = CacheStore.open_or_create(url, layout(), VIDS, VSPLIT, CIDS, CVID, CSPLIT)
+            for i in range(k, s.num_shards, 2):
+                s.write_shard(i, **video_data(*s.shard_range(i)))
+            for j in range(k, s.num_text_shards, 2):
+                lo, hi = s.text_shard_range(j)
+                r = np.arange(lo, hi)
+                s.write_text_shard(j, tokens=np.broadcast_to(r[:, None, None], (hi - lo, 5, 8)),
+                                   mask=np.ones((hi - lo, 5), bool),
+                                   emb=np.broadcast_to(r[:, None], (hi - lo, 6)).astype(np.float32))
+            s.consolidate()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    one = CacheStore.open_or_create(tmp_path / "one.zarr", layout(), VIDS, VSPLIT, CIDS, CVID, CSPLIT)
+    fill(one)
+    assert_same_store(url, tmp_path / "one.zarr")
+    assert "every shard is intact" in run_cli(["cache", "verify", url])
