@@ -372,7 +372,7 @@ def test_hdf5_round_trip_and_other_tools_features(tiny_world, tmp_path):
     assert st.tokens.shape[1:] == (4, 5, 16)
 
 
-def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path):
+def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path, monkeypatch):
     """No lock on S3: two writers racing to create the store both end up writing into one store."""
     from test_store import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
 
@@ -404,3 +404,5 @@ def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path):
     fill(one)
     assert_same_store(url, tmp_path / "one.zarr")
     assert "every shard is intact" in run_cli(["cache", "verify", url])
+    monkeypatch.delenv("CROSSTVR_S3_ENDPOINT")  # the endpoint given as an option instead
+    assert json.loads(run_cli(["--s3-endpoint", s3, "cache", "info", url, "--json"]))["videos"] == 5
