@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 KINDS = ("videos", "texts", "thumbnails")
+NOUN = {"videos": "video", "texts": "text", "thumbnails": "thumbnail"}  # for messages
 ALGORITHM = "sha256"
 PREFIX = "checksums"
 
@@ -78,7 +79,7 @@ class Problem:
 
     def line(self) -> str:
         what = f" ({', '.join(self.arrays)})" if self.arrays else ""
-        return f"{self.kind} shard {self.index}: {self.state}{what}{': ' + self.detail if self.detail else ''}"
+        return f"{NOUN[self.kind]} shard {self.index}: {self.state}{what}{': ' + self.detail if self.detail else ''}"
 
 
 @dataclass
@@ -100,13 +101,13 @@ class VerifyReport:
         return sorted({p.index for p in self.problems if p.kind == kind})
 
     def summary(self) -> str:
-        checked = ", ".join(f"{n} {k} shards" for k, n in self.checked.items() if n) or "no shards"
+        checked = ", ".join(f"{n} {NOUN[k]} shards" for k, n in self.checked.items() if n) or "no shards"
         lines = [f"verify {self.store}: {checked} checked against their checksums, "
                  f"{self.bytes_read / 1e6:.1f} MB read; {len(self.problems)} bad"]
         lines += [f"  {p.line()}" for p in self.problems]
         for kind, idx in self.unrecorded.items():
             if idx:
-                lines.append(f"  {len(idx)} {kind} shards have no checksum recorded (written before this store "
+                lines.append(f"  {len(idx)} {NOUN[kind]} shards have no checksum recorded (written before this store "
                              f"recorded checksums): cannot verify them (shards {_ranges(idx)})")
         if self.ok:
             lines.append("  every shard is intact")

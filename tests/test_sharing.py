@@ -141,9 +141,9 @@ def test_verify_names_a_flipped_byte_and_a_missing_object_and_repairs(tiny_world
     (store / "texts" / "emb" / "c" / "0" / "0").unlink()
     result = invoke(["cache", "verify", store])
     assert result.exit_code == 1, result.output
-    assert "videos shard 1: corrupt (videos/tokens)" in result.output
-    assert "texts shard 0: missing (texts/emb)" in result.output
-    assert "videos shard 0:" not in result.output and "2 bad" in result.output
+    assert "video shard 1: corrupt (videos/tokens)" in result.output
+    assert "text shard 0: missing (texts/emb)" in result.output
+    assert "video shard 0:" not in result.output and "2 bad" in result.output
     repaired = invoke(["cache", "verify", store, "--repair", "--manifest", tiny_world["manifest"],
                        "--encoder", "test-vit-micro", "--workers", "1"])
     assert repaired.exit_code == 0, repaired.output
@@ -157,7 +157,7 @@ def test_verify_of_a_store_without_checksums_says_so(tiny_world, tmp_path):
     shutil.rmtree(store / "checksums")
     result = invoke(["cache", "verify", store])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "4 videos shards have no checksum recorded" in result.output and "cannot verify" in result.output
+    assert "4 video shards have no checksum recorded" in result.output and "cannot verify" in result.output
     assert json.loads(run_cli(["cache", "info", store, "--json"]))["checksums_recorded"]["videos"] == 0
 
 
