@@ -406,3 +406,32 @@ def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path, monkeypa
     assert "every shard is intact" in run_cli(["cache", "verify", url])
     monkeypatch.delenv("CROSSTVR_S3_ENDPOINT")  # the endpoint given as an option instead
     assert json.loads(run_cli(["--s3-endpoint", s3, "cache", "info", url, "--json"]))["videos"] == 5
+
+
+def test_append_to_an_old_store_keeps_the_partial_shards_rows(tmp_path):
+    """A store made before row digests existed grows too; the reopened last shard gets its old rows back
+    from what the append kept aside, whatever the writer passes for them."""
+    from test_store import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
+
+    store = CacheStore.open_or_create(tmp_path / "old.zarr", layout(), VIDS, VSPLIT, CIDS, CVID, CSPLIT)
+    fill(store)
+    assert not store.has_array("videos/source")
+    before = np.asarray(store.array("videos/tokens")[...])
+    grown = layout(manifest_sha256="n" * 64)
+    added = store.append(grown, VIDS + ["f", "g"], VSPLIT + ["test", "test"], CIDS + ["c7"], CVID + [5], CSPLIT + ["test"])
+    assert added == {"videos": 2, "captions": 1}
+    s = CacheStore.open(tmp_path / "old.zarr", mode="r+")
+    assert s.num_videos == 7 and s.num_shards == 4 and s.done_shards() == {0, 1}  # shard 2 (row 4 + new 5) reopened
+    assert s.num_kept_rows("videos", 2) == 1 and s.num_kept_rows("texts", 2) == 1
+    assert [h["manifest_sha256"][0] for h in s.attrs["manifest_history"]] == ["m", "n"]
+    for i in (2, 3):
+        lo, hi = s.shard_range(i)
+        data = video_data(lo, hi)
+        data["tokens"][:] = -1  # what a writer passes for the kept row is ignored
+        s.write_shard(i, **data)
+    tokens = np.asarray(s.array("videos/tokens")[...])
+    assert np.array_equal(tokens[:5], before) and (tokens[5:] == -1).all()
+    assert s.read_object("append/videos-2.npz") is None  # the kept rows are gone once the shard is whole
+    with pytest.raises(StoreMismatchError, match="moves 1 of the store's videos to another split"):
+        s.append(layout(manifest_sha256="o" * 64), VIDS + ["f", "g"], ["test"] + VSPLIT[1:] + ["test", "test"],
+                 CIDS + ["c7"], CVID + [5], CSPLIT + ["test"])
