@@ -146,21 +146,19 @@ def manifest_rows(manifest: Any, prior: tuple[Sequence[str], Sequence[str]] | No
                  [texts[i] for i in corder], vsource, csource)
 
 
-def _existing_rows(store_paths: Sequence[str | os.PathLike], msha: str) -> tuple[list[str], list[str]] | None:
-    """The row order of the existing stores made from another manifest (an append), else ``None``;
-    stores of different earlier manifests are refused (append them one at a time)."""
+def _existing_rows(store_paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]] | None:
+    """The row order of the existing stores (a grown store keeps its old rows first, so its order is
+    not the sorted one), else ``None``; stores of different rows are refused (grow them one at a time)."""
     prior = None
     for path in store_paths:
         try:
             old = CacheStore.open(path)
         except StoreError:
             continue  # nothing there yet (or unreadable: open_or_create names it)
-        if old.attrs.get("manifest_sha256") == msha:
-            continue
         rows = (old.video_ids, old.caption_ids)
         if prior is not None and rows != prior:
-            raise StoreMismatchError(f"{path}: the stores were made from different manifests; grow them one "
-                                     f"at a time (one --encoder/--store per run)")
+            raise StoreMismatchError(f"{path}: the stores hold other rows than {store_paths[0]}; extract or grow "
+                                     f"them one at a time (one --encoder/--store per run)")
         prior = rows
     return prior
 
@@ -237,7 +235,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
     msha = manifest.sha256()
-    rows = manifest_rows(manifest, _existing_rows(store_paths, msha))
+    rows = manifest_rows(manifest, _existing_rows(store_paths))
     encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     stores: list[CacheStore] = []
     thumbs = {"count": c.thumbnails, "max_side": THUMBNAIL_SIDE, "max_bytes": THUMBNAIL_BYTES} if c.thumbnails else None

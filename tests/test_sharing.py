@@ -250,6 +250,8 @@ def test_a_grown_manifest_appends_without_recomputing(grown, tmp_path, monkeypat
     for rel in (Path("videos/tokens/c/0/0/0/0"), Path("videos/tokens/c/1/0/0/0"), Path("checksums/videos/0.json")):
         assert (store / rel).read_bytes() == before[rel]
     assert "every shard is intact" in run_cli(["cache", "verify", store])
+    again = extract_mod.extract(grown["new"], [micro], [store], **opts)  # a re-run (or another --part) of the grown store
+    assert again.ok == 0 and again.skipped == 8 and not decoded[3:]
     # the same content as extracting the grown manifest at once (rows matched by id)
     monkeypatch.undo()
     fresh = tmp_path / "fresh.zarr"
