@@ -289,9 +289,9 @@ def decoder_order(first: str | None = "auto") -> tuple[str, ...]:
     if name == "auto":
         return DECODERS
     if name not in _READERS:
-        from core.errors import ConfigError
+        from core.errors import UsageError
 
-        raise ConfigError(f"--decoder must be auto or one of {', '.join(_READERS)}, got {first!r}")
+        raise UsageError(f"--decoder must be auto or one of {', '.join(_READERS)}, got {first!r}")
     return (name,) + tuple(d for d in DECODERS if d != name)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.errors import ConfigError, EncoderError
+from core.errors import EncoderError, UsageError
 
 RESIZE_MODES = ("short_crop", "square")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -27,7 +27,7 @@ def resolve_precision(precision: str | None, device: str | torch.device) -> str:
     """``auto`` (or None) -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp16`` / ``fp32`` as given."""
     p = (precision or "auto").lower()
     if p not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if p == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
     return p

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import ConfigError, EncoderError, StoreError, StoreMismatchError
+from core.errors import EncoderError, StoreError, StoreMismatchError, UsageError
 from core.fileio import write_json
 from pipeline.config import ExtractConfig
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask, decoder_order
@@ -146,7 +146,7 @@ def _resize_mode(resize: str | None, device: str) -> str:
     ``auto``: device on CUDA (the decoders' CPU time is what bounds a GPU job), worker elsewhere."""
     r = (resize or "auto").lower()
     if r not in RESIZE_WHERE:
-        raise ConfigError(f"--resize must be one of {', '.join(RESIZE_WHERE)}, got {resize!r}")
+        raise UsageError(f"--resize must be one of {', '.join(RESIZE_WHERE)}, got {resize!r}")
     if r == "auto":
         import torch
 
@@ -341,9 +341,9 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     resize = _resize_mode(c.resize, device)
     decoders = decoder_order(c.decoder)
     if c.write_queue < 0:
-        raise ConfigError(f"--write-queue must be >= 0, got {c.write_queue}")
+        raise UsageError(f"--write-queue must be >= 0, got {c.write_queue}")
     if c.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {c.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {c.batch_size}")
     num_frames, sample_fps, shard_size, workers, timeout = c.num_frames, c.sample_fps, c.shard_size, c.workers, \
         c.timeout
     max_text_tokens, batch_size, text_batch_size = c.max_text_tokens, c.batch_size, c.text_batch_size
