@@ -59,13 +59,15 @@ def peak_tflops(device_name: str) -> float | None:
 def flops_per_frame(enc: Any, n: int = 2) -> float:
     """FLOPs of the image encoder per frame (one counted forward pass of ``n`` preprocessed frames)."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    # an input that requires grad keeps nn.MultiheadAttention off its fused inference kernel, which the
+    # attention through the math kernel: its matrix products are counted on every device (the counter
+    # knows CUDA's flash / efficient kernels but not the CPU's fused one); an input that requires grad keeps nn.MultiheadAttention off its fused inference kernel, which the
     # counter does not see (its projections would go uncounted); the arithmetic is the same
     x = torch.zeros(n, 3, enc.image_size, enc.image_size, device=enc.device, requires_grad=True)
     counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), counter, enc.autocast():
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), counter, enc.autocast():
         inner = getattr(type(enc).encode_images, "__wrapped__", None)  # past its torch.no_grad
         inner(enc, x) if inner is not None else enc.encode_images(x)
     return counter.get_total_flops() / n
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "tokens": [enc.num_tokens, enc.token_dim], "load_s": round(time.perf_counter() - t0, 1)}
         out["encoders"][model] = r
         fl = flops_per_frame(enc)
-        r["gflops_per_frame"] = round(fl / 1e9, 2)
+        r["flops_per_frame"] = fl
+        r["gflops_per_frame"] = round(fl / 1e9, 3)
         if a.compile:
             enc.compile()
         # frames reach the encoder at the decoded size: short side = the encoder's, or the clip's own
