@@ -26,10 +26,15 @@ def micro() -> FrozenEncoder:
     return load_encoder("test-vit-micro")
 
 
-@pytest.fixture
-def manifest(tmp_path, make_video, fixture_video) -> Manifest:
-    videos = [{"video_id": f"g{i}", "path": str(make_video(f"g{i}.mp4", num_frames=10 + 3 * i, seed=i)),
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Manifest:
+    from conftest import FIXTURE_VIDEO
+    from worlds import write_video
+
+    tmp_path = tmp_path_factory.mktemp("overlap")
+    videos = [{"video_id": f"g{i}", "path": str(write_video(tmp_path / f"g{i}.mp4", num_frames=10 + 3 * i, seed=i)),
                "split": "train" if i < 3 else "test"} for i in range(5)]
+    fixture_video = FIXTURE_VIDEO
     videos.append({"video_id": "fixture", "path": str(fixture_video), "split": "test", "start": 1.0, "end": 9.0})
     videos.append({"video_id": "missing", "path": "nope.mp4", "split": "train"})
     captions = [{"caption_id": f"{v['video_id']}-0", "video_id": v["video_id"], "text": f"a clip {v['video_id']}",
@@ -50,25 +55,31 @@ def arrays(path) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(manifest, micro, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The store as the loop writes it (no writer thread), fp32, resize in the decoders: every array."""
+    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    rep = run(manifest, micro, path, write_queue=0)
+    assert (rep.ok, rep.failed, rep.precision) == (6, 1, "fp32")  # fp32: the CPU default
+    return arrays(path)
+
+
 def run(manifest, enc, path, **kw):
     opts = dict(num_frames=T, shard_size=2, workers=2, timeout=30, batch_size=5, progress=False)
     return extract(manifest, [enc], [path], **{**opts, **kw})
 
 
-def test_writer_thread_writes_the_same_store_as_the_loop(tmp_path, manifest, micro):
-    sync = run(manifest, micro, tmp_path / "sync.zarr", write_queue=0)
+def test_writer_thread_writes_the_same_store_as_the_loop(tmp_path, manifest, micro, reference):
     threaded = run(manifest, micro, tmp_path / "thread.zarr", write_queue=2)
-    assert (sync.ok, sync.failed) == (threaded.ok, threaded.failed) == (6, 1)
-    assert threaded.precision == sync.precision == "fp32"  # the CPU default
-    a, b = arrays(tmp_path / "sync.zarr"), arrays(tmp_path / "thread.zarr")
+    assert (threaded.ok, threaded.failed, threaded.precision) == (6, 1, "fp32")
+    a, b = reference, arrays(tmp_path / "thread.zarr")
     assert sorted(a) == sorted(b) and len(a) >= 20
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
     assert b["shards/done"].all() and b["videos/tokens"].dtype == np.float16
 
 
-def test_a_writer_error_surfaces_and_no_shard_is_lost(tmp_path, manifest, micro, monkeypatch):
-    reference = run(manifest, micro, tmp_path / "ref.zarr", write_queue=0)
+def test_a_writer_error_surfaces_and_no_shard_is_lost(tmp_path, manifest, micro, reference, monkeypatch):
     real = CacheStore.write_shard
 
     def flaky(self, i, **kw):
@@ -85,10 +96,9 @@ def test_a_writer_error_surfaces_and_no_shard_is_lost(tmp_path, manifest, micro,
     again = run(manifest, micro, tmp_path / "s.zarr", write_queue=2)
     sizes = [2, 2, 2, 1]  # 7 videos in shards of 2
     assert again.skipped == sum(sizes[d] for d in done)  # done shards are not redone
-    a, b = arrays(tmp_path / "ref.zarr"), arrays(tmp_path / "s.zarr")
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
-    assert reference.ok == 6
+    b = arrays(tmp_path / "s.zarr")
+    for name in reference:
+        assert np.array_equal(reference[name], b[name]), name
 
 
 def test_shard_writer_drains_its_queue_and_reports_every_failure():
@@ -116,16 +126,15 @@ def test_shard_writer_drains_its_queue_and_reports_every_failure():
         ShardWriter(-1)
 
 
-def test_precision_resolution_and_bf16_on_cpu(tmp_path, manifest, micro):
+def test_precision_resolution_and_bf16_on_cpu(tmp_path, manifest, reference):
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision(None, "cuda") == "bf16"
     assert resolve_precision("fp16", "cpu") == "fp16"
     with pytest.raises(UsageError, match="--precision must be one of auto, bf16, fp16, fp32"):
         resolve_precision("int8", "cpu")
     enc = load_encoder("test-vit-micro")
-    ref = run(manifest, enc, tmp_path / "fp32.zarr")
     rep = run(manifest, enc, tmp_path / "bf16.zarr", precision="bf16")
-    assert rep.precision == "bf16" and ref.precision == "fp32" and rep.ok == 6
-    a, b = arrays(tmp_path / "fp32.zarr"), arrays(tmp_path / "bf16.zarr")
+    assert rep.precision == "bf16" and rep.ok == 6
+    a, b = reference, arrays(tmp_path / "bf16.zarr")
     assert b["videos/tokens"].dtype == np.float16  # stored as float16 whatever the compute precision
     ok = a["videos/frame_mask"]
     ea, eb = a["videos/frame_emb"][ok], b["videos/frame_emb"][ok]
@@ -153,10 +162,9 @@ def test_preprocessing_on_the_device_matches_the_decoders_resize(fixture_video):
     assert torch.nn.functional.cosine_similarity(emb_dev, emb_cpu).min() > 0.99
 
 
-def test_resize_on_the_device_extracts_close_to_the_worker_resize(tmp_path, manifest, micro):
-    run(manifest, micro, tmp_path / "w.zarr", resize="worker")
+def test_resize_on_the_device_extracts_close_to_the_worker_resize(tmp_path, manifest, micro, reference):
     run(manifest, micro, tmp_path / "d.zarr", resize="device")
-    a, b = arrays(tmp_path / "w.zarr"), arrays(tmp_path / "d.zarr")
+    a, b = reference, arrays(tmp_path / "d.zarr")
     ok = a["videos/frame_mask"]
     assert np.array_equal(ok, b["videos/frame_mask"]) and np.array_equal(a["videos/frame_index"],
                                                                         b["videos/frame_index"])
@@ -194,9 +202,7 @@ def test_decoder_option(tmp_path, manifest, micro):
     assert rep.decoders == {"pyav": 6} and rep.failed == 1
 
 
-def test_compile_runs_the_image_encoder_through_torch_compile(tmp_path, manifest, monkeypatch):
-    enc = load_encoder("test-vit-micro")
-    ref = run(manifest, enc, tmp_path / "eager.zarr")
+def test_compile_runs_the_image_encoder_through_torch_compile(tmp_path, manifest, reference, monkeypatch):
     compiled: list = []
     real_compile = torch.compile
 
@@ -207,9 +213,9 @@ def test_compile_runs_the_image_encoder_through_torch_compile(tmp_path, manifest
     monkeypatch.setattr(torch, "compile", spy)
     enc2 = load_encoder("test-vit-micro")
     rep = run(manifest, enc2, tmp_path / "compiled.zarr", compile=True)
-    assert len(compiled) == 1 and rep.ok == ref.ok == 6
-    a, b = arrays(tmp_path / "eager.zarr"), arrays(tmp_path / "compiled.zarr")
-    np.testing.assert_allclose(a["videos/frame_emb"], b["videos/frame_emb"], atol=1e-5)
+    assert len(compiled) == 1 and rep.ok == 6
+    b = arrays(tmp_path / "compiled.zarr")
+    np.testing.assert_allclose(reference["videos/frame_emb"], b["videos/frame_emb"], atol=1e-5)
 
 
 def test_the_command_line_options(tmp_path):
