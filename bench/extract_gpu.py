@@ -161,7 +161,10 @@ def _write_one(args: tuple) -> str:
 def make_videos(work: Path, distinct: int, frames: int, size: int, workers: int) -> list[str]:
     """``distinct`` generated h264 clips (in parallel)."""
     jobs = [(str(work / f"gpu{size}-{frames}-{i:04d}.mp4"), frames, size, i) for i in range(distinct)]
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as ex:
+    import multiprocessing as mp
+
+    # spawned: the parent may hold a CUDA context already, which forked children must not inherit
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as ex:
         return list(ex.map(_write_one, jobs))
 
 

@@ -230,7 +230,7 @@ def start_batch(enc: Encoder, items: list[tuple[int, DecodeResult]], batch_size:
         event = torch.cuda.Event()
         event.record()
         return EncodedBatch(enc, items, host_t, host_e, host_f, event)
-    except torch.OutOfMemoryError as exc:
+    except torch.cuda.OutOfMemoryError as exc:  # = torch.OutOfMemoryError in recent torch
         n = sum(int(r.mask.sum()) for _, r in items)
         size = f"now {batch_size}" if batch_size else f"this batch: {n} frames"
         raise EncoderError(f"{enc.device.type.upper()} out of memory encoding {n} frames with {enc.spec} at "
