@@ -6,7 +6,9 @@ missing, empty, corrupt, truncated or non-video files give a :class:`DecodeResul
 ``ok=False``, a ``kind`` (missing / empty / not a video / truncated / decode error / timeout /
 crashed), a short ``reason`` ("<kind>: <one line>", what the store keeps) and the decoders' raw
 messages in ``detail``. decord is tried first; PyAV reads what decord cannot (other containers,
-damaged indexes), and the result says which decoder served the clip.
+damaged indexes), and the result says which decoder served the clip. ``decoder_order`` puts another
+one first (``extract --decoder pyav``). With ``short_side=None`` frames keep their decoded size (the
+encoder's device resizes them: ``extract --resize device``).
 
 :class:`DecodePool` runs the decoding in spawned worker processes (decord can leak memory and
 hang). A background thread in the calling process feeds the workers, collects results and

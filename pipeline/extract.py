@@ -71,6 +71,10 @@ class ExtractReport:
                  f"{self.skipped} skipped (done), {self.retried} retried, of {self.videos}; captions "
                  f"{self.captions_encoded} encoded, {self.captions_skipped} skipped; {self.seconds:.1f}s "
                  f"({rate:.2f} videos/s)"]
+        if self.frames_encoded:
+            lines.append(f"encoders at {self.precision} on {self.device}: {self.frames_encoded} frames in "
+                         f"{self.encode_seconds:.1f}s; the loop waited {self.decode_wait_seconds:.1f}s for decoding "
+                         f"and {self.write_wait_seconds:.1f}s for the store writer ({self.write_seconds:.1f}s of writes)")
         for path, t in self.totals.items():
             where = f"; failures listed in {t['failure_list']}" if t.get("failure_list") else ""
             lines.append(f"store {path}: {t['ok']} ok, {t['failed']} failed, {t['pending']} pending of "

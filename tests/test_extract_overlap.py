@@ -231,7 +231,7 @@ def test_the_command_line_options(tmp_path):
                           "--batch-size", "7"])
     (path,) = (tmp_path / "work" / "stores").glob("msvd-test-vit-micro*.zarr")
     store = CacheStore.open(path)
-    assert store.is_complete() and store.failures() == {} and "by pyav" in out
+    assert store.is_complete() and store.failures() == {} and "by pyav" in out and "encoders at bf16 on cpu: " in out
     for bad, msg in ((["--precision", "int8"], "--precision must be one of auto, bf16, fp16, fp32, got 'int8'"),
                      (["--decoder", "ffmpeg"], "--decoder must be auto or one of decord, pyav"),
                      (["--write-queue", "-1"], "--write-queue must be >= 0")):
