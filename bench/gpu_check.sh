@@ -21,9 +21,13 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 } > "$OUT/env.txt" 2>&1
 PKGS="open_clip_torch decord av zarr numcodecs donfig google-crc32c ftfy wcwidth"
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  # resolve against what is installed; if a dependency is missing there, install ours alone and see
+  # a distribution's Python may be marked externally managed; this machine is thrown away after the run
+  export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+  # resolve against what is installed; if a dependency is missing there, install ours alone and see;
+  # if site-packages is not writable, into the user's
   "$PY" -m pip install --no-index --find-links wheels $PKGS > "$OUT/pip.txt" 2>&1 \
-    || "$PY" -m pip install --no-index --no-deps --find-links wheels $PKGS >> "$OUT/pip.txt" 2>&1
+    || "$PY" -m pip install --no-index --no-deps --find-links wheels $PKGS >> "$OUT/pip.txt" 2>&1 \
+    || "$PY" -m pip install --user --no-index --no-deps --find-links wheels $PKGS >> "$OUT/pip.txt" 2>&1
 fi
 "$PY" -c "import open_clip, zarr, decord, av, numcodecs, numpy
 print('open_clip', open_clip.__version__, 'zarr', zarr.__version__, 'av', av.__version__, 'numpy', numpy.__version__)" \
