@@ -465,9 +465,13 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
                 continue
             toks, masks, embs = [], [], []
             for b in range(lo, hi, batch):
-                with enc.autocast():
-                    t, m, e = enc.encode_texts(rows.caption_texts[b:min(hi, b + batch)],
-                                               max_tokens=max_text_tokens)
+                try:
+                    with enc.autocast():
+                        t, m, e = enc.encode_texts(rows.caption_texts[b:min(hi, b + batch)],
+                                                   max_tokens=max_text_tokens)
+                except torch.cuda.OutOfMemoryError as exc:
+                    raise EncoderError(f"{enc.device.type.upper()} out of memory encoding {min(hi, b + batch) - b} "
+                                       f"captions with {enc.spec}: lower --text-batch-size (now {batch})") from exc
                 toks.append(t.to(torch.float16).cpu().numpy())
                 masks.append(m.cpu().numpy())
                 embs.append(e.float().cpu().numpy())

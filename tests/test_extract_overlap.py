@@ -237,3 +237,14 @@ def test_the_command_line_options(tmp_path):
                      (["--write-queue", "-1"], "--write-queue must be >= 0")):
         result = CliRunner().invoke(cli.main, [str(a) for a in base] + ["--work-dir", str(tmp_path / "w2"), *bad])
         assert result.exit_code == 2 and msg in result.output and "Traceback" not in result.output
+
+
+def test_out_of_memory_in_the_text_pass_names_its_batch_size(tmp_path, manifest, monkeypatch):
+    enc = load_encoder("test-vit-micro")
+
+    def oom(texts, max_tokens=32):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(enc, "encode_texts", oom)
+    with pytest.raises(EncoderError, match=r"out of memory encoding 3 captions .* lower --text-batch-size \(now 3\)"):
+        run(manifest, enc, tmp_path / "oom.zarr", text_batch_size=3)
