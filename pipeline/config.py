@@ -21,7 +21,7 @@ class ExtractConfig:
     workers: int = _opt(2, "Decoder worker processes.")
     timeout: float = _opt(60.0, "Seconds before a video's decoding is abandoned.")
     max_text_tokens: int = _opt(32, "Text tokens kept per caption.")
-    batch_size: int = _opt(96, "Frames per encoder forward pass.")
+    batch_size: int = _opt(96, "Frames per encoder forward pass (lower it when the GPU runs out of memory).")
     text_batch_size: int = _opt(256, "Captions per text-encoder forward pass.")
     text_shard_size: int = _opt(1024, "Captions per text shard.")
     compressor: str | None = _opt(None, "Compression of the token arrays: zstd or blosc-zstd (default: none).")
@@ -37,5 +37,5 @@ class ExtractConfig:
                                "bicubic), device (the encoder's device, antialiased bicubic) or auto (device on CUDA, "
                                "worker elsewhere).")
     write_queue: int = _opt(2, "Encoded shards waiting for the store writer thread (0: write in the main loop).")
-    decoder: str = _opt("auto", "Video decoder tried first: decord, pyav, torchcodec or auto (the default order); "
-                                "the others read what it cannot.")
+    decoder: str = _opt("auto", "Video decoder tried first: decord or pyav (auto: decord); the other reads what it "
+                                "cannot.")
