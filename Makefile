@@ -14,14 +14,16 @@ STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: install test browser demo compare extract bench clean-work help
+.PHONY: install test browser demo compare extract bench bench-gpu gpu-wheels clean-work help
 
 help:
 	@echo "make demo                 set up and run the synthetic benchmark end to end"
 	@echo "make test                 set up and run the test suite"
 	@echo "make compare [STORE=zarr] train meanP / seqTransf / clip2video on the demo store, one test table"
-	@echo "make extract DATASET=name [DATA_ROOT=data ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' FRAMES=n WORK=dir]"
+	@echo "make extract DATASET=name [DATA_ROOT=data ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' FRAMES=n WORK=dir PRECISION=auto|bf16|fp16|fp32 BATCH=n]"
 	@echo "make bench                extraction throughput benchmark"
+	@echo "make bench-gpu            encode / decode / full-job figures per encoder, MFU on a GPU (bench/extract_gpu.py)"
+	@echo "make gpu-wheels           fetch the wheels bench/gpu_check.sh installs on a GPU machine without a registry"
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,11 +53,18 @@ compare: $(STAMP)
 
 extract: $(STAMP)
 	$(PY) cli.py extract --dataset $(DATASET) --work-dir $(WORK) --data-root $(DATA_ROOT) --workers $(WORKERS) \
+		$(if $(PRECISION),--precision $(PRECISION)) $(if $(BATCH),--batch-size $(BATCH)) \
 		$(if $(FRAMES),--frames $(FRAMES)) $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) \
 		$(if $(VIDEOS),--videos $(VIDEOS)) $(foreach e,$(ENCODERS),--encoder $(e))
 
 bench: $(STAMP)
 	$(PY) bench/extract.py
+
+bench-gpu: $(STAMP)
+	$(PY) bench/extract_gpu.py $(if $(OUT),--json $(OUT)/extract_gpu.json)
+
+gpu-wheels:
+	bash bench/gpu_wheels.sh wheels
 
 clean-work:
 	rm -rf $(WORK)

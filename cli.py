@@ -107,8 +107,15 @@ def _record(ctx: click.Context, **resolved: Any) -> dict:
 
 @click.group(cls=Main)
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-def main(debug: bool) -> None:
+@click.option("--s3-endpoint", envvar="CROSSTVR_S3_ENDPOINT",
+              help="Endpoint of s3:// stores (MinIO, a local server; default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, "
+                   "else AWS). Credentials come from the usual AWS variables.")
+def main(debug: bool, s3_endpoint: str | None) -> None:
     """Frozen-encoder text-video retrieval: feature cache, stage-one heads, re-ranking."""
+    if s3_endpoint:
+        import os
+
+        os.environ["CROSSTVR_S3_ENDPOINT"] = s3_endpoint  # read by pipeline.remote when a store is opened
 
 
 # -- registries ------------------------------------------------------------------------------------
@@ -210,25 +217,30 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
 @_dataclass_options(ExtractConfig, unset=True)
 @click.option("--max-failed", help="Failed videos tolerated in a store: a count (5), a percentage (1%) or a "
                                    "fraction (0.01) [default: 0: any failure exits 1].")
+@click.option("--part", help="K/N: write only the shards i with i % N == K, so N processes (on one or several "
+                             "machines sharing the store on disk or S3) split one extraction; run K = 0..N-1.")
 @device_option
 @click.option("--option", "options", multiple=True, help="Manifest builder option key=value.")
-def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stores, data_root, max_failed, device,
-                options, **config) -> None:
+def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stores, data_root, max_failed, part,
+                device, options, **config) -> None:
     """Decode each video once, run every encoder on the sampled frames, write the token stores.
 
     Frames and text tokens default to the dataset's (12 and 32; 64 and 64 for paragraph datasets).
     Exits 1 when a store holds more failed videos than --max-failed allows (the summary says where
     their reasons are listed); --retry-failed decodes them again once the files are fixed.
     """
-    from workflows.data import check_extraction, extract_config, extract_stores, failure_budget, load_manifest_once
+    from workflows.data import (check_extraction, extract_config, extract_stores, failure_budget,
+                                load_manifest_once)
 
     work = WorkDir(work_dir)
     m = load_manifest_once(work, resolve_device(device), dataset, manifest, annotations, videos,
                            parse_key_values(options, "--option"), data_root)
-    failure_budget(max_failed, m.videos.num_rows)  # a malformed --max-failed fails before the work
-    report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device))
     from core.world import world_from_env
+    from workflows.share import parse_part
 
+    failure_budget(max_failed, m.videos.num_rows)  # a malformed --max-failed fails before the work
+    report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device),
+                                   part=parse_part(part))
     if world_from_env()[0] == 0:  # under torchrun: the merged report, once
         click.echo(report.summary())
         for p in paths:
@@ -238,11 +250,107 @@ def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stor
 
 @main.group("cache")
 def cache_group() -> None:
-    """Work on an existing token store (thumbnails)."""
+    """Work on an existing token store: info, verify (--repair), pull, export / import HDF5, thumbnails.
+
+    STORE / URL: a path, file://, s3://bucket/key (endpoint and credentials: --s3-endpoint and the AWS
+    variables) or http(s):// (read-only)."""
+
+
+@cache_group.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def cache_info_cmd(store, as_json) -> None:
+    """Dataset, encoder identity, sampling, counts per split, failed videos (and where the list is),
+    shards done, checksums recorded, size on disk per array, compression ratio."""
+    from pipeline.sharing import format_info
+    from workflows.share import dumps, info
+
+    result = info(store)
+    click.echo(dumps(result) if as_json else format_info(result))
+
+
+@cache_group.command("verify")
+@click.argument("store")
+@click.option("--repair", is_flag=True, help="Re-extract just the corrupt or missing shards (needs the store's "
+                                             "manifest, its videos at hand, and --encoder).")
+@click.option("--manifest", type=click.Path(), help="--repair: the store's manifest directory.")
+@click.option("--dataset", help="--repair: or the registered dataset whose manifest is built under --work-dir.")
+@click.option("--encoder", help="--repair: the store's encoder spec (checked against the store's identity).")
+@work_dir_option
+@click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
+@click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
+@data_root_option
+@click.option("--workers", default=2, show_default=True, help="--repair: decoder worker processes.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def cache_verify_cmd(store, repair, manifest, dataset, encoder, work_dir, annotations, videos, data_root, workers,
+                     device, as_json) -> None:
+    """Recompute every shard's checksum; name each corrupt or missing shard (exit 1 when any, or when
+    the store recorded no checksums to check)."""
+    from workflows.data import load_manifest
+    from workflows.share import dumps, repair as repair_store, verify
+
+    report = verify(store, progress=not as_json)
+    click.echo(dumps(report.to_dict()) if as_json else report.summary())
+    if repair and report.problems:
+        if not encoder:
+            raise UsageError("--repair needs --encoder (the store's encoder spec) and --manifest or --dataset")
+        m = load_manifest(WorkDir(work_dir), dataset, manifest, annotations, videos, None, data_root)
+        report = repair_store(store, report, m, encoder, device=resolve_device(device), workers=workers)
+        click.echo("after repair:\n" + report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cache_group.command("pull")
+@click.argument("url")
+@click.argument("dest", type=click.Path(file_okay=False))
+def cache_pull_cmd(url, dest) -> None:
+    """Copy the store at URL to the local directory DEST (resumable: a re-run copies only what is not
+    there yet), then verify the copy against the store's checksums (exit 1 when it does not match)."""
+    from workflows.share import pull
+
+    report, check = pull(url, dest)
+    click.echo(report.summary())
+    click.echo(check.summary())
+    if check.problems:
+        sys.exit(1)
+
+
+@cache_group.command("export")
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+def cache_export_cmd(store, out) -> None:
+    """Write every array of STORE and its identity into one HDF5 file OUT (layout: docs/SHARING.md)."""
+    from workflows.share import export_h5
+
+    click.echo(f"exported {store} -> {export_h5(store, out)}")
+
+
+@cache_group.command("import")
+@click.argument("h5", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store")
+@click.option("--manifest", type=click.Path(), help="Another tool's features: the manifest of their videos and "
+                                                    "captions (ids, splits).")
+@click.option("--dataset", help="Or: the registered dataset whose manifest is built under --work-dir.")
+@work_dir_option
+@data_root_option
+@click.option("--frames", type=int, help="Another tool's features: frames kept per video (default: the most any has).")
+@click.option("--shard-size", default=64, show_default=True, help="Another tool's features: videos per shard.")
+@click.option("--compressor", help="Another tool's features: zstd, blosc-zstd or blosc-lz4 (default: none).")
+def cache_import_cmd(h5, store, manifest, dataset, work_dir, data_root, frames, shard_size, compressor) -> None:
+    """Build a new STORE from an HDF5 file: one `cache export` wrote (the same store back), or
+    per-frame features another tool wrote (one dataset per video; docs/SHARING.md)."""
+    from workflows.data import load_manifest
+    from workflows.share import import_h5
+
+    m = load_manifest(WorkDir(work_dir), dataset, manifest, None, None, None, data_root) \
+        if (manifest or dataset) else None
+    click.echo(import_h5(h5, store, m, num_frames=frames, shard_size=shard_size, compressor=compressor))
 
 
 @cache_group.command("thumbnails")
-@click.option("--store", required=True, help="Local token store path (made by `extract`).")
+@click.option("--store", required=True, help="Token store path or s3:// URL (made by `extract`).")
 @click.option("--manifest", type=click.Path(), help="The store's manifest directory (its videos must be at hand).")
 @click.option("--dataset", help="Or: the registered dataset whose manifest is built under --work-dir.")
 @work_dir_option

@@ -6,7 +6,9 @@ missing, empty, corrupt, truncated or non-video files give a :class:`DecodeResul
 ``ok=False``, a ``kind`` (missing / empty / not a video / truncated / decode error / timeout /
 crashed), a short ``reason`` ("<kind>: <one line>", what the store keeps) and the decoders' raw
 messages in ``detail``. decord is tried first; PyAV reads what decord cannot (other containers,
-damaged indexes), and the result says which decoder served the clip.
+damaged indexes), and the result says which decoder served the clip. ``decoder_order`` puts another
+one first (``extract --decoder pyav``). With ``short_side=None`` frames keep their decoded size (the
+encoder's device resizes them: ``extract --resize device``).
 
 :class:`DecodePool` runs the decoding in spawned worker processes (decord can leak memory and
 hang). A background thread in the calling process feeds the workers, collects results and
@@ -39,7 +41,7 @@ TIMEOUT = "timeout"
 CRASHED = "crashed"
 # What a failure can be, for people: the short reason stored is "<kind>: <one line>".
 FAILURE_KINDS = ("missing", "empty", "not a video", "truncated", "decode error", TIMEOUT, CRASHED)
-DECODERS = ("decord", "pyav")
+DECODERS = ("decord", "pyav")  # the default order (``decoder_order("auto")``)
 # the first bytes of the containers videos come in (offset, magic): a file that starts like one but
 # cannot be read is damaged or cut short, not something else
 _SIGNATURES = ((4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (0, b"\x1aE\xdf\xa3"),
@@ -282,6 +284,19 @@ def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
 _READERS = {"decord": _read_decord, "pyav": _read_pyav}
 
 
+def decoder_order(first: str | None = "auto") -> tuple[str, ...]:
+    """The decoders to try, ``first`` first (``--decoder``): ``auto`` (or None) is :data:`DECODERS`;
+    a named decoder is tried first and the others read what it cannot."""
+    name = (first or "auto").lower()
+    if name == "auto":
+        return DECODERS
+    if name not in _READERS:
+        from core.errors import UsageError
+
+        raise UsageError(f"--decoder must be auto or one of {', '.join(_READERS)}, got {first!r}")
+    return (name,) + tuple(d for d in DECODERS if d != name)
+
+
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     s = " ".join(str(exc).split()) or type(exc).__name__
     return s if len(s) <= limit else s[:limit - 3] + "..."
@@ -291,7 +306,8 @@ DecodeFn = Callable[..., DecodeResult]
 
 
 def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
-                 short_side: int | None, sample_fps: float | None = None) -> None:
+                 short_side: int | None, sample_fps: float | None = None,
+                 decoders: tuple[str, ...] | None = None) -> None:
     """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
     conn.send(("ready", None))
@@ -305,7 +321,8 @@ def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
         seq, task = msg
         try:
             res = decode_fn(task.video_id, task.path, num_frames, short_side, task.start, task.end,
-                            **({"sample_fps": sample_fps} if sample_fps else {}))
+                            **({"sample_fps": sample_fps} if sample_fps else {}),
+                            **({"decoders": decoders} if decoders and decoders != DECODERS else {}))
         except Exception as exc:
             res = failed(task.video_id, "decode error", _one_line(exc), _one_line(exc, 1000))
         conn.send((seq, res))
@@ -348,7 +365,8 @@ class DecodePool:
     def __init__(self, num_frames: int, short_side: int | None = None, workers: int = 2,
                  timeout: float = 60.0, prefetch: int | None = None,
                  max_tasks_per_worker: int = 1000, decode_fn: DecodeFn | None = None,
-                 start_method: str = "spawn", sample_fps: float | None = None) -> None:
+                 start_method: str = "spawn", sample_fps: float | None = None,
+                 decoders: tuple[str, ...] | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.num_frames = num_frames
@@ -359,12 +377,14 @@ class DecodePool:
         self.max_tasks_per_worker = max_tasks_per_worker
         self.decode_fn = decode_fn or decode_video
         self.sample_fps = sample_fps
+        self.decoders = tuple(decoders) if decoders else None  # None / DECODERS: decode_fn's own order
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self.killed = 0  # workers killed for a timeout or crash
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, (self.decode_fn, self.num_frames, self.short_side, self.sample_fps))
+        return _Worker(self._ctx, (self.decode_fn, self.num_frames, self.short_side, self.sample_fps,
+                                   self.decoders))
 
     def __enter__(self) -> "DecodePool":
         return self

@@ -10,14 +10,27 @@ normalised float) and the dimensions read off one forward pass. The backends are
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from core.errors import EncoderError
+from core.errors import EncoderError, UsageError
 
 RESIZE_MODES = ("short_crop", "square")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str | None, device: str | torch.device) -> str:
+    """``auto`` (or None) -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp16`` / ``fp32`` as given."""
+    p = (precision or "auto").lower()
+    if p not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if p == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return p
 
 
 def resize_short_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -64,6 +77,27 @@ class Encoder(ABC):
     token_dim: int
     embed_dim: int
     text_dim: int
+    precision: str = "fp32"  # the compute precision (set_precision): fp32, or bf16 / fp16 autocast
+
+    # -- compute precision ----------------------------------------------------------------
+    def set_precision(self, precision: str | None) -> str:
+        """Run the encoders under ``precision`` (:data:`PRECISIONS`; ``auto``: bf16 on CUDA, fp32
+        elsewhere): bf16 / fp16 are autocast (weights stay as loaded), fp32 runs as loaded."""
+        self.precision = resolve_precision(precision, self.device)
+        return self.precision
+
+    def autocast(self) -> AbstractContextManager:
+        """The context the forward passes run in: autocast to bf16 / fp16, or nothing for fp32."""
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def compile(self) -> None:
+        """``torch.compile`` the image encoder (``encode_images``) of this instance."""
+        if getattr(self, "_compiled", False):
+            return
+        self.encode_images = torch.compile(self.encode_images)  # type: ignore[method-assign]
+        self._compiled = True
 
     def set_image_format(self, image_size: int, mean: Any, std: Any, resize: str) -> None:
         """The preprocessing: square side, per-channel mean / std (of [0, 1] pixels), resize mode."""
@@ -94,7 +128,12 @@ class Encoder(ABC):
 
     # -- images ---------------------------------------------------------------------------
     def preprocess(self, frames_uint8: torch.Tensor) -> torch.Tensor:
-        """(N,H,W,3) uint8 (any device) -> (N,3,S,S) normalised float on the encoder device."""
+        """(N,H,W,3) uint8 (any device) -> (N,3,S,S) normalised float on the encoder device.
+
+        The resize (when the frames' shorter side is not the encoder's size), crop and
+        normalisation run on the encoder's device, in float32 whatever the compute precision;
+        frames a decoder already brought to the size (PIL bicubic) are only cropped. A pinned
+        host tensor is copied without blocking."""
         if frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
             raise ValueError(f"expected frames (N,H,W,3), got {tuple(frames_uint8.shape)}")
         x = torch.as_tensor(frames_uint8).to(self.device, non_blocking=True)

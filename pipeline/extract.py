@@ -16,6 +16,7 @@ thumbnails existed, decoding the videos again but encoding nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -24,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import StoreMismatchError
-from core.fileio import write_json
+from core.errors import EncoderError, StoreError, StoreMismatchError, UsageError
+from core.fileio import jsonable
 from pipeline.config import ExtractConfig
-from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask
+from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask, decoder_order
 from pipeline.encoder_base import Encoder
 from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
 from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_fps, strategy_name
-from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path
+from pipeline.store import (STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path,
+                            row_digest)
 from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE, thumbnails_of
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -54,19 +56,30 @@ class ExtractReport:
     decode_wait_seconds: float = 0.0   # time the encoder loop waited for decoded videos
     encode_seconds: float = 0.0        # video encoding incl. preprocessing
     text_seconds: float = 0.0
+    write_seconds: float = 0.0         # store writes of video shards (in the writer thread unless write_queue=0)
+    write_wait_seconds: float = 0.0    # time the encoder loop waited for the writer (its queue full)
     frames_encoded: int = 0            # per encoder
+    precision: str = ""                # the encoders' compute precision (fp32, bf16, fp16)
+    device: str = ""
     failures: dict[str, str] = field(default_factory=dict)  # failed in this run: short reason
     decoders: dict[str, int] = field(default_factory=dict)  # videos served by each decoder, this run
     totals: dict[str, dict] = field(default_factory=dict)   # per store: ok / failed / pending, failure list
+    appended: dict[str, dict] = field(default_factory=dict)  # per grown store: {"videos", "captions"} appended
 
     def summary(self) -> str:
         """For humans: this run, then every store's totals and where its failure list is."""
         rate = self.ok / self.seconds if self.seconds > 0 else 0.0
         used = ", ".join(f"{n} by {d}" for d, n in sorted(self.decoders.items()))
-        lines = [f"this run: videos {self.ok} ok ({used or 'none decoded'}), {self.failed} failed, "
+        lines = [f"store {p}: grown by {n['videos']} videos and {n['captions']} captions (a grown manifest; "
+                 f"the store's rows kept)" for p, n in self.appended.items()]
+        lines += [f"this run: videos {self.ok} ok ({used or 'none decoded'}), {self.failed} failed, "
                  f"{self.skipped} skipped (done), {self.retried} retried, of {self.videos}; captions "
                  f"{self.captions_encoded} encoded, {self.captions_skipped} skipped; {self.seconds:.1f}s "
                  f"({rate:.2f} videos/s)"]
+        if self.frames_encoded:
+            lines.append(f"encoders at {self.precision} on {self.device}: {self.frames_encoded} frames in "
+                         f"{self.encode_seconds:.1f}s; the loop waited {self.decode_wait_seconds:.1f}s for decoding "
+                         f"and {self.write_wait_seconds:.1f}s for the store writer ({self.write_seconds:.1f}s of writes)")
         for path, t in self.totals.items():
             where = f"; failures listed in {t['failure_list']}" if t.get("failure_list") else ""
             lines.append(f"store {path}: {t['ok']} ok, {t['failed']} failed, {t['pending']} pending of "
@@ -98,6 +111,8 @@ class _Rows:
     caption_video: list[int]
     caption_splits: list[str]
     caption_texts: list[str]
+    video_source: list[bytes] = field(default_factory=list)    # each row's manifest digest (row_digest)
+    caption_source: list[bytes] = field(default_factory=list)
 
 
 def _none_if_nan(x: Any) -> float | None:
@@ -107,14 +122,19 @@ def _none_if_nan(x: Any) -> float | None:
     return None if x != x else x
 
 
-def manifest_rows(manifest: Any) -> _Rows:
-    """Videos sorted by (split, video_id); captions by (video row, caption_id)."""
+def manifest_rows(manifest: Any, prior: tuple[Sequence[str], Sequence[str]] | None = None) -> _Rows:
+    """Videos sorted by (split, video_id); captions by (video row, caption_id). ``prior``: the
+    (video ids, caption ids) of an existing store in its row order, which come first (in that order,
+    those the manifest still lists), the manifest's other rows after them, sorted likewise: a grown
+    manifest appends to a store."""
     v = manifest.videos
     ids = v.column("video_id").to_pylist()
     splits = v.column("split").to_pylist()
     starts = v.column("start").to_pylist()
     ends = v.column("end").to_pylist()
-    order = sorted(range(len(ids)), key=lambda i: (SPLIT_ORDER.get(splits[i], 9), splits[i], ids[i]))
+    old_v = {vid: r for r, vid in enumerate(prior[0])} if prior else {}
+    order = sorted(range(len(ids)), key=lambda i: (0, old_v[ids[i]]) if ids[i] in old_v else
+                   (1, SPLIT_ORDER.get(splits[i], 9), splits[i], ids[i]))
     vids = [ids[i] for i in order]
     row_of = {vid: r for r, vid in enumerate(vids)}
     tasks = [DecodeTask(ids[i], str(manifest.video_path(ids[i])), _none_if_nan(starts[i]),
@@ -124,14 +144,51 @@ def manifest_rows(manifest: Any) -> _Rows:
     cvid = c.column("video_id").to_pylist()
     texts = c.column("text").to_pylist()
     csplit = c.column("split").to_pylist()
-    corder = sorted(range(len(cids)), key=lambda i: (row_of[cvid[i]], cids[i]))
+    old_c = {cid: r for r, cid in enumerate(prior[1])} if prior else {}
+    corder = sorted(range(len(cids)), key=lambda i: (0, old_c[cids[i]], "") if cids[i] in old_c else
+                    (1, row_of[cvid[i]], cids[i]))
+    vsource = [row_digest(ids[i], splits[i], _none_if_nan(starts[i]), _none_if_nan(ends[i])) for i in order]
+    csource = [row_digest(cids[i], cvid[i], csplit[i], texts[i]) for i in corder]
     return _Rows(vids, [splits[i] for i in order], tasks, [cids[i] for i in corder],
                  [row_of[cvid[i]] for i in corder], [csplit[i] for i in corder],
-                 [texts[i] for i in corder])
+                 [texts[i] for i in corder], vsource, csource)
+
+
+def _existing_rows(store_paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]] | None:
+    """The row order of the existing stores (a grown store keeps its old rows first, so its order is
+    not the sorted one), else ``None``; stores of different rows are refused (grow them one at a time)."""
+    prior = None
+    for path in store_paths:
+        try:
+            old = CacheStore.open(path)
+        except StoreError:
+            continue  # nothing there yet (or unreadable: open_or_create names it)
+        rows = (old.video_ids, old.caption_ids)
+        if prior is not None and rows != prior:
+            raise StoreMismatchError(f"{path}: the stores hold other rows than {store_paths[0]}; extract or grow "
+                                     f"them one at a time (one --encoder/--store per run)")
+        prior = rows
+    return prior
 
 
 def _in_part(i: int, part: tuple[int, int] | None) -> bool:
     return part is None or i % part[1] == part[0]
+
+
+RESIZE_WHERE = ("auto", "worker", "device")
+
+
+def _resize_mode(resize: str | None, device: str) -> str:
+    """``worker`` (the decoder processes resize with PIL) or ``device`` (the encoder's device does);
+    ``auto``: device on CUDA (the decoders' CPU time is what bounds a GPU job), worker elsewhere."""
+    r = (resize or "auto").lower()
+    if r not in RESIZE_WHERE:
+        raise UsageError(f"--resize must be one of {', '.join(RESIZE_WHERE)}, got {resize!r}")
+    if r == "auto":
+        import torch
+
+        return "device" if torch.device(device).type == "cuda" else "worker"
+    return r
 
 
 def _as_encoder(e: EncoderSpec | str | Encoder, device: str, token_layer: int | None) -> Encoder:
@@ -153,23 +210,156 @@ class ShardBuffer:
         self.emb = np.zeros((n, T, enc.embed_dim), dtype=np.float32)
 
 
-def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
-                  buf: ShardBuffer) -> int:
-    """Encode the valid frames of ``items`` (local row, result) in one forward pass."""
+class EncodedBatch:
+    """One batch's encoder outputs on their way to the host: on CUDA the device-to-host copies run
+    without blocking into pinned memory while the loop collects the next batch; :meth:`finish`
+    waits for them and puts each video's frames into its rows of a :class:`ShardBuffer`."""
+
+    def __init__(self, enc: Encoder, items: list[tuple[int, DecodeResult]], tokens: Any, emb: Any,
+                 finite: Any, event: Any = None) -> None:
+        self.enc, self.items, self.tokens, self.emb, self.finite, self.event = enc, items, tokens, emb, finite, event
+
+    def finish(self, buf: ShardBuffer) -> int:
+        """Wait for the results, check them and write them into ``buf``; the number of frames."""
+        if self.event is not None:
+            self.event.synchronize()
+        if not bool(self.finite):
+            raise EncoderError(f"{self.enc.spec}: the visual tokens are not finite or exceed float16's range "
+                               f"(|x| > 65504) at --precision {self.enc.precision}; the store keeps float16 "
+                               f"tokens (try --precision fp32, or tokens from another --token-layer)")
+        tokens, emb = self.tokens.numpy(), self.emb.numpy()
+        pos = 0
+        for row, r in self.items:
+            k = int(r.mask.sum())
+            where = np.flatnonzero(r.mask)
+            buf.tokens[row, where] = tokens[pos:pos + k]
+            buf.emb[row, where] = emb[pos:pos + k]
+            pos += k
+        return pos
+
+
+def start_batch(enc: Encoder, items: list[tuple[int, DecodeResult]], batch_size: int | None = None) -> EncodedBatch:
+    """Preprocess and encode the valid frames of ``items`` (local row, result) in one forward pass,
+    under the encoder's precision (``Encoder.autocast``); on CUDA the frames go up from pinned memory
+    and the outputs come back into pinned memory without blocking (``EncodedBatch.finish`` waits).
+    CUDA out of memory is an ``EncoderError`` naming ``--batch-size``."""
     import torch
 
-    xs = [enc.preprocess(torch.from_numpy(r.valid_frames)) for _, r in items]
-    tokens, emb = enc.encode_images(torch.cat(xs))
-    tokens = tokens.to(torch.float16).cpu().numpy()
-    emb = emb.float().cpu().numpy()
-    pos = 0
-    for row, r in items:
-        k = int(r.mask.sum())
-        where = np.flatnonzero(r.mask)
-        buf.tokens[row, where] = tokens[pos:pos + k]
-        buf.emb[row, where] = emb[pos:pos + k]
-        pos += k
-    return pos
+    cuda = enc.device.type == "cuda"
+    try:
+        xs = []
+        for _, r in items:
+            frames = torch.from_numpy(r.valid_frames)
+            xs.append(enc.preprocess(frames.pin_memory() if cuda else frames))
+        with enc.autocast():
+            tokens, emb = enc.encode_images(torch.cat(xs))
+        tokens = tokens.to(torch.float16)
+        emb = emb.float()
+        finite = torch.isfinite(tokens).all()
+        if not cuda:
+            return EncodedBatch(enc, items, tokens.cpu(), emb.cpu(), finite)
+        host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_e = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+        host_f = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host_t.copy_(tokens, non_blocking=True)
+        host_e.copy_(emb, non_blocking=True)
+        host_f.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return EncodedBatch(enc, items, host_t, host_e, host_f, event)
+    except torch.cuda.OutOfMemoryError as exc:  # = torch.OutOfMemoryError in recent torch
+        n = sum(int(r.mask.sum()) for _, r in items)
+        size = f"now {batch_size}" if batch_size else f"this batch: {n} frames"
+        raise EncoderError(f"{enc.device.type.upper()} out of memory encoding {n} frames with {enc.spec} at "
+                           f"--precision {enc.precision}: lower --batch-size ({size})") from exc
+
+
+def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
+                 buf: ShardBuffer) -> int:
+    """Encode the valid frames of ``items`` (local row, result) in one forward pass into ``buf``."""
+    return start_batch(enc, items).finish(buf)
+
+
+class ShardWriter:
+    """Writes whole shards in a background thread, so store writes overlap decoding and encoding.
+
+    ``submit(i, write)`` queues ``write()`` (which writes shard ``i`` into every store and marks it
+    done); at most ``depth`` shards wait (the caller blocks for a slot: memory stays bounded).
+    ``depth`` 0 writes in the caller. An error in the writer is raised in the caller by the next
+    ``submit`` or by ``close``, naming the shard; shards already queued are still written (each is
+    independent), and a shard whose write failed is not marked done, so a re-run writes it again.
+    ``close`` waits until every queued shard is written."""
+
+    def __init__(self, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.depth = int(depth)
+        if self.depth < 0:
+            raise ValueError(f"write_queue must be >= 0, got {depth}")
+        self.errors: list[tuple[int, BaseException]] = []
+        self.seconds = 0.0       # spent writing
+        self.wait_seconds = 0.0  # the caller waited for a free slot
+        self.written = 0
+        self._queue: Any = queue.Queue(maxsize=max(1, self.depth))
+        self._thread = None
+        if self.depth:
+            self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+            self._thread.start()
+
+    def _write(self, i: int, write: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            write()
+            self.written += 1
+        except Exception as exc:  # surfaced in the caller
+            self.errors.append((i, exc))
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self._write(*job)
+
+    def check(self) -> None:
+        """Raise the first error of the writer (a ``StoreError`` naming the shard and the cause)."""
+        if self.errors:
+            i, exc = self.errors[0]
+            more = f" (and {len(self.errors) - 1} more shards)" if len(self.errors) > 1 else ""
+            raise StoreError(f"writing video shard {i} failed{more}: {type(exc).__name__}: {exc}; it is not marked "
+                             f"done, so running the extraction again writes it") from exc
+
+    def submit(self, i: int, write: Any) -> None:
+        """Write shard ``i`` (``write()``) in the writer thread, or here when ``depth`` is 0."""
+        import queue
+
+        self.check()
+        if self._thread is None:
+            self._write(i, write)
+            self.check()
+            return
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._queue.put((i, write), timeout=0.5)
+                break
+            except queue.Full:
+                self.check()
+                if not self._thread.is_alive():
+                    raise StoreError("the store writer thread stopped") from None
+        self.wait_seconds += time.perf_counter() - t0
+
+    def close(self, check: bool = True) -> None:
+        """Write what is queued, stop the thread; ``check``: raise the writer's first error."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if check:
+            self.check()
 
 
 def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
@@ -187,6 +377,12 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     (processes sharing the stores: the last step, once, after they all finished).
     """
     c = replace(config or ExtractConfig(), **options)
+    resize = _resize_mode(c.resize, device)
+    decoders = decoder_order(c.decoder)
+    if c.write_queue < 0:
+        raise UsageError(f"--write-queue must be >= 0, got {c.write_queue}")
+    if c.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {c.batch_size}")
     num_frames, sample_fps, shard_size, workers, timeout = c.num_frames, c.sample_fps, c.shard_size, c.workers, \
         c.timeout
     max_text_tokens, batch_size, text_batch_size = c.max_text_tokens, c.batch_size, c.text_batch_size
@@ -203,10 +399,16 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         raise ValueError("each encoder needs its own store path")
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
-    rows = manifest_rows(manifest)
-    encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     msha = manifest.sha256()
+    rows = manifest_rows(manifest, _existing_rows(store_paths))
+    encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
+    for enc in encs:
+        enc.set_precision(c.precision)
+        if c.compile:
+            enc.compile()
     stores: list[CacheStore] = []
+    thumbs = {"count": c.thumbnails, "max_side": THUMBNAIL_SIDE, "max_bytes": THUMBNAIL_BYTES} if c.thumbnails else None
+    appended: dict[str, dict] = {}
     for enc, path in zip(encs, store_paths):
         layout = StoreLayout(dataset=manifest.dataset, manifest_sha256=msha,
                              encoder=enc.identity(), num_frames=num_frames,
@@ -215,12 +417,17 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                              max_text_tokens=max_text_tokens, shard_size=shard_size,
                              text_shard_size=text_shard_size, strategy=strategy_name(sample_fps),
                              compressor=compressor)
+        grow = _grow(path, layout, rows, manifest.dataset)
+        if grow and (grow["videos"] or grow["captions"]):
+            appended[os.fspath(path)] = grow
         stores.append(CacheStore.open_or_create(path, layout, rows.video_ids, rows.video_splits,
                                                 rows.caption_ids, rows.caption_video,
-                                                rows.caption_splits))
+                                                rows.caption_splits, thumbnails=thumbs,
+                                                video_source=rows.video_source, caption_source=rows.caption_source))
         if c.thumbnails:
             stores[-1].add_thumbnail_arrays(c.thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
-    report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids))
+    report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids),
+                           appended=appended, precision=encs[0].precision, device=str(encs[0].device))
     S = shard_size
     V = len(rows.video_ids)
     num_shards = stores[0].num_shards
@@ -238,20 +445,24 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             todo.append((i, need))
         elif not need:
             report.skipped += min(S, V - i * S)
-    tasks = [rows.tasks[r] for i, _ in todo for r in range(i * S, min(V, (i + 1) * S))]
+    # rows an append kept aside (old rows of a reopened partial shard) are not decoded again
+    kept = {i: min(s.num_kept_rows("videos", i) for s in (stores[k] for k in need)) for i, need in todo}
+    tasks = [rows.tasks[r] for i, _ in todo for r in range(i * S + kept[i], min(V, (i + 1) * S))]
 
     pool = None
     results = None
     try:
         if tasks:
-            pool = DecodePool(num_frames, max(e.image_size for e in encs), workers=workers,
-                              timeout=timeout, decode_fn=decode_fn, sample_fps=sample_fps)
+            # frames come at the largest encoder size (PIL), or as decoded for a resize on the device
+            short_side = max(e.image_size for e in encs) if resize == "worker" else None
+            pool = DecodePool(num_frames, short_side, workers=workers, timeout=timeout, decode_fn=decode_fn,
+                              sample_fps=sample_fps, decoders=decoders)
             results = pool.map(tasks)  # decoding starts now, overlapping the text pass
         _extract_texts(encs, stores, rows, max_text_tokens, text_batch_size, part, report,
                        progress)
         if results is not None:
             _extract_videos(encs, stores, todo, results, num_frames, S, V, batch_size, report,
-                            progress, c.thumbnails)
+                            progress, c.thumbnails, kept, c.write_queue)
     finally:
         if results is not None:
             results.close()
@@ -271,16 +482,47 @@ def finalize_stores(store_paths: Sequence[str | os.PathLike], report: ExtractRep
         stores = [CacheStore.open(p, mode="r+") for p in store_paths]
     for store, path in zip(stores, store_paths):
         store.consolidate()
-        status = store.status()
+        status = write_failure_list(store)
         totals = {"videos": int(status.size), "ok": int((status == STATUS_OK).sum()),
                   "failed": int((status == STATUS_FAILED).sum()), "pending": int((status == STATUS_PENDING).sum()),
-                  "failure_list": None}
-        local = local_path(path)
-        if local is not None:
-            totals["failure_list"] = str(write_json(local / FAILURES_JSON, store.failures(detail=True), indent=1,
-                                                    sort_keys=True))
+                  "failure_list": failure_list_location(path)}
         report.totals[os.fspath(path)] = totals
     return report
+
+
+def _grow(path: str | os.PathLike, layout: StoreLayout, rows: _Rows, dataset: str) -> dict | None:
+    """Append the manifest's new rows to the store at ``path`` when it holds an earlier version of the
+    same dataset's manifest (``CacheStore.append``); ``None`` when there is nothing to grow."""
+    try:
+        old = CacheStore.open(path, mode="r+")
+    except StoreError:
+        return None
+    if old.attrs.get("manifest_sha256") == layout.manifest_sha256 or old.attrs.get("dataset") != dataset:
+        return None  # the same manifest, or another dataset (open_or_create names the difference)
+    return old.append(layout, rows.video_ids, rows.video_splits, rows.caption_ids, rows.caption_video,
+                      rows.caption_splits, rows.video_source, rows.caption_source)
+
+
+def write_failure_list(store: CacheStore) -> np.ndarray:
+    """Write ``failures.json`` (every failed video: reason and the decoders' message) into the store and
+    return the status it was made from. Several writers of one store may finish at once: each writes
+    the list whole (atomically), then reads the status again and writes once more if it changed, so
+    the list written last is made from the newest status (status only grows while they run)."""
+    status = store.status()
+    for _ in range(20):
+        body = json.dumps(jsonable(store.failures(detail=True)), indent=1, sort_keys=True) + "\n"
+        store.write_object(FAILURES_JSON, body.encode())
+        again = store.status()
+        if np.array_equal(again, status):
+            break
+        status = again
+    return status
+
+
+def failure_list_location(path: str | os.PathLike) -> str:
+    """Where a store's ``failures.json`` is (a local path, or a URL)."""
+    local = local_path(path)
+    return str(local / FAILURES_JSON) if local is not None else f"{os.fspath(path).rstrip('/')}/{FAILURES_JSON}"
 
 
 def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
@@ -306,10 +548,20 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
                     report.captions_skipped += hi - lo
                 counted.add(j)
                 continue
-            toks, masks, embs = [], [], []
-            for b in range(lo, hi, batch):
-                t, m, e = enc.encode_texts(rows.caption_texts[b:min(hi, b + batch)],
-                                           max_tokens=max_text_tokens)
+            keep = store.num_kept_rows("texts", j)  # rows an append kept aside: taken from there, not encoded
+            shape = store.array("texts/tokens").shape[1:]
+            toks = [np.zeros((keep,) + shape, np.float16)]
+            masks = [np.zeros((keep, shape[0]), bool)]
+            embs = [np.zeros((keep, store.array("texts/emb").shape[1]), np.float32)]
+            bar.update(keep)
+            for b in range(lo + keep, hi, batch):
+                try:
+                    with enc.autocast():
+                        t, m, e = enc.encode_texts(rows.caption_texts[b:min(hi, b + batch)],
+                                                   max_tokens=max_text_tokens)
+                except torch.cuda.OutOfMemoryError as exc:
+                    raise EncoderError(f"{enc.device.type.upper()} out of memory encoding {min(hi, b + batch) - b} "
+                                       f"captions with {enc.spec}: lower --text-batch-size (now {batch})") from exc
                 toks.append(t.to(torch.float16).cpu().numpy())
                 masks.append(m.cpu().numpy())
                 embs.append(e.float().cpu().numpy())
@@ -317,7 +569,8 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
             store.write_text_shard(j, tokens=np.concatenate(toks), mask=np.concatenate(masks),
                                    emb=np.concatenate(embs))
             if j not in counted:
-                report.captions_encoded += hi - lo
+                report.captions_encoded += hi - lo - keep
+                report.captions_skipped += keep
                 counted.add(j)
         bar.close()
     report.text_seconds += time.perf_counter() - t0
@@ -325,68 +578,105 @@ def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
 
 def _extract_videos(encs: list[Encoder], stores: list[CacheStore],
                     todo: list[tuple[int, list[int]]], results: Any, T: int, S: int, V: int,
-                    batch_size: int, report: ExtractReport, progress: bool, thumbnails: int = 0) -> None:
+                    batch_size: int, report: ExtractReport, progress: bool, thumbnails: int = 0,
+                    kept: dict[int, int] | None = None, write_queue: int = 2) -> None:
     """Consume decoded videos shard by shard; encode in frame batches; write whole shards (with
-    ``thumbnails`` JPEGs of each video, when the stores hold them)."""
+    ``thumbnails`` JPEGs of each video, when the stores hold them) through a :class:`ShardWriter`
+    (``write_queue`` shards wait for its thread; 0: written here). While a batch's results travel
+    back from the GPU the loop already collects the next one. ``kept[i]``: leading rows of shard
+    ``i`` an append kept aside, neither decoded nor encoded (``write_shard`` takes them from the store)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(min(V, (i + 1) * S) - i * S for i, _ in todo), unit="video",
                desc="videos", disable=not progress)
-    for i, need in todo:
-        lo, hi = i * S, min(V, (i + 1) * S)
-        n = hi - lo
-        bufs = {k: ShardBuffer(n, T, encs[k]) for k in need}
-        status = np.zeros(n, dtype=np.int8)
-        error, detail, decoder = [""] * n, [""] * n, [""] * n
-        mask = np.zeros((n, T), dtype=bool)
-        index = np.full((n, T), PAD_INDEX, dtype=np.int32)
-        times = np.full((n, T), PAD_TIME, dtype=np.float32)
-        pending: list[tuple[int, DecodeResult]] = []
-        pending_frames = 0
-        thumbs: list[list[bytes]] = [[] for _ in range(n)]
+    writer = ShardWriter(write_queue)
+    try:
+        for i, need in todo:
+            _extract_shard(encs, stores, i, need, results, T, S, V, batch_size, report, bar, thumbnails, writer,
+                           (kept or {}).get(i, 0))
+        writer.close()
+    except BaseException:
+        writer.close(check=False)  # what was encoded before the error is still written
+        raise
+    finally:
+        bar.close()
+        report.write_seconds += writer.seconds
+        report.write_wait_seconds += writer.wait_seconds
 
-        def flush() -> None:
-            nonlocal pending, pending_frames
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            for k in need:
-                report.frames_encoded += encode_batch(encs[k], pending, bufs[k])
-            report.encode_seconds += time.perf_counter() - t0
-            pending, pending_frames = [], 0
 
-        for row in range(n):
-            t0 = time.perf_counter()
-            res = next(results)
-            report.decode_wait_seconds += time.perf_counter() - t0
-            if res.video_id != stores[need[0]].video_ids[lo + row]:
-                raise RuntimeError(f"decode results out of order: got {res.video_id!r} for "
-                                   f"row {lo + row}")
-            if res.ok:
-                status[row] = STATUS_OK
-                mask[row], index[row], times[row] = res.mask, res.indices, res.times
-                decoder[row] = res.decoder
-                report.decoders[res.decoder or "?"] = report.decoders.get(res.decoder or "?", 0) + 1
-                pending.append((row, res))
-                pending_frames += int(res.mask.sum())
-                if thumbnails:
-                    thumbs[row] = thumbnails_of(res.frames, res.mask, thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
-                report.ok += 1
-                if pending_frames >= batch_size:
-                    flush()
-            else:
-                status[row] = STATUS_FAILED
-                error[row], detail[row] = res.reason or "decode error", res.detail
-                report.failed += 1
-                report.failures[res.video_id] = error[row]
-            bar.update(1)
-        flush()
+def _extract_shard(encs: list[Encoder], stores: list[CacheStore], i: int, need: list[int], results: Any,
+                   T: int, S: int, V: int, batch_size: int, report: ExtractReport, bar: Any, thumbnails: int,
+                   writer: ShardWriter, kept: int = 0) -> None:
+    """Decode-wait, encode and hand shard ``i`` to the writer; its first ``kept`` rows are an append's
+    kept rows (not decoded; ``write_shard`` takes them from the store)."""
+    lo, hi = i * S, min(V, (i + 1) * S)
+    n = hi - lo
+    bufs = {k: ShardBuffer(n, T, encs[k]) for k in need}
+    status = np.zeros(n, dtype=np.int8)
+    error, detail, decoder = [""] * n, [""] * n, [""] * n
+    mask = np.zeros((n, T), dtype=bool)
+    index = np.full((n, T), PAD_INDEX, dtype=np.int32)
+    times = np.full((n, T), PAD_TIME, dtype=np.float32)
+    pending: list[tuple[int, DecodeResult]] = []
+    pending_frames = 0
+    thumbs: list[list[bytes]] = [[] for _ in range(n)]
+    inflight: list[tuple[int, EncodedBatch]] = []
+
+    def land() -> None:
+        nonlocal inflight
+        t0 = time.perf_counter()
+        for k, batch in inflight:
+            report.frames_encoded += batch.finish(bufs[k])
+        inflight = []
+        report.encode_seconds += time.perf_counter() - t0
+
+    def flush() -> None:
+        nonlocal pending, pending_frames, inflight
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        started = [(k, start_batch(encs[k], pending, batch_size)) for k in need]
+        report.encode_seconds += time.perf_counter() - t0
+        land()  # the previous batch's results, copied back while this one was launched
+        inflight = started
+        pending, pending_frames = [], 0
+
+    for row in range(kept, n):
+        t0 = time.perf_counter()
+        res = next(results)
+        report.decode_wait_seconds += time.perf_counter() - t0
+        if res.video_id != stores[need[0]].video_ids[lo + row]:
+            raise RuntimeError(f"decode results out of order: got {res.video_id!r} for "
+                               f"row {lo + row}")
+        if res.ok:
+            status[row] = STATUS_OK
+            mask[row], index[row], times[row] = res.mask, res.indices, res.times
+            decoder[row] = res.decoder
+            report.decoders[res.decoder or "?"] = report.decoders.get(res.decoder or "?", 0) + 1
+            pending.append((row, res))
+            pending_frames += int(res.mask.sum())
+            if thumbnails:
+                thumbs[row] = thumbnails_of(res.frames, res.mask, thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
+            report.ok += 1
+            if pending_frames >= batch_size:
+                flush()
+        else:
+            status[row] = STATUS_FAILED
+            error[row], detail[row] = res.reason or "decode error", res.detail
+            report.failed += 1
+            report.failures[res.video_id] = error[row]
+        bar.update(1)
+    flush()
+    land()
+
+    def write() -> None:
         for k in need:
             stores[k].write_shard(i, status=status, error=error, tokens=bufs[k].tokens,
                                   frame_emb=bufs[k].emb, frame_mask=mask, frame_index=index,
                                   frame_time=times, error_detail=detail, decoder=decoder,
                                   thumbnails=thumbs if thumbnails else None)
-    bar.close()
+
+    writer.submit(i, write)
 
 
 # ------------------------------------------------------------------------------ thumbnails only

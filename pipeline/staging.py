@@ -6,7 +6,9 @@ the store is (local disk, NFS, HTTP, S3). ``frame_emb``, ``frame_mask``, ``frame
 ``text_emb`` are always staged; ``"tokens"`` adds the visual tokens, ``"text"`` (or
 ``"text_tokens"``) the text tokens and mask. The copy goes shard by shard, never a whole array in
 memory. Idempotent: ``staged.json`` records the store fingerprint, the arrays and the status of the
-split's videos; an identical request just reopens the memory maps.
+split's videos; an identical request just reopens the memory maps. Resumable: ``progress.json`` records
+how many rows of each array are copied (after each block), so a staging interrupted midway (a remote
+store, a long copy) continues where it stopped instead of reading again what it has.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from core.split import StagedSplit
 STAGE_ARRAYS = ("frame_emb", "tokens", "text")
 _STAGE_NAMES = {"frame_emb", "frame_mask", "text_emb", "tokens", "text", "text_tokens"}
 _STAGE_BLOCK_BYTES = 128 << 20  # read at most this much of one array at a time when staging
+PROGRESS_JSON = "progress.json"  # rows of each array copied so far (an interrupted staging resumes there)
 
 
 def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
@@ -59,9 +62,17 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
             meta = {}
         if meta.get("key") == key and "coverage" in meta:
             return _load_staged(out, meta)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    progress_path = out / PROGRESS_JSON
+    try:
+        progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    except ValueError:
+        progress = {}
+    if progress.get("key") != key:  # nothing to resume: start afresh
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        progress = {"key": key, "rows": {}}
+        write_text(progress_path, json.dumps(progress))
     ids, cids = store.video_ids, store.caption_ids
     T = int(store.attrs["sampling"]["num_frames"])
     dims = store.attrs["dims"]
@@ -79,21 +90,34 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
                   store.text_shard_size),
                  ("text_mask", "texts/mask", (L,), np.bool_, crows, store.text_shard_size)]
     for fname, src, shape, dtype, sel, block in plan:
-        mm = np.lib.format.open_memmap(out / f"{fname}.npy", mode="w+", dtype=dtype,
-                                       shape=(len(sel),) + tuple(shape))
+        done = int(progress["rows"].get(fname, 0))
+        if done >= len(sel) and (out / f"{fname}.npy").is_file():
+            continue  # copied whole by an earlier, interrupted run
+        resume = done > 0 and (out / f"{fname}.npy").is_file()
+        mm = np.lib.format.open_memmap(out / f"{fname}.npy", mode="r+" if resume else "w+", dtype=dtype,
+                                       shape=None if resume else (len(sel),) + tuple(shape))
         pos = 0
         for lo, part in _blocks(sel, block, int(np.prod(shape)) * np.dtype(dtype).itemsize):
+            if resume and pos + len(part) <= done:
+                pos += len(part)
+                continue
             data = np.asarray(store.array(src)[lo:int(part[-1]) + 1])
             mm[pos:pos + len(part)] = data[part - lo]
             pos += len(part)
+            mm.flush()
+            progress["rows"][fname] = pos  # what a re-run after an interruption need not read again
+            write_text(progress_path, json.dumps(progress))
         mm.flush()
         del mm
+        progress["rows"][fname] = len(sel)
+        write_text(progress_path, json.dumps(progress))
     np.save(out / "caption_video.npy", caption_video)
     meta = {"key": key, "video_ids": [ids[r] for r in rows],
             "caption_ids": [cids[c] for c in crows], "store_url": store.url,
             "encoder_identity": store.encoder_identity, "store_attrs": store.attrs,
             "coverage": store.split_coverage(split)}
     write_text(meta_path, json.dumps(meta))
+    progress_path.unlink(missing_ok=True)
     return _load_staged(out, meta)
 
 

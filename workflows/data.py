@@ -170,7 +170,8 @@ SUMMED = ("ok", "failed", "retried", "captions_encoded", "frames_encoded", "deco
 def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequence[str], config: Any = None,
                         device: str = "cpu", **options: Any) -> Any:
     """``extract`` under ``torchrun``: rank ``r`` of ``W`` takes the shards ``i % W == r`` (the
-    mechanism of ``extract(part=(r, W))``, a static split) on its own device (``cuda:LOCAL_RANK``);
+    mechanism of ``extract(part=(r, W))``, a static split; with ``part=(K, N)`` (``--part K/N``) the
+    shards ``i % (N W) == K + N r``, so the ranks share part K of N) on its own device (``cuda:LOCAL_RANK``);
     every rank writes its whole shards into the shared stores. Rank 0 creates the stores before the
     others open them; after a barrier rank 0 alone consolidates the metadata and writes the failure
     lists, and every rank returns the merged report. A rank that dies leaves its shards not done: a
@@ -182,14 +183,15 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
     d = context(device)
     dev = d.device(device)
     layer = options.pop("token_layer", getattr(config, "token_layer", None))
+    k, n = options.pop("part", None) or (0, 1)  # --part K/N too: the ranks split part K/N among them
     encs = [load_encoder(with_token_layer(s, layer), device=dev) for s in specs]
     if d.is_main:  # create (or check) the stores only: a part that holds no shard
         none = max(manifest.videos.num_rows, manifest.captions.num_rows) + 1
         extract(manifest, encs, paths, config, device=dev, part=(none - 1, none), progress=False, finalize=False,
                 **options)
     d.barrier()
-    mine = extract(manifest, encs, paths, config, device=dev, part=(d.rank, d.world_size), finalize=False,
-                   progress=d.is_main, **options)
+    mine = extract(manifest, encs, paths, config, device=dev, part=(k + n * d.rank, n * d.world_size),
+                   finalize=False, progress=d.is_main, **options)
     import torch.distributed as tdist
 
     reports: list[Any] = [None] * d.world_size
