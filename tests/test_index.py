@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from core.errors import StoreMismatchError
-from heads.evaluation.index import build_index, load_index, recall_at, save_index, search, unit_rows
+from heads.evaluation.index import build_index, exact_top_k, load_index, recall_at, save_index, search, unit_rows
 from worlds import run_cli
 
 TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
@@ -175,3 +175,19 @@ def test_query_encoder_found_by_the_checkpoint_sha256(tmp_path):
         encoder_for_identity(identity, [])
     with pytest.raises(EncoderError, match="give the checkpoint"):
         encoder_for_identity(identity, [str(other)])
+
+
+def test_exact_search_blocks_and_ties_match_a_full_sort():
+    # small blocks (several per search) and duplicated rows (ties at the k-th score, across blocks)
+    emb = _clustered(3000, 8, 2)
+    emb[2500:2520] = emb[7]
+    x = unit_rows(emb)
+    queries = np.concatenate([x[:30], x[7:8]])
+    scores, rows = exact_top_k(x, queries, 12, block_bytes=4 * 31 * 700)
+    full = queries @ x.T
+    for q in range(len(queries)):
+        expect = np.lexsort((np.arange(full.shape[1]), -full[q]))[:12]
+        order = np.lexsort((rows[q], -scores[q]))
+        np.testing.assert_array_equal(rows[q][order], expect)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, rows, axis=1), atol=1e-6)
+    assert list(np.sort(rows[-1])[:12]) == [7] + list(range(2500, 2511))  # the lower tied rows win
