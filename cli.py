@@ -16,6 +16,7 @@ import click
 
 from core.errors import CrossTVRError, UnknownHeadError, UsageError
 from core.options import format_key_values, parse_key_values
+from core.world import world_from_env
 from heads.registry import HEADS, get_preset, head_options, list_heads, list_presets
 from pipeline.config import ExtractConfig
 from heads.stage_one.config import StageOneTrainConfig
@@ -393,7 +394,8 @@ def train_stage_one_cmd(ctx, store, head_options, work_dir, stage_dir, out, devi
                               device=resolve_device(device))
     ckpt = train_stage_one_run(WorkDir(work_dir, stage_dir), store, cfg, out=out, reuse=not fresh,
                                record=_record(ctx))
-    click.echo(f"checkpoint: {ckpt}")
+    if world_from_env()[0] == 0:  # under torchrun only rank 0 wrote it
+        click.echo(f"checkpoint: {ckpt}")
 
 
 @main.command("eval")
@@ -545,7 +547,8 @@ def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_opt
                      itc_steps=cfg.itc_steps, itc_weight=cfg.itc_weight, fresh=False)
     ckpt = train_head(WorkDir(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record,
                       manifest=manifest)
-    click.echo(f"checkpoint: {ckpt}")
+    if world_from_env()[0] == 0:  # under torchrun only rank 0 wrote it
+        click.echo(f"checkpoint: {ckpt}")
 
 
 @main.command("pretrain-qformer")
