@@ -62,6 +62,22 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_runs(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The tiny synthetic world's store -> a meanP stage one -> a small CrossTVR head:
+    ``(work, store, stage_one.pt, stage_two.pt)`` (each in its run directory)."""
+    from worlds import TINY_HEAD, run_cli
+
+    work, store = tiny_world["work"], tiny_world["store"]
+    runs = tmp_path_factory.mktemp("tiny_runs")
+    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP",
+             "--epochs", "1", "--batch-size", "8", "--out", runs / "s1"])
+    run_cli(["train-head", "--store", store, "--stage-one", runs / "s1" / "stage_one.pt", "--work-dir", work,
+             "--epochs", "1", "--batch-size", "4", "--out", runs / "s2", "--itc-steps", "3", "--itc-batch", "4",
+             "--device", "cpu", *TINY_HEAD])
+    return work, store, runs / "s1" / "stage_one.pt", runs / "s2" / "stage_two.pt"
+
+
+@pytest.fixture(scope="session")
 def token_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Stage two's attribute world (``worlds.make_token_split``), memory-mapped, with a meanP stage
     one trained on it: ``{"root", "train", "val", "test", "stage_one"}``."""

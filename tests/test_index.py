@@ -16,9 +16,6 @@ from core.errors import StoreMismatchError
 from heads.evaluation.index import build_index, exact_top_k, load_index, recall_at, save_index, search, unit_rows
 from worlds import run_cli
 
-TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
-             "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
-
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -71,17 +68,11 @@ def test_unknown_option_is_refused():
         build_index(_clustered(50, 8, 0), [str(i) for i in range(50)], "ivf", {"nprob": 3})
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_world, tmp_path_factory):
-    """A meanP stage one and a small CrossTVR head on the tiny synthetic store."""
-    work, store = tiny_world["work"], tiny_world["store"]
-    runs = tmp_path_factory.mktemp("index_runs")
-    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP",
-             "--epochs", "1", "--batch-size", "8", "--out", runs / "s1"])
-    run_cli(["train-head", "--store", store, "--stage-one", runs / "s1" / "stage_one.pt", "--work-dir", work,
-             "--epochs", "1", "--batch-size", "4", "--out", runs / "s2", "--itc-steps", "2", "--itc-batch", "4",
-             "--device", "cpu", *TINY_HEAD])
-    return work, store, runs / "s1", runs / "s2"
+@pytest.fixture
+def runs(tiny_runs):
+    """The shared tiny runs, given as run directories (the commands take a checkpoint or its run dir)."""
+    work, store, s1, s2 = tiny_runs
+    return work, store, s1.parent, s2.parent
 
 
 def test_search_cli_encodes_the_query_as_the_store_did(runs, tiny_world, tmp_path):

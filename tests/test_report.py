@@ -18,10 +18,8 @@ import cli
 from reports.analysis import positive_ranks, recall_curve
 from reports.build import build_context
 from reports.inputs import load_rerank_dir
-from worlds import run_cli
+from worlds import TINY_HEAD, run_cli
 
-TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
-             "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
 K = 3
 
 

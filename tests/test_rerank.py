@@ -220,29 +220,12 @@ def test_missing_tokens_and_bad_shapes_are_clear_errors():
 
 
 # ---------------------------------------------------------------------------- command line
-TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
-             "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
-
-
 def _invoke(args: list[str]):
     from click.testing import CliRunner
 
     import cli
 
     return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(tiny_world, tmp_path_factory):
-    """The tiny synthetic world's store -> a meanP stage one -> a small CrossTVR head."""
-    work, store = tiny_world["work"], tiny_world["store"]
-    runs = tmp_path_factory.mktemp("rerank_runs")
-    run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP",
-             "--epochs", "1", "--batch-size", "8", "--out", runs / "s1"])
-    run_cli(["train-head", "--store", store, "--stage-one", runs / "s1" / "stage_one.pt", "--work-dir", work,
-             "--epochs", "1", "--batch-size", "4", "--out", runs / "s2", "--itc-steps", "3", "--itc-batch", "4",
-             "--device", "cpu", *TINY_HEAD])
-    return work, store, runs / "s1" / "stage_one.pt", runs / "s2" / "stage_two.pt"
 
 
 def test_rerank_help():

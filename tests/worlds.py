@@ -128,6 +128,11 @@ def row_split(caption_video: np.ndarray, num_videos: int, split: str = "test") -
                        encoder_identity={"name": "toy-encoder", "pretrained": "none"})
 
 
+# a CrossTVR head small enough for the command-line tests
+TINY_HEAD = ["--head-option", "width=16", "--head-option", "layers=1", "--head-option", "heads=2",
+             "--head-option", "num_queries=2", "--head-option", "spatial_frames=2"]
+
+
 def run_cli(args: list[str]) -> str:
     """Run the command line in-process; fail with its output unless it exits 0."""
     from click.testing import CliRunner
