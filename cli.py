@@ -148,6 +148,8 @@ def heads_cmd(show_options: bool) -> None:
 # -- data ------------------------------------------------------------------------------------------
 data_root_option = click.option("--data-root", envvar="DATA_ROOT", default="data", show_default=True,
                                 help="Datasets as laid out in docs/DATASETS.md: <data-root>/<dataset>/ (env DATA_ROOT).")
+annotations_option = click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
+videos_option = click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
 
 
 @main.command("make-manifest")
@@ -207,8 +209,8 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
 @click.option("--dataset", help="Registered dataset name; its manifest is built under --work-dir.")
 @click.option("--manifest", type=click.Path(), help="An existing manifest directory instead of --dataset.")
 @work_dir_option
-@click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
-@click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
+@annotations_option
+@videos_option
 @click.option("--encoder", "encoders", multiple=True,
               help="Preset (clip-b32, eva-g14), open_clip `model:tag` or `model:/path/ckpt.pt` (a suffix `@N`: "
                    "tokens from visual block N), or `blip2:/path/to/dir` (a Hugging Face BLIP-2 retrieval save); "
@@ -278,8 +280,8 @@ def cache_info_cmd(store, as_json) -> None:
 @click.option("--dataset", help="--repair: or the registered dataset whose manifest is built under --work-dir.")
 @click.option("--encoder", help="--repair: the store's encoder spec (checked against the store's identity).")
 @work_dir_option
-@click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
-@click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
+@annotations_option
+@videos_option
 @data_root_option
 @click.option("--workers", default=2, show_default=True, help="--repair: decoder worker processes.")
 @device_option
@@ -355,8 +357,8 @@ def cache_import_cmd(h5, store, manifest, dataset, work_dir, data_root, frames, 
 @click.option("--manifest", type=click.Path(), help="The store's manifest directory (its videos must be at hand).")
 @click.option("--dataset", help="Or: the registered dataset whose manifest is built under --work-dir.")
 @work_dir_option
-@click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
-@click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
+@annotations_option
+@videos_option
 @data_root_option
 @click.option("--workers", default=2, show_default=True, help="Decoder worker processes.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds before a video's decoding is abandoned.")
