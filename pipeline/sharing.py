@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from core.errors import StoreError
+from core.fileio import atomic_write
 from pipeline import integrity
 from pipeline.remote import filesystem, is_remote, join, scheme
 from pipeline.store import (APPEND_PREFIX, LOCK_FILE, STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore,
@@ -90,8 +91,8 @@ def store_info(url: str | os.PathLike, store: CacheStore | None = None) -> dict:
     store = store or CacheStore.open(s)
     a = store.attrs
     status = store.status()
-    splits_v = np.array(_strings(store, "videos/split"), dtype=object)
-    splits_c = np.array(_strings(store, "texts/split"), dtype=object)
+    splits_v = np.array(store.strings("videos/split"), dtype=object)
+    splits_c = np.array(store.strings("texts/split"), dtype=object)
     per_split = {}
     for sp in store.splits():
         sel = splits_v == sp
@@ -103,9 +104,7 @@ def store_info(url: str | os.PathLike, store: CacheStore | None = None) -> dict:
         sizes = list_objects(s, store)
     except (StoreError, OSError, NotImplementedError):
         sizes = {}
-    known = {k: v for k, v in sizes.items() if v is not None}
-    if len(known) < len(sizes):  # http(s): sizes from the checksum records where there are any
-        known = _sizes_from_records(store)
+    known = {k: v for k, v in sizes.items() if v is not None}  # http(s): those its checksum records give
     arrays = {}
     total_raw = total_stored = 0
     for name in array_names(store):
@@ -136,13 +135,6 @@ def store_info(url: str | os.PathLike, store: CacheStore | None = None) -> dict:
         "compression_ratio": round(total_raw / total_stored, 3) if total_stored else None,
         "sizes_exact": len(known) == len(sizes) and bool(sizes),
     }
-
-
-def _strings(store: CacheStore, name: str) -> list[str]:
-    from pipeline.store import decode_strings
-
-    arr = store.array(name)
-    return decode_strings(arr[...]) if arr.shape[0] else []
 
 
 def _sizes_from_records(store: CacheStore) -> dict[str, int]:
@@ -257,9 +249,7 @@ def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
                 raise StoreError(f"{s}: {key} disappeared while pulling (is a writer still at work?)") from None
             target = out / key
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            atomic_write(target, lambda tmp: tmp.write_bytes(data))
             report.copied.append(key)
             report.bytes_copied += len(data)
             bar.update(len(data))

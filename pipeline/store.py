@@ -95,10 +95,10 @@ VIDEO_SHARD_ARRAYS = ("videos/ids", "videos/split", "videos/source", "videos/sta
                       "videos/decoder", "videos/tokens", "videos/frame_emb", "videos/frame_mask",
                       "videos/frame_index", "videos/frame_time")
 TEXT_SHARD_ARRAYS = ("texts/ids", "texts/split", "texts/source", "texts/video_index", "texts/tokens", "texts/mask", "texts/emb")
-LOCK_FILE = ".lock"
+LOCK_FILE = ".lock"  # the local store's writer lock (store_lock); not part of the zarr hierarchy
 COMPRESSORS = ("zstd", "blosc-zstd", "blosc-lz4")  # of the token arrays (--compressor); bench/store_size.py
 SOURCE_BYTES = 16  # videos/source, texts/source: the first bytes of each manifest row's sha256
-APPEND_PREFIX = "append"  # append/<kind>-<shard>.npz: old rows of a partial shard an append reopened  # the local store's writer lock (store_lock); not part of the zarr hierarchy
+APPEND_PREFIX = "append"  # append/<kind>-<shard>.npz: old rows of a partial shard an append reopened
 # Keys of the attrs that must equal the request for a store to be reused.
 MATCH_KEYS = ("dataset", "manifest_sha256", "encoder", "sampling",
               "max_text_tokens", "shard_size", "text_shard_size", "num_videos", "num_captions")
@@ -544,7 +544,7 @@ class CacheStore:
             gone = sorted(set(old_c) - set(caption_ids))
             return f"lacks {len(gone)} of the store's captions (first: {gone[0]!r})" if gone else \
                 "lists the store's captions in another order"
-        splits = self._strings("videos/split")
+        splits = self.strings("videos/split")
         moved = [v for v, a, b in zip(old_v, splits, video_splits) if a != b]
         if moved:
             return f"moves {len(moved)} of the store's videos to another split (first: {moved[0]!r})"
@@ -679,15 +679,6 @@ class CacheStore:
         self._check_writable()
         sync(self._g.store.delete(key))
 
-    def list_objects(self) -> list[str]:
-        """Every object key in the store (not for http(s) stores, which cannot list)."""
-        from zarr.core.sync import sync
-
-        async def collect() -> list[str]:
-            return [k async for k in self._g.store.list()]
-
-        return sorted(sync(collect()))
-
     def chunk_key(self, name: str, index: int) -> str:
         """The object holding rows of shard ``index`` of array ``name`` (every array is aligned to the
         shards: one stored chunk, or one zarr shard for the tokens, per store shard)."""
@@ -716,7 +707,8 @@ class CacheStore:
         """The checksum record of shard ``index`` of ``kind`` (``None``: none recorded)."""
         return integrity.decode_record(self.read_object(integrity.record_key(kind, index)))
 
-    def _strings(self, name: str, sel: slice = slice(None)) -> list[str]:
+    def strings(self, name: str, sel: slice = slice(None)) -> list[str]:
+        """The rows ``sel`` of the fixed-width string array ``name`` (e.g. ``videos/split``), decoded."""
         arr = self.array(name)
         if not arr.shape[0]:
             return []
@@ -725,18 +717,18 @@ class CacheStore:
     @property
     def video_ids(self) -> list[str]:
         if "_vids" not in self._cache:
-            self._cache["_vids"] = self._strings("videos/ids")
+            self._cache["_vids"] = self.strings("videos/ids")
         return self._cache["_vids"]
 
     @property
     def caption_ids(self) -> list[str]:
         if "_cids" not in self._cache:
-            self._cache["_cids"] = self._strings("texts/ids")
+            self._cache["_cids"] = self.strings("texts/ids")
         return self._cache["_cids"]
 
     def splits(self) -> list[str]:
         """Split names present among the videos (train, val, test order first)."""
-        present = set(self._strings("videos/split"))
+        present = set(self.strings("videos/split"))
         order = ["train", "val", "test"]
         return [s for s in order if s in present] + sorted(present - set(order))
 
@@ -780,10 +772,10 @@ class CacheStore:
         if not rows.size:
             return {}
         ids = self.video_ids
-        reasons = self._strings("videos/error")
+        reasons = self.strings("videos/error")
         if not detail:
             return {ids[r]: reasons[r] for r in rows}
-        raw = self._strings("videos/error_detail") if self.has_array("videos/error_detail") else [""] * len(ids)
+        raw = self.strings("videos/error_detail") if self.has_array("videos/error_detail") else [""] * len(ids)
         return {ids[r]: {"reason": reasons[r], "detail": raw[r]} for r in rows}
 
     # -- writing ----------------------------------------------------------------------------
@@ -1004,7 +996,7 @@ class CacheStore:
         their captions in store order; ``caption_video``: each caption's index into the video rows.
         Raises ``StoreError`` when the store has no video of ``split``.
         """
-        splits = np.array(self._strings("videos/split"), dtype=object)
+        splits = np.array(self.strings("videos/split"), dtype=object)
         in_split = splits == split
         if not in_split.any():
             raise StoreError(f"{self.url}: no videos of split {split!r} (splits: {self.splits()})")
@@ -1019,11 +1011,11 @@ class CacheStore:
         (all of the manifest's) and those usable (videos extracted ok, their captions), and every
         missing video with why (its failure reason, or ``pending`` when not extracted yet)."""
         rows, crows, _ = self.split_rows(split)
-        in_split = np.flatnonzero(np.array(self._strings("videos/split"), dtype=object) == split)
+        in_split = np.flatnonzero(np.array(self.strings("videos/split"), dtype=object) == split)
         vidx = np.asarray(self.array("texts/video_index")[...]) if self.num_captions else np.zeros(0, np.int64)
         status = self.status()
         ids = self.video_ids
-        reasons = self._strings("videos/error")
+        reasons = self.strings("videos/error")
         missing = {ids[r]: (reasons[r] or "failed") if status[r] == STATUS_FAILED else "pending"
                    for r in np.setdiff1d(in_split, rows)}
         return {"split": split, "videos_total": int(in_split.size), "videos_scored": int(rows.size),
@@ -1032,7 +1024,7 @@ class CacheStore:
 
     def split_status(self, split: str) -> np.ndarray:
         """Status (pending / ok / failed) of every video of ``split``, in store order."""
-        return self.status()[np.array(self._strings("videos/split"), dtype=object) == split]
+        return self.status()[np.array(self.strings("videos/split"), dtype=object) == split]
 
     def stage(self, split: str, stage_dir: str | os.PathLike,
               arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:

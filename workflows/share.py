@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from core.errors import UsageError
 
@@ -113,7 +113,3 @@ def dumps(obj: Any) -> str:
     from core.fileio import jsonable
 
     return json.dumps(jsonable(obj), indent=1, sort_keys=True)
-
-
-def problems_of(report: Any) -> Sequence[str]:
-    return [p.line() for p in report.problems]
