@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -98,6 +98,36 @@ class ExtractReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def merged(cls, reports: Sequence[dict]) -> "ExtractReport":
+        """One report of several processes' parts of one job (``to_dict`` of each, the first one's
+        stores, videos, precision and device): counts and times added up, ``seconds`` the longest,
+        what was done before the run (``skipped``) as the process that looked first saw it (the others
+        may see shards written meanwhile), per-video and per-decoder dicts joined; ``totals`` empty
+        (the stores' totals come after consolidation)."""
+        first = reports[0]
+        out = cls(stores=list(first["stores"]), videos=first["videos"], precision=first["precision"],
+                  device=first["device"])
+        for f in fields(cls):
+            name = f.name
+            if name in ("stores", "videos", "precision", "device", "totals"):
+                continue
+            values = [r[name] for r in reports]
+            if name in ("skipped", "captions_skipped"):
+                setattr(out, name, min(values))
+            elif name == "seconds":
+                out.seconds = max(values)
+            elif name == "decoders":
+                for v in values:
+                    for k, n in v.items():
+                        out.decoders[k] = out.decoders.get(k, 0) + n
+            elif isinstance(values[0], dict):
+                for v in values:
+                    getattr(out, name).update(v)
+            else:
+                setattr(out, name, sum(values))
+        return out
 
 
 @dataclass

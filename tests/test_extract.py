@@ -13,7 +13,7 @@ import zarr
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
 from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder
-from pipeline.extract import extract, manifest_rows
+from pipeline.extract import ExtractReport, extract, manifest_rows
 from pipeline.store import CacheStore, StoreMismatchError
 
 T = 4
@@ -198,3 +198,19 @@ def test_strings_are_portable(tmp_path, manifest, micro):
     ids = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store_path / "videos/ids")}},
                            read=True).result().read().result()
     assert [bytes(r).rstrip(b"\0").decode() for r in ids] == CacheStore.open(store_path).video_ids
+
+
+def test_reports_of_several_processes_merge_every_field():
+    a = ExtractReport(stores=["s"], videos=10, ok=3, failed=1, skipped=4, captions_skipped=2, seconds=5.0,
+                      write_seconds=1.0, frames_encoded=36, precision="bf16", device="cuda:0",
+                      failures={"v1": "missing"}, decoders={"decord": 3}, appended={"s": {"videos": 2, "captions": 2}})
+    b = ExtractReport(stores=["s"], videos=10, ok=2, skipped=6, captions_skipped=1, seconds=7.0,
+                      write_seconds=0.5, frames_encoded=24, precision="bf16", device="cuda:1",
+                      decoders={"decord": 1, "pyav": 1})
+    m = ExtractReport.merged([a.to_dict(), b.to_dict()])
+    assert (m.stores, m.videos, m.precision, m.device) == (["s"], 10, "bf16", "cuda:0")
+    assert (m.ok, m.failed, m.frames_encoded, m.write_seconds) == (5, 1, 60, 1.5)
+    assert (m.skipped, m.captions_skipped, m.seconds) == (4, 1, 7.0)
+    assert m.failures == {"v1": "missing"} and m.decoders == {"decord": 4, "pyav": 1}
+    assert m.appended == {"s": {"videos": 2, "captions": 2}} and m.totals == {}
+    assert "bf16" in m.summary()

@@ -163,10 +163,6 @@ def load_manifest_once(work: WorkDir, device: str, *args: Any) -> Manifest:
     return Manifest.read(on_rank_zero(device, lambda: str(load_manifest(work, *args).root)))
 
 
-SUMMED = ("ok", "failed", "retried", "captions_encoded", "frames_encoded", "decode_wait_seconds", "encode_seconds",
-          "text_seconds")
-
-
 def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequence[str], config: Any = None,
                         device: str = "cpu", **options: Any) -> Any:
     """``extract`` under ``torchrun``: rank ``r`` of ``W`` takes the shards ``i % W == r`` (the
@@ -185,10 +181,11 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
     layer = options.pop("token_layer", getattr(config, "token_layer", None))
     k, n = options.pop("part", None) or (0, 1)  # --part K/N too: the ranks split part K/N among them
     encs = [load_encoder(with_token_layer(s, layer), device=dev) for s in specs]
-    if d.is_main:  # create (or check) the stores only: a part that holds no shard
+    created = None
+    if d.is_main:  # create (or check, or grow) the stores only: a part that holds no shard
         none = max(manifest.videos.num_rows, manifest.captions.num_rows) + 1
-        extract(manifest, encs, paths, config, device=dev, part=(none - 1, none), progress=False, finalize=False,
-                **options)
+        created = extract(manifest, encs, paths, config, device=dev, part=(none - 1, none), progress=False,
+                          finalize=False, **options)
     d.barrier()
     mine = extract(manifest, encs, paths, config, device=dev, part=(k + n * d.rank, n * d.world_size),
                    finalize=False, progress=d.is_main, **options)
@@ -196,17 +193,9 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
 
     reports: list[Any] = [None] * d.world_size
     tdist.all_gather_object(reports, mine.to_dict())
-    merged = ExtractReport(stores=list(mine.stores), videos=mine.videos)
-    # done before this run: what the rank that looked first saw (the others may see shards written meanwhile)
-    merged.skipped = min(r["skipped"] for r in reports)
-    merged.captions_skipped = min(r["captions_skipped"] for r in reports)
-    for r in reports:
-        for name in SUMMED:
-            setattr(merged, name, getattr(merged, name) + r[name])
-        merged.seconds = max(merged.seconds, r["seconds"])
-        merged.failures.update(r["failures"])
-        for k, v in r["decoders"].items():
-            merged.decoders[k] = merged.decoders.get(k, 0) + v
+    merged = ExtractReport.merged(reports)
+    if created is not None:
+        merged.appended.update(created.appended)  # the stores rank 0 grew before the ranks started
     if d.is_main:
         finalize_stores(paths, merged)
     merged.totals = d.broadcast_object(merged.totals)
