@@ -66,7 +66,7 @@ def enumerate_keys(store: CacheStore) -> list[str]:
                         ("thumbnails", store.num_shards if store.has_thumbnails else 0)):
         keys += [integrity.record_key(kind, i) for i in range(count)]
         if kind != "thumbnails":
-            keys += [f"{APPEND_PREFIX}/{kind}-{i}.npz" for i in range(count)]
+            keys += [f"{APPEND_PREFIX}/{kind}-{i}.npz" for i in sorted(store.reopened_shards(kind))]
     return keys
 
 

@@ -587,11 +587,21 @@ class CacheStore:
         which the shard's next write takes instead of recomputing them; ``{}`` when none."""
         import io
 
+        if int(index) not in self.reopened_shards(kind):
+            return {}
         data = self.read_object(f"{APPEND_PREFIX}/{kind}-{int(index)}.npz")
         if data is None:
             return {}
         with np.load(io.BytesIO(data)) as z:
             return {n.replace("__", "/"): z[n] for n in z.files}
+
+    def reopened_shards(self, kind: str) -> set[int]:
+        """The shards of ``kind`` (videos / texts) an append reopened: each earlier manifest version's
+        partial last shard (``attrs["manifest_history"]``); only they can have rows kept aside."""
+        count, size = (("num_videos", self.shard_size) if kind == "videos" else
+                       ("num_captions", self.text_shard_size))
+        history = self.attrs.get("manifest_history") or []
+        return {int(v[count]) // size for v in history[:-1] if int(v[count]) % size}
 
     def num_kept_rows(self, kind: str, index: int) -> int:
         """How many leading rows of shard ``index`` an append kept aside (0: none)."""
