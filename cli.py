@@ -18,6 +18,7 @@ from core.errors import CrossTVRError, UnknownHeadError, UsageError
 from core.options import format_key_values, parse_key_values
 from core.world import world_from_env
 from heads.registry import HEADS, get_preset, head_options, list_heads, list_presets
+from heads.evaluation.index import INDEX_KINDS
 from pipeline.config import ExtractConfig
 from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import (ABLATION_VARIANTS, AMP_MODES, HARD_NEGATIVE_MODES, StageTwoTrainConfig,
@@ -679,7 +680,7 @@ def index_group() -> None:
 @click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
               help="Stage-one checkpoint (stage_one.pt or its run dir): its video embeddings are indexed.")
 @click.option("--split", default="test", show_default=True, help="The split whose videos are indexed.")
-@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
+@click.option("--kind", type=click.Choice(INDEX_KINDS), default="flat", show_default=True,
               help="flat: exact inner product; ivf / hnsw: approximate (recall vs exact measured and saved).")
 @click.option("--option", "options", multiple=True,
               help="Index option key=value: ivf nlist, nprobe, train_size; hnsw m, ef_construction, ef_search.")

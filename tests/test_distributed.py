@@ -24,6 +24,8 @@ def test_part_slices_cover_every_row_once():
             rows = np.concatenate([np.arange(n)[part_slice(n, r, w)] for r in range(w)])
             np.testing.assert_array_equal(rows, np.arange(n))
             assert Dist(0, w).sizes(n) == [part_slice(n, r, w).stop - part_slice(n, r, w).start for r in range(w)]
+            sizes = Dist(0, w).sizes(n)
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1  # balanced: no rank waits on another
 
 
 def _free_port() -> int:

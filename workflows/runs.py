@@ -58,9 +58,9 @@ def once_per_node(device: str, fn: Any) -> Any:
 
 
 def is_main_process() -> bool:
-    from heads.training.distributed import env_world
+    from core.world import world_from_env
 
-    return env_world()[0] == 0
+    return world_from_env()[0] == 0
 
 
 def train_stage_one_run(work: WorkDir, store: str, config: StageOneTrainConfig, out: str | Path | None = None,

@@ -8,6 +8,7 @@ unless given; ``search`` builds the exact one there when it is missing.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from heads.evaluation.index import VideoIndex, build_index, is_index_dir, load_i
 from heads.evaluation.similarity import encode_texts, encode_videos
 from heads.evaluation.sources import load_head
 from heads.stage_one.checkpoint import CHECKPOINT_NAME, load_stage_one
+from heads.training.common import checkpoint_file
 from heads.stage_two.scoring import score_pairs
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
@@ -28,11 +30,7 @@ RECALL_QUERIES = 2000  # captions of the split an approximate index's recall is 
 
 def stage_one_file(path: str | Path) -> Path:
     """The stage-one checkpoint file of ``path`` (a file or its run directory)."""
-    p = Path(path)
-    p = p / CHECKPOINT_NAME if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"--stage-one {path}: no stage-one checkpoint ({CHECKPOINT_NAME}) there")
-    return p
+    return checkpoint_file(path, CHECKPOINT_NAME, "stage-one")
 
 
 def default_index_dir(work: WorkDir, store_fingerprint: str, split: str, stage_one: str | Path,
@@ -93,13 +91,10 @@ def query_split(data: StagedSplit, encoder: Any, queries: Sequence[str]) -> Stag
                      (data.text_tokens.shape[1] if data.text_tokens is not None else 32))
     with torch.no_grad():
         tokens, mask, emb = encoder.encode_texts(list(queries), max_tokens=max_tokens)
-    return StagedSplit(split=data.split, video_ids=list(data.video_ids), caption_ids=[f"query-{i}" for i in
-                       range(len(queries))], caption_video=np.zeros(len(queries), np.int64),
-                       frame_emb=data.frame_emb, frame_mask=data.frame_mask, tokens=data.tokens,
-                       frame_time=data.frame_time, text_emb=emb.float().cpu().numpy(),
-                       text_tokens=tokens.float().cpu().numpy(), text_mask=mask.cpu().numpy(),
-                       store_fingerprint=data.store_fingerprint, encoder_identity=data.encoder_identity,
-                       store_attrs=data.store_attrs, coverage=data.coverage)
+    return replace(data, caption_ids=[f"query-{i}" for i in range(len(queries))],
+                   caption_video=np.zeros(len(queries), np.int64), text_emb=emb.float().cpu().numpy(),
+                   text_tokens=tokens.float().cpu().numpy(), text_mask=mask.cpu().numpy(),
+                   text_ids=None, text_ids_mask=None)
 
 
 def query_encoder(work: WorkDir, identity: dict, encoder: str | None = None, device: str = "cpu") -> Any:

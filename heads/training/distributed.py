@@ -31,11 +31,6 @@ import torch
 from core.world import world_from_env
 
 
-def env_world() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment (``(0, 1, 0)`` without it)."""
-    return world_from_env()
-
-
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the run."""
@@ -90,7 +85,7 @@ def part_slice(n: int, rank: int, world_size: int) -> slice:
 def context(device: str = "cpu") -> Dist:
     """This process's ``Dist`` (from torchrun's environment), with the process group joined when
     there is more than one process (``nccl`` for CUDA, else ``gloo``)."""
-    rank, world, local = env_world()
+    rank, world, local = world_from_env()
     d = Dist(rank, world, local)
     if d.enabled and not torch.distributed.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
