@@ -156,9 +156,10 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
     coverage = check_complete(data, allow_incomplete)
     head, head_info, data = load_head(head_ckpt, data, captions=lambda: caption_texts(work, data, manifest))
     s1_info: dict = {"path": str(stage_one)}
+    s1_head = None
     if sim is None:
         s1 = stage_one_scores(stage_one, data, device=device)
-        sim, s1_info = s1.sim, s1.info
+        sim, s1_info, s1_head = s1.sim, s1.info, s1.head
     cand, index_info = None, None
     if index is not None:
         from heads.evaluation.index import recall_at
@@ -168,7 +169,8 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
         from workflows.search import open_index, stage_one_file
 
         vi = open_index(work, store, stage_one, split, index, data, nprobe=nprobe, ef_search=ef_search)
-        s1_head = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity).head
+        if s1_head is None:  # a similarity given: the stage one's text encoder from its checkpoint
+            s1_head = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity).head
         with torch.no_grad():
             texts = encode_texts(s1_head.to(device).eval(), data, device=device).float().cpu().numpy()
         _, cand = vi.search(texts, k)
