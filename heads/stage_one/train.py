@@ -30,7 +30,7 @@ from heads.stage_one.config import RUN_ONLY, StageOneTrainConfig
 from heads.stage_one.losses import positive_mask, symmetric_infonce
 from heads.training.common import BestState, check_splits, make_optimizer, save, torch_threads, warmup_steps
 from heads.training.data import EpochSampler, iterate_batches, require_text_tokens, uses_text_tokens
-from heads.training.distributed import Dist, NullLog, context, gather, gather_with_grad, wrap
+from heads.training.distributed import Dist, NullLog, context, drop_short_last, gather, gather_with_grad, wrap
 
 
 class _Embeddings(torch.nn.Module):
@@ -92,11 +92,8 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
     d = context(cfg.device)
     device = d.device(cfg.device)
     sampler = EpochSampler(train.caption_video, len(train.video_ids), cfg.batch_size, seed=cfg.seed)
-
-    def plan(epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:  # the global batches (every rank alike)
-        return [b for b in sampler.epoch(epoch) if len(b[1]) >= d.world_size]
-
-    total = max(1, sum(len(plan(e)) for e in range(cfg.epochs)) if d.enabled else cfg.epochs * len(sampler))
+    drop_short_last(sampler, d)
+    total = max(1, cfg.epochs * len(sampler))
     with torch_threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = create_head(cfg.head, int(train.frame_emb.shape[-1]), stage=1, **head_config).to(device)
@@ -112,7 +109,7 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
         for epoch in range(cfg.epochs):
             model.train()
             t0, losses = time.perf_counter(), []
-            batches = plan(epoch)
+            batches = sampler.epoch(epoch)  # the global batches (every rank alike)
             local = [(c[d.part(c)], v[d.part(v)]) for c, v in batches] if d.enabled else batches
             for (_, global_videos), batch in zip(batches, iterate_batches(train, local, prefetch=cfg.prefetch,
                                                                            text_tokens=words)):

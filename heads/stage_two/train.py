@@ -60,7 +60,7 @@ from heads.training.common import (BestState, check_splits, cpu_state, forward_p
                                    torch_threads,
                                    warmup_steps)
 from heads.training.data import EpochSampler, blocks, prefetched, uses_text_tokens
-from heads.training.distributed import Dist, NullLog, StepModule, all_sum, context, gather_with_grad, wrap
+from heads.training.distributed import Dist, NullLog, StepModule, all_sum, context, drop_short_last, gather_with_grad, wrap
 
 STATE_NAME = "train_state.pt"
 HISTORY_NAME = "history.json"
@@ -170,8 +170,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     device = d.device(cfg.device)
     cfg = replace(cfg, device=device)
     sampler = EpochSampler(train.caption_video, len(train.video_ids), cfg.batch_size, seed=cfg.seed)
-    if d.enabled and 0 < sampler.videos.size % cfg.batch_size < d.world_size:
-        sampler.drop_last = True  # a last batch smaller than the world: dropped by every rank alike
+    drop_short_last(sampler, d)
     steps_per_epoch = len(sampler)
     total = max(1, cfg.epochs * steps_per_epoch)
     with torch_threads(cfg.num_threads):

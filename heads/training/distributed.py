@@ -82,6 +82,13 @@ def part_slice(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
+def drop_short_last(sampler: Any, d: Dist) -> None:
+    """Under torchrun, an epoch's last batch with fewer videos than ranks is dropped (by every rank
+    alike: each rank needs a video of every global batch). ``sampler``: a ``heads.training.data.EpochSampler``."""
+    if d.enabled and 0 < sampler.videos.size % sampler.batch_size < d.world_size:
+        sampler.drop_last = True
+
+
 def context(device: str = "cpu") -> Dist:
     """This process's ``Dist`` (from torchrun's environment), with the process group joined when
     there is more than one process (``nccl`` for CUDA, else ``gloo``)."""
