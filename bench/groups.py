@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.groups import group_members, within_group_accuracy  # noqa: E402  (the library's, shared with reports)
+from heads.evaluation.groups import group_accuracy, group_queries  # noqa: E402  (the library's, shared with the ablation)
 
 
 def manifest_videos(manifest_dir: str | Path) -> dict[str, dict]:
@@ -91,46 +90,27 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from heads.evaluation.sources import load_head, stage_one_similarity
-    from heads.stage_two.scoring import pair_scorer
     from workflows.data import caption_texts
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
     split = WorkDir(args.work_dir).stage(args.store, args.split, STAGE_TWO_ARRAYS)
     rows = manifest_videos(args.manifest)
-    group, varied = group_members(list(split.video_ids), rows)
-    cv = np.asarray(split.caption_video)
-    caps = np.flatnonzero(group[cv] >= 0)
-    if args.max_captions and caps.size > args.max_captions:
-        caps = np.sort(np.random.default_rng(args.seed).choice(caps, args.max_captions, replace=False))
-    members = defaultdict(list)
-    for v in np.flatnonzero(group >= 0):
-        members[int(group[v])].append(int(v))
-    size = max(len(m) for m in members.values())
-    cand = np.full((caps.size, size), -1, dtype=np.int64)
-    own = np.zeros(caps.size, dtype=np.int64)
-    for i, c in enumerate(caps):
-        m = members[int(group[cv[c]])]
-        cand[i, :len(m)] = m
-        cand[i, len(m):] = m[0]          # pad (only for uneven groups): duplicates never win
-        own[i] = m.index(int(cv[c]))
-    attr = varied[cv[caps]].astype(str)
+    gq = group_queries(list(split.video_ids), split.caption_video, rows, args.max_captions, args.seed)
+    if gq is None:
+        raise SystemExit(f"split {args.split!r} of {args.store} has no grouped captions")
+    caps, size, attr = gq.captions, gq.group_size, gq.attribute
     sim, _ = stage_one_similarity(args.stage_one, split)
-    cos = sim[caps[:, None], cand]
-    scores = {"stage one": cos}
+    table = group_accuracy(gq, sim)
     selectors: dict[str, dict] = {}
     for path in args.head:
+        # each head reads its own view of the split (a BLIP-2-initialised one reads caption ids)
         head, info, head_split = load_head(path, split, captions=lambda: caption_texts(None, split, args.manifest))
-        head.eval()
-        flat = pair_scorer(head, head_split, progress=False)(np.repeat(caps, size), cand.reshape(-1))
-        hs = flat.reshape(caps.size, size)
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
-        scores[f"{name} head"] = hs
-        scores[f"{name} cosine+head"] = cos + hs
+        table.update(group_accuracy(gq, sim, {name: head}, split=head_split))
         sel = selector_hit_rate(head, split, rows, seed=args.seed)
         if sel is not None:
             selectors[name] = sel
-    table = within_group_accuracy(scores, caps, cand, own, attr)
-    counts = {a: int((attr == a).sum()) for a in sorted(set(attr.tolist()))}
+    counts = gq.counts()
     attrs = sorted(counts)
     print(f"split {args.split}: {caps.size} grouped captions, groups of {size} (chance {100 / size:.1f}%)")
     print("| scorer | " + " | ".join(f"{a} (n={counts[a]})" for a in attrs) + " | all |")

@@ -73,3 +73,26 @@ def test_within_group_accuracy_from_ranked_lists() -> None:
     assert res["all"]["n"] == 3 and res["all"]["re-ranked"] == pytest.approx(200 / 3)
     assert res["outside top K"] == {"n": 1}
     assert ranked_within_group(*zip(*rows[-3:]), by_id=by_id) == {}
+
+
+def test_group_queries_and_stage_one_accuracy() -> None:
+    """Grouped captions get their group's members (uneven groups padded with a member that never wins)
+    and the column of their own video; stage one's accuracy follows from the cosine."""
+    from heads.evaluation.groups import group_accuracy, group_queries
+
+    rows = {"a": {"group_id": "g1", "varied": "motion"}, "b": {"group_id": "g1", "varied": "motion"},
+            "c": {"group_id": "g1", "varied": "motion"}, "d": {"group_id": "g2", "varied": "timing"},
+            "e": {"group_id": "g2", "varied": "timing"}, "f": {"group_id": None}}
+    ids = ["a", "b", "c", "d", "e", "f"]
+    caption_video = np.array([0, 1, 3, 4, 5, 2])
+    gq = group_queries(ids, caption_video, rows)
+    assert gq.captions.tolist() == [0, 1, 2, 3, 5] and gq.group_size == 3
+    assert gq.candidates[2].tolist() == [3, 4, 3] and gq.own.tolist() == [0, 1, 0, 1, 2]
+    assert gq.counts() == {"motion": 3, "timing": 2}
+    sim = np.zeros((6, 6))
+    sim[0, 0] = sim[1, 1] = sim[3, 4] = 1.0   # captions 0, 1 and 3 score their own video highest
+    sim[2, 4] = 1.0                           # caption 2 prefers its group's other member
+    sim[5, 0] = 1.0                           # so does caption 5 (video c)
+    acc = group_accuracy(gq, sim)["stage one"]
+    assert acc == {"motion": pytest.approx(200 / 3), "timing": 50.0, "all": 60.0}
+    assert group_queries(["f"], np.array([0]), rows) is None

@@ -16,7 +16,7 @@ from heads import create_head
 from heads.evaluation import rerank as rerank_module
 from heads.evaluation.rerank import lift, top_k, unique_pairs, write_outputs
 from heads.stage_two.scoring import pair_scorer
-from worlds import row_split, run_cli
+from worlds import TINY_HEAD, row_split, run_cli
 
 
 class TableHead(nn.Module):
@@ -300,3 +300,43 @@ def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
     before = {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()}
     run_cli(args)
     assert {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()} == before
+
+
+def test_ablation_over_seeds_reports_means_and_within_group_accuracy(tiny_runs, tmp_path):
+    """--seeds trains each variant once per seed; the table holds the seeds' means and spread, and on a
+    store with near-duplicate groups the within-group accuracy of stage one and of each variant."""
+    from heads.evaluation.sources import stage_one_scores
+    from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
+
+    work, store, s1, _ = tiny_runs
+    out_dir = tmp_path / "abl"
+    run_cli(["ablation", "--store", str(store), "--stage-one", str(s1), "--variants", "spatial", "--seeds", "0,1",
+             "--k", "3", "--epochs", "1", "--itc-steps", "2", "--itc-batch", "4", "--batch-size", "4",
+             "--work-dir", str(work), "--out", str(out_dir), "--device", "cpu", *TINY_HEAD])
+    runs = json.loads((out_dir / "ablation.runs.json").read_text())
+    assert set(runs["variants"]) == {"spatial-seed0", "spatial-seed1"} and runs["seeds"] == [0, 1]
+    seeds = [runs["variants"][f"spatial-seed{s}"] for s in (0, 1)]
+    assert [torch.load(r["checkpoint"], weights_only=True)["train_args"]["seed"] for r in seeds] == [0, 1]
+    row = json.loads((out_dir / "ablation.json").read_text())["+spatial"]
+    r1 = [r["metrics"]["t2v"]["R@1"] for r in seeds]
+    assert row["T2V R@1"] == pytest.approx(np.mean(r1)) and row["T2V R@1 sd"] == pytest.approx(np.std(r1))
+    assert (out_dir / "spatial-seed1" / "metrics.json").is_file()
+
+    # the tiny world's test split has one group of near-duplicates: stage one's within-group accuracy,
+    # recomputed here from its cosine: a caption is right when its own video beats every other member
+    groups = json.loads((out_dir / "ablation-groups.json").read_text())
+    test = WorkDir(work).stage(str(store), "test", STAGE_TWO_ARRAYS)
+    videos = pq.read_table(Path(work) / "synthetic" / "manifest" / "videos.parquet").to_pylist()
+    group_of = {r["video_id"]: r["group_id"] for r in videos if r.get("group_id") not in (None, "")}
+    ids = list(test.video_ids)
+    sim = stage_one_scores(str(s1), test).sim
+    right = []
+    for c, v in enumerate(np.asarray(test.caption_video)):
+        if ids[v] not in group_of:
+            continue
+        others = [j for j, vid in enumerate(ids) if group_of.get(vid) == group_of[ids[v]] and j != v]
+        right.append(all(sim[c, v] > sim[c, j] for j in others))
+    assert right and groups["stage one (cosine)"]["all"] == pytest.approx(100 * np.mean(right))
+    variant = groups["+spatial, cosine + head"]
+    assert variant["all"] == pytest.approx(np.mean([r["within_group"]["all"] for r in seeds]))
+    assert "all sd" in variant and all(0 <= r["within_group"]["all"] <= 100 for r in seeds)

@@ -6,20 +6,24 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from core.errors import RunMismatchError, UsageError
 from core.fileio import write_text
 from core.metrics import metrics_to_json, write_report
 from core.options import parse_key_values
 from core.split import check_complete
+from heads.evaluation.groups import group_accuracy, group_queries
 from heads.evaluation.similarity import evaluate, untrained_baseline
-from heads.evaluation.sources import stage_one_scores
+from heads.evaluation.sources import load_head, stage_one_scores
 from heads.registry import list_heads, supports
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
-from workflows.data import extract_stores, make_manifest, synthetic_encoder
+from manifests import Manifest
+from workflows.data import caption_texts, extract_stores, make_manifest, synthetic_encoder
 from workflows.reports import demo_runs, retrieval_report
 from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
@@ -126,15 +130,19 @@ def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_o
 
 
 def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[str, dict[str, float]]:
-    """One row per model: T2V and V2T R@1/5/10 and MnR, plus stage one's R@K per direction."""
+    """One row per model: T2V and V2T R@1/5/10 and MnR, plus stage one's R@K per direction. A variant
+    given as a list of per-seed metrics gets their mean, and the standard deviation of R@1 over seeds."""
     rows = {}
     for label, m in [("stage one", stage_one), *variants.items()]:
+        seeds = m if isinstance(m, list) else [m]
         row = {}
         for d in ("t2v", "v2t"):
-            if d not in m:
+            if d not in seeds[0]:
                 continue
             for key in ("R@1", "R@5", "R@10", "MnR"):
-                row[f"{d.upper()} {key}"] = m[d][key]
+                row[f"{d.upper()} {key}"] = float(np.mean([s[d][key] for s in seeds]))
+            if len(seeds) > 1:
+                row[f"{d.upper()} R@1 sd"] = float(np.std([s[d]["R@1"] for s in seeds]))
         rows[label] = row
     for d in ("t2v", "v2t"):
         if d in stage_one:
@@ -142,55 +150,123 @@ def ablation_table(stage_one: dict, variants: dict[str, dict], k: int) -> dict[s
     return rows
 
 
+def group_table(stage_one: dict[str, float], variants: dict[str, list[dict[str, float]]],
+                counts: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Within-group accuracy rows: stage one's, then each variant's mean over seeds per varied
+    attribute (and its standard deviation when there are several seeds)."""
+    attrs = [a for a in counts] + ["all"]
+    rows = {"stage one (cosine)": {f"{a} (n={counts[a]})" if a in counts else a: stage_one[a] for a in attrs}}
+    for label, seeds in variants.items():
+        row = {}
+        for a in attrs:
+            name = f"{a} (n={counts[a]})" if a in counts else a
+            row[name] = float(np.mean([s[a] for s in seeds]))
+            if len(seeds) > 1:
+                row[f"{a} sd"] = float(np.std([s[a] for s in seeds]))
+        rows[f"{label}, cosine + head"] = row
+    return rows
+
+
+def manifest_groups(work: WorkDir, split: Any, manifest: str | Path | None = None) -> dict[str, dict] | None:
+    """The manifest's video rows by id when the store's manifest (``manifest`` or the work dir's
+    ``<dataset>/manifest``) has near-duplicate groups, else ``None``; a given manifest that is not
+    the store's is refused."""
+    attrs = getattr(split, "store_attrs", None) or {}
+    dataset, want = attrs.get("dataset"), attrs.get("manifest_sha256")
+    directory = Path(manifest) if manifest else (work.manifest_dir(str(dataset)) if dataset else None)
+    if directory is None or not (directory / "videos.parquet").is_file():
+        if manifest:
+            raise UsageError(f"--manifest: no manifest at {directory}")
+        return None
+    found = Manifest.read(directory, verify=False)
+    if want and found.sha256() != want:
+        if manifest:
+            raise UsageError(f"--manifest: {directory} is not the manifest the store was built from")
+        return None
+    rows = {r["video_id"]: r for r in found.videos.to_pylist()}
+    return rows if any(r.get("group_id") not in (None, "") for r in rows.values()) else None
+
+
 def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,
              stage_one: str | None = None, k: int = DEMO_K, out: str | Path | None = None,
-             demo_defaults: bool = False, echo: Echo = print, allow_incomplete: bool = False) -> tuple[Path, str]:
+             demo_defaults: bool = False, echo: Echo = print, allow_incomplete: bool = False,
+             seeds: Sequence[int] | None = None, manifest: str | Path | None = None) -> tuple[Path, str]:
     """Stage-two ablation: each variant (``ABLATION_VARIANTS``) trained on train (epoch selected on
-    val only) re-ranks the test split's stage-one top ``k``; one table of all of them.
+    val only) with each of ``seeds`` (default: ``config.seed`` alone) re-ranks the test split's
+    stage-one top ``k``; one table of all of them (means over seeds, and the spread of R@1).
 
     ``config`` holds the options every variant shares (``head_config`` is added to each variant's
     own; the contrastive options apply to heads that support them). With ``demo_defaults`` the
-    variant "both" is the demo's own head (``<work>/runs/stage2-crosstvr``), reused. Writes
-    ``OUT/ablation.{json,txt}``, ``OUT/ablation.runs.json`` and each variant's ranked lists.
+    variant "both" with the demo's seed is the demo's own head (``<work>/runs/stage2-crosstvr``),
+    reused. When the store's manifest has near-duplicate groups (the synthetic benchmark), also the
+    within-group accuracy of ``cosine + head`` per varied attribute (``heads.evaluation.groups``).
+    Writes ``OUT/ablation.{json,txt}``, ``OUT/ablation-groups.{json,txt}`` (with groups),
+    ``OUT/ablation.runs.json`` (every run's metrics) and each run's ranked lists under
+    ``OUT/<variant>`` (one seed) or ``OUT/<variant>-seed<S>``.
     """
     unknown = [v for v in variants if v not in ABLATION_VARIANTS]
     if not variants or unknown:
         raise UsageError(f"--variants: unknown variant(s) {unknown} (known: {', '.join(ABLATION_VARIANTS)})")
+    seeds = list(dict.fromkeys(int(s) for s in seeds)) if seeds else [int(config.seed)]
     store = store or work.default_store()
     stage_one = stage_one or str(best_stage_one(work))
     out_dir = Path(out) if out else work.root / "ablation"
     test = work.stage(store, "test", STAGE_TWO_ARRAYS)
     coverage = check_complete(test, allow_incomplete)
     s1 = stage_one_scores(stage_one, test, device=config.device)
-    echo(f"stage one: {stage_one}")
-    results: dict[str, dict] = {}
+    rows = manifest_groups(work, test, manifest)
+    groups = None if rows is None else group_queries(list(test.video_ids), test.caption_video, rows)
+    echo(f"stage one: {stage_one}" + ("" if groups is None else
+                                      f"; {groups.captions.size} grouped test captions (groups of {groups.group_size})"))
+    results: dict[str, list[dict]] = {}
+    group_results: dict[str, list[dict]] = {}
     runs: dict[str, dict] = {}
     stage_one_metrics: dict = {}
+    stage_one_groups: dict = {}
     for name in variants:
         label, head, head_config, variant_options = ABLATION_VARIANTS[name]
         head_config = {**head_config, **config.head_config}
-        run_config = replace(config, head=head, head_config=head_config, **variant_options)
-        if not supports(head, "contrastive"):  # the contrastive options concern heads with learnable queries
-            run_config = replace(run_config, itc_steps=None, itc_weight=None)
-        echo(f"[{label}] training {head} {head_config or ''}")
-        t0 = time.time()
-        run_dir = (work.run_dir(2, "crosstvr") if name == "both" and not head_config and demo_defaults
-                   else out_dir / "runs" / name)
-        ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
-        train_s = time.time() - t0
-        _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", k=k, out=out_dir / name,
-                                 device=config.device, sim=s1.sim, allow_incomplete=allow_incomplete)
-        m = res.metrics()
-        stage_one_metrics = m["stage one"]
-        results[label] = m["re-ranked"]
-        runs[name] = {"label": label, "head": head, "head_config": head_config, "train_options": variant_options,
-                      "checkpoint": str(ckpt), "train_seconds": round(train_s, 1),
-                      "rerank_seconds": round(res.seconds["total"], 1), "pairs_scored": res.num_pairs}
-        echo(f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one "
-             f"{m['stage one']['t2v']['R@1']:.1f}), {train_s:.0f}s training, {res.seconds['total']:.0f}s re-ranking")
+        for seed in seeds:
+            run_config = replace(config, head=head, head_config=head_config, seed=seed, **variant_options)
+            if not supports(head, "contrastive"):  # the contrastive options concern heads with learnable queries
+                run_config = replace(run_config, itc_steps=None, itc_weight=None)
+            tag = name if len(seeds) == 1 else f"{name}-seed{seed}"
+            echo(f"[{label}] seed {seed}: training {head} {head_config or ''}")
+            t0 = time.time()
+            run_dir = (work.run_dir(2, "crosstvr") if name == "both" and not head_config and demo_defaults
+                       and seed == config.seed else out_dir / "runs" / tag)
+            ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
+            train_s = time.time() - t0
+            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", k=k, out=out_dir / tag,
+                                     device=config.device, sim=s1.sim, allow_incomplete=allow_incomplete)
+            m = res.metrics()
+            stage_one_metrics = m["stage one"]
+            results.setdefault(label, []).append(m["re-ranked"])
+            run = {"variant": name, "label": label, "seed": seed, "head": head, "head_config": head_config,
+                   "train_options": variant_options, "checkpoint": str(ckpt), "train_seconds": round(train_s, 1),
+                   "rerank_seconds": round(res.seconds["total"], 1), "pairs_scored": res.num_pairs,
+                   "metrics": m["re-ranked"]}
+            line = (f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one {m['stage one']['t2v']['R@1']:.1f}), "
+                    f"{train_s:.0f}s training, {res.seconds['total']:.0f}s re-ranking")
+            if groups is not None:
+                loaded, _, head_split = load_head(ckpt, test, captions=lambda: caption_texts(work, test, manifest))
+                acc = group_accuracy(groups, s1.sim, {"h": loaded}, split=head_split, device=config.device)
+                stage_one_groups = acc["stage one"]
+                run["within_group"] = acc["h cosine+head"]
+                group_results.setdefault(label, []).append(acc["h cosine+head"])
+                line += "; within group " + ", ".join(f"{a} {v:.0f}" for a, v in acc["h cosine+head"].items())
+            runs[tag] = run
+            echo(line)
     json_path, table = write_report(ablation_table(stage_one_metrics, results, k), out_dir, name="ablation",
                                     split=coverage)
-    meta = {"store": store, "stage_one": s1.info, "split": "test", "k": k, "seed": config.seed,
+    meta = {"store": store, "stage_one": s1.info, "split": "test", "k": k, "seeds": seeds,
             "device": config.device, "variants": runs}
+    if groups is not None:
+        _, gtable = write_report(group_table(stage_one_groups, group_results, groups.counts()), out_dir,
+                                 name="ablation-groups")
+        table += (f"\n\nwithin-group accuracy of cosine + head (% of {groups.captions.size} grouped test captions "
+                  f"whose own video scores highest in its group of {groups.group_size}; chance "
+                  f"{100 / groups.group_size:.0f}%)\n{gtable}")
+        meta["within_group"] = {"stage one": stage_one_groups, "counts": groups.counts()}
     write_text(out_dir / "ablation.runs.json", metrics_to_json(meta) + "\n")
     return json_path, table

@@ -95,6 +95,7 @@ class CrossTVRConfig:
     visual_proj: bool = True  # project the frozen tokens to the width (False: keys/values read them)
     max_frames: int = 64
     token_pos: bool = False  # a learned embedding per token position
+    spatial_frame_pos: bool = False  # the frame-position embedding on the spatial pass's frames too
     max_tokens: int = 257
     itc_dim: int = 0  # width of the contrastive projection (0: none)
     # options for a head with BLIP-2's Q-Former layout (docs/METHOD.md, "Initialising from BLIP-2")
@@ -109,7 +110,7 @@ class CrossTVRConfig:
 
 # options added after heads were first saved, with the value a head saved without them was built with:
 # left out of a saved config at that value, so earlier configs and today's default heads look alike
-LATER_OPTIONS = {"ln_eps": 1e-5, "embed_norm": False, "text_input": "tokens", "vocab_size": 0,
+LATER_OPTIONS = {"spatial_frame_pos": False, "ln_eps": 1e-5, "embed_norm": False, "text_input": "tokens", "vocab_size": 0,
                  "max_positions": 512, "standardize": True, "itc_text_pool": "mean"}
 TEXT_INPUTS = ("tokens", "ids")
 
@@ -277,10 +278,12 @@ class CrossTVR(StageTwoHead):
         self.token_pos = nn.Parameter(torch.randn(max_tokens, kv_dim) * 0.02) if token_pos else None
         self.block = QFormer(**stack)
         self.temporal_block: QFormer | None = None
+        self.spatial_frame_pos = bool(c.spatial_frame_pos) and mode != "temporal"
         if mode != "spatial":
             self.temporal_block = self.block if shared else QFormer(**stack)
             self.selector = nn.Sequential(nn.LayerNorm(kv_dim, eps=float(c.ln_eps)), nn.Linear(kv_dim, width // 2), nn.GELU(),
                                           nn.Linear(width // 2, 1))
+        if mode != "spatial" or self.spatial_frame_pos:
             self.frame_pos = nn.Parameter(torch.randn(max_frames, kv_dim) * 0.02)
 
     def select_tokens(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +304,10 @@ class CrossTVR(StageTwoHead):
         if self.mode in ("spatial", "both"):
             idx, valid = pick_frames(fm, self.spatial_frames)  # (B, F)
             out["frames"] = vis.gather(1, idx[:, :, None, None].expand(-1, -1, n, w))  # (B, F, N, W)
+            if self.spatial_frame_pos:  # which frame a token comes from, so order survives the frame mean
+                if t > self.frame_pos.shape[0]:
+                    raise ValueError(f"{t} frames > max_frames {self.frame_pos.shape[0]} of this head")
+                out["frames"] = out["frames"] + self.frame_pos[idx][:, :, None, :]
             out["frame_valid"] = valid
         if self.mode in ("temporal", "both"):
             if t > self.frame_pos.shape[0]:

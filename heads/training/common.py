@@ -81,9 +81,12 @@ def make_optimizer(model: Any, lr: float, weight_decay: float, total: int,
 
 @contextmanager
 def torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Use ``num_threads`` torch threads (default: every core) inside the block, then restore."""
+    """Use ``num_threads`` torch threads inside the block, then restore. Default: ``OMP_NUM_THREADS``
+    when it is set (several jobs sharing a machine each ask for their share), else every core."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(int(num_threads or os.cpu_count() or 1))
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    default = int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(int(num_threads or default))
     try:
         yield
     finally:
