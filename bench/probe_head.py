@@ -4,7 +4,7 @@
                                [--work-dir work] [--max-videos N] [--json OUT]
 
 For each CrossTVR head with a contrastive projection, softmax regressions (``pipeline.probes.
-linear_probe``: fitted on the train split, scored on the test split, fixed settings) predict each
+linear_probe``: fitted on the train split, scored on ``--split``, val by default; fixed settings) predict each
 synthetic attribute of a video from
 
 * ``queries``: the head's text-free query outputs (what its ITC similarity reads), all queries
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--head", action="append", required=True, help="stage-two checkpoint (repeatable)")
     ap.add_argument("--work-dir", default="work")
     ap.add_argument("--max-videos", type=int, default=600, help="train videos the probes are fitted on")
+    ap.add_argument("--split", default="val", help="the split the probes are scored on (val: choosing a "
+                    "setting on these figures does not touch test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the table here as JSON")
     args = ap.parse_args(argv)
@@ -73,14 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = WorkDir(args.work_dir)
-    splits = {name: work.stage(args.store, name, STAGE_TWO_ARRAYS) for name in ("train", "test")}
+    splits = {"train": work.stage(args.store, "train", STAGE_TWO_ARRAYS),
+              "eval": work.stage(args.store, args.split, STAGE_TWO_ARRAYS)}
     import pyarrow.parquet as pq
     rows = {r["video_id"]: r for r in pq.read_table(Path(args.manifest) / "videos.parquet").to_pylist()}
     rng = np.random.default_rng(args.seed)
     pick = {}
     for name, split in splits.items():
         n = len(split.video_ids)
-        vids = np.arange(n) if name == "test" or n <= args.max_videos else \
+        vids = np.arange(n) if name == "eval" or n <= args.max_videos else \
             np.sort(rng.choice(n, args.max_videos, replace=False))
         cv = np.asarray(split.caption_video)
         caps = np.flatnonzero(np.isin(cv, vids))
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                      {a: [str(S.video_attrs(rows[split.video_ids[v]])[a])
                           for v in np.asarray(split.caption_video)[pick[name][1]]] for a in ATTRS})
               for name, split in splits.items()}
-    result: dict[str, dict] = {}
+    result: dict[str, dict] = {"split": args.split}
     for path in args.head:
         feats = {}
         for name, split in splits.items():
@@ -101,9 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in ("queries", "itc video", "itc text"):
             side = 1 if kind == "itc text" else 0
             table[kind] = {a: linear_probe(feats["train"][kind], labels["train"][side][a],
-                                           feats["test"][kind], labels["test"][side][a]) for a in ATTRS}
+                                           feats["eval"][kind], labels["eval"][side][a]) for a in ATTRS}
         result[label] = table
-        print(f"{label} (probe train -> test, accuracy %)")
+        print(f"{label} (probe train -> {args.split}, accuracy %)")
         print("| features | " + " | ".join(ATTRS) + " |")
         print("|---|" + "---|" * len(ATTRS))
         for kind, accs in table.items():
