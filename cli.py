@@ -654,7 +654,7 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
 
     Trains each head once per seed (epoch selected on val only), re-ranks the test split's stage-one
     top K and writes OUT/ablation.{json,txt} (means over seeds, R@1's standard deviation) and each
-    run's outputs to OUT/<variant>/ (OUT/<variant>-seed<S>/ with several seeds); finished runs are
+    run's outputs to OUT/<variant>/ (OUT/<variant>-seed<S>/ with --seeds); finished runs are
     reused. On a benchmark with near-duplicate groups (the synthetic one) it also writes the
     within-group accuracy per varied attribute of each variant, OUT/ablation-groups.{json,txt}.
     Without --store the demo's store is used (the demo runs first when it is missing).

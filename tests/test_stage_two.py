@@ -62,6 +62,26 @@ def test_selector_keeps_m_tokens_per_frame(keep_cls: bool) -> None:
     torch.testing.assert_close(selected, expected)  # the forward pass uses the exact tokens
 
 
+def test_spatial_frame_pos_makes_the_spatial_pass_see_frame_order() -> None:
+    """The spatial pass averages its frames' query outputs, so without frame positions reversing the
+    frames changes nothing; with ``spatial_frame_pos`` it does. Saved configs without the option
+    build the same head as before."""
+    torch.manual_seed(0)
+    tokens, fm, _, _ = random_pair_inputs(2, T, N, D, D)
+    for on in (False, True):
+        torch.manual_seed(1)
+        head = create_head("crosstvr", D, D, **{**TINY, "mode": "spatial", "spatial_frames": None,
+                                                "spatial_frame_pos": on})
+        head.eval()
+        ones = torch.ones_like(fm)
+        with torch.no_grad():
+            a = head.video_queries(head.encode_video(tokens, ones))
+            b = head.video_queries(head.encode_video(tokens.flip(1), ones))
+        assert torch.allclose(a, b, atol=1e-5) is (not on)
+        assert ("spatial_frame_pos" in head.config()) is on
+    assert not hasattr(create_head("crosstvr", D, D, **{**TINY, "mode": "spatial"}), "frame_pos")
+
+
 def test_gradients_reach_the_selector() -> None:
     torch.manual_seed(0)
     head = create_head("crosstvr", D, D, **{**TINY, "mode": "temporal"})

@@ -202,11 +202,13 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
     within-group accuracy of ``cosine + head`` per varied attribute (``heads.evaluation.groups``).
     Writes ``OUT/ablation.{json,txt}``, ``OUT/ablation-groups.{json,txt}`` (with groups),
     ``OUT/ablation.runs.json`` (every run's metrics) and each run's ranked lists under
-    ``OUT/<variant>`` (one seed) or ``OUT/<variant>-seed<S>``.
+    ``OUT/<variant>-seed<S>`` (``OUT/<variant>`` when ``seeds`` is not given), its run under
+    ``OUT/runs/`` by the same name, so ablations over other seeds or variants reuse it.
     """
     unknown = [v for v in variants if v not in ABLATION_VARIANTS]
     if not variants or unknown:
         raise UsageError(f"--variants: unknown variant(s) {unknown} (known: {', '.join(ABLATION_VARIANTS)})")
+    tagged = seeds is not None  # runs named <variant>-seed<S> (one seed given as --seed: <variant>)
     seeds = list(dict.fromkeys(int(s) for s in seeds)) if seeds else [int(config.seed)]
     store = store or work.default_store()
     stage_one = stage_one or str(best_stage_one(work))
@@ -230,7 +232,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             run_config = replace(config, head=head, head_config=head_config, seed=seed, **variant_options)
             if not supports(head, "contrastive"):  # the contrastive options concern heads with learnable queries
                 run_config = replace(run_config, itc_steps=None, itc_weight=None)
-            tag = name if len(seeds) == 1 else f"{name}-seed{seed}"
+            tag = f"{name}-seed{seed}" if tagged else name
             echo(f"[{label}] seed {seed}: training {head} {head_config or ''}")
             t0 = time.time()
             run_dir = (work.run_dir(2, "crosstvr") if name == "both" and not head_config and demo_defaults
