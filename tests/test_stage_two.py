@@ -82,6 +82,36 @@ def test_spatial_frame_pos_makes_the_spatial_pass_see_frame_order() -> None:
     assert not hasattr(create_head("crosstvr", D, D, **{**TINY, "mode": "spatial"}), "frame_pos")
 
 
+def test_frame_diff_keys_carry_what_changed() -> None:
+    """With ``frame_diff`` k the temporal pass reads, per frame, the selected tokens and the same
+    tokens minus their value k frames before: two still videos of different content get the same
+    difference keys, a frame with no valid frame k before it gets none, and a moving one differs."""
+    torch.manual_seed(0)
+    head = create_head("crosstvr", D, D, **{**TINY, "mode": "temporal", "num_selected": N, "frame_diff": 2,
+                                            "token_pos": True})
+    head.eval()
+    still = torch.randn(2, 1, N, D).expand(-1, T, -1, -1).contiguous()  # two videos, each one still frame
+    fm = torch.ones(2, T, dtype=torch.bool)
+    fm[1, T - 1:] = False
+    with torch.no_grad():
+        video = head.encode_video(still, fm)
+    keys = video["keys"].view(2, T, 2 * N, -1)
+    valid = video["key_valid"].view(2, T, 2 * N)
+    assert valid[:, :, :N].tolist() == fm[:, :, None].expand(-1, -1, N).tolist()
+    assert not valid[:, :2, N:].any() and valid[0, 2:, N:].all() and not valid[1, T - 1, N:].any()
+    def by_position(k: torch.Tensor) -> torch.Tensor:  # the selector orders tokens by its score: sort them
+        return k.gather(-2, k[..., :1].argsort(dim=-2).expand_as(k))
+
+    # nothing changed in either video: their difference keys are the same set (positions and embeddings)
+    torch.testing.assert_close(by_position(keys[0, 2:3, N:]), by_position(keys[1, 2:3, N:]))
+    assert not torch.allclose(keys[0, 2:, :N], keys[1, 2:, :N])           # though their content differs
+    moving = still.clone()
+    moving[0, 3:] += torch.randn(N, D)
+    with torch.no_grad():
+        moved = head.encode_video(moving, fm)["keys"].view(2, T, 2 * N, -1)
+    assert not torch.allclose(moved[0, 3:5, N:], keys[0, 3:5, N:])
+
+
 def test_gradients_reach_the_selector() -> None:
     torch.manual_seed(0)
     head = create_head("crosstvr", D, D, **{**TINY, "mode": "temporal"})

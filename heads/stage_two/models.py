@@ -96,6 +96,7 @@ class CrossTVRConfig:
     max_frames: int = 64
     token_pos: bool = False  # a learned embedding per token position
     spatial_frame_pos: bool = False  # the frame-position embedding on the spatial pass's frames too
+    frame_diff: int = 0  # > 0: the temporal pass also reads each selected token minus the same token k frames before
     max_tokens: int = 257
     itc_dim: int = 0  # width of the contrastive projection (0: none)
     # options for a head with BLIP-2's Q-Former layout (docs/METHOD.md, "Initialising from BLIP-2")
@@ -110,7 +111,7 @@ class CrossTVRConfig:
 
 # options added after heads were first saved, with the value a head saved without them was built with:
 # left out of a saved config at that value, so earlier configs and today's default heads look alike
-LATER_OPTIONS = {"spatial_frame_pos": False, "ln_eps": 1e-5, "embed_norm": False, "text_input": "tokens", "vocab_size": 0,
+LATER_OPTIONS = {"spatial_frame_pos": False, "frame_diff": 0, "ln_eps": 1e-5, "embed_norm": False, "text_input": "tokens", "vocab_size": 0,
                  "max_positions": 512, "standardize": True, "itc_text_pool": "mean"}
 TEXT_INPUTS = ("tokens", "ids")
 
@@ -285,12 +286,20 @@ class CrossTVR(StageTwoHead):
                                           nn.Linear(width // 2, 1))
         if mode != "spatial" or self.spatial_frame_pos:
             self.frame_pos = nn.Parameter(torch.randn(max_frames, kv_dim) * 0.02)
+        self.frame_diff = int(c.frame_diff) if mode != "spatial" else 0
+        if self.frame_diff < 0:
+            raise ValueError(f"frame_diff must be >= 0, got {self.frame_diff}")
+        # marks a temporal key as a frame difference (the same token k frames before subtracted)
+        self.diff_embed = nn.Parameter(torch.randn(kv_dim) * 0.02) if self.frame_diff else None
 
     def select_tokens(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, N, W) tokens -> (selected (B, T, M, W), index (B, T, M)); straight-through top-k."""
-        scores = self.selector(visual).squeeze(-1)  # (B, T, N)
-        weights, index = straight_through_topk(scores, self.num_selected, keep_first=self.keep_cls)
+        weights, index = self._selection(visual)
         return weights @ visual, index
+
+    def _selection(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.selector(visual).squeeze(-1)  # (B, T, N)
+        return straight_through_topk(scores, self.num_selected, keep_first=self.keep_cls)
 
     def encode_video(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Text-independent: the spatial pass's frames and the temporal pass's selected tokens."""
@@ -312,12 +321,32 @@ class CrossTVR(StageTwoHead):
         if self.mode in ("temporal", "both"):
             if t > self.frame_pos.shape[0]:
                 raise ValueError(f"{t} frames > max_frames {self.frame_pos.shape[0]} of this head")
-            selected, _ = self.select_tokens(vis)  # (B, T, M, W)
-            selected = selected + self.frame_pos[:t, None, :]
+            weights, _ = self._selection(vis)  # (B, T, M, N)
+            selected = weights @ vis + self.frame_pos[:t, None, :]  # (B, T, M, W)
             m = selected.shape[2]
-            out["keys"] = selected.reshape(b, t * m, -1)
-            out["key_valid"] = fm.unsqueeze(-1).expand(-1, -1, m).reshape(b, t * m)
+            valid = fm.unsqueeze(-1).expand(-1, -1, m)
+            if self.frame_diff:
+                selected, valid = self._with_differences(vis, weights, fm, selected, valid)
+            out["keys"] = selected.reshape(b, -1, selected.shape[-1])
+            out["key_valid"] = valid.reshape(b, -1)
         return out
+
+    def _with_differences(self, vis: torch.Tensor, weights: torch.Tensor, fm: torch.Tensor, selected: torch.Tensor,
+                          valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected tokens (B, T, M, W) followed, per frame, by the same tokens minus their value
+        ``frame_diff`` frames before (what changed there: a moving object's edges, a detail that
+        appears), each with its frame position, its token position and the difference embedding;
+        a frame with no valid frame ``frame_diff`` before it has no difference keys."""
+        k, t = self.frame_diff, vis.shape[1]
+        earlier = torch.cat([vis[:, :1].expand(-1, min(k, t), -1, -1), vis[:, :max(0, t - k)]], dim=1)
+        diff = vis - earlier  # (B, T, N, W): token positions cancel, so they are added back
+        if self.token_pos is not None:
+            diff = diff + self.token_pos[:vis.shape[2]]
+        diff = weights @ diff + self.frame_pos[:t, None, :] + self.diff_embed
+        has_earlier = torch.zeros_like(fm)
+        has_earlier[:, k:] = fm[:, :max(0, t - k)]
+        diff_valid = (fm & has_earlier).unsqueeze(-1).expand_as(valid)
+        return torch.cat([selected, diff], dim=2), torch.cat([valid, diff_valid], dim=2)
 
     def _passes(self, video: dict[str, torch.Tensor], pair_video: torch.Tensor, txt: torch.Tensor,
                 tv: torch.Tensor) -> torch.Tensor:
