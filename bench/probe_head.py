@@ -66,19 +66,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the table here as JSON")
     args = ap.parse_args(argv)
 
-    import torch
-
     from heads.evaluation.sources import load_head
+    from manifests import Manifest
     from manifests import synthetic as S
     from pipeline.probes import linear_probe
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = WorkDir(args.work_dir)
     splits = {"train": work.stage(args.store, "train", STAGE_TWO_ARRAYS),
               "eval": work.stage(args.store, args.split, STAGE_TWO_ARRAYS)}
-    import pyarrow.parquet as pq
-    rows = {r["video_id"]: r for r in pq.read_table(Path(args.manifest) / "videos.parquet").to_pylist()}
+    attrs = S.manifest_attrs(Manifest.read(args.manifest, verify=False))
     rng = np.random.default_rng(args.seed)
     pick = {}
     for name, split in splits.items():
@@ -88,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         cv = np.asarray(split.caption_video)
         caps = np.flatnonzero(np.isin(cv, vids))
         pick[name] = (vids, caps)
-    labels = {name: ({a: [str(S.video_attrs(rows[split.video_ids[v]])[a]) for v in pick[name][0]] for a in ATTRS},
-                     {a: [str(S.video_attrs(rows[split.video_ids[v]])[a])
-                          for v in np.asarray(split.caption_video)[pick[name][1]]] for a in ATTRS})
+    labels = {name: ({a: [str(attrs[split.video_ids[v]][a]) for v in pick[name][0]] for a in ATTRS},
+                     {a: [str(attrs[split.video_ids[v]][a]) for v in np.asarray(split.caption_video)[pick[name][1]]]
+                      for a in ATTRS})
               for name, split in splits.items()}
     result: dict[str, dict] = {"split": args.split}
     for path in args.head:

@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the result here as JSON")
     args = ap.parse_args(argv)
 
-    import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
 
     from core.options import parse_key_values
     from heads import create_head
+    from manifests import Manifest
     from manifests import synthetic as S
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = WorkDir(args.work_dir)
     train = work.stage(args.store, "train", STAGE_TWO_ARRAYS)
     held = work.stage(args.store, args.split, STAGE_TWO_ARRAYS)
-    rows = {r["video_id"]: r for r in pq.read_table(Path(args.manifest) / "videos.parquet").to_pylist()}
+    attrs = S.manifest_attrs(Manifest.read(args.manifest, verify=False))
     text_side = args.side == "text"
 
     def labels(split) -> dict[str, torch.Tensor]:
         videos = [split.video_ids[v] for v in np.asarray(split.caption_video)] if text_side else split.video_ids
-        return {a: torch.tensor([S.ATTRIBUTES[a].index(rows[v][a]) for v in videos]) for a in ATTRS}
+        return {a: torch.tensor([S.ATTRIBUTES[a].index(attrs[v][a]) for v in videos]) for a in ATTRS}
 
     def rows_of(split) -> int:
         return len(split.caption_video) if text_side else len(split.video_ids)

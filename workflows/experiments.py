@@ -22,7 +22,7 @@ from heads.registry import list_heads, supports
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
-from manifests import Manifest
+from reports.inputs import load_manifest_info
 from workflows.data import caption_texts, extract_stores, make_manifest, synthetic_encoder
 from workflows.reports import demo_runs, retrieval_report
 from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
@@ -154,12 +154,11 @@ def group_table(stage_one: dict[str, float], variants: dict[str, list[dict[str, 
                 counts: dict[str, int]) -> dict[str, dict[str, float]]:
     """Within-group accuracy rows: stage one's, then each variant's mean over seeds per varied
     attribute (and its standard deviation when there are several seeds)."""
-    attrs = [a for a in counts] + ["all"]
-    rows = {"stage one (cosine)": {f"{a} (n={counts[a]})" if a in counts else a: stage_one[a] for a in attrs}}
+    columns = {**{a: f"{a} (n={n})" for a, n in counts.items()}, "all": "all"}
+    rows = {"stage one (cosine)": {name: stage_one[a] for a, name in columns.items()}}
     for label, seeds in variants.items():
         row = {}
-        for a in attrs:
-            name = f"{a} (n={counts[a]})" if a in counts else a
+        for a, name in columns.items():
             row[name] = float(np.mean([s[a] for s in seeds]))
             if len(seeds) > 1:
                 row[f"{a} sd"] = float(np.std([s[a] for s in seeds]))
@@ -170,21 +169,19 @@ def group_table(stage_one: dict[str, float], variants: dict[str, list[dict[str, 
 def manifest_groups(work: WorkDir, split: Any, manifest: str | Path | None = None) -> dict[str, dict] | None:
     """The manifest's video rows by id when the store's manifest (``manifest`` or the work dir's
     ``<dataset>/manifest``) has near-duplicate groups, else ``None``; a given manifest that is not
-    the store's is refused."""
+    the store's is refused (``reports.inputs.load_manifest_info``)."""
     attrs = getattr(split, "store_attrs", None) or {}
     dataset, want = attrs.get("dataset"), attrs.get("manifest_sha256")
     directory = Path(manifest) if manifest else (work.manifest_dir(str(dataset)) if dataset else None)
-    if directory is None or not (directory / "videos.parquet").is_file():
-        if manifest:
-            raise UsageError(f"--manifest: no manifest at {directory}")
+    if manifest is None and (directory is None or not (directory / "meta.json").is_file()):
         return None
-    found = Manifest.read(directory, verify=False)
-    if want and found.sha256() != want:
+    try:
+        info = load_manifest_info(directory, "--manifest", store_sha256=want)
+    except UsageError:
         if manifest:
-            raise UsageError(f"--manifest: {directory} is not the manifest the store was built from")
-        return None
-    rows = {r["video_id"]: r for r in found.videos.to_pylist()}
-    return rows if any(r.get("group_id") not in (None, "") for r in rows.values()) else None
+            raise
+        return None  # the work dir's manifest of that name is another one: no group figures
+    return info.videos if info.has_groups else None
 
 
 def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,

@@ -310,17 +310,15 @@ class CrossTVR(StageTwoHead):
                 raise ValueError(f"{n} tokens per frame > max_tokens {self.token_pos.shape[0]} of this head")
             vis = vis + self.token_pos[:n]
         out: dict[str, torch.Tensor] = {}
+        if hasattr(self, "frame_pos") and t > self.frame_pos.shape[0]:
+            raise ValueError(f"{t} frames > max_frames {self.frame_pos.shape[0]} of this head")
         if self.mode in ("spatial", "both"):
             idx, valid = pick_frames(fm, self.spatial_frames)  # (B, F)
             out["frames"] = vis.gather(1, idx[:, :, None, None].expand(-1, -1, n, w))  # (B, F, N, W)
             if self.spatial_frame_pos:  # which frame a token comes from, so order survives the frame mean
-                if t > self.frame_pos.shape[0]:
-                    raise ValueError(f"{t} frames > max_frames {self.frame_pos.shape[0]} of this head")
                 out["frames"] = out["frames"] + self.frame_pos[idx][:, :, None, :]
             out["frame_valid"] = valid
         if self.mode in ("temporal", "both"):
-            if t > self.frame_pos.shape[0]:
-                raise ValueError(f"{t} frames > max_frames {self.frame_pos.shape[0]} of this head")
             weights, _ = self._selection(vis)  # (B, T, M, N)
             selected = weights @ vis + self.frame_pos[:t, None, :]  # (B, T, M, W)
             m = selected.shape[2]
