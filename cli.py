@@ -21,8 +21,8 @@ from heads.registry import HEADS, get_preset, head_options, list_heads, list_pre
 from heads.evaluation.index import INDEX_KINDS
 from pipeline.config import ExtractConfig
 from heads.stage_one.config import StageOneTrainConfig
-from heads.stage_two.config import (ABLATION_VARIANTS, AMP_MODES, HARD_NEGATIVE_MODES, StageTwoTrainConfig,
-                                    with_switches)
+from heads.stage_two.config import (ABLATION_VARIANTS, AMP_MODES, HARD_NEGATIVE_MODES, NEGATIVE_SOURCES,
+                                    StageTwoTrainConfig, with_switches)
 from workflows.workdir import DEFAULT_WORK, WorkDir, resolve_device
 
 
@@ -530,6 +530,7 @@ def _preset_option(fn: Callable) -> Callable:
 @_dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP,
                     head={"type": click.Choice(list_heads(stage=2))},
                     hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)},
+                    neg_source={"type": click.Choice(NEGATIVE_SOURCES)},
                     amp={"type": click.Choice(AMP_MODES)})
 @click.option("--fresh", is_flag=True, help="Ignore an existing run in --out and start again.")
 @work_dir_option
@@ -634,6 +635,7 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
 @head_options_option
 @_dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP + ("head", "seed", "max_steps"), unset=True,
                     hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)},
+                    neg_source={"type": click.Choice(NEGATIVE_SOURCES)},
                     amp={"type": click.Choice(AMP_MODES)})
 @work_dir_option
 @stage_dir_option

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ForbiddenSplitError, StoreMismatchError
+from core.errors import ConfigError, ForbiddenSplitError, StoreMismatchError
 from heads import create_head
-from heads.evaluation.similarity import similarity
+from heads.evaluation.similarity import encode_videos, similarity
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_two.checkpoint import load_stage_two, stage_one_identity
 from heads.stage_two.layers import QFormer
-from heads.stage_two.negatives import HardNegativeSampler, hard_fraction
+from heads.stage_two.negatives import (HardNegativeSampler, MixedNegatives, VideoNeighbourSimilarity, hard_fraction,
+                                      video_sampler)
 from heads.stage_two.pairs import load_pairs
 from heads.stage_two.scoring import score_pairs
-from heads.stage_two.train import StageOneCosine, rank_loss, train_stage_two
+from heads.stage_two.config import StageTwoTrainConfig
+from heads.stage_two.train import StageOneCosine, hard_negatives, rank_loss, train_stage_two
 from worlds import ITM_ONLY, TINY, D, L, N, make_token_split, random_pair_inputs, run_cli
 from worlds import T2 as T
 from worlds import TOKEN_IDENTITY as IDENTITY
@@ -198,6 +200,54 @@ def test_hard_negatives_exclude_positives_and_follow_the_softmax() -> None:
     assert all(v[i] in small.text_cand[rows[i]] for i in range(0, rows.size, 37))
     t = small.negative_texts(np.repeat(np.arange(5), 200), np.random.default_rng(4))
     assert not (cv[t] == np.repeat(np.arange(5), 200)).any()
+
+
+def test_video_neighbour_negatives_are_the_videos_nearest_to_the_positive() -> None:
+    rng = np.random.default_rng(0)
+    # five pairs of near-duplicate videos (one embedding plus a little noise each), 1-3 captions each
+    base = rng.normal(size=(5, 16))
+    emb = np.repeat(base, 2, axis=0) + 0.01 * rng.normal(size=(10, 16))
+    cv = np.array([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9, 9])
+    sim = VideoNeighbourSimilarity(emb, cv)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    np.testing.assert_allclose(sim[2:5], unit[cv[2:5]] @ unit.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sim[:, 3:6], (unit[cv] @ unit.T)[:, 3:6], rtol=1e-5, atol=1e-6)
+    assert sim.shape == (cv.size, 10)
+    twin = np.arange(10) ^ 1  # each video's near-duplicate
+    sampler = video_sampler(emb, cv, temperature=0.05, pool=1)
+    rows = np.repeat(np.arange(cv.size), 50)
+    np.testing.assert_array_equal(sampler.negative_videos(rows, np.random.default_rng(1)), twin[cv[rows]])
+    videos = np.repeat(np.arange(10), 50)
+    got = sampler.negative_texts(videos, np.random.default_rng(2))
+    # a caption of the twin, never one of the video itself, and every caption of the twin is drawn
+    np.testing.assert_array_equal(cv[got], twin[videos])
+    assert set(got[videos == 3].tolist()) == set(np.flatnonzero(cv == 2).tolist())
+    # mixed: about half of the draws from each source
+    other = HardNegativeSampler(rng.uniform(-1, 1, size=(cv.size, 10)), cv, temperature=0.05, pool=None)
+    mixed = MixedNegatives(other, sampler)
+    draws = mixed.negative_videos(np.zeros(4000, dtype=np.int64), np.random.default_rng(3))
+    assert 0.4 < (draws == 1).mean() < 0.7 and not (draws == 0).any()
+    assert mixed.text_cand is sampler.text_cand
+
+
+def test_hard_negatives_follow_neg_source(world: dict) -> None:
+    head = load_stage_one(world["stage_one"]).head
+    train = world["train"]
+    cfg = StageTwoTrainConfig()
+    text = hard_negatives(head, train, cfg)
+    assert isinstance(text, HardNegativeSampler) and text.text_cand.shape[1] == min(128, len(train.video_ids) - 1)
+    video = hard_negatives(head, train, StageTwoTrainConfig(neg_source="video", neg_video_pool=3))
+    assert video.text_cand.shape[1] == 3
+    # the video source's candidates are the nearest videos of the caption's own video
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(encode_videos(head, train), dim=-1).numpy()
+    cv = np.asarray(train.caption_video)
+    vv = emb[cv[:20]] @ emb.T
+    vv[np.arange(20), cv[:20]] = -np.inf
+    np.testing.assert_array_equal(np.sort(video.text_cand[:20], axis=1), np.sort(np.argsort(-vv, axis=1)[:, :3], axis=1))
+    assert isinstance(hard_negatives(head, train, StageTwoTrainConfig(neg_source="mixed")), MixedNegatives)
+    with pytest.raises(ConfigError, match="neg_source must be one of"):
+        StageTwoTrainConfig(neg_source="audio").resolved()
 
 
 def test_rank_loss_orders_positives_above_their_negatives() -> None:

@@ -13,11 +13,13 @@ from core.split import Split
 from heads.registry import get_spec, list_heads
 
 HARD_NEGATIVE_MODES = ("random", "hard", "anneal")
+NEGATIVE_SOURCES = ("text", "video", "mixed")
 ITC_DEFAULTS = {"itc_steps": 1200, "itc_weight": 1.0}  # for heads that support contrastive training
 DEFAULT_ITC_DIM = 128   # width of the contrastive projection of a head trained with ITC
 # arguments added after runs were first saved: a saved state without them ran with these values
 _ARG_DEFAULTS = {"rank_weight": 0.0, "itc_steps": 0, "itc_batch": 64, "itc_cluster": 1, "itc_lr": 5e-4,
-                 "itc_weight": 0.0, "init_from": None, "tokenizer": None, "reinit_visual_kv": False, "text_len": 32}
+                 "itc_weight": 0.0, "init_from": None, "tokenizer": None, "reinit_visual_kv": False, "text_len": 32,
+                 "neg_source": "text", "neg_video_pool": 4}
 AMP_MODES = ("auto", "bf16", "off")
 
 
@@ -45,6 +47,12 @@ class StageTwoTrainConfig:
     anneal: float = _opt(0.3, "Share of steps over which hard negatives rise to 100%.")
     neg_temperature: float = _opt(0.05, "Temperature of the stage-one softmax hard negatives are drawn from.")
     neg_pool: int | None = _opt(128, "Hard negatives come from this many most similar candidates.")
+    neg_source: str = _opt("text", "Which stage-one similarity hard negatives are drawn from: text (caption to "
+                           "video), video (video to video: a caption's negative is one of its video's nearest "
+                           "videos, a video's negative a caption of one of them; finds near-duplicates), mixed "
+                           "(each hard negative from either, at even odds).")
+    neg_video_pool: int = _opt(4, "With --neg-source video or mixed: the video-to-video draw's pool of nearest "
+                               "videos.")
     rank_weight: float = _opt(0.0, "Weight of a pairwise ranking term added to ITM: each positive's cosine + "
                               "head score must beat its negatives' (0 = ITM only).")
     itc_steps: int | None = _opt(None, "Steps of contrastive (ITC, BLIP-2 stage one) pre-training before ITM "
@@ -95,6 +103,10 @@ class StageTwoTrainConfig:
                               f"itc_steps=0, itc_weight=0")
         if self.hard_negatives not in HARD_NEGATIVE_MODES:
             raise ConfigError(f"hard_negatives must be one of {HARD_NEGATIVE_MODES}, got {self.hard_negatives!r}")
+        if self.neg_source not in NEGATIVE_SOURCES:
+            raise ConfigError(f"neg_source must be one of {NEGATIVE_SOURCES}, got {self.neg_source!r}")
+        if self.neg_video_pool < 1:
+            raise ConfigError(f"neg_video_pool must be >= 1, got {self.neg_video_pool}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.init_from and self.head != "crosstvr":

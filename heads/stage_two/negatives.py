@@ -8,11 +8,21 @@ the whole train split (``HardNegativeSampler``: temperature, restricted to the `
 similar candidates, positives excluded), or *random*, the partner of another pair of the same
 batch. ``hard_fraction`` gives the share of hard negatives at each step: ``random``, ``hard``, or
 ``anneal`` (random only for a first share of the steps, then a linear rise to all hard).
+
+Hard negatives come from one of two stage-one similarities (``neg_source``): *text*, caption to
+video (the candidates stage one confuses with the caption), or *video*, video to video
+(``VideoNeighbourSimilarity``: a caption's negative is one of its own video's nearest videos, a
+video's negative a caption of one of its nearest videos). Video-to-video neighbours are mostly
+near-duplicates, clips that share almost everything with the positive; on the synthetic benchmark
+83% of train videos' nearest video is a member of their near-duplicate group, while only 7% of the
+caption-to-video hard negatives are (BENCHMARKS.md). ``MixedNegatives`` draws each hard negative
+from either source at even odds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,12 +37,13 @@ class HardNegativeSampler:
     column blocks), ``caption_video`` (C,) each caption's video row. For caption ``c`` a negative
     video ``v != caption_video[c]`` is drawn with probability ``softmax(sim[c] / temperature)``
     renormalised over the ``pool`` most similar non-positive videos (``pool=None``: all of them);
-    for video ``v`` a negative caption of another video likewise from ``sim[:, v]``. Only the
-    ``(rows, pool)`` candidate tables are kept in memory.
+    for video ``v`` a negative caption of another video likewise from ``sim[:, v]``, among the
+    ``caption_pool`` most similar captions (default: ``pool``). Only the ``(rows, pool)`` candidate
+    tables are kept in memory.
     """
 
-    def __init__(self, sim: np.ndarray, caption_video: np.ndarray, temperature: float = 0.05,
-                 pool: int | None = 128, block: int = 1024) -> None:
+    def __init__(self, sim: Any, caption_video: np.ndarray, temperature: float = 0.05,
+                 pool: int | None = 128, block: int = 1024, caption_pool: int | None = None) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         cv = np.asarray(caption_video, dtype=np.int64)
@@ -50,7 +61,8 @@ class HardNegativeSampler:
             s = np.array(sim[sl], dtype=np.float64)
             s[np.arange(s.shape[0]), cv[sl]] = -np.inf
             self.text_cand[sl], self.text_logit[sl] = top_candidates(s, k_v)
-        k_c = num_c - 1 if pool is None else max(1, min(int(pool), num_c - 1))
+        pool_c = pool if caption_pool is None else caption_pool
+        k_c = num_c - 1 if pool_c is None else max(1, min(int(pool_c), num_c - 1))
         self.video_cand = np.empty((num_v, k_c), dtype=np.int64)
         self.video_logit = np.empty((num_v, k_c), dtype=np.float64)
         for sl in blocks(num_v, block):
@@ -83,6 +95,54 @@ class HardNegativeSampler:
     def negative_texts(self, videos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One negative caption row (of another video) per video row."""
         return self._draw(self.video_cand, self.video_logit, videos, rng)
+
+
+class VideoNeighbourSimilarity:
+    """The ``(C, V)`` similarity of each caption's video to every video, as an array-like read in
+    row or column blocks (``sim[rows]``, ``sim[:, cols]``) and computed on access from unit video
+    embeddings, so the ``C x V`` matrix is never held whole. ``video_emb`` (V, D) any video
+    embeddings (normalised here); ``caption_video`` (C,) each caption's video row."""
+
+    def __init__(self, video_emb: Any, caption_video: np.ndarray) -> None:
+        e = np.asarray(video_emb, dtype=np.float32)
+        self.emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        self.caption_video = np.asarray(caption_video, dtype=np.int64)
+        self.shape = (int(self.caption_video.size), int(e.shape[0]))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        return self.emb[self.caption_video[rows]] @ self.emb[cols].T
+
+
+def video_sampler(video_emb: Any, caption_video: np.ndarray, temperature: float, pool: int) -> HardNegativeSampler:
+    """A ``HardNegativeSampler`` over video-to-video similarity: a caption's negative among its
+    video's ``pool`` nearest videos, a video's negative among the captions of about as many nearest
+    videos (``pool`` times the most captions any video has)."""
+    cv = np.asarray(caption_video, dtype=np.int64)
+    per_video = int(np.bincount(cv).max()) if cv.size else 1
+    return HardNegativeSampler(VideoNeighbourSimilarity(video_emb, cv), cv, temperature, pool,
+                               caption_pool=pool * per_video)
+
+
+class MixedNegatives:
+    """Each hard negative drawn from ``first`` or ``second`` (two ``HardNegativeSampler``) at even
+    odds. ``text_cand`` (a caption's nearest videos, for clustered contrastive batches) is
+    ``second``'s."""
+
+    def __init__(self, first: HardNegativeSampler, second: HardNegativeSampler) -> None:
+        self.first, self.second = first, second
+
+    @property
+    def text_cand(self) -> np.ndarray:
+        return self.second.text_cand
+
+    def negative_videos(self, captions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a, b = self.first.negative_videos(captions, rng), self.second.negative_videos(captions, rng)
+        return np.where(rng.random(a.size) < 0.5, a, b)
+
+    def negative_texts(self, videos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a, b = self.first.negative_texts(videos, rng), self.second.negative_texts(videos, rng)
+        return np.where(rng.random(a.size) < 0.5, a, b)
 
 
 def top_candidates(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +192,7 @@ class PlanItem:
         return caption, video, labels
 
 
-def epoch_plan(sampler: EpochSampler, negatives: HardNegativeSampler | None, epoch: int, seed: int,
+def epoch_plan(sampler: EpochSampler, negatives: HardNegativeSampler | MixedNegatives | None, epoch: int, seed: int,
                 mode: str, first_step: int, total: int, anneal: float, anneal_start: float = 0.0) -> list[PlanItem]:
     """Deterministic batches of epoch ``epoch``: positives and their negatives (seeded by epoch)."""
     rng = np.random.default_rng([int(seed), int(epoch), 0x5752])

@@ -52,7 +52,7 @@ from heads.stage_two.blip2 import head_options as blip2_head_options
 from heads.stage_two.checkpoint import CHECKPOINT_NAME, KIND, stage_one_identity
 from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, upgrade_args
 from heads.stage_two.itc import ITC_STATE_NAME, batch_itc_loss, pretrain_itc
-from heads.stage_two.negatives import HardNegativeSampler, PlanItem, epoch_plan
+from heads.stage_two.negatives import HardNegativeSampler, MixedNegatives, PlanItem, epoch_plan, video_sampler
 from heads.stage_two.pairs import load_pairs, require_tokens
 from heads.stage_two.selection import ValSet, selection_score
 from heads.stage_two.tokenizer import caption_tokenizer, text_view
@@ -106,6 +106,32 @@ class StageOneCosine:
         c = torch.as_tensor(np.asarray(captions, dtype=np.int64))
         v = torch.as_tensor(np.asarray(videos, dtype=np.int64))
         return (self.text[c] * self.video[v]).sum(-1)
+
+
+def hard_negatives(head: Any, train: Split, cfg: StageTwoTrainConfig) -> HardNegativeSampler | MixedNegatives:
+    """The hard-negative sampler of a run from stage one's train-split similarities
+    (``cfg.neg_source``: caption to video, video to video, or both at even odds)."""
+    text = video = None
+    if cfg.neg_source in ("text", "mixed"):
+        train_sim = similarity(head, train, device=cfg.device)
+        text = HardNegativeSampler(train_sim, train.caption_video, cfg.neg_temperature, cfg.neg_pool)
+        del train_sim
+    if cfg.neg_source in ("video", "mixed"):
+        if uses_text_tokens(head):
+            raise ConfigError(f"neg_source={cfg.neg_source} needs a stage-one head whose video embedding does not "
+                              f"depend on the caption; {getattr(head, 'name', type(head).__name__)} has text-token "
+                              f"alignment: use neg_source=text")
+        was_training = head.training
+        head.eval()
+        try:
+            with torch.no_grad():
+                emb = encode_videos(head, train, 1024, cfg.device).float().cpu().numpy()
+        finally:
+            head.train(was_training)
+        video = video_sampler(emb, train.caption_video, cfg.neg_temperature, cfg.neg_video_pool)
+    if text is not None and video is not None:
+        return MixedNegatives(text, video)
+    return text if video is None else video
 
 
 def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_dir: str | Path,
@@ -176,9 +202,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     with torch_threads(cfg.num_threads):
         negatives = None
         if cfg.hard_negatives != "random":
-            train_sim = similarity(s1.head, train, device=cfg.device)
-            negatives = HardNegativeSampler(train_sim, train.caption_video, cfg.neg_temperature, cfg.neg_pool)
-            del train_sim
+            negatives = hard_negatives(s1.head, train, cfg)
         cosine = StageOneCosine(s1.head, train, cfg.device) if cfg.rank_weight > 0 else None
         valset = None
         if val is not None:
