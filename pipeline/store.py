@@ -192,6 +192,14 @@ def _codecs(compressor: str | None) -> Any:
     raise StoreError(f"unknown compressor {compressor!r} (none, {', '.join(COMPRESSORS)})")
 
 
+def _set_attrs(group: Any, values: dict) -> None:
+    """Add ``values`` to a group's root attributes in one write of its metadata. (``attrs.update``
+    writes once per key, so another process could read a half-written set: ``format`` without
+    ``schema_version`` while a store is being created, a new manifest hash with the old sizes while
+    it grows.)"""
+    group.update_attributes(dict(values))
+
+
 def _is_url(s: str) -> bool:
     return "://" in s
 
@@ -367,7 +375,7 @@ class CacheStore:
                 attrs["thumbnails"] = _thumbnail_info(K, int(thumbnails["max_side"]), B)
         except (ContainsArrayError, ContainsGroupError, FileExistsError) as exc:
             raise StoreError(f"{path}: already exists or is being created by another writer ({exc})") from exc
-        g.attrs.update(attrs)  # last: the mark of a finished creation
+        _set_attrs(g, attrs)  # last: the mark of a finished creation
         store = cls(g, os.fspath(path), writable=True)
         store.consolidate()
         return store
@@ -446,7 +454,7 @@ class CacheStore:
     def update_attrs(self, values: dict) -> None:
         """Set root attributes (``consolidate`` afterwards for http(s) readers)."""
         self._check_writable()
-        self._g.attrs.update(values)
+        _set_attrs(self._g, values)
         self.attrs.update(values)
 
     # -- growing -----------------------------------------------------------------------------
@@ -518,7 +526,7 @@ class CacheStore:
             update = {"manifest_sha256": layout.manifest_sha256, "num_videos": V, "num_captions": C,
                       "num_shards": _ceil_div(V, S), "num_text_shards": _ceil_div(C, St),
                       "manifest_history": history}
-            self._g.attrs.update(update)
+            _set_attrs(self._g, update)
             self.attrs.update(update)
             self._cache = {k: v for k, v in self._cache.items() if not k.startswith("_")}
             self.consolidate()
@@ -876,7 +884,7 @@ class CacheStore:
                     self._reload_group()
                     return
                 info = _thumbnail_info(count, max_side, max_bytes)
-                self._g.attrs.update({"thumbnails": info})
+                _set_attrs(self._g, {"thumbnails": info})
                 self.attrs["thumbnails"] = info
                 self.consolidate()
 

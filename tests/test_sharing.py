@@ -410,6 +410,33 @@ def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path, monkeypa
     assert json.loads(run_cli(["--s3-endpoint", s3, "cache", "info", url, "--json"]))["videos"] == 5
 
 
+def test_root_attributes_are_never_written_half(tmp_path, monkeypatch):
+    """Another writer may read the root metadata at any moment: every write of it holds a whole set of
+    attributes (creation: all of them at once; growing: the new manifest with its own sizes)."""
+    from zarr.storage import LocalStore
+
+    from test_store import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout
+
+    written: list[dict] = []
+    set_ = LocalStore.set
+
+    async def spy(self, key, value):
+        if key == "zarr.json":
+            written.append(json.loads(value.to_bytes()).get("attributes", {}))
+        return await set_(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", spy)
+    store = CacheStore.open_or_create(tmp_path / "s.zarr", layout(), VIDS, VSPLIT, CIDS, CVID, CSPLIT)
+    fill(store)
+    store.append(layout(manifest_sha256="n" * 64), VIDS + ["f"], VSPLIT + ["test"], CIDS, CVID, CSPLIT)
+    full = set(layout().attrs(5, len(CIDS)))
+    stamped = [a for a in written if a]
+    assert stamped and all(full <= set(a) for a in stamped)
+    for a in stamped:  # a manifest version always comes with its sizes
+        assert a["num_videos"] == (6 if a["manifest_sha256"] == "n" * 64 else 5)
+    assert any(a["manifest_sha256"] == "n" * 64 for a in stamped)
+
+
 def test_append_to_an_old_store_keeps_the_partial_shards_rows(tmp_path):
     """A store made before row digests existed grows too; the reopened last shard gets its old rows back
     from what the append kept aside, whatever the writer passes for them."""
