@@ -29,8 +29,10 @@ validation's metrics, for both phases: ``core.training_log``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -82,25 +84,38 @@ def rank_loss(scores: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(neg_v - pos).mean() + F.softplus(neg_c - pos).mean())
 
 
+def _require_pair_free(head: Any, option: str, fix: str) -> None:
+    """``ConfigError`` for a stage-one head whose embeddings depend on the pair (text-token alignment):
+    ``option`` needs one video and one caption embedding per row."""
+    if uses_text_tokens(head):
+        raise ConfigError(f"{option} needs a stage-one head whose video and caption embeddings do not depend on "
+                          f"each other; {getattr(head, 'name', type(head).__name__)} has text-token alignment: "
+                          f"use {fix}")
+
+
+@contextlib.contextmanager
+def _evaluating(head: Any) -> Iterator[None]:
+    """``head`` in eval mode without gradients; its training flag restored after."""
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        head.train(was_training)
+
+
 class StageOneCosine:
     """Stage-one cosine of any (caption row, video row) pair of a split, from unit embeddings
     computed once (V + C rows of the head's output width, not a C x V matrix)."""
 
-    @torch.no_grad()
     def __init__(self, head: Any, split: Split, device: str = "cpu", batch: int = 1024) -> None:
-        if uses_text_tokens(head):
-            raise ValueError(f"rank_weight needs a stage-one head whose text embedding does not depend on "
-                             f"the video; {getattr(head, 'name', type(head).__name__)} has text-token "
-                             f"alignment: use rank_weight=0")
-        was_training = head.training
-        head.eval()
-        try:
+        _require_pair_free(head, "rank_weight", "rank_weight=0")
+        with _evaluating(head):
             self.video = encode_videos(head, split, batch, device).float().cpu()
             texts = [encode_texts(head, split, sl, device).float().cpu()
                      for sl in blocks(int(split.text_emb.shape[0]), batch)]
             self.text = torch.cat(texts) if texts else torch.zeros(0, self.video.shape[1])
-        finally:
-            head.train(was_training)
 
     def __call__(self, captions: np.ndarray, videos: np.ndarray) -> torch.Tensor:
         c = torch.as_tensor(np.asarray(captions, dtype=np.int64))
@@ -117,17 +132,9 @@ def hard_negatives(head: Any, train: Split, cfg: StageTwoTrainConfig) -> HardNeg
         text = HardNegativeSampler(train_sim, train.caption_video, cfg.neg_temperature, cfg.neg_pool)
         del train_sim
     if cfg.neg_source in ("video", "mixed"):
-        if uses_text_tokens(head):
-            raise ConfigError(f"neg_source={cfg.neg_source} needs a stage-one head whose video embedding does not "
-                              f"depend on the caption; {getattr(head, 'name', type(head).__name__)} has text-token "
-                              f"alignment: use neg_source=text")
-        was_training = head.training
-        head.eval()
-        try:
-            with torch.no_grad():
-                emb = encode_videos(head, train, 1024, cfg.device).float().cpu().numpy()
-        finally:
-            head.train(was_training)
+        _require_pair_free(head, f"neg_source={cfg.neg_source}", "neg_source=text")
+        with _evaluating(head):
+            emb = encode_videos(head, train, 1024, cfg.device).float().cpu().numpy()
         video = video_sampler(emb, train.caption_video, cfg.neg_temperature, cfg.neg_video_pool)
     if text is not None and video is not None:
         return MixedNegatives(text, video)
