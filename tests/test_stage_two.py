@@ -248,6 +248,10 @@ def test_hard_negatives_follow_neg_source(world: dict) -> None:
     assert isinstance(hard_negatives(head, train, StageTwoTrainConfig(neg_source="mixed")), MixedNegatives)
     with pytest.raises(ConfigError, match="neg_source must be one of"):
         StageTwoTrainConfig(neg_source="audio").resolved()
+    # a stage one whose video embedding depends on the caption has no video-to-video similarity
+    aligned = type("Aligned", (), {"name": "clip2video", "training": False})()
+    with pytest.raises(ConfigError, match="neg_source=video needs .* clip2video has text-token alignment"):
+        hard_negatives(aligned, train, StageTwoTrainConfig(neg_source="video"))
 
 
 def test_rank_loss_orders_positives_above_their_negatives() -> None:
