@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         # each head reads its own view of the split (a BLIP-2-initialised one reads caption ids)
         head, info, head_split = load_head(path, split, captions=lambda: caption_texts(None, split, args.manifest))
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
+        if f"{name} head" in table:  # a second checkpoint of one run directory
+            name = f"{name}/{Path(path).stem}"
         table.update(group_accuracy(gq, sim, {name: head}, split=head_split))
         sel = selector_hit_rate(head, split, rows, seed=args.seed)
         if sel is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +341,16 @@ def test_ablation_over_seeds_reports_means_and_within_group_accuracy(tiny_runs, 
     variant = groups["+spatial, cosine + head"]
     assert variant["all"] == pytest.approx(np.mean([r["within_group"]["all"] for r in seeds]))
     assert "all sd" in variant and all(0 <= r["within_group"]["all"] <= 100 for r in seeds)
+
+    # bench/groups.py gives each seed's figure, also for two checkpoints of one run directory
+    from bench.groups import main as groups_main
+
+    both = tmp_path / "both"
+    both.mkdir()
+    for s, r in zip((0, 1), seeds):
+        shutil.copy(r["checkpoint"], both / f"seed{s}.pt")
+    table = groups_main(["--store", str(store), "--manifest", str(Path(work) / "synthetic" / "manifest"),
+                         "--stage-one", str(s1), "--head", str(both / "seed0.pt"), "--head", str(both / "seed1.pt"),
+                         "--split", "test", "--work-dir", str(work)])["accuracy"]
+    assert table["both cosine+head"]["all"] == pytest.approx(seeds[0]["within_group"]["all"])
+    assert table["both/seed1 cosine+head"]["all"] == pytest.approx(seeds[1]["within_group"]["all"])
