@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -96,3 +99,38 @@ def test_group_queries_and_stage_one_accuracy() -> None:
     acc = group_accuracy(gq, sim)["stage one"]
     assert acc == {"motion": pytest.approx(200 / 3), "timing": 50.0, "all": 60.0}
     assert group_queries(["f"], np.array([0]), rows) is None
+
+
+def test_negatives_bench_counts_group_members_among_the_trainers_negatives(tiny_runs, tmp_path) -> None:
+    """bench/negatives.py: with a pool of one, the video source's negative is the nearest video of the
+    caption's own video (stage one's video embeddings), so its share of group members is that of the
+    nearest videos, recomputed here."""
+    import torch
+
+    from bench.groups import manifest_videos
+    from bench.negatives import main
+    from core.groups import group_members
+    from heads.evaluation.similarity import encode_videos
+    from heads.stage_one.checkpoint import load_stage_one
+    from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
+
+    work, store, s1, _ = tiny_runs
+    manifest = Path(work) / "synthetic" / "manifest"
+    train = WorkDir(work).stage(str(store), "train", STAGE_TWO_ARRAYS)
+    group, _ = group_members(list(train.video_ids), manifest_videos(manifest))
+    cv = np.asarray(train.caption_video)
+    caps = np.flatnonzero(group[cv] >= 0)
+    if caps.size == 0:
+        pytest.skip("the tiny world's train split has no groups")
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(encode_videos(load_stage_one(s1).head, train), dim=-1).numpy()
+    vv = emb @ emb.T
+    np.fill_diagonal(vv, -np.inf)
+    nearest = vv.argmax(axis=1)
+    expect = 100 * np.mean(group[nearest[cv[caps]]] == group[cv[caps]])
+    out = main(["--store", str(store), "--manifest", str(manifest), "--stage-one", str(s1), "--work-dir", str(work),
+                "--neg-source", "text", "video", "--neg-video-pool", "1", "--json", str(tmp_path / "n.json")])
+    assert out["captions"] == caps.size and set(out["sources"]) == {"text", "video"}
+    assert out["sources"]["video"]["videos %"] == pytest.approx(expect)
+    assert json.loads((tmp_path / "n.json").read_text())["sources"]["video"]["videos %"] == pytest.approx(expect)
+    assert 0 <= out["sources"]["text"]["videos %"] <= 100
