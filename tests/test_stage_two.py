@@ -254,6 +254,22 @@ def test_hard_negatives_follow_neg_source(world: dict) -> None:
         hard_negatives(aligned, train, StageTwoTrainConfig(neg_source="video"))
 
 
+def test_training_with_mixed_negatives_and_neighbour_batches(world: dict, tmp_path: Path) -> None:
+    """--neg-source mixed wired through both phases: its video-to-video neighbours build the
+    contrastive clusters, its draws the ITM negatives; the run records the source and differs from the
+    same run on caption-to-video negatives."""
+    common = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
+                  val_k=4, num_threads=1, hard_negatives="hard", itc_steps=2, itc_batch=8, itc_cluster=2,
+                  itc_weight=1.0)
+    mixed = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "mixed",
+                            neg_source="mixed", neg_video_pool=2, **common)
+    text = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "text", **common)
+    a, b = (torch.load(p, weights_only=True) for p in (mixed, text))
+    assert a["train_args"]["neg_source"] == "mixed" and a["train_args"]["neg_video_pool"] == 2
+    assert b["train_args"]["neg_source"] == "text"
+    assert [e["loss"] for e in a["history"]["epochs"]] != pytest.approx([e["loss"] for e in b["history"]["epochs"]])
+
+
 def test_rank_loss_orders_positives_above_their_negatives() -> None:
     # layout [positives; (caption, negative video); (negative caption, video)], b = 2
     scores = torch.tensor([1.0, 0.0, 0.0, 2.0, -1.0, 0.5])
