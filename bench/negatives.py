@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from core.groups import group_members
-    from heads.evaluation.sources import stage_one_similarity
+    from heads.evaluation.similarity import similarity
     from heads.stage_one.checkpoint import load_stage_one
     from heads.stage_two.config import StageTwoTrainConfig
     from heads.stage_two.train import hard_negatives
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     vids = np.flatnonzero(group >= 0)
     if caps.size == 0:
         raise SystemExit(f"the train split of {args.store} has no near-duplicate groups")
-    sim, _ = stage_one_similarity(args.stage_one, train)
-    s = np.array(sim[caps], dtype=np.float64)
+    head = load_stage_one(args.stage_one, expect_encoder_identity=train.encoder_identity).head
+    s = np.array(similarity(head, train)[caps], dtype=np.float64)
     s[np.arange(caps.size), cv[caps]] = -np.inf
     first = (group[np.argsort(-s, axis=1)] == group[cv[caps]][:, None]).argmax(axis=1)
     result: dict = {"captions": int(caps.size), "videos": int(vids.size),
@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"train: {caps.size} grouped captions of {vids.size} grouped videos; stage one ranks the nearest "
           f"other member of the caption's group at median {result['nearest_member_rank']['median']:.0f} "
           f"({result['nearest_member_rank']['top1 %']:.1f}% first)")
-    head = load_stage_one(args.stage_one).head
     attrs = sorted(set(varied[vids].tolist()))
     print("| --neg-source | negative videos in the group | " + " | ".join(attrs) + " | negative captions in the group |")
     print("|---|---|" + "---|" * len(attrs) + "---|")
