@@ -286,15 +286,17 @@ def cache_info_cmd(store, as_json) -> None:
 @data_root_option
 @click.option("--workers", default=2, show_default=True, help="--repair: decoder worker processes.")
 @device_option
+@click.option("--expect", "expect", metavar="DIGEST", help="The store digest it must have (`cache info` prints it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def cache_verify_cmd(store, repair, manifest, dataset, encoder, work_dir, annotations, videos, data_root, workers,
-                     device, as_json) -> None:
-    """Recompute every shard's checksum; name each corrupt or missing shard (exit 1 when any, or when
-    the store recorded no checksums to check)."""
+                     device, expect, as_json) -> None:
+    """Recompute every shard's checksum, check each record covers its shard's objects, compute the store
+    digest; name each corrupt or missing shard (exit 1 when any, when the store recorded no checksums to
+    check, or when the digest is not --expect)."""
     from workflows.data import load_manifest
     from workflows.share import dumps, repair as repair_store, verify
 
-    report = verify(store, progress=not as_json)
+    report = verify(store, progress=not as_json, expect=expect)
     click.echo(dumps(report.to_dict()) if as_json else report.summary())
     if repair and report.problems:
         if not encoder:
@@ -309,15 +311,17 @@ def cache_verify_cmd(store, repair, manifest, dataset, encoder, work_dir, annota
 @cache_group.command("pull")
 @click.argument("url")
 @click.argument("dest", type=click.Path(file_okay=False))
-def cache_pull_cmd(url, dest) -> None:
+@click.option("--expect", "expect", metavar="DIGEST", help="The store digest the source and the copy must have.")
+def cache_pull_cmd(url, dest, expect) -> None:
     """Copy the store at URL to the local directory DEST (resumable: a re-run copies only what is not
-    there yet), then verify the copy against the store's checksums (exit 1 when it does not match)."""
+    there yet with the recorded bytes), then verify the copy and its digest (exit 1 when anything does not
+    match or could not be verified)."""
     from workflows.share import pull
 
-    report, check = pull(url, dest)
+    report, check = pull(url, dest, expect=expect)
     click.echo(report.summary())
     click.echo(check.summary())
-    if check.problems:
+    if not report.ok:
         sys.exit(1)
 
 

@@ -9,6 +9,7 @@ array's chunk keys, the checksum records of written shards, ``failures.json``), 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,13 +19,15 @@ from typing import Callable
 import numpy as np
 
 from core.errors import StoreError
-from core.fileio import atomic_write
+from core.faults import gate
+from core.fileio import atomic_write, sha256_file
 from pipeline import integrity
 from pipeline.remote import filesystem, is_remote, join, scheme
 from pipeline.store import (APPEND_PREFIX, LOCK_FILE, STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore,
                             local_path)
 
 FAILURES_JSON = "failures.json"
+PULL_MARK = ".pull"  # in DEST while a pull is under way (a directory holding it may be pulled into again)
 _GROUP_KEYS = ("zarr.json", "videos/zarr.json", "texts/zarr.json", "shards/zarr.json")
 
 
@@ -46,7 +49,7 @@ def list_objects(url: str | os.PathLike, store: CacheStore | None = None) -> dic
     out = {}
     for path, info in found.items():
         key = path[len(root):].lstrip("/") if path.startswith(root) else path
-        if key and key != LOCK_FILE and ".partial" not in key and not key.endswith(".part"):
+        if key and key not in (LOCK_FILE, PULL_MARK) and ".partial" not in key and ".part" not in key.rsplit("/", 1)[-1]:
             out[key] = int(info.get("size") or 0)
     if "zarr.json" not in out:
         raise StoreError(f"{s}: not a feature cache store (no zarr.json)")
@@ -72,14 +75,7 @@ def enumerate_keys(store: CacheStore) -> list[str]:
 
 def array_names(store: CacheStore) -> list[str]:
     """Every array of the store (from its group metadata)."""
-    names = []
-    for group in ("videos", "texts", "shards"):
-        try:
-            g = store.array(group)  # a group: the cache keeps any child node
-        except KeyError:
-            continue
-        names += [f"{group}/{k}" for k, _ in g.arrays()]
-    return sorted(names)
+    return integrity.array_names(store)
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -118,14 +114,16 @@ def store_info(url: str | os.PathLike, store: CacheStore | None = None) -> dict:
     failed = int((status == STATUS_FAILED).sum())
     checks = {kind: sum(1 for k in known if k.startswith(f"{integrity.PREFIX}/{kind}/"))
               for kind in integrity.KINDS}
+    from core.urls import redact_url
+
     return {
-        "store": s, "format": a.get("format"), "schema_version": a.get("schema_version"),
-        "fingerprint": store.fingerprint, "dataset": a.get("dataset"), "manifest_sha256": a.get("manifest_sha256"),
+        "store": redact_url(s), "format": a.get("format"), "schema_version": a.get("schema_version"),
+        "fingerprint": store.fingerprint, "digest": integrity.store_digest(store), "dataset": a.get("dataset"), "manifest_sha256": a.get("manifest_sha256"),
         "manifest_history": a.get("manifest_history", []), "encoder": store.encoder_identity,
         "sampling": a.get("sampling"), "max_text_tokens": a.get("max_text_tokens"), "dims": a.get("dims"),
         "compressor": a.get("compressor"),
         "videos": store.num_videos, "captions": store.num_captions, "splits": per_split,
-        "failed": failed, "failure_list": join(s, FAILURES_JSON) if is_remote(s) else
+        "failed": failed, "failure_list": redact_url(join(s, FAILURES_JSON)) if is_remote(s) else
         str((local_path(s) or Path(s)) / FAILURES_JSON),
         "shards": {"videos": [len(store.done_shards()), store.num_shards],
                    "texts": [len(store.done_text_shards()), store.num_text_shards],
@@ -159,6 +157,8 @@ def format_info(info: dict) -> str:
              f"tokens {info['dims']}",
              f"sampling    {info['sampling']}  text tokens {info['max_text_tokens']}  compressor {info['compressor']}",
              f"fingerprint {info['fingerprint'][:16]}",
+             f"digest      {info['digest']}" if info.get("digest") else
+             "digest      none: shards written before checksums existed have no record (cache verify says which)",
              f"videos      {info['videos']}  captions {info['captions']}"]
     for sp, c in info["splits"].items():
         lines.append(f"  {sp:6s}    videos {c['videos']} (ok {c['ok']}, failed {c['failed']}, pending {c['pending']}), "
@@ -188,54 +188,117 @@ class PullReport:
     dest: str
     objects: int = 0           # objects of the source store
     copied: list[str] = field(default_factory=list)   # keys copied in this run
-    skipped: int = 0           # already there (an earlier, interrupted run copied them)
+    skipped: int = 0           # already there with the recorded bytes (an earlier run copied them)
+    removed: list[str] = field(default_factory=list)  # objects of an earlier copy the source no longer has
     bytes_copied: int = 0
     seconds: float = 0.0
+    digest: str | None = None  # the source's store digest when the pull started
     verify: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # why the copy cannot be trusted (exit 1)
 
     @property
     def ok(self) -> bool:
-        return bool(self.verify.get("ok"))
+        return bool(self.verify.get("ok")) and not self.problems
 
     def summary(self) -> str:
         rate = self.bytes_copied / 1e6 / self.seconds if self.seconds > 0 else 0.0
-        return (f"pulled {self.source} -> {self.dest}: {len(self.copied)} objects copied "
-                f"({self.bytes_copied / 1e6:.1f} MB, {rate:.1f} MB/s), {self.skipped} already there, "
-                f"of {self.objects}; {self.seconds:.1f}s")
+        lines = [f"pulled {self.source} -> {self.dest}: {len(self.copied)} objects copied "
+                 f"({self.bytes_copied / 1e6:.1f} MB, {rate:.1f} MB/s), {self.skipped} already there, "
+                 f"{len(self.removed)} stale removed, of {self.objects}; {self.seconds:.1f}s"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["copied"] = len(self.copied)
+        d["removed"] = len(self.removed)
+        d["ok"] = self.ok
         return d
 
 
+def checked_key(key: str, dest: Path, source: str) -> Path:
+    """Where the object ``key`` of ``source`` goes under ``dest``; ``StoreError`` for a key that could
+    leave it (absolute, ``..``, ``.`` or empty segments, a backslash, a NUL, or a path that resolves
+    outside ``dest`` through a link)."""
+    bad = (not key or key.startswith("/") or "\\" in key or "\0" in key
+           or any(seg in ("", ".", "..") for seg in key.split("/")) or ":" in key.split("/")[0])
+    target = dest / key
+    if not bad:
+        root = dest.resolve()
+        try:
+            target.resolve().relative_to(root)
+        except ValueError:
+            bad = True
+    if bad:
+        raise StoreError(f"{source}: refusing to pull object key {key!r}: it would be written outside {dest} "
+                         f"(nothing was copied)")
+    return target
+
+
+def _phase(key: str) -> int:
+    """The order a pull writes objects in: data, checksum records, done flags, other metadata, group
+    metadata last (a partial copy never shows a committed shard whose objects are not there)."""
+    if key in _GROUP_KEYS:
+        return 4
+    if key.startswith("shards/") and not key.endswith("zarr.json"):
+        return 2
+    if key.startswith(f"{integrity.PREFIX}/"):
+        return 1
+    if key.endswith("zarr.json") or key == FAILURES_JSON or key.startswith(f"{APPEND_PREFIX}/"):
+        return 3
+    return 0
+
+
 def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
-         on_copied: Callable[[str], None] | None = None) -> tuple[PullReport, integrity.VerifyReport]:
-    """Copy the store at ``url`` to the local directory ``dest``, object by object (each written to a
-    temporary name, then renamed: an interrupted run leaves whole objects only). A re-run copies only
-    what is not there yet (same key, same size), so no shard is copied twice; the copy is verified
-    against the store's checksums at the end. ``on_copied(key)`` is called after each copy (tests)."""
+         on_copied: Callable[[str], None] | None = None,
+         expect: str | None = None) -> tuple[PullReport, integrity.VerifyReport]:
+    """Copy the store at ``url`` to the local directory ``dest`` (docs/SHARING.md, "Pulling").
+
+    Every key is checked before anything is written (``checked_key``). Objects a checksum record
+    describes are compared by their recorded sha256, not their size: a re-run copies only what is not
+    there yet with the recorded bytes; every other object is fetched and written when its bytes differ,
+    and objects of an earlier copy the source no longer has are removed. Shards whose record changed
+    lose their done flag in the copy first, and objects are written data first, group metadata last (each
+    whole: temporary name, fsync, rename). The copy is verified at the end and its digest compared with
+    the source's (and with ``expect`` when given). ``on_copied(key)`` is called after each copy (tests)."""
     from tqdm.auto import tqdm
+
+    from core.urls import redact_url
 
     t0 = time.perf_counter()
     s = os.fspath(url)
     out = Path(dest)
     if local_path(s) is not None and Path(local_path(s)).resolve() == out.resolve():
         raise StoreError(f"{dest}: is the store itself")
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{dest}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "zarr.json").is_file() and not (out / PULL_MARK).is_file():
+        raise StoreError(f"{dest}: not empty and not a store (pull into an empty directory or an earlier copy)")
     source = CacheStore.open(s)
+    report = PullReport(source=redact_url(s), dest=str(out))
+    report.digest = integrity.store_digest(source)
+    if expect and report.digest != expect:
+        raise StoreError(f"{redact_url(s)}: its store digest is {report.digest or 'unknown (no digest)'}, not the "
+                         f"expected {expect}: not the store you were told of (nothing was copied)")
     objects = list_objects(s, source)
+    targets = {key: checked_key(key, out, redact_url(s)) for key in objects}
+    recorded = _recorded(source)
+    out.mkdir(parents=True, exist_ok=True)
+    mark = out / PULL_MARK
+    if not mark.is_file():
+        atomic_write(mark, lambda tmp: tmp.write_text(redact_url(s) + "\n"))
+    _retract(source, out)
     fs, root = filesystem(s)
-    report = PullReport(source=s, dest=str(out), objects=len(objects))
-    # the group metadata last: a copy that has it has everything before it
-    order = sorted(objects, key=lambda k: (k in _GROUP_KEYS, k))
+    order = sorted(objects, key=lambda k: (_phase(k), k))
     todo = []
     for key in order:
-        target = out / key
-        size = objects[key]
-        if target.is_file() and (size is None or target.stat().st_size == size):
+        target = targets[key]
+        want = recorded.get(key)
+        if want is not None and target.is_file() and sha256_file(target) == want:
             report.skipped += 1
             continue
         todo.append(key)
+    report.objects = len(objects)
     total = sum(objects[k] or 0 for k in todo)
     bar = tqdm(total=total or None, unit="B", unit_scale=True, desc="pull", disable=not progress)
     try:
@@ -246,8 +309,17 @@ def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
             except FileNotFoundError:
                 if objects[key] is None:  # enumerated, never written (fill value only)
                     continue
-                raise StoreError(f"{s}: {key} disappeared while pulling (is a writer still at work?)") from None
-            target = out / key
+                raise StoreError(f"{redact_url(s)}: {key} disappeared while pulling (is a writer still at "
+                                 f"work?)") from None
+            want = recorded.get(key)
+            if want is not None and hashlib.sha256(data).hexdigest() != want:
+                report.problems.append(f"{key}: the source's bytes differ from its checksum record (a writer at "
+                                       f"work, or a corrupt source): not copied")
+                continue
+            target = targets[key]
+            if target.is_file() and want is None and target.read_bytes() == data:
+                report.skipped += 1
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, lambda tmp: tmp.write_bytes(data))
             report.copied.append(key)
@@ -257,8 +329,61 @@ def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
                 on_copied(key)
     finally:
         bar.close()
-    check = integrity.verify(CacheStore.open(out), progress=progress)
-    report.verify = {"ok": check.ok, "problems": [p.line() for p in check.problems],
-                     "unrecorded": {k: len(v) for k, v in check.unrecorded.items()}}
+    if scheme(s) not in ("http", "https"):  # a listing is complete only where the source can be listed
+        report.removed = _remove_stale(out, set(objects))
+    mark.unlink(missing_ok=True)
+    check = integrity.verify(CacheStore.open(out), progress=progress, expect=expect or report.digest)
+    if report.digest is None:
+        report.problems.append("the source has committed shards without checksum records: the copy cannot be "
+                               "verified")
+    report.verify = {"ok": check.ok, "problems": [p.line() for p in check.problems] + check.notes,
+                     "unrecorded": {k: len(v) for k, v in check.unrecorded.items()}, "digest": check.digest}
     report.seconds = time.perf_counter() - t0
     return report, check
+
+
+def _recorded(source: CacheStore) -> dict[str, str]:
+    """key -> recorded sha256 of every object a committed shard's checksum record names as stored."""
+    out: dict[str, str] = {}
+    for kind, done in (("videos", source.done_shards()), ("texts", source.done_text_shards()),
+                       ("thumbnails", source.thumbnail_shards())):
+        for i in sorted(done):
+            rec = source.checksum_record(kind, i) or {}
+            for obj in (rec.get("objects") or {}).values():
+                if isinstance(obj, dict) and obj.get("sha256") and isinstance(obj.get("key"), str):
+                    out[obj["key"]] = obj["sha256"]
+    return out
+
+
+def _retract(source: CacheStore, out: Path) -> None:
+    """In an earlier copy at ``out``, take back (delete the done flag and record of) every shard whose
+    checksum record differs from the source's, before any of its new objects is written."""
+    if not (out / "zarr.json").is_file():
+        return
+    for kind, count in (("videos", source.num_shards), ("texts", source.num_text_shards),
+                        ("thumbnails", source.num_shards if source.has_thumbnails else 0)):
+        flag = {"videos": "shards/done", "texts": "shards/text_done", "thumbnails": "shards/thumbnails_done"}[kind]
+        for i in range(count):
+            key = integrity.record_key(kind, i)
+            local = out / key
+            mine = local.read_bytes() if local.is_file() else None
+            if mine != source.read_object(key):
+                for stale in (out / flag / "c" / str(i), local):
+                    if stale.is_file():
+                        gate(f"delete {stale}")
+                        stale.unlink()
+
+
+def _remove_stale(out: Path, keep: set[str]) -> list[str]:
+    """Delete the objects under ``out`` (a copy) that are not among ``keep`` (the source's keys)."""
+    removed = []
+    for p in sorted(out.rglob("*")):
+        if not p.is_file() or p.is_symlink():
+            continue
+        key = p.relative_to(out).as_posix()
+        if key in keep or key in (LOCK_FILE, PULL_MARK) or key.endswith(".partial") or ".part" in p.name:
+            continue
+        gate(f"delete {p}")
+        p.unlink()
+        removed.append(key)
+    return removed

@@ -5,8 +5,10 @@ split (only its videos whose extraction succeeded, and their captions) makes tha
 the store is (local disk, NFS, HTTP, S3). ``frame_emb``, ``frame_mask``, ``frame_time`` and
 ``text_emb`` are always staged; ``"tokens"`` adds the visual tokens, ``"text"`` (or
 ``"text_tokens"``) the text tokens and mask. The copy goes shard by shard, never a whole array in
-memory. Idempotent: ``staged.json`` records the store fingerprint, the arrays and the status of the
-split's videos; an identical request just reopens the memory maps. Resumable: ``progress.json`` records
+memory. Idempotent: ``staged.json`` records the store fingerprint, the arrays, the status of the split's videos
+and the digests of the checksum records of every shard it read (so a shard rewritten since, by a
+resume, ``--repair`` or an append, is staged again); an identical request just reopens the memory maps.
+Only committed rows are staged (``CacheStore.split_rows``, docs/STORE.md). Resumable: ``progress.json`` records
 how many rows of each array are copied (after each block), so a staging interrupted midway (a remote
 store, a long copy) continues where it stopped instead of reading again what it has.
 """
@@ -25,6 +27,7 @@ import numpy as np
 
 from core.errors import StoreError
 from core.fileio import write_text
+from core.urls import redact_url
 from core.split import StagedSplit
 
 STAGE_ARRAYS = ("frame_emb", "tokens", "text")
@@ -53,7 +56,8 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
     key = {"fingerprint": store.fingerprint, "split": split, "tokens": want_tokens,
            "text_tokens": want_text,
            "status_sha256": hashlib.sha256(store.split_status(split).tobytes()).hexdigest(),
-           "num_videos": int(rows.size), "num_captions": int(crows.size)}
+           "num_videos": int(rows.size), "num_captions": int(crows.size),
+           **_shard_digests(store, rows, needed_text)}
     meta_path = out / "staged.json"
     if meta_path.is_file():
         try:
@@ -111,14 +115,26 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
         del mm
         progress["rows"][fname] = len(sel)
         write_text(progress_path, json.dumps(progress))
+    if _shard_digests(store, rows, needed_text) != {k: key[k] for k in ("video_shards", "text_shards")}:
+        # a writer rewrote one of the shards while they were copied: copy again from what is committed now
+        shutil.rmtree(out, ignore_errors=True)
+        return stage_split(store, split, stage_dir, arrays)
     np.save(out / "caption_video.npy", caption_video)
     meta = {"key": key, "video_ids": [ids[r] for r in rows],
-            "caption_ids": [cids[c] for c in crows], "store_url": store.url,
+            "caption_ids": [cids[c] for c in crows], "store_url": redact_url(store.url),
             "encoder_identity": store.encoder_identity, "store_attrs": store.attrs,
             "coverage": store.split_coverage(split)}
     write_text(meta_path, json.dumps(meta))
     progress_path.unlink(missing_ok=True)
     return _load_staged(out, meta)
+
+
+def _shard_digests(store: Any, rows: np.ndarray, text_shards: Sequence[int]) -> dict[str, str]:
+    """The digests of the committed shards a staged copy of ``rows`` reads (``CacheStore.shard_digests``):
+    part of the staging key, so that a shard rewritten since (resume, ``--repair``, append) is staged again."""
+    video_shards = sorted({int(r) // store.shard_size for r in rows})
+    return {"video_shards": store.shard_digests("videos", video_shards),
+            "text_shards": store.shard_digests("texts", text_shards)}
 
 
 def _load_staged(out: Path, meta: dict) -> StagedSplit:

@@ -30,12 +30,13 @@ def info(store: str) -> dict:
     return store_info(store)
 
 
-def verify(store: str, progress: bool = True) -> Any:
-    """Recompute the store's checksums (``pipeline.integrity.verify``)."""
+def verify(store: str, progress: bool = True, expect: str | None = None) -> Any:
+    """Recompute the store's checksums and its digest (``pipeline.integrity.verify``; ``expect``: the digest
+    it must have)."""
     from pipeline.integrity import verify as verify_store
     from pipeline.store import CacheStore
 
-    return verify_store(CacheStore.open(store), progress=progress)
+    return verify_store(CacheStore.open(store), progress=progress, expect=expect)
 
 
 def repair(store: str, report: Any, manifest: Any, encoder: str, device: str = "cpu", workers: int = 2,
@@ -74,11 +75,12 @@ def repair(store: str, report: Any, manifest: Any, encoder: str, device: str = "
     return verify(store, progress=progress)
 
 
-def pull(url: str, dest: str, progress: bool = True) -> tuple[Any, Any]:
-    """Copy a store to local disk, resumable and verified (``pipeline.sharing.pull``)."""
+def pull(url: str, dest: str, progress: bool = True, expect: str | None = None) -> tuple[Any, Any]:
+    """Copy a store to local disk, resumable and verified (``pipeline.sharing.pull``; ``expect``: the
+    store digest the source and the copy must have)."""
     from pipeline.sharing import pull as pull_store
 
-    return pull_store(url, dest, progress=progress)
+    return pull_store(url, dest, progress=progress, expect=expect)
 
 
 def export_h5(store: str, out: str, progress: bool = True) -> Path:
