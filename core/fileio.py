@@ -3,15 +3,19 @@ the one JSON normaliser."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from core.faults import gate
 
 _sha_cache: dict[tuple[str, int, int], str] = {}
 
@@ -31,15 +35,50 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader
-    sees the old file or the new one, never a partial one. The temporary name keeps the suffix
-    (``x.part.npy`` for ``x.npy``), so writers that choose a format by extension work. Returns
-    ``path``."""
+    """``write(tmp)`` to a new temporary file beside ``path``, then rename it over ``path``: a reader
+    sees the old file or the new one, never a partial one, even after a power cut (the file is
+    fsynced before the rename, its directory after). The temporary name is unique
+    (``.x.<random>.part.npy`` for ``x.npy``: two writers of one path never share it) and keeps the
+    suffix, so writers that choose a format by extension work. On any error the temporary file is
+    removed and the error re-raised; ``path`` is untouched. The rename passes the crash-test gate
+    (``core.faults.gate``). Returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.part{path.suffix}")
-    write(tmp)
-    tmp.replace(path)
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part{path.suffix}")
+        try:  # created here (umask-respecting mode), so that the name is ours alone
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        gate(str(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data (or a directory's entries) to disk. A directory that cannot be opened or
+    synced on this platform or file system is skipped; a file's failure is raised."""
+    is_dir = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (is_dir and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

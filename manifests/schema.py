@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,16 @@ CAPTION_COLUMNS: dict[str, pa.DataType] = {
 # Columns that may hold nulls (everything else is required per row).
 _NULLABLE = {"start", "end"}
 
+# Longest video / caption id, in UTF-8 bytes: a store keeps every id at the longest one's width
+# (zero-padded), and ids name files. Real ids are under 100 bytes (LSMDC's are the longest).
+MAX_ID_BYTES = 256
+# Longest caption text, in UTF-8 bytes: room for paragraph captions (ActivityNet's and DiDeMo's
+# joined sentences are a few KiB at most).
+MAX_CAPTION_BYTES = 16 * 1024
+# Characters refused in ids (Unicode category Cc: C0 controls, DEL, C1 controls): a NUL is lost
+# from a zero-padded id, and a newline or escape has no place in a file name or a one-line error.
+_ID_CONTROL = r"[\x00-\x1f\x7f-\x9f]"
+
 # Extensions tried, in order, when looking for a video file.
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv",
@@ -57,7 +68,26 @@ def _fail(where: str, msg: str) -> ManifestError:
 
 
 def _row_label(i: int, key: str | None, value: Any) -> str:
+    if isinstance(value, str) and len(value) > 60:  # an id over the limit stays a short line
+        value = value[:40] + "..."
     return f"row {i}" + (f" ({key}={value!r})" if key is not None else "")
+
+
+def _check_text(table: pa.Table, column: str, limit: int, controls: bool, key: str, where: str) -> None:
+    """Refuse the first row whose ``column`` is over ``limit`` UTF-8 bytes or (``controls``) holds a
+    control character; nulls are left to the null check."""
+    col = table.column(column)
+    checks = [(pc.greater(pc.binary_length(col), limit),
+               lambda n: f"{column} is {n} bytes (UTF-8), over the limit of {limit} bytes")]
+    if controls:
+        checks.append((pc.match_substring_regex(col, _ID_CONTROL),
+                       lambda _: f"{column} holds a control character (NUL, newline, tab, ...)"))
+    for bad, message in checks:
+        i = pc.index(bad.fill_null(False), True).as_py()
+        if i >= 0:
+            value = col[i].as_py()
+            raise _fail(where, f"{_row_label(i, key, table.column(key)[i].as_py())}: "
+                               f"{message(len(value.encode('utf-8')))}")
 
 
 def _normalize(table: pa.Table, columns: Mapping[str, pa.DataType], where: str) -> pa.Table:
@@ -101,6 +131,10 @@ def _check_rows(videos: pa.Table, captions: pa.Table, vwhere: str, cwhere: str) 
                     ident = table_cols[key][i]
                     raise _fail(where, f"{_row_label(i, key if ident is not None else None, ident)}"
                                        f": null {name!r}")
+
+    _check_text(videos, "video_id", MAX_ID_BYTES, True, "video_id", vwhere)
+    _check_text(captions, "caption_id", MAX_ID_BYTES, True, "caption_id", cwhere)
+    _check_text(captions, "text", MAX_CAPTION_BYTES, False, "caption_id", cwhere)
 
     video_split: dict[str, str] = {}
     for i, (vid, split, start, end) in enumerate(zip(vcols["video_id"], vcols["split"],
@@ -289,7 +323,9 @@ class Manifest:
     def write(self, directory: str | Path) -> Path:
         """Write the three files into ``directory`` (created). When ``directory`` differs from
         ``root``, relative video paths are made absolute (resolved against ``root``) so that
-        they still name the same files."""
+        they still name the same files. All three are written in full before any replaces the
+        previous manifest's (an error leaves that manifest as it was), meta.json, which holds the
+        content hash, last."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.validate()
@@ -303,11 +339,10 @@ class Manifest:
             videos = videos.set_column(videos.column_names.index("path"), "path",
                                        pa.array(new, pa.string()))
         out = Manifest(videos, self.captions, directory, self.dataset, dict(self.source))
-        pq.write_table(out.videos, directory / VIDEOS_FILE)
-        pq.write_table(out.captions, directory / CAPTIONS_FILE)
-        tmp = directory / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(out.meta(), indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(directory / META_FILE)
+        meta = json.dumps(out.meta(), indent=2, sort_keys=True, default=str) + "\n"
+        _replace_files({directory / VIDEOS_FILE: lambda tmp: pq.write_table(out.videos, tmp),
+                        directory / CAPTIONS_FILE: lambda tmp: pq.write_table(out.captions, tmp),
+                        directory / META_FILE: lambda tmp: tmp.write_text(meta)})
         return directory
 
     @classmethod
@@ -349,6 +384,44 @@ class Manifest:
                                 f"the content of the tables ({m.sha256()}); the manifest was "
                                 f"modified after it was written")
         return m
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_files(writers: Mapping[Path, Callable[[Path], Any]]) -> None:
+    """``write(tmp)`` of every ``path: write`` to a new temporary file beside ``path`` (fsynced), then
+    each renamed over its path, in order, and the directories fsynced: nothing is replaced until every
+    file is written whole. On an error the temporary files are removed and the error re-raised.
+    (``core.fileio.atomic_write`` does this for one file; manifests import nothing of ours.)"""
+    tmps: dict[Path, Path] = {}
+    try:
+        for path, write in writers.items():
+            while path not in tmps:
+                tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part{path.suffix}")
+                try:  # created here, so that the name is ours alone
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    tmps[path] = tmp
+                except FileExistsError:
+                    continue
+            write(tmp)
+            _fsync(tmp)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for directory in {p.parent for p in tmps}:
+        try:
+            _fsync(directory)
+        except OSError:  # a platform or file system that cannot sync a directory
+            pass
 
 
 def paragraph(texts: Iterable[str], sep: str = " ") -> str:

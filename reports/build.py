@@ -15,6 +15,7 @@ import numpy as np
 
 from core.fileio import write_text
 from core.metrics import split_title
+from core.urls import redact_url
 from reports.analysis import group_accuracy, positive_ranks, rank_changes, recall_curve, sample_queries
 from reports.inputs import (ManifestInfo, RerankOutputs, Thumbnails, guess_manifest_dir, load_manifest_info,
                             load_rerank_dir, load_run, load_thumbnails)
@@ -177,7 +178,8 @@ def build_context(rerank_dir: str | os.PathLike, runs: Sequence[str | os.PathLik
     split = rr.split
     title = f"Retrieval report: {split} split, stage one vs re-ranked top {rr.k}" + (" (DSL)" if rr.run.get("dsl") else "")
     return {
-        "title": title, "rerank_dir": str(rr.path), "store": store_url, "manifest": str(info.path) if info else None,
+        "title": title, "rerank_dir": str(rr.path), "store": redact_url(store_url) if store_url else None,
+        "manifest": str(info.path) if info else None,
         "coverage_line": split_title(rr.coverage).strip() if rr.coverage else f"split {split}",
         "notes": notes, "k": rr.k, "max_k": opts.max_k, "metric_columns": columns, "metric_rows": rows,
         "plots": plots, "groups": group_rows,

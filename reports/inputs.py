@@ -18,6 +18,7 @@ import numpy as np
 
 from core.errors import CrossTVRError, UsageError
 from core.training_log import LOG_NAME, read_training_log
+from core.urls import redact_url, redact_urls
 
 __all__ = ["RerankOutputs", "RunCurves", "Thumbnails", "ManifestInfo", "load_rerank_dir", "load_run",
            "load_thumbnails", "load_manifest_info", "guess_manifest_dir"]
@@ -183,19 +184,22 @@ class Thumbnails:
 def load_thumbnails(store_url: str | None, video_ids: list[str], manifest_hint: str = "MANIFEST_DIR",
                     option: str = "--store") -> Thumbnails:
     """The thumbnails of ``video_ids`` from the store at ``store_url``; a store without them (made before
-    thumbnails existed), or none at all, gives a note with the command that adds them."""
+    thumbnails existed), or none at all, gives a note with the command that adds them. Notes name the store
+    without credentials or signed query (``core.urls.redact_url``)."""
     from pipeline.store import CacheStore
 
     if not store_url:
         return Thumbnails(note="no store given (and the re-ranking's run.json names none): no thumbnails")
+    shown = redact_url(store_url)
     try:
         store = CacheStore.open(store_url)
     except (CrossTVRError, OSError) as exc:
-        return Thumbnails(note=f"the store {store_url} cannot be opened ({exc}); give it with {option}: "
+        reason = redact_urls(str(exc).replace(str(store_url), shown))
+        return Thumbnails(note=f"the store {shown} cannot be opened ({reason}); give it with {option}: "
                                f"no thumbnails")
-    add = f"python cli.py cache thumbnails --store {store_url} --manifest {manifest_hint}"
+    add = f"python cli.py cache thumbnails --store {shown} --manifest {manifest_hint}"
     if not store.has_thumbnails:
-        return Thumbnails(note=f"the store {store_url} holds no thumbnails (it was made before thumbnails existed); "
+        return Thumbnails(note=f"the store {shown} holds no thumbnails (it was made before thumbnails existed); "
                                f"where its videos are at hand, `{add}` adds them")
     row_of = {v: i for i, v in enumerate(store.video_ids)}
     rows = [row_of[v] for v in video_ids if v in row_of]
@@ -203,7 +207,7 @@ def load_thumbnails(store_url: str | None, video_ids: list[str], manifest_hint: 
     missing = len(store.thumbnail_shards()) < store.num_shards
     note = None
     if missing:
-        note = (f"the store {store_url} lacks the thumbnails of some shards; `{add}` adds them")
+        note = (f"the store {shown} lacks the thumbnails of some shards; `{add}` adds them")
     return Thumbnails(jpegs={v: j for v, j in found.items() if j}, note=note)
 
 

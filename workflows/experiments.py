@@ -15,6 +15,7 @@ from core.fileio import write_text
 from core.metrics import metrics_to_json, write_report
 from core.options import parse_key_values
 from core.split import check_complete
+from core.urls import redact_url
 from heads.evaluation.groups import group_accuracy, group_queries
 from heads.evaluation.similarity import evaluate, untrained_baseline
 from heads.evaluation.sources import load_head, stage_one_scores
@@ -122,7 +123,7 @@ def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_o
                       "parameters": loaded.head.num_parameters(), "train_seconds": round(seconds, 1)}
         echo(f"      best epoch {runs[name]['best_epoch']}, {seconds:.0f}s")
     json_path, table = write_report(results, out_dir, name="compare-stage-one", split=coverage)
-    meta = {"store": store, "store_fingerprint": train.store_fingerprint, "test_split": test.split,
+    meta = {"store": redact_url(store), "store_fingerprint": train.store_fingerprint, "test_split": test.split,
             "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
             "device": config.device, "threads": config.num_threads, "heads": runs}
     write_text(out_dir / "compare-stage-one.runs.json", metrics_to_json(meta) + "\n")
@@ -258,7 +259,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             echo(line)
     json_path, table = write_report(ablation_table(stage_one_metrics, results, k), out_dir, name="ablation",
                                     split=coverage)
-    meta = {"store": store, "stage_one": s1.info, "split": "test", "k": k, "seeds": seeds,
+    meta = {"store": redact_url(store), "stage_one": s1.info, "split": "test", "k": k, "seeds": seeds,
             "device": config.device, "variants": runs}
     if groups is not None:
         _, gtable = write_report(group_table(stage_one_groups, group_results, groups.counts()), out_dir,

@@ -18,6 +18,7 @@ from core.errors import UsageError
 from core.fileio import write_json
 from core.metrics import retrieval_metrics, write_report
 from core.split import check_complete
+from core.urls import redact_urls
 from heads.evaluation.external import import_stage_one, split_ids_from_store
 from heads.evaluation.postprocess import (DEFAULT_DSL_TEMPERATURE, check_querybank_split, dual_softmax_metrics,
                                           qb_norm_metrics)
@@ -39,9 +40,11 @@ RUN_JSON = "run.json"
 
 
 def write_run_record(out_dir: Path, config: Any, record: dict | None = None) -> Path:
-    """``out_dir/run.json``: ``record`` (the command and its options) and the trainer's config."""
+    """``out_dir/run.json``: ``record`` (the command and its options) and the trainer's config. URLs
+    (``--store``) are written without credentials or signed queries (``core.urls.redact_url``): a run
+    read back with ``--config`` needs such a store given again."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return write_json(out_dir / RUN_JSON, {**(record or {}), "config": asdict(config)})
+    return write_json(out_dir / RUN_JSON, redact_urls({**(record or {}), "config": asdict(config)}))
 
 
 def once_per_node(device: str, fn: Any) -> Any:

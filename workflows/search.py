@@ -17,6 +17,7 @@ import numpy as np
 from core.errors import UsageError
 from core.fileio import sha256_file, write_json
 from core.split import StagedSplit
+from core.urls import redact_url
 from heads.evaluation.index import VideoIndex, build_index, is_index_dir, load_index, save_index, set_threads
 from heads.evaluation.similarity import encode_texts, encode_videos
 from heads.evaluation.sources import load_head
@@ -56,7 +57,7 @@ def build_video_index(work: WorkDir, store: str, stage_one: str | Path, split: s
 
         with torch.no_grad():
             queries = encode_texts(head, data, slice(0, RECALL_QUERIES), device=device).float().cpu().numpy()
-    meta = {"split": split, "store": str(store), "store_fingerprint": data.store_fingerprint,
+    meta = {"split": split, "store": redact_url(store), "store_fingerprint": data.store_fingerprint,
             "encoder_identity": data.encoder_identity, "coverage": dict(data.coverage),
             "stage_one": {"path": str(s1_path), "sha256": sha256_file(s1_path), "head": ckpt.config.get("name")}}
     vi = build_index(videos, data.video_ids, kind, options, meta=meta, recall_queries=queries, seed=seed)

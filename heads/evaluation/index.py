@@ -30,6 +30,7 @@ import numpy as np
 
 from core.errors import ConfigError, StoreMismatchError, UsageError
 from core.fileio import atomic_write, write_json
+from core.urls import redact_urls
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "video_ids.json", "index.json"
@@ -267,14 +268,15 @@ def build_index(emb: np.ndarray, video_ids: Sequence[str], kind: str = "flat", o
 
 
 def save_index(vi: VideoIndex, out_dir: str | Path) -> Path:
-    """Write the index directory (each file whole or not at all); returns it."""
+    """Write the index directory (each file whole or not at all; URLs in the metadata without
+    credentials or signed query, ``core.urls.redact_url``); returns it."""
     faiss = _faiss()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = np.asarray(faiss.serialize_index(vi.index), dtype=np.uint8).tobytes()
     atomic_write(out / INDEX_FILE, lambda tmp: tmp.write_bytes(data))
     write_json(out / IDS_FILE, list(vi.video_ids))
-    write_json(out / META_FILE, vi.meta)
+    write_json(out / META_FILE, redact_urls(vi.meta))
     vi.path = out
     return out
 

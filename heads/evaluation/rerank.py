@@ -48,6 +48,7 @@ from core.fileio import write_json, write_text
 from core.metrics import (DEFAULT_KS, check_finite, format_table, metrics_to_json, ranks_to_metrics, split_title,
                           t2v_ranks, v2t_ranks)
 from core.split import Split
+from core.urls import redact_urls
 from heads.evaluation.postprocess import dual_softmax
 
 DEFAULT_K = 15
@@ -349,6 +350,9 @@ def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Ma
     the whole split before and after re-ranking (direction, query_id, query_index, stage_one_rank,
     reranked_rank), from which the metrics (and a report's recall curve) follow.
 
+    ``meta`` goes into ``run.json``, every URL in it without credentials or signed query
+    (``core.urls.redact_url``).
+
     Returns ``({"t2v": path, "v2t": path, "ranks": path, "metrics": path, "table": path, "run": path},
     table)``.
     """
@@ -391,5 +395,5 @@ def write_outputs(res: RerankResult, split: Split, out_dir: str | Path, meta: Ma
            "pairs_scored": res.num_pairs, "seconds": {k: round(v, 3) for k, v in res.seconds.items()},
            **dict(meta or {})}
     paths["run"] = out / "run.json"
-    write_json(paths["run"], run)
+    write_json(paths["run"], redact_urls(run))  # a store URL without its credentials
     return paths, table
