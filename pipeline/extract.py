@@ -447,6 +447,9 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                              max_text_tokens=max_text_tokens, shard_size=shard_size,
                              text_shard_size=text_shard_size, strategy=strategy_name(sample_fps),
                              compressor=compressor)
+        grower = part is None or part[0] == 0 or local_path(path) is not None
+        if not grower:  # a remote store has no lock: one writer grows it, the others wait (docs/STORE.md)
+            wait_for_grower(path, msha, bool(c.thumbnails))
         grow = _grow(path, layout, rows, manifest.dataset)
         if grow and (grow["videos"] or grow["captions"]):
             appended[os.fspath(path)] = grow
@@ -454,7 +457,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
                                                 rows.caption_ids, rows.caption_video,
                                                 rows.caption_splits, thumbnails=thumbs,
                                                 video_source=rows.video_source, caption_source=rows.caption_source))
-        if c.thumbnails:
+        if c.thumbnails and grower:
             stores[-1].add_thumbnail_arrays(c.thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
     report = ExtractReport(stores=[os.fspath(p) for p in store_paths], videos=len(rows.video_ids),
                            appended=appended, precision=encs[0].precision, device=str(encs[0].device))
@@ -518,6 +521,34 @@ def finalize_stores(store_paths: Sequence[str | os.PathLike], report: ExtractRep
                   "failure_list": failure_list_location(path)}
         report.totals[os.fspath(path)] = totals
     return report
+
+
+GROWER_WAIT = 3600.0  # seconds a --part K/N writer (K > 0) of a remote store waits for part 0 to grow it
+
+
+def wait_for_grower(path: str | os.PathLike, manifest_sha256: str, thumbnails: bool,
+                    wait: float = GROWER_WAIT) -> None:
+    """Wait until the remote store at ``path`` holds the manifest ``manifest_sha256`` (and, with
+    ``thumbnails``, its thumbnail arrays) with no append unfinished: the single-grower rule of a store
+    without a lock, where only ``--part 0/N`` (or an unpartitioned run) creates, grows and adds arrays, so
+    no two writers ever read-modify-write its root attributes."""
+    from pipeline.store import JOURNAL_KEY
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            store = CacheStore.open(path)
+            ready = (store.attrs.get("manifest_sha256") == manifest_sha256
+                     and (not thumbnails or bool(store.attrs.get("thumbnails")))
+                     and store.read_object(JOURNAL_KEY) is None)
+        except StoreError:
+            ready = False
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise StoreError(f"{path}: waited {wait:.0f}s for --part 0/N to create or grow this store to the "
+                             f"manifest {manifest_sha256[:12]}; start part 0 (it alone grows a remote store)")
+        time.sleep(1.0)
 
 
 def _grow(path: str | os.PathLike, layout: StoreLayout, rows: _Rows, dataset: str) -> dict | None:

@@ -272,7 +272,8 @@ def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
         raise StoreError(f"{dest}: is the store itself")
     if out.exists() and not out.is_dir():
         raise StoreError(f"{dest}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "zarr.json").is_file() and not (out / PULL_MARK).is_file():
+    if out.is_dir() and not (out / "zarr.json").is_file() and not (out / PULL_MARK).is_file() and \
+            any(".part" not in p.name for p in out.iterdir()):  # (a killed pull may leave a temporary file)
         raise StoreError(f"{dest}: not empty and not a store (pull into an empty directory or an earlier copy)")
     source = CacheStore.open(s)
     report = PullReport(source=redact_url(s), dest=str(out))

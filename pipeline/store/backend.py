@@ -186,6 +186,34 @@ def new_group(url_or_path: str | os.PathLike, storage_options: dict | None = Non
         return zarr.open_group(store=store, mode=mode, zarr_format=3)
 
 
+CREATION_ENTRIES = ("zarr.json", "videos", "texts", "shards", LOCK_FILE)  # what a store's creation writes first
+
+
+def clear_interrupted_creation(url_or_path: str | os.PathLike) -> None:
+    """Under the store's lock: remove what a killed creation left at a local path (no root attributes
+    yet; only the entries a creation writes, and temporary files), so that the store can be created again.
+    A directory holding anything else is left alone (``create`` then refuses it)."""
+    import json
+    import shutil
+
+    local = local_path(url_or_path)
+    if local is None or not local.is_dir():
+        return
+    root = local / "zarr.json"
+    if root.is_file():
+        try:
+            if json.loads(root.read_text()).get("attributes", {}).get("format"):
+                return  # a finished store
+        except (OSError, ValueError):
+            pass
+    entries = [p for p in local.iterdir() if p.name != LOCK_FILE]
+    if not entries or any(p.name not in CREATION_ENTRIES and not p.name.endswith(".partial") for p in entries):
+        return
+    for p in entries:
+        faults.gate(f"delete {p.name}")
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def set_attrs(group: Any, values: dict) -> None:
     """Add ``values`` to a group's root attributes in one write of its metadata. (``attrs.update``
     writes once per key, so another process could read a half-written set: ``format`` without

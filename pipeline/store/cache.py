@@ -167,6 +167,7 @@ class CacheStore(AppendMixin, ThumbnailMixin):
         with backend.store_lock(path):
             store = cls._open_existing(path, storage_options, wait)
             if store is None:
+                backend.clear_interrupted_creation(path)
                 try:
                     return cls.create(path, layout, video_ids, video_splits, caption_ids, caption_video,
                                       caption_splits, thumbnails=thumbnails, storage_options=storage_options,
@@ -202,9 +203,8 @@ class CacheStore(AppendMixin, ThumbnailMixin):
                     store = cls(group, os.fspath(path), writable=True)
                     store.recover()
                     return store
-                if local is not None:  # created under the lock, so this creation was interrupted
-                    raise StoreError(f"{path}: an interrupted store creation (no root attributes); delete it "
-                                     f"and run again")
+                if local is not None:  # created under the lock (held now), so this creation was interrupted
+                    return None
             if time.monotonic() > deadline:
                 raise StoreError(f"{path}: a store is being created there and did not finish within {wait:.0f}s "
                                  f"(an interrupted creation? delete it and run again)")
