@@ -14,11 +14,12 @@ STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: install test browser demo compare extract bench bench-gpu gpu-wheels clean-work help
+.PHONY: install test test-faults browser demo compare extract bench bench-gpu gpu-wheels clean-work help
 
 help:
 	@echo "make demo                 set up and run the synthetic benchmark end to end"
 	@echo "make test                 set up and run the test suite"
+	@echo "make test-faults          the crash tests at every kill point (tests/test_faults.py; CI runs 3 of each)"
 	@echo "make compare [STORE=zarr] train meanP / seqTransf / clip2video on the demo store, one test table"
 	@echo "make extract DATASET=name [DATA_ROOT=data ANNOTATIONS=dir VIDEOS=dir ENCODERS='clip-b32 eva-g14' FRAMES=n WORK=dir PRECISION=auto|bf16|fp16|fp32 BATCH=n]"
 	@echo "make bench                extraction throughput benchmark"
@@ -68,3 +69,6 @@ gpu-wheels:
 
 clean-work:
 	rm -rf $(WORK)
+
+test-faults: $(STAMP)
+	CROSSTVR_FAULT_SPREAD=all HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_faults.py

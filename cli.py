@@ -346,7 +346,10 @@ def cache_export_cmd(store, out) -> None:
 @click.option("--frames", type=int, help="Another tool's features: frames kept per video (default: the most any has).")
 @click.option("--shard-size", default=64, show_default=True, help="Another tool's features: videos per shard.")
 @click.option("--compressor", help="Another tool's features: zstd, blosc-zstd or blosc-lz4 (default: none).")
-def cache_import_cmd(h5, store, manifest, dataset, work_dir, data_root, frames, shard_size, compressor) -> None:
+@click.option("--limit", "limits", multiple=True, metavar="KEY=VALUE",
+              help="Import limits (docs/STORE.md, 'Importing HDF5 safely'), e.g. frames=2048.")
+def cache_import_cmd(h5, store, manifest, dataset, work_dir, data_root, frames, shard_size, compressor,
+                     limits) -> None:
     """Build a new STORE from an HDF5 file: one `cache export` wrote (the same store back), or
     per-frame features another tool wrote (one dataset per video; docs/SHARING.md)."""
     from workflows.data import load_manifest
@@ -354,7 +357,8 @@ def cache_import_cmd(h5, store, manifest, dataset, work_dir, data_root, frames, 
 
     m = load_manifest(WorkDir(work_dir), dataset, manifest, None, None, None, data_root) \
         if (manifest or dataset) else None
-    click.echo(import_h5(h5, store, m, num_frames=frames, shard_size=shard_size, compressor=compressor))
+    click.echo(import_h5(h5, store, m, num_frames=frames, shard_size=shard_size, compressor=compressor,
+                         limits=parse_key_values(limits, "--limit")))
 
 
 @cache_group.command("thumbnails")

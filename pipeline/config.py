@@ -6,9 +6,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import UsageError
+
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, **({"flag": flag} if flag else {})})
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a video may claim before any of its frames is decoded, and the memory of a decoder worker.
+
+    A video whose frames are larger than ``max_frame_pixels`` (width x height), longer than
+    ``max_aspect`` times their shorter side, or that claims more than ``max_frames_claimed`` frames is
+    refused as a failed video (``too large``). ``decoder_memory``: GiB of address space a decoder worker
+    process may use (``RLIMIT_AS``); a video that needs more fails (``out of memory``) and the worker is
+    replaced. 0 turns a limit off. The defaults pass every real dataset (docs/STORE.md, "Bounds on
+    hostile videos").
+    """
+
+    max_frame_pixels: int = 40_000_000
+    max_aspect: float = 16.0
+    max_frames_claimed: int = 2_000_000
+    decoder_memory: float = 16.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_pixels", "max_aspect", "max_frames_claimed", "decoder_memory"):
+            value = getattr(self, name)
+            if value != 0 and not value >= 1:  # NaN fails too
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 (no limit) or at least 1, got {value}")
+
+    @property
+    def decoder_memory_bytes(self) -> int | None:
+        """``decoder_memory`` in bytes (None: no limit)."""
+        return int(self.decoder_memory * 2**30) if self.decoder_memory else None
 
 
 @dataclass
@@ -40,3 +71,15 @@ class ExtractConfig:
     write_queue: int = _opt(2, "Encoded shards waiting for the store writer thread (0: write in the main loop).")
     decoder: str = _opt("auto", "Video decoder tried first: decord or pyav (auto: decord); the other reads what it "
                                 "cannot.")
+    max_frame_pixels: int = _opt(DecodeLimits.max_frame_pixels, "A video whose frames have more pixels (width x "
+                                 "height) is refused before decoding, as failed (0: no limit).")
+    max_aspect: float = _opt(DecodeLimits.max_aspect, "A video whose frames are longer than this many times their "
+                             "shorter side is refused before decoding, as failed (0: no limit).")
+    max_frames_claimed: int = _opt(DecodeLimits.max_frames_claimed, "A video that claims more frames is refused "
+                                   "before decoding, as failed (0: no limit).")
+    decoder_memory: float = _opt(DecodeLimits.decoder_memory, "GiB of address space each decoder worker may use; a "
+                                 "video that needs more fails and its worker is replaced (0: no limit).")
+
+    def decode_limits(self) -> DecodeLimits:
+        """The decoders' limits of this config (``DecodePool(limits=...)``)."""
+        return DecodeLimits(self.max_frame_pixels, self.max_aspect, self.max_frames_claimed, self.decoder_memory)

@@ -3,12 +3,18 @@
 :func:`decode_video` decodes the sampled frames of one clip (see ``pipeline.sampling``) and
 resizes them so the shorter side is ``short_side`` (aspect kept; PIL bicubic). It never raises:
 missing, empty, corrupt, truncated or non-video files give a :class:`DecodeResult` with
-``ok=False``, a ``kind`` (missing / empty / not a video / truncated / decode error / timeout /
-crashed), a short ``reason`` ("<kind>: <one line>", what the store keeps) and the decoders' raw
-messages in ``detail``. decord is tried first; PyAV reads what decord cannot (other containers,
+``ok=False``, a ``kind`` (missing / empty / not a video / truncated / decode error / too large /
+out of memory / timeout / crashed), a short ``reason`` ("<kind>: <one line>", what the store
+keeps) and the decoders' raw messages in ``detail``. decord is tried first; PyAV reads what decord cannot (other containers,
 damaged indexes), and the result says which decoder served the clip. ``decoder_order`` puts another
 one first (``extract --decoder pyav``). With ``short_side=None`` frames keep their decoded size (the
 encoder's device resizes them: ``extract --resize device``).
+
+Hostile files are refused before their frames are decoded (:class:`pipeline.config.DecodeLimits`):
+a video whose frames claim more pixels, a more extreme aspect ratio, or which claims more frames
+than the limits allow fails as ``too large``. The claims come from the container's header (PyAV,
+nothing decoded) and from each decoder's own count; PyAV also checks every decoded frame's size
+before converting it.
 
 :class:`DecodePool` runs the decoding in spawned worker processes (decord can leak memory and
 hang). A background thread in the calling process feeds the workers, collects results and
@@ -16,16 +22,25 @@ enforces the timeout: a worker still busy after ``timeout`` seconds (or one that
 and replaced, and its video is reported as a ``timeout`` (or ``crashed``).
 Results come back in submission order while later videos are already being decoded, so decoding
 overlaps with whatever the caller does with the results (encoding). Workers are also recycled
-after ``max_tasks_per_worker`` videos to bound decord's memory growth.
+after ``max_tasks_per_worker`` videos to bound decord's memory growth. Each worker runs under an
+address-space limit (``DecodeLimits.decoder_memory``): a decoder that still asks for more gets a
+``MemoryError`` (the video fails as ``out of memory`` and the worker is replaced) or dies (``crashed``).
+Workers die with the process that started them, even one killed with SIGKILL: on Linux through the
+parent-death signal (armed in the worker; the workers are started by one thread that lives as long
+as the pool, since the signal follows the thread that started a process), elsewhere too through a
+thread in the worker that watches its parent process id.
 
 This module does not import torch (workers stay light).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
+import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,12 +50,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DecodeLimits
 from pipeline.sampling import FrameSample, is_constant_rate, sample_by_time, sample_frames
 
 TIMEOUT = "timeout"
 CRASHED = "crashed"
+TOO_LARGE = "too large"          # the video claims more than DecodeLimits allow (refused before decoding)
+OUT_OF_MEMORY = "out of memory"  # decoding needed more than a worker's DecodeLimits.decoder_memory
 # What a failure can be, for people: the short reason stored is "<kind>: <one line>".
-FAILURE_KINDS = ("missing", "empty", "not a video", "truncated", "decode error", TIMEOUT, CRASHED)
+FAILURE_KINDS = ("missing", "empty", "not a video", "truncated", "decode error", TOO_LARGE, OUT_OF_MEMORY,
+                 TIMEOUT, CRASHED)
 DECODERS = ("decord", "pyav")  # the default order (``decoder_order("auto")``)
 # the first bytes of the containers videos come in (offset, magic): a file that starts like one but
 # cannot be read is damaged or cut short, not something else
@@ -123,15 +142,18 @@ def resize_short_side(frames: np.ndarray, short_side: int | None) -> np.ndarray:
 def decode_video(video_id: str, path: str | os.PathLike, num_frames: int,
                  short_side: int | None = None, start: float | None = None,
                  end: float | None = None, sample_fps: float | None = None,
-                 decoders: tuple[str, ...] = DECODERS) -> DecodeResult:
+                 decoders: tuple[str, ...] = DECODERS, limits: DecodeLimits | None = None) -> DecodeResult:
     """Decode the sampled frames of one clip (in this process); never raises.
 
     The decoders are tried in order (decord, then PyAV where decord cannot read the file); the
     first that reads the clip serves it (``DecodeResult.decoder``). When none does, the failure
-    is classified (``FAILURE_KINDS``) and every decoder's raw message kept in ``detail``.
+    is classified (``FAILURE_KINDS``) and every decoder's raw message kept in ``detail``. A video
+    past ``limits`` (default :class:`DecodeLimits`) fails as ``too large`` at once, no other decoder
+    tried; one that exhausts the memory fails as ``out of memory``.
     """
     t0 = time.perf_counter()
     p = Path(path)
+    limits = limits or DecodeLimits()
     try:
         if not p.exists():
             return failed(video_id, "missing", f"no file at {p}", seconds=time.perf_counter() - t0)
@@ -142,10 +164,15 @@ def decode_video(video_id: str, path: str | os.PathLike, num_frames: int,
         failures: list[tuple[str, DecodeFailure]] = []
         for name in decoders:
             try:
-                frames, sample, fps, n = _READERS[name](p, num_frames, start, end, sample_fps)
+                frames, sample, fps, n = _READERS[name](p, num_frames, start, end, sample_fps, limits)
             except DecodeFailure as exc:
+                if exc.kind == TOO_LARGE:  # refused, not unreadable: no other decoder may try it
+                    return failed(video_id, TOO_LARGE, exc.line, f"{p}: {name}: {exc.detail or exc.line}",
+                                  time.perf_counter() - t0)
                 failures.append((name, exc))
                 continue
+            except MemoryError:
+                raise
             except Exception as exc:  # a decoder's own error: DECORDError is an Exception, not a RuntimeError
                 failures.append((name, DecodeFailure("decode error", _one_line(exc), _one_line(exc, 1000))))
                 continue
@@ -158,6 +185,8 @@ def decode_video(video_id: str, path: str | os.PathLike, num_frames: int,
         kind, line = _classify(p, failures)
         detail = "; ".join(f"{name}: {f.detail or f.line}" for name, f in failures)
         return failed(video_id, kind, line, detail, time.perf_counter() - t0)
+    except MemoryError as exc:
+        return out_of_memory(video_id, exc, time.perf_counter() - t0)
     except Exception as exc:  # anything else: record, never kill the run
         return failed(video_id, "decode error", _one_line(exc), _one_line(exc, 1000), time.perf_counter() - t0)
 
@@ -186,6 +215,89 @@ def _looks_like_a_container(path: Path) -> bool:
         len(head) > 0 and head[:1] == b"G" and path.suffix.lower() in (".ts", ".m2ts", ".mts"))
 
 
+def out_of_memory(video_id: str, exc: BaseException, seconds: float = 0.0) -> DecodeResult:
+    """The failure of a video whose decoding raised ``MemoryError`` (the worker's limit, when one is set)."""
+    limit = _memory_limit()
+    line = (f"decoding needed more than the {limit / 2**30:g} GiB a decoder worker may use (--decoder-memory)"
+            if limit else "decoding ran out of memory")
+    return failed(video_id, OUT_OF_MEMORY, line, _one_line(exc, 1000), seconds)
+
+
+def _memory_limit() -> int | None:
+    """This process's address-space limit in bytes (None: none)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+@dataclass(frozen=True)
+class _Claims:
+    """What a container says of its video stream before any frame is decoded (0: not said)."""
+
+    width: int
+    height: int
+    frames: int
+    frames_from: str = ""  # how ``frames`` was found, for the message ("" when the container counts them)
+
+
+def _stream_claims(container, stream) -> _Claims:
+    """The claims of PyAV's ``stream`` of ``container`` (its header: nothing decoded). A container that
+    does not count its frames claims its duration times its frame rate."""
+    frames, frames_from = int(stream.frames or 0), ""
+    rate = float(stream.average_rate or 0.0)  # measured on the first packets (a guessed rate can be a time base)
+    if frames <= 0 and rate > 0:
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            seconds = float(container.duration or 0) / 1_000_000  # AV_TIME_BASE
+        if seconds > 0:
+            frames, frames_from = int(np.ceil(seconds * rate)), f"{seconds:.0f} s at {rate:g} fps"
+    return _Claims(int(stream.width or 0), int(stream.height or 0), max(frames, 0), frames_from)
+
+
+def _probe(p: Path) -> _Claims | None:
+    """The claims of the file's first video stream, read by PyAV (None where PyAV cannot open it)."""
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                return None
+            return _stream_claims(container, container.streams.video[0])
+    except Exception:
+        return None
+
+
+def _check_claims(claims: _Claims, limits: DecodeLimits) -> None:
+    """Raise ``DecodeFailure(TOO_LARGE)`` when ``claims`` are past ``limits``."""
+    if claims.width > 0 and claims.height > 0:
+        _check_size(claims.width, claims.height, limits)
+    if claims.frames > 0:
+        _check_count(claims.frames, limits, claims.frames_from)
+
+
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    """Raise ``DecodeFailure(TOO_LARGE)`` for frames of ``width`` x ``height`` past ``limits``."""
+    pixels = width * height
+    if limits.max_frame_pixels and pixels > limits.max_frame_pixels:
+        raise DecodeFailure(TOO_LARGE, f"{width}x{height} frames ({pixels:,} pixels) exceed the limit of "
+                                       f"{limits.max_frame_pixels:,} pixels a frame (--max-frame-pixels)")
+    if limits.max_aspect and max(width, height) > limits.max_aspect * min(width, height):
+        raise DecodeFailure(TOO_LARGE, f"{width}x{height} frames exceed the aspect limit 1:{limits.max_aspect:g} "
+                                       f"(--max-aspect)")
+
+
+def _check_count(frames: int, limits: DecodeLimits, frames_from: str = "") -> None:
+    """Raise ``DecodeFailure(TOO_LARGE)`` for a video that claims ``frames`` frames, more than ``limits``."""
+    if limits.max_frames_claimed and frames > limits.max_frames_claimed:
+        about = f"about {frames:,} frames ({frames_from})" if frames_from else f"{frames:,} frames"
+        raise DecodeFailure(TOO_LARGE, f"the video claims {about}, more than the limit of "
+                                       f"{limits.max_frames_claimed:,} (--max-frames-claimed)")
+
+
 def _sample(n: int, fps: float, num_frames: int, start: float | None, end: float | None,
             sample_fps: float | None, timestamps: np.ndarray | None = None) -> FrameSample:
     """The frames to decode: by frame number, or by time for a variable-frame-rate video."""
@@ -205,18 +317,32 @@ def _sample(n: int, fps: float, num_frames: int, start: float | None, end: float
 
 
 def _read_decord(p: Path, num_frames: int, start: float | None, end: float | None,
-                 sample_fps: float | None) -> tuple[np.ndarray, FrameSample, float, int]:
+                 sample_fps: float | None, limits: DecodeLimits) -> tuple[np.ndarray, FrameSample, float, int]:
+    """decord: the header's claims (PyAV) and decord's frame count are checked against ``limits``
+    before any frame is decoded; where PyAV cannot read the header, the frame size is checked on the
+    first frame alone."""
     import av  # noqa: F401  (loaded before decord: decord's own FFmpeg libraries would shadow PyAV's codecs)
     import decord
 
+    claims = _probe(p)
+    if claims is not None:
+        _check_claims(claims, limits)
     try:
         vr = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # RuntimeError / DECORDError: corrupt, not a video
         raise DecodeFailure("not a video", "cannot be opened as a video", _one_line(exc, 1000)) from None
     n = len(vr)
+    _check_count(n, limits)
+    if claims is None or not (claims.width and claims.height):
+        try:
+            height, width = vr.next().shape[:2]
+        except Exception:  # unreadable frames: get_batch says so below
+            pass
+        else:
+            _check_size(width, height, limits)
     fps = float(vr.get_avg_fps() or 0.0)
-    try:
-        timestamps = np.asarray(vr.get_frame_timestamp(list(range(n))), dtype=np.float64)[:, 0] if n else None
+    try:  # every frame's time (a variable frame rate is sampled by time), as an array: n is bounded above
+        timestamps = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0] if n else None
     except Exception:  # no usable timestamps: frame numbers and the average rate
         timestamps = None
     sample = _sample(n, fps, num_frames, start, end, sample_fps, timestamps)
@@ -228,9 +354,11 @@ def _read_decord(p: Path, num_frames: int, start: float | None, end: float | Non
 
 
 def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
-               sample_fps: float | None) -> tuple[np.ndarray, FrameSample, float, int]:
-    """PyAV: count the video packets (no decoding), then decode in order up to the last frame
-    needed (frame ``i`` is the ``i``-th decoded frame, as decord counts them)."""
+               sample_fps: float | None, limits: DecodeLimits) -> tuple[np.ndarray, FrameSample, float, int]:
+    """PyAV: check the stream's claims against ``limits``, count the video packets (no decoding; more
+    than ``limits`` allow stops the count), then decode in order up to the last frame needed (frame
+    ``i`` is the ``i``-th decoded frame, as decord counts them), each frame's size checked before it
+    is converted."""
     import av
 
     try:
@@ -241,12 +369,9 @@ def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
         if not container.streams.video:
             raise DecodeFailure("not a video", "the file has no video stream")
         stream = container.streams.video[0]
+        _check_claims(_stream_claims(container, stream), limits)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        try:
-            pts = [pkt.pts for pkt in container.demux(stream) if pkt.size]
-        except Exception as exc:
-            raise DecodeFailure("truncated", "the file ends before its video stream does",
-                                _one_line(exc, 1000)) from None
+        pts = _packet_times(container, stream, limits)
         n = len(pts)
         timestamps = None
         if n and all(p is not None for p in pts) and stream.time_base:
@@ -262,9 +387,12 @@ def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
             for i, frame in enumerate(container.decode(video=0)):
                 got = i + 1
                 if i in wanted:  # turned upright as players show it (and as decord returns it)
+                    _check_size(frame.width, frame.height, limits)  # the size may change mid-stream
                     frames[i] = np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4)
                 if i >= last:
                     break
+    except (DecodeFailure, MemoryError):
+        raise
     except Exception as exc:
         if len(frames) < len(wanted):
             raise DecodeFailure("truncated", f"only {got} of {n} frames could be decoded",
@@ -279,6 +407,26 @@ def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
         frames = {i: np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) if f.shape[:2] != (h, w) else f
                   for i, f in frames.items()}
     return np.stack([frames[int(i)] for i in sample.valid_indices]), sample, fps, n
+
+
+def _packet_times(container, stream, limits: DecodeLimits) -> list:
+    """The presentation times of the video packets of ``stream`` (demuxed, nothing decoded); more
+    packets than ``limits.max_frames_claimed`` stop the count (``too large``)."""
+    cap = limits.max_frames_claimed
+    pts: list = []
+    try:
+        for pkt in container.demux(stream):
+            if pkt.size:
+                pts.append(pkt.pts)
+                if cap and len(pts) > cap:
+                    break
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise DecodeFailure("truncated", "the file ends before its video stream does", _one_line(exc, 1000)) from None
+    if cap and len(pts) > cap:
+        raise DecodeFailure(TOO_LARGE, f"the video stream holds more than {cap:,} frames (--max-frames-claimed)")
+    return pts
 
 
 _READERS = {"decord": _read_decord, "pyav": _read_pyav}
@@ -305,11 +453,71 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 DecodeFn = Callable[..., DecodeResult]
 
 
+PARENT_GONE = 70  # a worker's exit status when it finds its parent gone
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent thread ends
+
+
+def _die_with_parent(parent_pid: int | None, interval: float = 0.5) -> None:
+    """Make this worker process die with its parent ``parent_pid`` (None: the parent it has now), even
+    one killed with SIGKILL: on Linux the parent-death signal (SIGKILL, sent by the kernel), and
+    everywhere a thread that polls the parent process id every ``interval`` seconds."""
+    expected = parent_pid or os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the thread below still watches
+            pass
+    if os.getppid() != expected:  # the parent died before the signal was armed
+        os._exit(PARENT_GONE)
+    watch_parent(expected, interval)
+
+
+def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:
+    """Start a daemon thread that ends this process (``os._exit``, no clean-up) once its parent process
+    id is no longer ``parent_pid`` (the parent died and the process was handed to another)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(PARENT_GONE)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _limit_memory(limit: int | None) -> None:
+    """Cap this process's address space (``RLIMIT_AS``) at ``limit`` bytes (None: no cap); a lower
+    limit already set stays."""
+    if not limit:
+        return
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            limit = min(limit, bound)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):  # a system that does not let a process set it
+        pass
+
+
 def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
                  short_side: int | None, sample_fps: float | None = None,
-                 decoders: tuple[str, ...] | None = None) -> None:
-    """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops."""
+                 decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None,
+                 parent_pid: int | None = None) -> None:
+    """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops. The worker dies
+    with its parent (``parent_pid``) and runs under ``limits.decoder_memory``; ``decode_fn`` gets
+    ``limits`` when its checks are not the defaults."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    _die_with_parent(parent_pid)
+    limits = limits or DecodeLimits()
+    _limit_memory(limits.decoder_memory_bytes)
+    checks = dataclasses.replace(limits, decoder_memory=DecodeLimits.decoder_memory) != DecodeLimits()
     conn.send(("ready", None))
     while True:
         try:
@@ -322,7 +530,10 @@ def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
         try:
             res = decode_fn(task.video_id, task.path, num_frames, short_side, task.start, task.end,
                             **({"sample_fps": sample_fps} if sample_fps else {}),
-                            **({"decoders": decoders} if decoders and decoders != DECODERS else {}))
+                            **({"decoders": decoders} if decoders and decoders != DECODERS else {}),
+                            **({"limits": limits} if checks else {}))
+        except MemoryError as exc:
+            res = out_of_memory(task.video_id, exc)
         except Exception as exc:
             res = failed(task.video_id, "decode error", _one_line(exc), _one_line(exc, 1000))
         conn.send((seq, res))
@@ -359,14 +570,52 @@ class _Worker:
         self.conn.close()
 
 
+class _Spawner:
+    """Starts the pool's workers from one thread that lives until the pool is closed: Linux sends the
+    parent-death signal when the *thread* that started a process ends, and the feeder thread that
+    starts and replaces workers ends with each ``map``."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="decode-spawner", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            make, out, done = job
+            try:
+                out.append(make())
+            except BaseException as exc:  # handed to the caller
+                out.append(exc)
+            done.set()
+
+    def run(self, make: Callable[[], "_Worker"]) -> "_Worker":
+        """``make()`` in the spawner thread; its result (or its exception, raised here)."""
+        out: list = []
+        done = threading.Event()
+        self._jobs.put((make, out, done))
+        while not done.wait(0.5):
+            if not self._thread.is_alive():  # closed meanwhile
+                raise RuntimeError("the decoder pool was closed while it started a worker")
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
 class DecodePool:
-    """Decoder worker processes with a per-video timeout; see the module docstring."""
+    """Decoder worker processes with a per-video timeout; see the module docstring.
+
+    ``limits`` (default :class:`DecodeLimits`): what a video may claim, and each worker's memory."""
 
     def __init__(self, num_frames: int, short_side: int | None = None, workers: int = 2,
                  timeout: float = 60.0, prefetch: int | None = None,
                  max_tasks_per_worker: int = 1000, decode_fn: DecodeFn | None = None,
                  start_method: str = "spawn", sample_fps: float | None = None,
-                 decoders: tuple[str, ...] | None = None) -> None:
+                 decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.num_frames = num_frames
@@ -378,13 +627,25 @@ class DecodePool:
         self.decode_fn = decode_fn or decode_video
         self.sample_fps = sample_fps
         self.decoders = tuple(decoders) if decoders else None  # None / DECODERS: decode_fn's own order
+        self.limits = limits or DecodeLimits()
         self._ctx = mp.get_context(start_method)
+        # forkserver's workers are the server's children, not ours: they watch the parent they find
+        self._parent_pid = os.getpid() if start_method in ("spawn", "fork") else None
         self._workers: list[_Worker] = []
+        self._spawner: _Spawner | None = None
         self.killed = 0  # workers killed for a timeout or crash
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, (self.decode_fn, self.num_frames, self.short_side, self.sample_fps,
-                                   self.decoders))
+        if self._spawner is None:
+            self._spawner = _Spawner()
+        args = (self.decode_fn, self.num_frames, self.short_side, self.sample_fps, self.decoders, self.limits,
+                self._parent_pid)
+        return self._spawner.run(lambda: _Worker(self._ctx, args))
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers running now."""
+        return [w.proc.pid for w in self._workers]
 
     def __enter__(self) -> "DecodePool":
         return self
@@ -400,6 +661,9 @@ class DecodePool:
             else:
                 w.stop()
         self._workers = []
+        if self._spawner is not None:
+            self._spawner.close()
+            self._spawner = None
 
     def map(self, tasks: Iterable[DecodeTask]) -> Iterator[DecodeResult]:
         """Decode ``tasks``; results in order. Decoding starts at once (before iteration)."""
@@ -520,8 +784,8 @@ class _OrderedRun(Iterator[DecodeResult]):
                     self._put(tag, res)
                     finished += 1
                     w.seq, w.task, w.done = None, None, w.done + 1
-                    if w.done >= pool.max_tasks_per_worker:
-                        replace.append((w, None))
+                    if w.done >= pool.max_tasks_per_worker or getattr(res, "kind", "") == OUT_OF_MEMORY:
+                        replace.append((w, None))  # recycled (an exhausted heap is not trusted again)
             now = time.monotonic()
             for w in workers:
                 if w.seq is not None and now - w.started > pool.timeout \

@@ -409,6 +409,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     c = replace(config or ExtractConfig(), **options)
     resize = _resize_mode(c.resize, device)
     decoders = decoder_order(c.decoder)
+    limits = c.decode_limits()  # a bad --max-* / --decoder-memory fails here, before any work
     if c.write_queue < 0:
         raise UsageError(f"--write-queue must be >= 0, got {c.write_queue}")
     if c.batch_size < 1:
@@ -489,7 +490,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             # frames come at the largest encoder size (PIL), or as decoded for a resize on the device
             short_side = max(e.image_size for e in encs) if resize == "worker" else None
             pool = DecodePool(num_frames, short_side, workers=workers, timeout=timeout, decode_fn=decode_fn,
-                              sample_fps=sample_fps, decoders=decoders)
+                              sample_fps=sample_fps, decoders=decoders, limits=limits)
             results = pool.map(tasks)  # decoding starts now, overlapping the text pass
         _extract_texts(encs, stores, rows, max_text_tokens, text_batch_size, part, report,
                        progress)

@@ -92,22 +92,34 @@ def export_h5(store: str, out: str, progress: bool = True) -> Path:
 
 
 def import_h5(path: str, store: str, manifest: Any = None, num_frames: int | None = None, shard_size: int = 64,
-              compressor: str | None = None, progress: bool = True) -> str:
+              compressor: str | None = None, progress: bool = True, limits: dict | None = None) -> str:
     """A new store from an HDF5 file: one ``cache export`` wrote (round trip), or per-frame features
-    of another tool in the minimal layout (needs the ``manifest`` of their videos and captions).
-    Returns a summary line."""
-    from pipeline.hdf5io import import_features, import_hdf5, is_store_export
+    of another tool in the minimal layout (needs the ``manifest`` of their videos and captions), checked
+    against ``limits`` (``pipeline.hdf5io.ImportLimits`` fields). Returns a summary, with a line per foreign
+    attribute left out."""
+    import warnings
+
+    from pipeline.hdf5io import ForeignAttributeWarning, ImportLimits, import_features, import_hdf5, is_store_export
 
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such HDF5 file")
-    if is_store_export(path):
-        s = import_hdf5(path, store, progress=progress)
-        return f"imported {path} -> {store}: {s.num_videos} videos, {s.num_captions} captions"
-    if manifest is None:
-        raise UsageError(f"{path}: per-frame features of another tool; give --manifest DIR (or --dataset) with "
-                         f"their videos and captions (docs/SHARING.md)")
-    return import_features(path, store, manifest, num_frames=num_frames, shard_size=shard_size,
-                           compressor=compressor, progress=progress).summary()
+    bounds = ImportLimits.from_options(limits or {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ForeignAttributeWarning)
+        if is_store_export(path):
+            s = import_hdf5(path, store, progress=progress, limits=bounds)
+            line = f"imported {path} -> {store}: {s.num_videos} videos, {s.num_captions} captions"
+        elif manifest is None:
+            raise UsageError(f"{path}: per-frame features of another tool; give --manifest DIR (or --dataset) with "
+                             f"their videos and captions (docs/SHARING.md)")
+        else:
+            line = import_features(path, store, manifest, num_frames=num_frames, shard_size=shard_size,
+                                   compressor=compressor, progress=progress, limits=bounds).summary()
+    foreign = [w for w in caught if issubclass(w.category, ForeignAttributeWarning)]
+    for w in caught:
+        if w not in foreign:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return "\n".join([line] + [str(w.message) for w in foreign])
 
 
 def dumps(obj: Any) -> str:

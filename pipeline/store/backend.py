@@ -246,12 +246,18 @@ def delete_object(group: Any, key: str) -> None:
     sync(group.store.delete(key))
 
 
+_held: dict[str, list] = {}  # store directory -> [its thread lock, depth held by this process]
+
+
 @contextlib.contextmanager
 def store_lock(url_or_path: str | os.PathLike) -> Iterator[None]:
     """Exclusive lock of a local store (``<store>/.lock``, ``fcntl.flock``) around the steps several
-    writers of one store must not interleave (creating it, growing it, adding arrays). Remote stores have
-    no lock: there one writer grows a store (``--part 0/N`` or an unpartitioned run) and the others wait
-    for it (docs/STORE.md, "Several writers")."""
+    writers of one store must not interleave (creating it, growing it, adding arrays); re-entrant within
+    a thread (growing finishes an unfinished append under the same lock). Remote stores have no lock:
+    there one writer grows a store (``--part 0/N`` or an unpartitioned run) and the others wait for it
+    (docs/STORE.md, "Several writers")."""
+    import threading
+
     local = local_path(url_or_path)
     if local is None:
         yield
@@ -259,9 +265,21 @@ def store_lock(url_or_path: str | os.PathLike) -> Iterator[None]:
     import fcntl
 
     local.mkdir(parents=True, exist_ok=True)
-    with open(local / LOCK_FILE, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    key = str(local.resolve())
+    entry = _held.setdefault(key, [threading.RLock(), 0])
+    with entry[0]:
+        if entry[1]:  # this thread holds it already
+            entry[1] += 1
+            try:
+                yield
+            finally:
+                entry[1] -= 1
+            return
+        with open(local / LOCK_FILE, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            entry[1] = 1
+            try:
+                yield
+            finally:
+                entry[1] = 0
+                fcntl.flock(f, fcntl.LOCK_UN)
