@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 import cli
 from pipeline.sharing import array_names
+from core.errors import StoreError
 from pipeline.store import CacheStore, StoreMismatchError
 from test_store import _RangeHandler
 from worlds import run_cli, write_video
@@ -464,3 +465,30 @@ def test_append_to_an_old_store_keeps_the_partial_shards_rows(tmp_path):
     with pytest.raises(StoreMismatchError, match="moves 1 of the store's videos to another split"):
         s.append(layout(manifest_sha256="o" * 64), VIDS + ["f", "g"], ["test"] + VSPLIT[1:] + ["test", "test"],
                  CIDS + ["c7"], CVID + [5], CSPLIT + ["test"])
+
+
+def test_a_part_writer_of_an_s3_store_waits_for_part_0_to_grow_it(s3, tmp_path):
+    """No lock on S3: only --part 0/N creates and grows a remote store; part K > 0 waits for it (and names
+    what it waits for), so two writers never read-modify-write the root attributes."""
+    from pipeline.extract import wait_for_grower
+
+    url = "s3://team/single-grower.zarr"
+    with pytest.raises(StoreError, match="start part 0"):
+        wait_for_grower(url, "a" * 64, thumbnails=False, wait=1.0)
+    with pytest.raises(StoreError):
+        CacheStore.open(url)  # the waiting writer created nothing
+    from test_store import layout
+
+    s = CacheStore.open_or_create(url, layout(), ["a", "b"], ["train", "test"], ["c0"], [0], ["train"])
+    wait_for_grower(url, s.attrs["manifest_sha256"], thumbnails=False, wait=1.0)  # grown: returns at once
+    with pytest.raises(StoreError, match="waited"):
+        wait_for_grower(url, s.attrs["manifest_sha256"], thumbnails=True, wait=1.0)  # no thumbnail arrays yet
+
+
+def test_an_old_store_opens_and_says_it_has_no_digest(tmp_path):
+    import shutil
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "old_store.zarr", old)
+    out = run_cli(["cache", "info", old])
+    assert "digest      none" in out
