@@ -95,55 +95,45 @@ def _checker(target: str = "store.zarr"):
     return check
 
 
-def test_fresh_extract_killed_at_every_write(lab):
-    w = lab["world"]
-
+def _op_sweep(lab: dict, name: str, op, args, ref: str, start: Path | None = None, check=None,
+              mode: str = "before", damage=None) -> list[int]:
+    """``_sweep`` of one operation ``op(*args(box))`` on a sandbox holding a copy of ``start`` (or nothing),
+    ``damage(box)`` applied after the copy."""
     def prepare(box: Path) -> None:
         box.mkdir(parents=True, exist_ok=True)
+        if start is not None:
+            F.copy_store(Path(start), box / "store.zarr")
+        if damage is not None:
+            damage(box)
 
     def operate(box: Path, k, log) -> int:
-        return F.run(F.op_extract, w.grown, str(box / "store.zarr"), at=k, log=log)
+        return F.run(op, *args(box), at=k, log=log, mode=mode)
 
     def rerun(box: Path) -> None:
-        assert F.run(F.op_extract, w.grown, str(box / "store.zarr")) == 0
+        assert F.run(op, *args(box)) == 0
 
-    _sweep(lab, "fresh", prepare, operate, rerun, _checker(), lab["full"])
+    return _sweep(lab, name, prepare, operate, rerun, check or _checker(), ref, mode=mode)
+
+
+def _store(box: Path) -> str:
+    return str(box / "store.zarr")
+
+
+def test_fresh_extract_killed_at_every_write(lab):
+    _op_sweep(lab, "fresh", F.op_extract, lambda box: (lab["world"].grown, _store(box)), lab["full"])
 
 
 def test_fresh_extract_torn_writes(lab):
     """The same, the killed write left half its bytes in a temporary file (a power cut mid-write)."""
-    w = lab["world"]
-
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_extract, w.grown, str(box / "store.zarr"), at=k, log=log, mode="torn")
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_extract, w.grown, str(box / "store.zarr")) == 0
-
-    _sweep(lab, "torn", prepare, operate, rerun, _checker(), lab["full"], mode="torn")
+    _op_sweep(lab, "torn", F.op_extract, lambda box: (lab["world"].grown, _store(box)), lab["full"], mode="torn")
 
 
 def test_resume_killed_at_every_write(lab):
     """A store half extracted (part 0 of 2 done), resumed by a full run."""
-    w = lab["world"]
     half = lab["root"] / "half.zarr"
     if not half.exists():
-        assert F.run(F.op_extract, w.grown, str(half), (0, 2)) == 0
-
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-        F.copy_store(half, box / "store.zarr")
-
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_extract, w.grown, str(box / "store.zarr"), at=k, log=log)
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_extract, w.grown, str(box / "store.zarr")) == 0
-
-    _sweep(lab, "resume", prepare, operate, rerun, _checker(), lab["full"])
+        assert F.run(F.op_extract, lab["world"].grown, str(half), (0, 2)) == 0
+    _op_sweep(lab, "resume", F.op_extract, lambda box: (lab["world"].grown, _store(box)), lab["full"], start=half)
 
 
 def test_two_part_writers_one_killed(lab):
@@ -174,92 +164,50 @@ def test_two_part_writers_one_killed(lab):
 
 def test_append_killed_at_every_write(lab):
     """A store of the val/test manifest grown by train videos with longer ids and a longer split name."""
-    w = lab["world"]
-
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-        F.copy_store(Path(lab["small"]), box / "store.zarr")
-
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_extract, w.grown, str(box / "store.zarr"), at=k, log=log)
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_extract, w.grown, str(box / "store.zarr")) == 0
+    from pipeline.store import CacheStore
 
     def check(box: Path, ref: str, final: bool) -> None:
         path = box / "store.zarr"
         if final:
             F.assert_same_store(path, ref)
-            from pipeline.store import CacheStore
-
             s = CacheStore.open(path)
             assert "train" in s.splits() and "train-video-with-a-long-identifier-0" in s.video_ids
         else:
-            from pipeline.store import CacheStore
-
             s = CacheStore.open(path)  # the old version or the new one, never a mixture
             F.assert_committed_only(path, lab["grown"] if s.num_videos > 6 else lab["small"])
 
-    _sweep(lab, "append", prepare, operate, rerun, check, lab["grown"])
+    _op_sweep(lab, "append", F.op_extract, lambda box: (lab["world"].grown, _store(box)), lab["grown"],
+              start=Path(lab["small"]), check=check)
 
 
 def test_repair_killed_at_every_write(lab):
     """``cache verify --repair`` of a store with one corrupt token shard."""
-    w = lab["world"]
+    from pipeline.integrity import verify
+    from pipeline.store import CacheStore
 
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-        store = box / "store.zarr"
-        F.copy_store(Path(lab["full"]), store)
-        chunk = store / "videos" / "tokens" / "c" / "1" / "0" / "0" / "0"
+    def damage(box: Path) -> None:
+        chunk = box / "store.zarr" / "videos" / "tokens" / "c" / "1" / "0" / "0" / "0"
         data = bytearray(chunk.read_bytes())
         data[100] ^= 0xFF
         chunk.write_bytes(bytes(data))
 
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_repair, w.grown, str(box / "store.zarr"), at=k, log=log)
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_repair, w.grown, str(box / "store.zarr")) == 0
-
     def check(box: Path, ref: str, final: bool) -> None:
-        path = box / "store.zarr"
         if final:
-            F.assert_same_store(path, ref)
+            F.assert_same_store(box / "store.zarr", ref)
             return
-        from pipeline.integrity import verify
-        from pipeline.store import CacheStore
-
-        s = CacheStore.open(path)
-        report = verify(s, progress=False)
+        report = verify(CacheStore.open(box / "store.zarr"), progress=False)
         assert all(p.index == 1 for p in report.problems), report.summary()  # only the shard being repaired
 
-    _sweep(lab, "repair", prepare, operate, rerun, check, lab["full"])
+    _op_sweep(lab, "repair", F.op_repair, lambda box: (lab["world"].grown, _store(box)), lab["full"],
+              start=Path(lab["full"]), damage=damage, check=check)
 
 
 def test_pull_killed_at_every_write(lab):
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_pull, lab["full"], str(box / "dest"), at=k, log=log)
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_pull, lab["full"], str(box / "dest")) == 0
-
-    _sweep(lab, "pull", prepare, operate, rerun, _checker("dest"), lab["full"])
+    _op_sweep(lab, "pull", F.op_pull, lambda box: (lab["full"], str(box / "dest")), lab["full"],
+              check=_checker("dest"))
 
 
 def test_hdf5_import_killed_at_every_write(lab):
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_import, lab["h5"], str(box / "store.zarr"), at=k, log=log)
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_import, lab["h5"], str(box / "store.zarr")) == 0
-
     def check(box: Path, ref: str, final: bool) -> None:
         path = box / "store.zarr"
         if final:
@@ -267,30 +215,12 @@ def test_hdf5_import_killed_at_every_write(lab):
         else:
             assert not path.exists(), "a killed import left a store at its destination"
 
-    _sweep(lab, "import", prepare, operate, rerun, check, lab["full"])
+    _op_sweep(lab, "import", F.op_import, lambda box: (lab["h5"], _store(box)), lab["full"], check=check)
 
 
 def test_thumbnail_backfill_killed_at_every_write(lab):
-    w = lab["world"]
-
-    def prepare(box: Path) -> None:
-        box.mkdir(parents=True, exist_ok=True)
-        F.copy_store(Path(lab["bare"]), box / "store.zarr")
-
-    def operate(box: Path, k, log) -> int:
-        return F.run(F.op_thumbnails, w.grown, str(box / "store.zarr"), at=k, log=log)
-
-    def rerun(box: Path) -> None:
-        assert F.run(F.op_thumbnails, w.grown, str(box / "store.zarr")) == 0
-
-    def check(box: Path, ref: str, final: bool) -> None:
-        path = box / "store.zarr"
-        if final:
-            F.assert_same_store(path, ref)
-        else:
-            F.assert_committed_only(path, ref)
-
-    _sweep(lab, "thumbnails", prepare, operate, rerun, check, lab["full"])
+    _op_sweep(lab, "thumbnails", F.op_thumbnails, lambda box: (lab["world"].grown, _store(box)), lab["full"],
+              start=Path(lab["bare"]))
 
 
 def test_reader_never_sees_a_row_being_written(lab, tmp_path):
