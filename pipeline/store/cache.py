@@ -455,8 +455,8 @@ class CacheStore(AppendMixin, ThumbnailMixin):
                     thumbnails: Sequence[Sequence[bytes]] | None = None) -> None:
         """Commit video shard ``i`` (``pipeline.store.commit``). ``error``: the short failure reason of
         each video ("" when ok), ``error_detail``: the raw message, ``decoder``: which decoder served each
-        video, ``thumbnails``: each video's JPEGs (committed after the shard, when the store has thumbnail
-        arrays)."""
+        video, ``thumbnails``: each video's JPEGs (committed just before the shard, when the store has thumbnail
+        arrays, so that a shard committed by extraction always has its thumbnails)."""
         self._check_writable()
         lo, hi = self.shard_range(i)
         n = hi - lo
@@ -476,9 +476,9 @@ class CacheStore(AppendMixin, ThumbnailMixin):
             if value.shape != want:
                 raise ValueError(f"shard {i}: {name} has shape {value.shape}, expected {want}")
         kept = self._merge_kept("videos", i, data)
-        commit.commit_shard(self, "videos", i, (lo, hi), data)
-        if thumbnails is not None and self.has_thumbnails:
+        if thumbnails is not None and self.has_thumbnails:  # first: a committed video shard has its thumbnails
             self.write_thumbnails(i, thumbnails)
+        commit.commit_shard(self, "videos", i, (lo, hi), data)
         if kept:
             self._drop_kept("videos", i)
 

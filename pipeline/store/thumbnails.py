@@ -90,7 +90,7 @@ class ThumbnailMixin:
             self._drop_kept("videos", i)
 
     def thumbnails(self, rows: Sequence[int]) -> list[list[bytes]]:
-        """The JPEGs of the video ``rows`` (an empty list for a video without any, or whose shard's
+        """The JPEGs of the video ``rows`` (an empty list for a video without any, or whose shard or its
         thumbnails are not committed)."""
         rows = [int(r) for r in rows]
         if not self.has_thumbnails or not rows:
@@ -104,6 +104,7 @@ class ThumbnailMixin:
             return sizes, data
 
         (sizes, data), done = commit.committed(self, "thumbnails", read)
+        done &= commit.done_flags(self, "videos")  # and the video shard itself committed
         ok = commit.rows_mask(done, self.shard_size, self.num_videos)
         at = {r: j for j, r in enumerate(order.tolist())}
         return [[data[at[r], k, :n].tobytes() for k, n in enumerate(sizes[at[r]]) if n > 0] if ok[r] else []
