@@ -61,6 +61,28 @@ head_options_option = click.option("--head-option", "head_options", multiple=Tru
                                    help="Head option key=value, repeatable (`python cli.py heads` lists them).")
 
 
+def _dist_timeout_option(fn: Callable) -> Callable:
+    """``--dist-timeout``: under torchrun, how long a rank waits in a collective of the work itself
+    (``heads.training.distributed``), passed on as ``CROSSTVR_DIST_TIMEOUT``; not recorded in run.json."""
+    def apply(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            import os
+
+            from heads.training.distributed import TIMEOUT_ENV, parse_timeout
+
+            try:
+                parse_timeout(value)
+            except UsageError as exc:
+                raise click.BadParameter(str(exc)) from exc
+            os.environ[TIMEOUT_ENV] = value
+    return click.option("--dist-timeout", callback=apply, expose_value=False,
+                        help="Under torchrun: how long a rank may wait in a collective of the training steps or "
+                             "the extraction before the job is ended: 4h, 90m, 30s or minutes [default: "
+                             "CROSSTVR_DIST_TIMEOUT, else 4h]. Waits for a rank working alone (building the "
+                             "manifest, pretraining an encoder, staging, shards finishing apart) are not bound "
+                             "by it.")(fn)
+
+
 def _config_option(fn: Callable) -> Callable:
     """``--config run.json``: the options of an earlier run (its ``run.json``) as this command's
     defaults; options given on the command line still win."""
@@ -223,6 +245,7 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
                                    "fraction (0.01) [default: 0: any failure exits 1].")
 @click.option("--part", help="K/N: write only the shards i with i % N == K, so N processes (on one or several "
                              "machines sharing the store on disk or S3) split one extraction; run K = 0..N-1.")
+@_dist_timeout_option
 @device_option
 @click.option("--option", "options", multiple=True, help="Manifest builder option key=value.")
 def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stores, data_root, max_failed, part,
@@ -394,6 +417,7 @@ STAGE_ONE_SKIP = ("head_config", "device", "num_threads", "prefetch", "progress"
 @click.option("--out", help="Run directory (default work-dir/runs/stage1-<head>).")
 @_dataclass_options(StageOneTrainConfig, skip=STAGE_ONE_SKIP,
                     head={"type": click.Choice(list_heads(stage=1)), "default": "seqTransf"})
+@_dist_timeout_option
 @device_option
 @click.option("--fresh", is_flag=True, help="Train again even if --out holds a finished run with the same arguments.")
 @click.pass_context
@@ -544,6 +568,7 @@ def _preset_option(fn: Callable) -> Callable:
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Run directory (default work-dir/runs/stage2-<head>).")
+@_dist_timeout_option
 @manifest_text_option
 @device_option
 @click.pass_context

@@ -143,15 +143,15 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
 
 def on_rank_zero(device: str, fn: Any) -> Any:
     """``fn()``; under torchrun run by rank 0 alone (building a manifest, pretraining an encoder) and
-    its (picklable) result given to every rank."""
+    its (picklable) result given to every rank, the others waiting however long it takes
+    (``heads.training.distributed.rank_zero_first``: not in an NCCL collective)."""
     from core.world import world_from_env
 
     if world_from_env()[1] == 1:
         return fn()
-    from heads.training.distributed import context
+    from heads.training.distributed import context, rank_zero_first
 
-    d = context(device)
-    return d.broadcast_object(fn() if d.is_main else None)
+    return rank_zero_first(context(device), fn)
 
 
 def load_manifest_once(work: WorkDir, device: str, *args: Any) -> Manifest:
@@ -171,8 +171,10 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
     every rank writes its whole shards into the shared stores. Rank 0 creates the stores before the
     others open them; after a barrier rank 0 alone consolidates the metadata and writes the failure
     lists, and every rank returns the merged report. A rank that dies leaves its shards not done: a
-    re-run (with any number of processes) does only them."""
-    from heads.training.distributed import context
+    re-run (with any number of processes) does only them. Every wait here (for rank 0's stores, for
+    the slowest rank's shards, for the consolidation) is on the control group, so ranks finishing
+    hours apart are no NCCL timeout (``heads.training.distributed``)."""
+    from heads.training.distributed import context, rank_zero_first
     from pipeline.encoders import load_encoder, with_token_layer
     from pipeline.extract import ExtractReport, extract, finalize_stores
 
@@ -181,24 +183,20 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
     layer = options.pop("token_layer", getattr(config, "token_layer", None))
     k, n = options.pop("part", None) or (0, 1)  # --part K/N too: the ranks split part K/N among them
     encs = [load_encoder(with_token_layer(s, layer), device=dev) for s in specs]
-    created = None
-    if d.is_main:  # create (or check, or grow) the stores only: a part that holds no shard
-        none = max(manifest.videos.num_rows, manifest.captions.num_rows) + 1
-        created = extract(manifest, encs, paths, config, device=dev, part=(none - 1, none), progress=False,
-                          finalize=False, **options)
-    d.barrier()
+    none = max(manifest.videos.num_rows, manifest.captions.num_rows) + 1
+    # rank 0 alone creates (or checks, or grows) the stores: a part that holds no shard
+    created = rank_zero_first(d, lambda: extract(manifest, encs, paths, config, device=dev, part=(none - 1, none),
+                                                 progress=False, finalize=False, **options))
     mine = extract(manifest, encs, paths, config, device=dev, part=(k + n * d.rank, n * d.world_size),
                    finalize=False, progress=d.is_main, **options)
-    import torch.distributed as tdist
+    merged = ExtractReport.merged(d.gather_object(mine.to_dict()))
+    merged.appended.update(created.appended)  # the stores rank 0 grew before the ranks started
 
-    reports: list[Any] = [None] * d.world_size
-    tdist.all_gather_object(reports, mine.to_dict())
-    merged = ExtractReport.merged(reports)
-    if created is not None:
-        merged.appended.update(created.appended)  # the stores rank 0 grew before the ranks started
-    if d.is_main:
+    def finalize() -> dict:
         finalize_stores(paths, merged)
-    merged.totals = d.broadcast_object(merged.totals)
+        return merged.totals
+
+    merged.totals = rank_zero_first(d, finalize)
     d.barrier()
     return merged
 

@@ -333,8 +333,16 @@ def pick_frames(frame_mask: torch.Tensor, count: int | None) -> tuple[torch.Tens
 def standardised_linear(x: torch.Tensor, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``linear((x - mean) / std)`` with the standardisation folded into the weights
     (``W / std`` and ``b - (W / std) @ mean``): the per-element work on the wide frozen tokens
-    is skipped; equal up to float rounding."""
+    is skipped; equal up to float rounding.
+
+    Under autocast the matmul rounds its inputs to 16 bits, and a channel with a large mean (ViT
+    tokens have a few) would lose its variation to that rounding before the mean is taken off: there
+    the tokens are centred in float32 first (``W / std`` still folded), so the 16-bit inputs are the
+    deviations themselves. Without autocast the fully folded float32 path is unchanged."""
     w = linear.weight / std
+    if torch.is_autocast_enabled(x.device.type):
+        centred = x.to(torch.float32, copy=True).sub_(mean)
+        return F.linear(centred, w, linear.bias)
     return F.linear(x.float(), w, linear.bias - w @ mean)
 
 
