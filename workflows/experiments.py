@@ -50,11 +50,11 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     echo("[4/6] stage-one training")
     test = work.stage(store, "test")
     coverage = check_complete(test)
-    results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test)}
+    results = {"meanP (untrained)": evaluate(untrained_baseline(test.frame_emb.shape[-1]), test, device=device)}
     for head in DEMO_STAGE_ONE:
         ckpt = train_stage_one_run(work, store, StageOneTrainConfig(head=head, seed=seed, device=device))
         trained = load_stage_one(ckpt, expect_encoder_identity=test.encoder_identity)
-        results[f"{head} (trained)"] = evaluate(trained.head, test)
+        results[f"{head} (trained)"] = evaluate(trained.head, test, device=device)
     echo(f"      ({time.time() - t0:.0f}s)")
     json_path, table = write_report(results, work.reports_dir("demo"), split=coverage)
     echo(table)

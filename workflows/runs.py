@@ -134,7 +134,7 @@ def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: 
             check_querybank_split(qb_bank, split)
         except ValueError as exc:
             raise UsageError(f"--qb-bank: {exc}") from exc
-        text_bank, video_bank = querybanks(s1.head, data, work.stage(store, qb_bank))
+        text_bank, video_bank = querybanks(s1.head, data, work.stage(store, qb_bank), device=device)
         results[f"{s1.name} +QB-Norm({qb_bank}, k={qb_k}, beta={qb_beta:g})"] = qb_norm_metrics(
             s1.sim, cv, text_bank, video_bank, k=qb_k, beta=qb_beta)
     return write_report(results, Path(out) if out else work.reports_dir(split), split=coverage)
@@ -169,13 +169,15 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
         from heads.evaluation.rerank import top_k
         from heads.evaluation.similarity import encode_texts
         from heads.stage_one.checkpoint import load_stage_one
+        from heads.training.common import evaluating
         from workflows.search import open_index, stage_one_file
 
-        vi = open_index(work, store, stage_one, split, index, data, nprobe=nprobe, ef_search=ef_search)
+        vi = open_index(work, store, stage_one, split, index, data, nprobe=nprobe, ef_search=ef_search,
+                        device=device)
         if s1_head is None:  # a similarity given: the stage one's text encoder from its checkpoint
             s1_head = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity).head
-        with torch.no_grad():
-            texts = encode_texts(s1_head.to(device).eval(), data, device=device).float().cpu().numpy()
+        with evaluating(s1_head):
+            texts = encode_texts(s1_head, data, device=device).float().cpu().numpy()
         _, cand = vi.search(texts, k)
         short = int((cand < 0).any(axis=1).sum())
         if short:

@@ -22,7 +22,7 @@ from heads.evaluation.index import VideoIndex, build_index, is_index_dir, load_i
 from heads.evaluation.similarity import encode_texts, encode_videos
 from heads.evaluation.sources import load_head
 from heads.stage_one.checkpoint import CHECKPOINT_NAME, load_stage_one
-from heads.training.common import checkpoint_file
+from heads.training.common import checkpoint_file, evaluating
 from heads.stage_two.scoring import score_pairs
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
@@ -49,14 +49,11 @@ def build_video_index(work: WorkDir, store: str, stage_one: str | Path, split: s
     data = work.stage(store, split)
     s1_path = stage_one_file(stage_one)
     ckpt = load_stage_one(s1_path, expect_encoder_identity=data.encoder_identity)
-    head = ckpt.head.to(device).eval()
-    videos = encode_videos(head, data, device=device).float().cpu().numpy()
     queries = None
-    if kind != "flat" and len(data.caption_ids):
-        import torch
-
-        with torch.no_grad():
-            queries = encode_texts(head, data, slice(0, RECALL_QUERIES), device=device).float().cpu().numpy()
+    with evaluating(ckpt.head):
+        videos = encode_videos(ckpt.head, data, device=device).float().cpu().numpy()
+        if kind != "flat" and len(data.caption_ids):
+            queries = encode_texts(ckpt.head, data, slice(0, RECALL_QUERIES), device=device).float().cpu().numpy()
     meta = {"split": split, "store": redact_url(store), "store_fingerprint": data.store_fingerprint,
             "encoder_identity": data.encoder_identity, "coverage": dict(data.coverage),
             "stage_one": {"path": str(s1_path), "sha256": sha256_file(s1_path), "head": ckpt.config.get("name")}}
@@ -121,7 +118,6 @@ def search_videos(work: WorkDir, store: str, stage_one: str | Path, queries: Seq
     re-ranking's final score). Returns a ``pyarrow.Table`` (query, rank, video_id, video_row,
     stage_one_rank, stage_one_score, head_score, final_score)."""
     import pyarrow as pa
-    import torch
 
     queries = [q for q in queries if q.strip()]
     if not queries:
@@ -133,8 +129,8 @@ def search_videos(work: WorkDir, store: str, stage_one: str | Path, queries: Seq
     enc = query_encoder(work, data.encoder_identity, encoder, device=device)
     qsplit = query_split(data, enc, queries)
     s1 = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity)
-    with torch.no_grad():
-        qemb = encode_texts(s1.head.to(device).eval(), qsplit, device=device).float().cpu().numpy()
+    with evaluating(s1.head):
+        qemb = encode_texts(s1.head, qsplit, device=device).float().cpu().numpy()
     depth = max(k, candidates) if head_ckpt else k
     scores, rows = vi.search(qemb, depth)
     n = rows.shape[1]
@@ -147,7 +143,7 @@ def search_videos(work: WorkDir, store: str, stage_one: str | Path, queries: Seq
         vids = rows[:, :kk].reshape(-1)
         valid = vids >= 0
         h = np.full(vids.shape, np.nan, dtype=np.float32)
-        h[valid] = score_pairs(head.to(device), qs, caps[valid], vids[valid], batch=batch_size, device=device)
+        h[valid] = score_pairs(head, qs, caps[valid], vids[valid], batch=batch_size, device=device)
         head_scores[:, :kk] = h.reshape(len(queries), kk)
         final[:, :kk] = scores[:, :kk] + head_scores[:, :kk]
     out: dict[str, list] = {c: [] for c in ("query", "rank", "video_id", "video_row", "stage_one_rank",

@@ -45,6 +45,12 @@ class _Embeddings(torch.nn.Module):
         return self.head.encode_text(text_emb, **text), self.head.encode_video(frame_emb, frame_mask)
 
 
+def batch_loss(model: Any, batch: Any) -> torch.Tensor:
+    """The symmetric InfoNCE of one process's batch (on the model's device)."""
+    logits = model(batch.text_emb, batch.frame_emb, batch.frame_mask, **batch.text_kwargs())
+    return symmetric_infonce(logits, positive_mask(batch.video_index, batch.video_index, batch.text_emb))
+
+
 def _global_loss(d: Dist, model: Any, ddp: torch.nn.Module, batch: Any, global_videos: np.ndarray) -> torch.Tensor:
     """The symmetric InfoNCE of the whole global batch, from this rank's rows and the others'
     embeddings gathered with their gradient (``heads.training.distributed``)."""
@@ -117,9 +123,7 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
                 if d.enabled:
                     loss = _global_loss(d, model, ddp, batch, global_videos)
                 else:
-                    logits = model(batch.text_emb, batch.frame_emb, batch.frame_mask, **batch.text_kwargs())
-                    loss = symmetric_infonce(logits, positive_mask(batch.video_index, batch.video_index,
-                                                                   batch.text_emb))
+                    loss = batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

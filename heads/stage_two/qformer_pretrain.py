@@ -23,14 +23,15 @@ from core.split import Split
 from heads.registry import create_head
 from heads.stage_two.blip2 import save_blip2
 from heads.stage_two.itc import itc_batch, itc_loss
-from heads.stage_two.pairs import load_pairs, require_tokens
+from heads.stage_two.pairs import ItmBatch, load_pairs, require_tokens
 from heads.stage_two.tokenizer import CaptionTokenizer, text_view
 from heads.training.common import check_not_test, make_optimizer, torch_threads, warmup_steps
 
 DONE_NAME = "pretrain.json"
 
 
-def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP-2's ITM negatives: for each caption a video and for each video a caption of the batch,
     drawn with probability softmax(ITC logits) over the others (the pair itself excluded)."""
     with torch.no_grad():
@@ -39,6 +40,30 @@ def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator) -> tupl
         neg_video = torch.multinomial(masked.softmax(dim=1), 1, generator=generator).squeeze(1)
         neg_text = torch.multinomial(masked.t().softmax(dim=1), 1, generator=generator).squeeze(1)
     return neg_video, neg_text
+
+
+def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pre-training step's losses on ``batch`` (aligned pairs of distinct videos, on the head's
+    device): one random valid frame of each video makes image-text pairs; their ITC loss, and the
+    ITM loss of the positives with in-batch negatives (``generator`` draws the frames and the
+    negatives, on that device). Returns (itc, itm, match logits, match labels)."""
+    device = batch.tokens.device
+    b = batch.pair_video.shape[0]
+    valid = batch.frame_mask.float()
+    frame = torch.multinomial(valid / valid.sum(dim=1, keepdim=True), 1, generator=generator).squeeze(1)
+    tokens = batch.tokens[torch.arange(batch.tokens.shape[0], device=device), frame][:, None]
+    fm = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
+    video = head.encode_video(tokens, fm)
+    text = head.text_features(batch.text_tokens, batch.text_mask)[batch.pair_text]
+    logits = head.itc_logits(head.video_queries(video)[batch.pair_video], text)  # (b, b)
+    neg_video, neg_text = in_batch_negatives(logits, generator)
+    pair_text = torch.cat([batch.pair_text, batch.pair_text, batch.pair_text[neg_text]])
+    pair_video = torch.cat([batch.pair_video, batch.pair_video[neg_video], batch.pair_video])
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
+                        torch.zeros(2 * b, dtype=torch.long, device=device)])
+    match = head.match(batch.text_tokens, batch.text_mask, video, pair_text, pair_video)
+    return itc_loss(logits), F.cross_entropy(match, labels), match, labels
 
 
 def pretrain_qformer(train: Split, out_dir: str | Path, head_options: dict[str, Any], tokenizer: CaptionTokenizer,
@@ -78,21 +103,7 @@ def pretrain_qformer(train: Split, out_dir: str | Path, head_options: dict[str, 
             captions, videos = itc_batch(cv, num_videos, batch_size, rng)
             batch = load_pairs(view, captions, videos).to(device)
             b = videos.size
-            # one random valid frame of each video: image-text pairs
-            valid = batch.frame_mask.float()
-            frame = torch.multinomial(valid / valid.sum(dim=1, keepdim=True), 1, generator=gen).squeeze(1)
-            tokens = batch.tokens[torch.arange(batch.tokens.shape[0], device=device), frame][:, None]
-            fm = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
-            video = head.encode_video(tokens, fm)
-            text = head.text_features(batch.text_tokens, batch.text_mask)[batch.pair_text]
-            logits = head.itc_logits(head.video_queries(video)[batch.pair_video], text)  # (b, b)
-            itc = itc_loss(logits)
-            neg_video, neg_text = in_batch_negatives(logits, gen)
-            pair_text = torch.cat([batch.pair_text, batch.pair_text, batch.pair_text[neg_text]])
-            pair_video = torch.cat([batch.pair_video, batch.pair_video[neg_video], batch.pair_video])
-            labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(device)
-            match = head.match(batch.text_tokens, batch.text_mask, video, pair_text, pair_video)
-            itm = F.cross_entropy(match, labels)
+            itc, itm, match, labels = qformer_losses(head, batch, gen)
             loss = itc + itm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -29,10 +29,8 @@ validation's metrics, for both phases: ``core.training_log``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,9 +56,8 @@ from heads.stage_two.negatives import HardNegativeSampler, MixedNegatives, PlanI
 from heads.stage_two.pairs import load_pairs, require_tokens
 from heads.stage_two.selection import ValSet, selection_score
 from heads.stage_two.tokenizer import caption_tokenizer, text_view
-from heads.training.common import (BestState, check_splits, cpu_state, forward_precision, make_optimizer, save,
-                                   torch_threads,
-                                   warmup_steps)
+from heads.training.common import (BestState, check_splits, cpu_state, evaluating, forward_precision, make_optimizer,
+                                   save, torch_threads, warmup_steps)
 from heads.training.data import EpochSampler, blocks, prefetched, uses_text_tokens
 from heads.training.distributed import Dist, NullLog, StepModule, all_sum, context, drop_short_last, gather_with_grad, wrap
 
@@ -93,25 +90,13 @@ def _require_pair_free(head: Any, option: str, fix: str) -> None:
                           f"use {fix}")
 
 
-@contextlib.contextmanager
-def _evaluating(head: Any) -> Iterator[None]:
-    """``head`` in eval mode without gradients; its training flag restored after."""
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        head.train(was_training)
-
-
 class StageOneCosine:
     """Stage-one cosine of any (caption row, video row) pair of a split, from unit embeddings
     computed once (V + C rows of the head's output width, not a C x V matrix)."""
 
     def __init__(self, head: Any, split: Split, device: str = "cpu", batch: int = 1024) -> None:
         _require_pair_free(head, "rank_weight", "rank_weight=0")
-        with _evaluating(head):
+        with evaluating(head):
             self.video = encode_videos(head, split, batch, device).float().cpu()
             texts = [encode_texts(head, split, sl, device).float().cpu()
                      for sl in blocks(int(split.text_emb.shape[0]), batch)]
@@ -133,7 +118,7 @@ def hard_negatives(head: Any, train: Split, cfg: StageTwoTrainConfig) -> HardNeg
         del train_sim
     if cfg.neg_source in ("video", "mixed"):
         _require_pair_free(head, f"neg_source={cfg.neg_source}", "neg_source=text")
-        with _evaluating(head):
+        with evaluating(head):
             emb = encode_videos(head, train, 1024, cfg.device).float().cpu().numpy()
         video = video_sampler(emb, train.caption_video, cfg.neg_temperature, cfg.neg_video_pool)
     if text is not None and video is not None:
@@ -274,20 +259,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                     if d.enabled:
                         loss, logits = ddp(_global_itm_loss, batch, item, d, cfg, cosine)
                     else:
-                        with forward_precision(cfg.amp, cfg.device):
-                            video = model.encode_video(batch.tokens, batch.frame_mask)
-                            logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text,
-                                                 batch.pair_video).float()
-                            loss = F.cross_entropy(logits, batch.labels)
-                            if cfg.itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
-                                b = item.video.size
-                                itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b],
-                                                        video)
-                                loss = loss + cfg.itc_weight * itc.float()
-                        if cosine is not None:
-                            pc, pv, _ = item.pairs()
-                            loss = loss + cfg.rank_weight * rank_loss(
-                                logits[:, 1] - logits[:, 0], cosine(pc, pv).to(logits.device))
+                        loss, logits = itm_step_loss(model, batch, item, cfg, cosine)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -356,6 +328,25 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
         write_json(out / HISTORY_NAME, summary)
     d.barrier()
     return ckpt_path
+
+
+def itm_step_loss(model: Any, batch: Any, item: PlanItem, cfg: StageTwoTrainConfig,
+                  cosine: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one planned step in one process, from its pairs' batch (on the model's device):
+    ITM cross-entropy, plus the positives' contrastive loss (``itc_weight``) and, with ``cosine``
+    (a ``StageOneCosine``), the ranking loss (``rank_weight``). Returns (loss, match logits)."""
+    with forward_precision(cfg.amp, cfg.device):
+        video = model.encode_video(batch.tokens, batch.frame_mask)
+        logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text, batch.pair_video).float()
+        loss = F.cross_entropy(logits, batch.labels)
+        if cfg.itc_weight > 0:  # the positives' contrastive loss (their videos are distinct)
+            b = item.video.size
+            itc, _ = batch_itc_loss(model, batch, batch.pair_text[:b], batch.pair_video[:b], video)
+            loss = loss + cfg.itc_weight * itc.float()
+    if cosine is not None:
+        pc, pv, _ = item.pairs()
+        loss = loss + cfg.rank_weight * rank_loss(logits[:, 1] - logits[:, 0], cosine(pc, pv).to(logits.device))
+    return loss, logits
 
 
 def _local(d: Dist, item: PlanItem) -> PlanItem:

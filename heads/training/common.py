@@ -1,5 +1,5 @@
 """What both trainers share: split guards, identity checks, optimiser and schedule, torch threads,
-best-epoch tracking and checkpoint files (atomic writes, typed loading).
+best-epoch tracking, eval-mode blocks and checkpoint files (atomic writes, typed loading).
 
 The rules: training and model selection never see a test split (``check_splits``); a checkpoint
 records the identity of the encoder whose features it was trained on and is refused on any other
@@ -110,6 +110,18 @@ class BestState:
             self.score, self.epoch, self.state = float(score), epoch, cpu_state(model)
             return True
         return False
+
+
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode without gradients inside the block; its training flag restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
 
 
 def forward_precision(amp: str, device: str) -> Any:
