@@ -3,6 +3,7 @@ line builds its options from it without importing torch)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,25 @@ from core.errors import UsageError
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, **({"flag": flag} if flag else {})})
+
+
+MAX_AUTO_WORKERS = 8  # decoder workers that --workers 0 (the default) starts at most
+
+
+def decoder_workers(workers: int = 0) -> int:
+    """The decoder worker processes to start: ``workers``, or for 0 one per CPU core this process may
+    use but one (the encoder loop's), at least 1 and at most :data:`MAX_AUTO_WORKERS`: a GPU job is bound
+    by decoding, so a fixed 2 left a GPU idle on a machine with 16 cores."""
+    if workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0: one per CPU core but one, at most {MAX_AUTO_WORKERS}), "
+                         f"got {workers}")
+    if workers:
+        return int(workers)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this system
+        cores = os.cpu_count() or 2
+    return max(1, min(MAX_AUTO_WORKERS, cores - 1))
 
 
 @dataclass(frozen=True)
@@ -49,7 +69,8 @@ class ExtractConfig:
     num_frames: int = _opt(12, "Frames per video (uniformly; the most with --fps).", "--frames")
     sample_fps: float | None = _opt(None, "Sample this many frames per second instead, up to --frames.", "--fps")
     shard_size: int = _opt(64, "Videos per shard (the unit of work).")
-    workers: int = _opt(2, "Decoder worker processes.")
+    workers: int = _opt(0, f"Decoder worker processes (default 0: one per CPU core but one, at most "
+                           f"{MAX_AUTO_WORKERS}).")
     timeout: float = _opt(60.0, "Seconds before a video's decoding is abandoned.")
     max_text_tokens: int = _opt(32, "Text tokens kept per caption.")
     batch_size: int = _opt(96, "Frames per encoder forward pass (lower it when the GPU runs out of memory).")

@@ -28,7 +28,9 @@ address-space limit (``DecodeLimits.decoder_memory``): a decoder that still asks
 Workers die with the process that started them, even one killed with SIGKILL: on Linux through the
 parent-death signal (armed in the worker; the workers are started by one thread that lives as long
 as the pool, since the signal follows the thread that started a process), elsewhere too through a
-thread in the worker that watches its parent process id.
+thread in the worker that watches its parent process id. A pool given ``thumbnails`` also makes each
+video's thumbnails in the worker, from the frames it returns (``DecodeResult.thumbnails``), so the
+process that encodes never spends time on JPEGs.
 
 This module does not import torch (workers stay light).
 """
@@ -52,6 +54,7 @@ import numpy as np
 
 from pipeline.config import DecodeLimits
 from pipeline.sampling import FrameSample, is_constant_rate, sample_by_time, sample_frames
+from pipeline.thumbnails import thumbnails_of
 
 TIMEOUT = "timeout"
 CRASHED = "crashed"
@@ -85,6 +88,8 @@ class DecodeResult:
     (T,) int32 frame numbers (-1 padding); ``times`` (T,) float32 seconds (-1 padding). A failure
     has ``kind`` (one of ``FAILURE_KINDS``), ``reason`` (``"<kind>: <one line>"``, what the store
     keeps) and ``detail`` (the decoders' raw messages). ``decoder`` names the decoder that served it.
+    ``thumbnails``: the video's JPEGs (``pipeline.thumbnails.thumbnails_of`` of ``frames``), made in the
+    worker of a :class:`DecodePool` given ``thumbnails``; ``None`` otherwise.
     """
 
     video_id: str
@@ -101,6 +106,7 @@ class DecodeResult:
     detail: str = ""
     decoder: str = ""
     extra: dict = field(default_factory=dict)
+    thumbnails: list[bytes] | None = None
 
     @property
     def valid_frames(self) -> np.ndarray:
@@ -506,13 +512,28 @@ def _limit_memory(limit: int | None) -> None:
         pass
 
 
+def with_thumbnails(res: DecodeResult, thumbnails: tuple[int, int, int] | None) -> DecodeResult:
+    """``res`` with its ``thumbnails`` (``(count, max_side, max_bytes)`` of ``thumbnails_of``) made from
+    its frames, when it decoded and ``thumbnails`` is given. A frame no JPEG can hold leaves the video
+    without thumbnails (``extra["thumbnails"]`` says why) rather than failing it."""
+    if not thumbnails or not res.ok or res.frames is None:
+        return res
+    try:
+        res.thumbnails = thumbnails_of(res.frames, res.mask, *thumbnails)
+    except Exception as exc:  # the video's tokens are still good
+        res.thumbnails = []
+        res.extra["thumbnails"] = _one_line(exc)
+    return res
+
+
 def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
                  short_side: int | None, sample_fps: float | None = None,
                  decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, thumbnails: tuple[int, int, int] | None = None) -> None:
     """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops. The worker dies
     with its parent (``parent_pid``) and runs under ``limits.decoder_memory``; ``decode_fn`` gets
-    ``limits`` when its checks are not the defaults."""
+    ``limits`` when its checks are not the defaults. With ``thumbnails`` each decoded video's
+    thumbnails come with its result (:func:`with_thumbnails`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
     _die_with_parent(parent_pid)
     limits = limits or DecodeLimits()
@@ -532,6 +553,7 @@ def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
                             **({"sample_fps": sample_fps} if sample_fps else {}),
                             **({"decoders": decoders} if decoders and decoders != DECODERS else {}),
                             **({"limits": limits} if checks else {}))
+            res = with_thumbnails(res, thumbnails)
         except MemoryError as exc:
             res = out_of_memory(task.video_id, exc)
         except Exception as exc:
@@ -609,13 +631,16 @@ class _Spawner:
 class DecodePool:
     """Decoder worker processes with a per-video timeout; see the module docstring.
 
-    ``limits`` (default :class:`DecodeLimits`): what a video may claim, and each worker's memory."""
+    ``limits`` (default :class:`DecodeLimits`): what a video may claim, and each worker's memory.
+    ``thumbnails`` (``(count, max_side, max_bytes)``): each decoded video's thumbnails are made in its
+    worker, from the frames the result carries (``DecodeResult.thumbnails``)."""
 
     def __init__(self, num_frames: int, short_side: int | None = None, workers: int = 2,
                  timeout: float = 60.0, prefetch: int | None = None,
                  max_tasks_per_worker: int = 1000, decode_fn: DecodeFn | None = None,
                  start_method: str = "spawn", sample_fps: float | None = None,
-                 decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None) -> None:
+                 decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None,
+                 thumbnails: tuple[int, int, int] | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.num_frames = num_frames
@@ -628,6 +653,7 @@ class DecodePool:
         self.sample_fps = sample_fps
         self.decoders = tuple(decoders) if decoders else None  # None / DECODERS: decode_fn's own order
         self.limits = limits or DecodeLimits()
+        self.thumbnails = tuple(int(v) for v in thumbnails) if thumbnails else None
         self._ctx = mp.get_context(start_method)
         # forkserver's workers are the server's children, not ours: they watch the parent they find
         self._parent_pid = os.getpid() if start_method in ("spawn", "fork") else None
@@ -639,7 +665,7 @@ class DecodePool:
         if self._spawner is None:
             self._spawner = _Spawner()
         args = (self.decode_fn, self.num_frames, self.short_side, self.sample_fps, self.decoders, self.limits,
-                self._parent_pid)
+                self._parent_pid, self.thumbnails)
         return self._spawner.run(lambda: _Worker(self._ctx, args))
 
     @property

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import EncoderError, UsageError
+from core.identity import EXTRACTION_KEY, without_extraction  # noqa: F401  (re-exported)
 
 RESIZE_MODES = ("short_crop", "square")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_precision(precision: str | None, device: str | torch.device) -> str:
     """``auto`` (or None) -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp16`` / ``fp32`` as given."""
     p = (precision or "auto").lower()
@@ -169,3 +168,10 @@ class Encoder(ABC):
     @abstractmethod
     def identity(self) -> dict:
         """JSON-serialisable description of what produced the features (no local paths)."""
+
+    def store_identity(self, resize: str) -> dict:
+        """The identity a store of this encoder records: :meth:`identity` plus, under
+        :data:`EXTRACTION_KEY`, the compute precision (:meth:`set_precision`) and ``resize`` (where
+        the frames were resized: ``worker``, ``device``, or the decoders' size and then the device),
+        so that a store is never grown or finished with features computed another way."""
+        return {**self.identity(), EXTRACTION_KEY: {"precision": self.precision, "resize": str(resize)}}

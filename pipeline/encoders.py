@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from core.errors import EncoderError
 from core.fileio import sha256_file
-from pipeline.encoder_base import Encoder
+from pipeline.encoder_base import Encoder, without_extraction
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 RANDOM_INIT_SEED = 0
@@ -379,9 +379,11 @@ def encoder_for_identity(identity: dict, candidates: list[str] | tuple[str, ...]
     encode new captions the way the store's were. Random weights and open_clip tags are rebuilt from
     the identity alone; local weights (a checkpoint, a BLIP-2 directory) come from ``candidates``:
     encoder specs or checkpoint files, the one whose identity matches is taken. ``EncoderError``
-    names what differs when none matches."""
+    names what differs when none matches. How the store's extraction computed (its precision and
+    resize, ``EXTRACTION_KEY``) is not part of the encoder and is not compared."""
     from core.fileio import json_diff
 
+    identity = without_extraction(identity)
     name = str(identity.get("name", ""))
     weights = identity.get("weights") or {}
     layer = identity.get("token_layer")

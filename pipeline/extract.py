@@ -9,9 +9,13 @@ apart; ``failures.json`` next to the arrays of a local store lists both) and are
 always finishes, and its report says what every store holds afterwards. ``retry_failed`` decodes
 the shards holding failed videos again (when the files have appeared or been repaired).
 
-Each video shard also gets its videos' thumbnails (``pipeline.thumbnails``, from the frames decoded
-for the encoders; ``thumbnails=0`` makes none); ``add_thumbnails`` gives them to a store made before
-thumbnails existed, decoding the videos again but encoding nothing.
+Each video shard also gets its videos' thumbnails (``pipeline.thumbnails``, made by the decoder
+workers from the frames they decoded for the encoders; ``thumbnails=0`` makes none); ``add_thumbnails``
+gives them to a store made before thumbnails existed, decoding the videos again but encoding nothing.
+
+A store's encoder identity records how its features were computed (``Encoder.store_identity``: the
+compute precision and where frames were resized); a store is never grown, retried or finished with
+features computed another way (``check_extraction``), nor is a store made before it recorded them.
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ import numpy as np
 
 from core.errors import EncoderError, StoreError, StoreMismatchError, UsageError
 from core.fileio import jsonable
-from pipeline.config import ExtractConfig
+from pipeline.config import ExtractConfig, decoder_workers
 from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask, decoder_order
-from pipeline.encoder_base import Encoder
+from pipeline.encoder_base import EXTRACTION_KEY, Encoder, without_extraction
 from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
 from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_fps, strategy_name
 from pipeline.store import (STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path,
                             row_digest)
-from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE, thumbnails_of
+from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 FAILURES_JSON = "failures.json"
@@ -221,6 +225,43 @@ def _resize_mode(resize: str | None, device: str) -> str:
     return r
 
 
+def resize_record(resize: str, short_side: int | None, image_size: int) -> str:
+    """Where an encoder's frames were resized, as its store records it (``EXTRACTION_KEY``):
+    ``device``, ``worker`` (the decoders brought them to its size), or, when the decoders brought them
+    to a larger encoder's size, that size and then the device (its tokens depend on it)."""
+    if resize == "device" or short_side is None:
+        return "device"
+    return "worker" if int(short_side) == int(image_size) else f"worker to {int(short_side)} px, then device"
+
+
+def _extraction_text(x: dict) -> str:
+    return f"precision {x.get('precision')}, resize {x.get('resize')}"
+
+
+def check_extraction(path: str | os.PathLike, identity: dict) -> None:
+    """``StoreMismatchError`` (one line naming both) when the store at ``path`` holds features of this
+    encoder computed another way than ``identity`` (a ``store_identity``) computes them: another
+    compute precision or resize mode (growing, retrying or finishing it would mix them), or a store
+    made before stores recorded either (its way is unknown). Nothing there, or another encoder (which
+    ``CacheStore.open_or_create`` names), passes."""
+    try:
+        have = CacheStore.open(path).encoder_identity
+    except StoreError:
+        return
+    if jsonable(without_extraction(have)) != jsonable(without_extraction(identity)):
+        return
+    want, got = identity[EXTRACTION_KEY], have.get(EXTRACTION_KEY)
+    if got is None:
+        raise StoreMismatchError(f"{path}: the store was made before stores recorded their compute precision and "
+                                 f"resize mode, so features computed now ({_extraction_text(want)}) could differ "
+                                 f"from those it holds; finish it with the version that made it, or make a new "
+                                 f"store (another --store path)")
+    if got != want:
+        raise StoreMismatchError(f"{path}: the store holds features computed at {_extraction_text(got)}, this run "
+                                 f"computes them at {_extraction_text(want)}; one store never mixes them: run with "
+                                 f"the store's --precision and --resize (and encoders), or use another --store path")
+
+
 def _as_encoder(e: EncoderSpec | str | Encoder, device: str, token_layer: int | None) -> Encoder:
     """A built encoder, or the encoder of a spec with ``token_layer`` applied (``--token-layer``)."""
     if isinstance(e, Encoder):
@@ -268,40 +309,72 @@ class EncodedBatch:
         return pos
 
 
-def start_batch(enc: Encoder, items: list[tuple[int, DecodeResult]], batch_size: int | None = None) -> EncodedBatch:
+def host_frames(items: list[tuple[int, DecodeResult]], pin: bool = False) -> list[Any]:
+    """The valid frames of each of ``items`` (local row, result) as a host tensor (n, H, W, 3) uint8;
+    with ``pin`` all of them in one page-locked buffer (one allocation and one copy per video, whatever
+    the number of encoders: :func:`start_batch` takes the same frames for each), from which a CUDA
+    device copies them without blocking."""
+    import torch
+
+    if not pin:
+        return [torch.from_numpy(r.valid_frames) for _, r in items]
+    shapes = [(int(r.mask.sum()),) + r.frames.shape[1:] for _, r in items]
+    buf = torch.empty(sum(int(np.prod(s)) for s in shapes), dtype=torch.uint8, pin_memory=True)
+    out, pos = [], 0
+    for (_, r), shape in zip(items, shapes):
+        view = buf[pos:pos + int(np.prod(shape))].view(shape)
+        np.compress(np.asarray(r.mask, bool), r.frames, axis=0, out=view.numpy())
+        out.append(view)
+        pos += view.numel()
+    return out
+
+
+def start_batch(enc: Encoder, items: list[tuple[int, DecodeResult]], batch_size: int | None = None,
+                frames: list[Any] | None = None) -> EncodedBatch:
     """Preprocess and encode the valid frames of ``items`` (local row, result) in one forward pass,
-    under the encoder's precision (``Encoder.autocast``); on CUDA the frames go up from pinned memory
-    and the outputs come back into pinned memory without blocking (``EncodedBatch.finish`` waits).
-    CUDA out of memory is an ``EncoderError`` naming ``--batch-size``."""
+    under the encoder's precision (``Encoder.autocast``); ``frames``: those frames as
+    :func:`host_frames` gives them (made here when not given). On CUDA the frames go up from pinned
+    memory and the outputs come back into pinned memory without blocking, on the encoder's own
+    device and its current stream (``EncodedBatch.finish`` waits for that stream's event), so any
+    ``cuda:N`` is safe. CUDA out of memory is an ``EncoderError`` naming ``--batch-size``."""
     import torch
 
     cuda = enc.device.type == "cuda"
     try:
-        xs = []
-        for _, r in items:
-            frames = torch.from_numpy(r.valid_frames)
-            xs.append(enc.preprocess(frames.pin_memory() if cuda else frames))
-        with enc.autocast():
-            tokens, emb = enc.encode_images(torch.cat(xs))
-        tokens = tokens.to(torch.float16)
-        emb = emb.float()
-        finite = torch.isfinite(tokens).all()
+        if frames is None:
+            frames = host_frames(items, pin=cuda)
         if not cuda:
-            return EncodedBatch(enc, items, tokens.cpu(), emb.cpu(), finite)
-        host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host_e = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
-        host_f = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host_t.copy_(tokens, non_blocking=True)
-        host_e.copy_(emb, non_blocking=True)
-        host_f.copy_(finite, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return EncodedBatch(enc, items, host_t, host_e, host_f, event)
+            return _encode(enc, items, frames)
+        with torch.cuda.device(enc.device):
+            return _encode(enc, items, frames)
     except torch.cuda.OutOfMemoryError as exc:  # = torch.OutOfMemoryError in recent torch
         n = sum(int(r.mask.sum()) for _, r in items)
         size = f"now {batch_size}" if batch_size else f"this batch: {n} frames"
         raise EncoderError(f"{enc.device.type.upper()} out of memory encoding {n} frames with {enc.spec} at "
                            f"--precision {enc.precision}: lower --batch-size ({size})") from exc
+
+
+def _encode(enc: Encoder, items: list[tuple[int, DecodeResult]], frames: list[Any]) -> EncodedBatch:
+    """The body of :func:`start_batch` (on CUDA, run with ``enc.device`` the current device)."""
+    import torch
+
+    xs = [enc.preprocess(f) for f in frames]
+    with enc.autocast():
+        tokens, emb = enc.encode_images(torch.cat(xs))
+    tokens = tokens.to(torch.float16)
+    emb = emb.float()
+    finite = torch.isfinite(tokens).all()
+    if enc.device.type != "cuda":
+        return EncodedBatch(enc, items, tokens.cpu(), emb.cpu(), finite)
+    host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host_e = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+    host_f = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host_t.copy_(tokens, non_blocking=True)  # enqueued on the current stream of the tensors' device
+    host_e.copy_(emb, non_blocking=True)
+    host_f.copy_(finite, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(enc.device))  # that stream, not the default device's
+    return EncodedBatch(enc, items, host_t, host_e, host_f, event)
 
 
 def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
@@ -414,8 +487,8 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         raise UsageError(f"--write-queue must be >= 0, got {c.write_queue}")
     if c.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {c.batch_size}")
-    num_frames, sample_fps, shard_size, workers, timeout = c.num_frames, c.sample_fps, c.shard_size, c.workers, \
-        c.timeout
+    workers = decoder_workers(c.workers)
+    num_frames, sample_fps, shard_size, timeout = c.num_frames, c.sample_fps, c.shard_size, c.timeout
     max_text_tokens, batch_size, text_batch_size = c.max_text_tokens, c.batch_size, c.text_batch_size
     text_shard_size, compressor, retry_failed = c.text_shard_size, c.compressor, c.retry_failed
     if c.thumbnails < 0:
@@ -437,12 +510,15 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         enc.set_precision(c.precision)
         if c.compile:
             enc.compile()
+    # frames come at the largest encoder size (PIL), or as decoded for a resize on the device
+    short_side = max(e.image_size for e in encs) if resize == "worker" else None
     stores: list[CacheStore] = []
     thumbs = {"count": c.thumbnails, "max_side": THUMBNAIL_SIDE, "max_bytes": THUMBNAIL_BYTES} if c.thumbnails else None
     appended: dict[str, dict] = {}
     for enc, path in zip(encs, store_paths):
+        identity = enc.store_identity(resize_record(resize, short_side, enc.image_size))
         layout = StoreLayout(dataset=manifest.dataset, manifest_sha256=msha,
-                             encoder=enc.identity(), num_frames=num_frames,
+                             encoder=identity, num_frames=num_frames,
                              num_tokens=enc.num_tokens, token_dim=enc.token_dim,
                              embed_dim=enc.embed_dim, text_dim=enc.text_dim,
                              max_text_tokens=max_text_tokens, shard_size=shard_size,
@@ -451,6 +527,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
         grower = part is None or part[0] == 0 or local_path(path) is not None
         if not grower:  # a remote store has no lock: one writer grows it, the others wait (docs/STORE.md)
             wait_for_grower(path, msha, bool(c.thumbnails))
+        check_extraction(path, identity)
         grow = _grow(path, layout, rows, manifest.dataset)
         if grow and (grow["videos"] or grow["captions"]):
             appended[os.fspath(path)] = grow
@@ -487,10 +564,9 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     results = None
     try:
         if tasks:
-            # frames come at the largest encoder size (PIL), or as decoded for a resize on the device
-            short_side = max(e.image_size for e in encs) if resize == "worker" else None
             pool = DecodePool(num_frames, short_side, workers=workers, timeout=timeout, decode_fn=decode_fn,
-                              sample_fps=sample_fps, decoders=decoders, limits=limits)
+                              sample_fps=sample_fps, decoders=decoders, limits=limits,
+                              thumbnails=(c.thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES) if c.thumbnails else None)
             results = pool.map(tasks)  # decoding starts now, overlapping the text pass
         _extract_texts(encs, stores, rows, max_text_tokens, text_batch_size, part, report,
                        progress)
@@ -697,7 +773,8 @@ def _extract_shard(encs: list[Encoder], stores: list[CacheStore], i: int, need: 
         if not pending:
             return
         t0 = time.perf_counter()
-        started = [(k, start_batch(encs[k], pending, batch_size)) for k in need]
+        frames = host_frames(pending, pin=any(encs[k].device.type == "cuda" for k in need))  # once, for every encoder
+        started = [(k, start_batch(encs[k], pending, batch_size, frames)) for k in need]
         report.encode_seconds += time.perf_counter() - t0
         land()  # the previous batch's results, copied back while this one was launched
         inflight = started
@@ -717,8 +794,8 @@ def _extract_shard(encs: list[Encoder], stores: list[CacheStore], i: int, need: 
             report.decoders[res.decoder or "?"] = report.decoders.get(res.decoder or "?", 0) + 1
             pending.append((row, res))
             pending_frames += int(res.mask.sum())
-            if thumbnails:
-                thumbs[row] = thumbnails_of(res.frames, res.mask, thumbnails, THUMBNAIL_SIDE, THUMBNAIL_BYTES)
+            if thumbnails:  # made by the decoder worker (DecodePool(thumbnails=...)), from the frames it decoded
+                thumbs[row] = list(res.thumbnails or [])
             report.ok += 1
             if pending_frames >= batch_size:
                 flush()
@@ -768,12 +845,13 @@ class ThumbnailReport:
         return asdict(self)
 
 
-def add_thumbnails(store_path: str | os.PathLike, manifest: Any, *, workers: int = 2, timeout: float = 60.0,
+def add_thumbnails(store_path: str | os.PathLike, manifest: Any, *, workers: int = 0, timeout: float = 60.0,
                    count: int = THUMBNAIL_COUNT, max_side: int = THUMBNAIL_SIDE, max_bytes: int = THUMBNAIL_BYTES,
                    decode_fn: DecodeFn | None = None, progress: bool = True) -> ThumbnailReport:
     """Give every video of the store at ``store_path`` whose extraction succeeded its thumbnails, decoding
     the video files ``manifest`` (the store's own, checked by its hash) lists; shards that have them are
-    skipped. ``StoreMismatchError`` when the manifest is not the store's."""
+    skipped; the decoder workers (``workers``; 0: ``pipeline.config.decoder_workers``) make them.
+    ``StoreMismatchError`` when the manifest is not the store's."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -802,8 +880,9 @@ def add_thumbnails(store_path: str | os.PathLike, manifest: Any, *, workers: int
     tasks = [rows.tasks[r] for _, rs in jobs for r in rs]
     # decoded as extraction decodes for this encoder, so the thumbnails are those extraction would make
     short_side = int(store.encoder_identity.get("image_size") or info["max_side"])
-    pool = DecodePool(int(sampling["num_frames"]), short_side, workers=workers, timeout=timeout,
-                      decode_fn=decode_fn, sample_fps=strategy_fps(sampling["strategy"]))
+    made = (int(info["count"]), int(info["max_side"]), int(info["max_bytes"]))
+    pool = DecodePool(int(sampling["num_frames"]), short_side, workers=decoder_workers(workers), timeout=timeout,
+                      decode_fn=decode_fn, sample_fps=strategy_fps(sampling["strategy"]), thumbnails=made)
     results = pool.map(tasks) if tasks else iter(())
     bar = tqdm(total=len(tasks), unit="video", desc="thumbnails", disable=not progress)
     try:
@@ -821,8 +900,7 @@ def add_thumbnails(store_path: str | os.PathLike, manifest: Any, *, workers: int
                 valid = want_index[r][want_index[r] >= 0]
                 if not np.array_equal(np.asarray(res.indices)[np.asarray(res.mask, bool)], valid):
                     report.other_frames += 1
-                shard[r - lo] = thumbnails_of(res.frames, res.mask, int(info["count"]), int(info["max_side"]),
-                                              int(info["max_bytes"]))
+                shard[r - lo] = list(res.thumbnails or [])  # made by the decoder worker
                 report.videos += 1
             store.write_thumbnails(i, shard)
             report.shards_done += 1

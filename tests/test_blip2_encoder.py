@@ -217,7 +217,7 @@ def test_cli_extracts_a_blip2_store(tmp_path, toy_manifest, blip2_dir, blip2):
     store = CacheStore.open(path)
     assert store.is_complete() and store.failures() == {}
     ident = store.encoder_identity
-    assert ident["kind"] == "blip2" and ident == blip2.identity()
+    assert ident["kind"] == "blip2" and ident == blip2.store_identity("worker")
     tokens = store.array("videos/tokens")[:]
     assert tokens.shape == (3, 3, 17, 24)
     assert store.array("videos/frame_emb").shape == (3, 3, 16)

@@ -44,6 +44,7 @@ def repair(store: str, report: Any, manifest: Any, encoder: str, device: str = "
     """Re-extract just the shards ``report`` (a ``VerifyReport``) names, from the store's own manifest
     (its videos at hand) with ``encoder`` (checked against the store's identity); every other shard is
     left as it is. Returns the store's verification afterwards."""
+    from core.identity import EXTRACTION_KEY
     from pipeline.config import ExtractConfig
     from pipeline.encoders import parse_encoder
     from pipeline.extract import add_thumbnails, extract
@@ -64,7 +65,10 @@ def repair(store: str, report: Any, manifest: Any, encoder: str, device: str = "
     a = s.attrs
     spec = parse_encoder(encoder)
     layer = a["encoder"].get("token_layer")
+    ext = a["encoder"].get(EXTRACTION_KEY) or {}  # computed as the store's features were (a store refuses others)
     cfg = ExtractConfig(num_frames=int(a["sampling"]["num_frames"]), sample_fps=strategy_fps(a["sampling"]["strategy"]),
+                        precision=ext.get("precision", "auto"),
+                        resize=ext.get("resize") if ext.get("resize") in ("worker", "device") else "auto",
                         shard_size=s.shard_size, text_shard_size=s.text_shard_size,
                         max_text_tokens=int(a["max_text_tokens"]), compressor=a.get("compressor"), workers=workers,
                         timeout=timeout, token_layer=layer,

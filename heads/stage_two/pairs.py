@@ -1,7 +1,9 @@
 """Batches of (caption, video) pairs read from a split's cached tokens.
 
 Only the distinct rows a batch needs are read from the (memory-mapped) arrays, each once, in
-ascending order (``gather_rows``); text tokens are cut to the longest caption of the batch.
+ascending order (``gather_rows``); text tokens are cut to the longest caption of the batch. A batch
+bound for a CUDA device (``load_pairs(device=...)``) is built in pinned memory, so that
+``ItmBatch.to`` copies it without blocking.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from core.split import TOKEN_ARRAYS, Split, require_arrays
-from heads.training.data import gather_rows
+from heads.training.data import gather_rows, host_rows, host_tensor, pins
 
 
 @dataclass
@@ -55,20 +57,21 @@ def text_rows(split: Split, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_pairs(split: Split, caption_index: np.ndarray, video_index: np.ndarray,
-               labels: np.ndarray | None = None) -> ItmBatch:
-    """Read the rows needed for pairs ``(caption_index[i], video_index[i])`` from ``split``."""
+               labels: np.ndarray | None = None, device: str | torch.device | None = None) -> ItmBatch:
+    """Read the rows needed for pairs ``(caption_index[i], video_index[i])`` from ``split``; for a
+    CUDA ``device`` (where the batch goes) into pinned memory (the video tokens straight from the
+    arrays)."""
+    pin = pins(device)
     caption_index = np.asarray(caption_index, dtype=np.int64)
     video_index = np.asarray(video_index, dtype=np.int64)
     caps, c_inv = np.unique(caption_index, return_inverse=True)
     vids, v_inv = np.unique(video_index, return_inverse=True)
-    tokens = gather_rows(split.tokens, vids)
-    fmask = gather_rows(split.frame_mask, vids).astype(bool, copy=False)
     ttok, tmask = text_rows(split, caps)
     if labels is None:
         labels = np.zeros(video_index.size, dtype=np.int64)
     return ItmBatch(
-        text_tokens=torch.from_numpy(ttok), text_mask=torch.from_numpy(tmask),
-        tokens=torch.from_numpy(tokens), frame_mask=torch.from_numpy(fmask),
-        pair_text=torch.from_numpy(c_inv.reshape(-1).astype(np.int64)),
-        pair_video=torch.from_numpy(v_inv.reshape(-1).astype(np.int64)),
-        labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        text_tokens=host_tensor(ttok, pin), text_mask=host_tensor(tmask, pin),
+        tokens=host_rows(split.tokens, vids, pin=pin), frame_mask=host_rows(split.frame_mask, vids, bool, pin),
+        pair_text=host_tensor(c_inv.reshape(-1).astype(np.int64), pin),
+        pair_video=host_tensor(v_inv.reshape(-1).astype(np.int64), pin),
+        labels=host_tensor(np.asarray(labels, dtype=np.int64), pin))

@@ -24,6 +24,7 @@ import torch
 from core.errors import CheckpointError, ForbiddenSplitError, StoreMismatchError
 from core.fileio import atomic_write, json_diff
 from core.split import Split, check_same_store
+from core.identity import without_extraction
 from heads.registry import STAGE_NAMES, create_head
 
 FORBIDDEN_SPLITS = frozenset({"test"})
@@ -49,10 +50,11 @@ def check_splits(train: Split, val: Split | None) -> None:
 
 def check_identity(expected: dict | None, found: dict, what: str) -> None:
     """Refuse ``what`` (a checkpoint, a head) whose encoder identity ``found`` differs from the
-    ``expected`` identity of the store it is about to be used on, naming every difference."""
+    ``expected`` identity of the store it is about to be used on, naming every difference (how a store
+    computed its features, ``core.identity.EXTRACTION_KEY``, is not compared)."""
     if expected is None:
         return
-    diff = json_diff(expected, found)
+    diff = json_diff(without_extraction(expected), without_extraction(found))
     if diff:
         raise StoreMismatchError(f"{what} was trained on features of a different encoder than this store: "
                                  + "; ".join(diff))

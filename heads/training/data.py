@@ -2,7 +2,8 @@
 
 A split's arrays are usually ``np.memmap``. Only the rows of one batch are read, with sorted fancy
 indexing (sequential reads), and a background thread prepares the next batches (``prefetched``,
-the one prefetcher of both trainers and of pair scoring).
+the one prefetcher of both trainers and of pair scoring). A batch bound for a CUDA device (``device=``)
+is read straight into page-locked memory, so that its ``to(device)`` copies run without blocking.
 """
 
 from __future__ import annotations
@@ -19,12 +20,51 @@ from core.split import Split, require_arrays
 from heads.registry import supports
 
 
-def gather_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``array[index]`` as an in-memory copy, reading the distinct rows in ascending order."""
+def gather_rows(array: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``array[index]`` as an in-memory copy, reading the distinct rows in ascending order; into
+    ``out`` (cast to its dtype) when given."""
     index = np.asarray(index, dtype=np.int64)
     uniq, inverse = np.unique(index, return_inverse=True)
     rows = np.asarray(array[uniq])
-    return rows[inverse.reshape(-1)]
+    if out is None:
+        return rows[inverse.reshape(-1)]
+    if rows.dtype == out.dtype:
+        np.take(rows, inverse.reshape(-1), axis=0, out=out)
+    else:
+        out[...] = rows[inverse.reshape(-1)]
+    return out
+
+
+def pins(device: str | torch.device | None) -> bool:
+    """Whether a batch bound for ``device`` is built in page-locked (pinned) memory: for CUDA."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def host_buffer(shape: tuple[int, ...], dtype: Any, pin: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor of numpy ``dtype``; with ``pin`` page-locked, so that a CUDA copy
+    from it runs without blocking."""
+    torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    return torch.empty(tuple(int(n) for n in shape), dtype=torch_dtype, pin_memory=pin)
+
+
+def host_tensor(array: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """``array`` as a CPU tensor: sharing its memory, or with ``pin`` copied into a pinned buffer."""
+    if not pin:
+        return torch.from_numpy(array)
+    out = host_buffer(array.shape, array.dtype, True)
+    out.numpy()[...] = array
+    return out
+
+
+def host_rows(array: np.ndarray, index: np.ndarray, dtype: Any = None, pin: bool = False) -> torch.Tensor:
+    """``gather_rows(array, index)`` (as ``dtype``, default the array's) as a CPU tensor; with ``pin``
+    the rows are read straight into a pinned buffer."""
+    dtype = np.dtype(dtype or array.dtype)
+    if not pin:
+        return torch.from_numpy(gather_rows(array, index).astype(dtype, copy=False))
+    out = host_buffer((np.asarray(index).size,) + tuple(array.shape[1:]), dtype, True)
+    gather_rows(array, index, out=out.numpy())
+    return out
 
 
 @dataclass
@@ -113,21 +153,23 @@ class EpochSampler:
 
 
 def load_batch(split: Split, caption_index: np.ndarray, video_index: np.ndarray,
-               text_tokens: bool = False) -> Batch:
+               text_tokens: bool = False, device: str | torch.device | None = None) -> Batch:
     """Read the rows of one batch from the (memory-mapped) arrays of ``split``.
 
-    ``text_tokens=True`` also reads the captions' word tokens and mask.
+    ``text_tokens=True`` also reads the captions' word tokens and mask. ``device``: where the batch
+    goes (``Batch.to``); for CUDA it is read into pinned memory.
     """
+    pin = pins(device)
     words = mask = None
     if text_tokens:
-        words = torch.from_numpy(gather_rows(split.text_tokens, caption_index).astype(np.float32, copy=False))
-        mask = torch.from_numpy(gather_rows(split.text_mask, caption_index).astype(bool, copy=False))
+        words = host_rows(split.text_tokens, caption_index, np.float32, pin)
+        mask = host_rows(split.text_mask, caption_index, bool, pin)
     return Batch(
-        video_index=torch.from_numpy(np.asarray(video_index, dtype=np.int64)),
-        caption_index=torch.from_numpy(np.asarray(caption_index, dtype=np.int64)),
-        frame_emb=torch.from_numpy(gather_rows(split.frame_emb, video_index).astype(np.float32, copy=False)),
-        frame_mask=torch.from_numpy(gather_rows(split.frame_mask, video_index).astype(bool, copy=False)),
-        text_emb=torch.from_numpy(gather_rows(split.text_emb, caption_index).astype(np.float32, copy=False)),
+        video_index=host_tensor(np.asarray(video_index, dtype=np.int64), pin),
+        caption_index=host_tensor(np.asarray(caption_index, dtype=np.int64), pin),
+        frame_emb=host_rows(split.frame_emb, video_index, np.float32, pin),
+        frame_mask=host_rows(split.frame_mask, video_index, bool, pin),
+        text_emb=host_rows(split.text_emb, caption_index, np.float32, pin),
         text_tokens=words,
         text_mask=mask,
     )
@@ -185,9 +227,10 @@ def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2)
 
 
 def iterate_batches(split: Split, plan: Sequence[tuple[np.ndarray, np.ndarray]], prefetch: int = 2,
-                    text_tokens: bool = False) -> Iterator[Batch]:
-    """Yield ``load_batch`` for each planned ``(caption_index, video_index)`` batch, ``prefetch`` ahead."""
-    return prefetched(plan, lambda cv: load_batch(split, cv[0], cv[1], text_tokens), prefetch)
+                    text_tokens: bool = False, device: str | torch.device | None = None) -> Iterator[Batch]:
+    """Yield ``load_batch`` for each planned ``(caption_index, video_index)`` batch, ``prefetch`` ahead
+    (pinned for a CUDA ``device``)."""
+    return prefetched(plan, lambda cv: load_batch(split, cv[0], cv[1], text_tokens, device), prefetch)
 
 
 def blocks(n: int, size: int) -> Iterator[slice]:
