@@ -241,6 +241,7 @@ def _record_pins(monkeypatch) -> list:
         return out
 
     monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA runtime to pin with
     return pinned
 
 

@@ -118,7 +118,7 @@ def train_stage_one(train: Split, val: Split | None, out_dir: str | Path = "stag
             batches = sampler.epoch(epoch)  # the global batches (every rank alike)
             local = [(c[d.part(c)], v[d.part(v)]) for c, v in batches] if d.enabled else batches
             for (_, global_videos), batch in zip(batches, iterate_batches(train, local, prefetch=cfg.prefetch,
-                                                                           text_tokens=words)):
+                                                                           text_tokens=words, device=device)):
                 batch = batch.to(device)
                 if d.enabled:
                     loss = _global_loss(d, model, ddp, batch, global_videos)

@@ -61,7 +61,7 @@ def pair_score_blocks(head: StageTwoHead, split: Split, caption_index: np.ndarra
     if getattr(head, "itc_dim", 0) and video_index.size:
         text_rows_all = np.unique(caption_index)
         text_embed = caption_itc_embed(head, split, text_rows_all, device=device)
-    load = lambda sl: (sl, load_pairs(split, caption_index[sl], video_index[sl]))  # noqa: E731
+    load = lambda sl: (sl, load_pairs(split, caption_index[sl], video_index[sl], device=device))  # noqa: E731
     batches = prefetched(chunks, load, prefetch)
     try:
         for sl, b in tqdm(batches, total=len(chunks), disable=not progress, desc="score pairs", leave=False):

@@ -249,7 +249,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 if state is not None and offset and state.get("partial"):
                     acc_loss, acc_hits, acc_n = (float(x) for x in state["partial"])
                 model.train()
-                load = lambda item: (item, load_pairs(tr, *_local(d, item).pairs()))  # noqa: E731
+                load = lambda item: (item, load_pairs(tr, *_local(d, item).pairs(), device=device))  # noqa: E731
                 batches = prefetched(plan[offset:], load, cfg.prefetch)
                 for item, batch in batches:
                     if itm_max_steps is not None and step >= itm_max_steps:

@@ -36,8 +36,9 @@ def gather_rows(array: np.ndarray, index: np.ndarray, out: np.ndarray | None = N
 
 
 def pins(device: str | torch.device | None) -> bool:
-    """Whether a batch bound for ``device`` is built in page-locked (pinned) memory: for CUDA."""
-    return device is not None and torch.device(device).type == "cuda"
+    """Whether a batch bound for ``device`` is built in page-locked (pinned) memory: for CUDA, where a
+    CUDA runtime is there to pin it."""
+    return device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
 def host_buffer(shape: tuple[int, ...], dtype: Any, pin: bool) -> torch.Tensor:
