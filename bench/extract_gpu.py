@@ -10,8 +10,10 @@ For every encoder (open_clip configs with random weights: nothing is downloaded)
 * encode-only frames/s: ``--frames`` decoded-size uint8 frames through the job's own path
   (``pipeline.extract.start_batch``: pinned copy up, resize / crop / normalise on the device, the
   encoder under ``--precision``, tokens back to pinned host memory), and the model alone on
-  preprocessed device tensors; their TFLOP/s and model FLOP utilisation (MFU) against the GPU's
-  bf16 dense peak (:data:`PEAK_BF16_TFLOPS`; none on a CPU);
+  preprocessed device tensors (the job's batch sizes in its order, autocast entered per batch as the
+  job does); their TFLOP/s and model FLOP utilisation (MFU) against the GPU's bf16 dense peak
+  (:data:`PEAK_BF16_TFLOPS`; none on a CPU); both warmed up first on every batch shape they time, so
+  ``--compile`` never compiles inside a timed section;
 * decode-only frames/s: the decoder pool (``--workers`` processes) over ``--videos`` generated clips;
 * full-job frames/s: ``pipeline.extract.extract`` of those clips into a fresh store (decode, encode,
   texts, thumbnails, the store writer thread), with the time the loop waited for decoding, encoding
@@ -108,9 +110,35 @@ def fake_results(n: int, T: int, h: int, w: int, seed: int = 0) -> list:
                          mask=np.ones(T, dtype=bool)) for i in range(n)]
 
 
+def batch_frames(batch: list) -> int:
+    """Frames one forward pass of the job encodes for ``batch`` ((row, DecodeResult) pairs): its valid frames."""
+    return sum(int(r.mask.sum()) for _, r in batch)
+
+
+def warmup_batches(batches: list) -> list:
+    """The batches the warm-up runs: the first two (allocator, kernels, the pipelined copy), then the
+    first batch of every other size in ``batches``. The last batch is shorter when the clips do not
+    divide evenly, and under ``--compile`` a new input shape compiles again: without it, that
+    compilation would land in the timed section."""
+    warm = list(batches[:2])
+    seen = {batch_frames(b) for b in warm}
+    for b in batches[2:]:
+        if batch_frames(b) not in seen:
+            seen.add(batch_frames(b))
+            warm.append(b)
+    return warm
+
+
 def encode_only(enc: Any, frames: int, T: int, batch_size: int, decoded_hw: tuple[int, int]) -> dict:
     """The job's encode path (start_batch / finish, one batch in flight) over ``frames`` frames, and the
-    model alone on preprocessed device tensors."""
+    model alone on preprocessed device tensors.
+
+    Both are warmed up on every batch shape they then time (``warmup_batches``), so ``--compile``
+    compiles before the clock starts. The model alone runs the job's batches (the same sizes, in the
+    same order, the last shorter one included), each forward pass in its own ``enc.autocast()`` as
+    ``start_batch`` enters it, so under bf16 / fp16 it casts the weights per batch as the job does;
+    it leaves out what the job adds around the model (the uint8 copy up, resize / crop / normalise,
+    the float16 tokens copied back to pinned memory), which is the difference between the two figures."""
     import torch
 
     from pipeline.extract import ShardBuffer, start_batch
@@ -119,6 +147,7 @@ def encode_only(enc: Any, frames: int, T: int, batch_size: int, decoded_hw: tupl
     clips = fake_results(max(per, -(-frames // T)), T, *decoded_hw)
     buf = ShardBuffer(len(clips), T, enc)
     batches = [list(enumerate(clips))[i:i + per] for i in range(0, len(clips), per)]
+    sizes = [batch_frames(b) for b in batches]
 
     def job_pass(bs: list) -> int:
         inflight, done = None, 0
@@ -131,21 +160,28 @@ def encode_only(enc: Any, frames: int, T: int, batch_size: int, decoded_hw: tupl
             done += inflight.finish(buf)
         return done
 
-    job_pass(batches[:2])  # warm-up (allocator, kernels, compile)
+    warm = warmup_batches(batches)
+    job_pass(warm)  # warm-up (allocator, kernels, compile: every batch shape timed below)
     with Stage(enc.device) as s:
         n = job_pass(batches)
     out = {"frames": n, "seconds": round(s.seconds, 4), "frames_per_s": round(n / s.seconds, 1),
-           "gpu_mem_peak_gib": s.peak_gib}
-    x = enc.preprocess(torch.from_numpy(clips[0].frames[np.arange(per * T) % T]))
-    with torch.no_grad(), enc.autocast():
-        enc.encode_images(x)
-        with Stage(enc.device) as m:
-            reps = max(1, len(batches))
-            for _ in range(reps):
-                enc.encode_images(x)
-    nm = reps * x.shape[0]
+           "gpu_mem_peak_gib": s.peak_gib, "batch_frames": sorted(set(sizes)),
+           "warmed_batch_frames": sorted({batch_frames(b) for b in warm})}
+    # the model alone: one preprocessed device tensor per batch size, the job's batch sequence
+    inputs = {k: enc.preprocess(torch.from_numpy(clips[0].frames[np.arange(k) % T])) for k in sorted(set(sizes))}
+
+    def model_pass(ks: list[int]) -> int:
+        with torch.no_grad():
+            for k in ks:
+                with enc.autocast():  # per batch, as start_batch
+                    enc.encode_images(inputs[k])
+        return sum(ks)
+
+    model_pass(sorted(inputs))  # warm-up: every size once
+    with Stage(enc.device) as m:
+        nm = model_pass(sizes)
     out["model_only"] = {"frames": nm, "seconds": round(m.seconds, 4), "frames_per_s": round(nm / m.seconds, 1),
-                         "gpu_mem_peak_gib": m.peak_gib}
+                         "gpu_mem_peak_gib": m.peak_gib, "autocast": "per batch, as the job"}
     return out
 
 

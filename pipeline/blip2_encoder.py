@@ -271,4 +271,8 @@ def load_blip2(spec: Any, device: str | torch.device = "cpu") -> Blip2Encoder:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # tokenizers raise many types; the message is what matters
         raise _fail(directory, f"cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
-    return Blip2Encoder(spec, model.to(device), tokenizer, directory, files, device=device)
+    try:
+        model = model.to(device)
+    except RuntimeError as exc:  # e.g. --device cuda where there is none: one line, as for open_clip
+        raise _fail(directory, f"cannot be put on {device} ({exc})") from None
+    return Blip2Encoder(spec, model, tokenizer, directory, files, device=device)
