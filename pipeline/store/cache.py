@@ -12,10 +12,8 @@ import numpy as np
 
 from core.errors import StoreError, StoreMismatchError
 from core.fileio import jsonable
-from core.split import StagedSplit
 from pipeline import integrity
 from pipeline.remote import is_read_only
-from pipeline.staging import STAGE_ARRAYS, stage_split
 from pipeline.store import backend, commit
 from pipeline.store.append import AppendMixin
 from pipeline.store.layout import (DECODER_BYTES, DETAIL_BYTES, ERROR_BYTES, FORMAT, LOCK_FILE, MATCH_KEYS,
@@ -23,12 +21,13 @@ from pipeline.store.layout import (DECODER_BYTES, DETAIL_BYTES, ERROR_BYTES, FOR
                                    TEXT_SHARD_ARRAYS, THUMBNAIL_ARRAYS, THUMBNAILS_DONE, VIDEO_SHARD_ARRAYS,
                                    StoreLayout, ceil_div, check_given_strings, codecs, decode_strings, digest_rows,
                                    encode_strings, fingerprint_of, manifest_version, short, thumbnail_info)
+from pipeline.store.splits import SplitMixin
 from pipeline.store.thumbnails import ThumbnailMixin
 
 CUT_STRINGS = ("videos/error", "videos/error_detail", "videos/decoder")  # the store's own messages: shortened
 
 
-class CacheStore(AppendMixin, ThumbnailMixin):
+class CacheStore(AppendMixin, ThumbnailMixin, SplitMixin):
     """Reader (and, when opened writable, writer) of one feature cache store."""
 
     def __init__(self, group: Any, url: str, writable: bool = False) -> None:
@@ -519,59 +518,6 @@ class CacheStore(AppendMixin, ThumbnailMixin):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self._g.store)
-
-    # -- reading one split ------------------------------------------------------------------
-    def split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows of ``split`` as a staged split holds them: ``(video rows, caption rows, caption_video)``.
-
-        Video rows: the split's committed videos whose extraction succeeded, in store order; caption rows:
-        their captions in store order; ``caption_video``: each caption's index into the video rows.
-        Raises ``StoreError`` when the store has no video of ``split``.
-        """
-        splits = np.array(self.strings("videos/split"), dtype=object)
-        in_split = splits == split
-        if not in_split.any():
-            raise StoreError(f"{self.url}: no videos of split {split!r} (splits: {self.splits()})")
-        rows = np.flatnonzero(in_split & (self.status() == STATUS_OK))
-        vidx = self.caption_video()
-        crows = np.flatnonzero(np.isin(vidx, rows)) if rows.size else np.zeros(0, np.int64)
-        return rows, crows, np.searchsorted(rows, vidx[crows]).astype(np.int64)
-
-    def split_coverage(self, split: str) -> dict[str, Any]:
-        """How much of ``split`` a staged copy holds: videos and captions of the split in the store
-        (all of the manifest's) and those usable (videos extracted ok, their captions), and every
-        missing video with why (its failure reason, or ``pending`` when not committed yet)."""
-        rows, crows, _ = self.split_rows(split)
-        in_split = np.flatnonzero(np.array(self.strings("videos/split"), dtype=object) == split)
-        vidx = self.caption_video()
-        status = self.status()
-        ids = self.video_ids
-        reasons = self.strings("videos/error")
-        missing = {ids[r]: (reasons[r] or "failed") if status[r] == STATUS_FAILED else "pending"
-                   for r in np.setdiff1d(in_split, rows)}
-        return {"split": split, "videos_total": int(in_split.size), "videos_scored": int(rows.size),
-                "captions_total": int(np.isin(vidx, in_split).sum()), "captions_scored": int(crows.size),
-                "complete": not missing, "missing_videos": missing}
-
-    def split_status(self, split: str) -> np.ndarray:
-        """Committed status (pending / ok / failed) of every video of ``split``, in store order."""
-        return self.status()[np.array(self.strings("videos/split"), dtype=object) == split]
-
-    def shard_digests(self, kind: str, shards: Sequence[int]) -> str:
-        """sha256 over the checksum records of ``shards`` of ``kind`` (what staging is keyed by: any
-        rewrite of one of them changes it); a shard without a record contributes its committed status."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for i in sorted({int(s) for s in shards}):
-            h.update(f"{kind}/{i}:".encode())
-            h.update(self.read_object(integrity.record_key(kind, i)) or b"-")
-        return h.hexdigest()
-
-    def stage(self, split: str, stage_dir: str | os.PathLike,
-              arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
-        """Copy one split into local memory-mapped ``.npy`` files (``pipeline.staging.stage_split``)."""
-        return stage_split(self, split, stage_dir, arrays)
 
 
 __all__ = ["CacheStore", "STATUS_PENDING", "STATUS_OK", "STATUS_FAILED"]
