@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from manifests.schema import Manifest
-    from pipeline.decode import DecodePool, DecodeTask
+    from pipeline.decode import DecodeTask
+    from pipeline.decode_pool import DecodePool
     from pipeline.encoders import load_encoder
     from pipeline.extract import encode_batch, ShardBuffer, extract
 

@@ -205,7 +205,8 @@ def make_videos(work: Path, distinct: int, frames: int, size: int, workers: int)
 
 
 def decode_only(paths: list[str], T: int, short_side: int | None, workers: int) -> dict:
-    from pipeline.decode import DecodePool, DecodeTask
+    from pipeline.decode import DecodeTask
+    from pipeline.decode_pool import DecodePool
 
     tasks = [DecodeTask(f"v{i:05d}", p) for i, p in enumerate(paths)]
     with DecodePool(T, short_side, workers=workers, timeout=120) as pool:

@@ -1,4 +1,4 @@
-"""Video decoding (decord, PyAV where decord fails) in worker processes, with a per-video timeout.
+"""Decoding one video (decord, PyAV where decord fails): its sampled frames, or why it failed.
 
 :func:`decode_video` decodes the sampled frames of one clip (see ``pipeline.sampling``) and
 resizes them so the shorter side is ``short_side`` (aspect kept; PIL bicubic). It never raises:
@@ -16,45 +16,23 @@ than the limits allow fails as ``too large``. The claims come from the container
 nothing decoded) and from each decoder's own count; PyAV also checks every decoded frame's size
 before converting it.
 
-:class:`DecodePool` runs the decoding in spawned worker processes (decord can leak memory and
-hang). A background thread in the calling process feeds the workers, collects results and
-enforces the timeout: a worker still busy after ``timeout`` seconds (or one that died) is killed
-and replaced, and its video is reported as a ``timeout`` (or ``crashed``).
-Results come back in submission order while later videos are already being decoded, so decoding
-overlaps with whatever the caller does with the results (encoding). Workers are also recycled
-after ``max_tasks_per_worker`` videos to bound decord's memory growth. Each worker runs under an
-address-space limit (``DecodeLimits.decoder_memory``): a decoder that still asks for more gets a
-``MemoryError`` (the video fails as ``out of memory`` and the worker is replaced) or dies (``crashed``).
-Workers die with the process that started them, even one killed with SIGKILL: on Linux through the
-parent-death signal (armed in the worker; the workers are started by one thread that lives as long
-as the pool, since the signal follows the thread that started a process), elsewhere too through a
-thread in the worker that watches its parent process id. A pool given ``thumbnails`` also makes each
-video's thumbnails in the worker, from the frames it returns (``DecodeResult.thumbnails``), so the
-process that encodes never spends time on JPEGs.
+The worker pool that runs it with a per-video timeout (``DecodePool``) is ``pipeline.decode_pool``.
 
 This module does not import torch (workers stay light).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import multiprocessing as mp
 import os
-import queue
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import DecodeLimits
 from pipeline.sampling import FrameSample, is_constant_rate, sample_by_time, sample_frames
-from pipeline.thumbnails import thumbnails_of
 
 TIMEOUT = "timeout"
 CRASHED = "crashed"
@@ -180,7 +158,7 @@ def decode_video(video_id: str, path: str | os.PathLike, num_frames: int,
             except MemoryError:
                 raise
             except Exception as exc:  # a decoder's own error: DECORDError is an Exception, not a RuntimeError
-                failures.append((name, DecodeFailure("decode error", _one_line(exc), _one_line(exc, 1000))))
+                failures.append((name, DecodeFailure("decode error", one_line(exc), one_line(exc, 1000))))
                 continue
             batch = resize_short_side(np.ascontiguousarray(frames, dtype=np.uint8), short_side)
             out = np.zeros((num_frames,) + batch.shape[1:], dtype=np.uint8)
@@ -194,7 +172,7 @@ def decode_video(video_id: str, path: str | os.PathLike, num_frames: int,
     except MemoryError as exc:
         return out_of_memory(video_id, exc, time.perf_counter() - t0)
     except Exception as exc:  # anything else: record, never kill the run
-        return failed(video_id, "decode error", _one_line(exc), _one_line(exc, 1000), time.perf_counter() - t0)
+        return failed(video_id, "decode error", one_line(exc), one_line(exc, 1000), time.perf_counter() - t0)
 
 
 def _classify(path: Path, failures: list[tuple[str, DecodeFailure]]) -> tuple[str, str]:
@@ -226,7 +204,7 @@ def out_of_memory(video_id: str, exc: BaseException, seconds: float = 0.0) -> De
     limit = _memory_limit()
     line = (f"decoding needed more than the {limit / 2**30:g} GiB a decoder worker may use (--decoder-memory)"
             if limit else "decoding ran out of memory")
-    return failed(video_id, OUT_OF_MEMORY, line, _one_line(exc, 1000), seconds)
+    return failed(video_id, OUT_OF_MEMORY, line, one_line(exc, 1000), seconds)
 
 
 def _memory_limit() -> int | None:
@@ -336,7 +314,7 @@ def _read_decord(p: Path, num_frames: int, start: float | None, end: float | Non
     try:
         vr = decord.VideoReader(str(p), ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # RuntimeError / DECORDError: corrupt, not a video
-        raise DecodeFailure("not a video", "cannot be opened as a video", _one_line(exc, 1000)) from None
+        raise DecodeFailure("not a video", "cannot be opened as a video", one_line(exc, 1000)) from None
     n = len(vr)
     _check_count(n, limits)
     if claims is None or not (claims.width and claims.height):
@@ -355,7 +333,7 @@ def _read_decord(p: Path, num_frames: int, start: float | None, end: float | Non
     try:
         batch = vr.get_batch(sample.valid_indices.tolist()).asnumpy()
     except Exception as exc:
-        raise DecodeFailure("decode error", "frames could not be decoded", _one_line(exc, 1000)) from None
+        raise DecodeFailure("decode error", "frames could not be decoded", one_line(exc, 1000)) from None
     return batch, sample, fps, n
 
 
@@ -370,7 +348,7 @@ def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
     try:
         container = av.open(str(p))
     except Exception as exc:
-        raise DecodeFailure("not a video", "cannot be opened as a video", _one_line(exc, 1000)) from None
+        raise DecodeFailure("not a video", "cannot be opened as a video", one_line(exc, 1000)) from None
     with container:
         if not container.streams.video:
             raise DecodeFailure("not a video", "the file has no video stream")
@@ -402,7 +380,7 @@ def _read_pyav(p: Path, num_frames: int, start: float | None, end: float | None,
     except Exception as exc:
         if len(frames) < len(wanted):
             raise DecodeFailure("truncated", f"only {got} of {n} frames could be decoded",
-                                _one_line(exc, 1000)) from None
+                                one_line(exc, 1000)) from None
     if len(frames) < len(wanted):
         raise DecodeFailure("truncated", f"only {got} of {n} frames could be decoded")
     shapes = {f.shape for f in frames.values()}
@@ -429,7 +407,7 @@ def _packet_times(container, stream, limits: DecodeLimits) -> list:
     except MemoryError:
         raise
     except Exception as exc:
-        raise DecodeFailure("truncated", "the file ends before its video stream does", _one_line(exc, 1000)) from None
+        raise DecodeFailure("truncated", "the file ends before its video stream does", one_line(exc, 1000)) from None
     if cap and len(pts) > cap:
         raise DecodeFailure(TOO_LARGE, f"the video stream holds more than {cap:,} frames (--max-frames-claimed)")
     return pts
@@ -451,389 +429,9 @@ def decoder_order(first: str | None = "auto") -> tuple[str, ...]:
     return (name,) + tuple(d for d in DECODERS if d != name)
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
     s = " ".join(str(exc).split()) or type(exc).__name__
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 DecodeFn = Callable[..., DecodeResult]
-
-
-PARENT_GONE = 70  # a worker's exit status when it finds its parent gone
-_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent thread ends
-
-
-def _die_with_parent(parent_pid: int | None, interval: float = 0.5) -> None:
-    """Make this worker process die with its parent ``parent_pid`` (None: the parent it has now), even
-    one killed with SIGKILL: on Linux the parent-death signal (SIGKILL, sent by the kernel), and
-    everywhere a thread that polls the parent process id every ``interval`` seconds."""
-    expected = parent_pid or os.getppid()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the thread below still watches
-            pass
-    if os.getppid() != expected:  # the parent died before the signal was armed
-        os._exit(PARENT_GONE)
-    watch_parent(expected, interval)
-
-
-def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:
-    """Start a daemon thread that ends this process (``os._exit``, no clean-up) once its parent process
-    id is no longer ``parent_pid`` (the parent died and the process was handed to another)."""
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(interval)
-        os._exit(PARENT_GONE)
-
-    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
-    thread.start()
-    return thread
-
-
-def _limit_memory(limit: int | None) -> None:
-    """Cap this process's address space (``RLIMIT_AS``) at ``limit`` bytes (None: no cap); a lower
-    limit already set stays."""
-    if not limit:
-        return
-    try:
-        import resource
-    except ImportError:  # not a POSIX system
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    for bound in (soft, hard):
-        if bound != resource.RLIM_INFINITY:
-            limit = min(limit, bound)
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (ValueError, OSError):  # a system that does not let a process set it
-        pass
-
-
-def with_thumbnails(res: DecodeResult, thumbnails: tuple[int, int, int] | None) -> DecodeResult:
-    """``res`` with its ``thumbnails`` (``(count, max_side, max_bytes)`` of ``thumbnails_of``) made from
-    its frames, when it decoded and ``thumbnails`` is given. A frame no JPEG can hold leaves the video
-    without thumbnails (``extra["thumbnails"]`` says why) rather than failing it."""
-    if not thumbnails or not res.ok or res.frames is None:
-        return res
-    try:
-        res.thumbnails = thumbnails_of(res.frames, res.mask, *thumbnails)
-    except Exception as exc:  # the video's tokens are still good
-        res.thumbnails = []
-        res.extra["thumbnails"] = _one_line(exc)
-    return res
-
-
-def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
-                 short_side: int | None, sample_fps: float | None = None,
-                 decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None,
-                 parent_pid: int | None = None, thumbnails: tuple[int, int, int] | None = None) -> None:
-    """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops. The worker dies
-    with its parent (``parent_pid``) and runs under ``limits.decoder_memory``; ``decode_fn`` gets
-    ``limits`` when its checks are not the defaults. With ``thumbnails`` each decoded video's
-    thumbnails come with its result (:func:`with_thumbnails`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
-    _die_with_parent(parent_pid)
-    limits = limits or DecodeLimits()
-    _limit_memory(limits.decoder_memory_bytes)
-    checks = dataclasses.replace(limits, decoder_memory=DecodeLimits.decoder_memory) != DecodeLimits()
-    conn.send(("ready", None))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        seq, task = msg
-        try:
-            res = decode_fn(task.video_id, task.path, num_frames, short_side, task.start, task.end,
-                            **({"sample_fps": sample_fps} if sample_fps else {}),
-                            **({"decoders": decoders} if decoders and decoders != DECODERS else {}),
-                            **({"limits": limits} if checks else {}))
-            res = with_thumbnails(res, thumbnails)
-        except MemoryError as exc:
-            res = out_of_memory(task.video_id, exc)
-        except Exception as exc:
-            res = failed(task.video_id, "decode error", _one_line(exc), _one_line(exc, 1000))
-        conn.send((seq, res))
-
-
-class _Worker:
-    def __init__(self, ctx: mp.context.BaseContext, args: tuple) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,) + args, daemon=True)
-        self.proc.start()
-        child.close()
-        self.ready = False
-        self.seq: int | None = None
-        self.task: DecodeTask | None = None
-        self.started = 0.0
-        self.done = 0
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.join(5)
-        finally:
-            self.conn.close()
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(2)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(2)
-        self.conn.close()
-
-
-class _Spawner:
-    """Starts the pool's workers from one thread that lives until the pool is closed: Linux sends the
-    parent-death signal when the *thread* that started a process ends, and the feeder thread that
-    starts and replaces workers ends with each ``map``."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="decode-spawner", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            make, out, done = job
-            try:
-                out.append(make())
-            except BaseException as exc:  # handed to the caller
-                out.append(exc)
-            done.set()
-
-    def run(self, make: Callable[[], "_Worker"]) -> "_Worker":
-        """``make()`` in the spawner thread; its result (or its exception, raised here)."""
-        out: list = []
-        done = threading.Event()
-        self._jobs.put((make, out, done))
-        while not done.wait(0.5):
-            if not self._thread.is_alive():  # closed meanwhile
-                raise RuntimeError("the decoder pool was closed while it started a worker")
-        if isinstance(out[0], BaseException):
-            raise out[0]
-        return out[0]
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
-class DecodePool:
-    """Decoder worker processes with a per-video timeout; see the module docstring.
-
-    ``limits`` (default :class:`DecodeLimits`): what a video may claim, and each worker's memory.
-    ``thumbnails`` (``(count, max_side, max_bytes)``): each decoded video's thumbnails are made in its
-    worker, from the frames the result carries (``DecodeResult.thumbnails``)."""
-
-    def __init__(self, num_frames: int, short_side: int | None = None, workers: int = 2,
-                 timeout: float = 60.0, prefetch: int | None = None,
-                 max_tasks_per_worker: int = 1000, decode_fn: DecodeFn | None = None,
-                 start_method: str = "spawn", sample_fps: float | None = None,
-                 decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None,
-                 thumbnails: tuple[int, int, int] | None = None) -> None:
-        if workers < 1:
-            raise ValueError("workers must be >= 1")
-        self.num_frames = num_frames
-        self.short_side = short_side
-        self.num_workers = workers
-        self.timeout = float(timeout)
-        self.prefetch = prefetch if prefetch is not None else max(4 * workers, 8)
-        self.max_tasks_per_worker = max_tasks_per_worker
-        self.decode_fn = decode_fn or decode_video
-        self.sample_fps = sample_fps
-        self.decoders = tuple(decoders) if decoders else None  # None / DECODERS: decode_fn's own order
-        self.limits = limits or DecodeLimits()
-        self.thumbnails = tuple(int(v) for v in thumbnails) if thumbnails else None
-        self._ctx = mp.get_context(start_method)
-        # forkserver's workers are the server's children, not ours: they watch the parent they find
-        self._parent_pid = os.getpid() if start_method in ("spawn", "fork") else None
-        self._workers: list[_Worker] = []
-        self._spawner: _Spawner | None = None
-        self.killed = 0  # workers killed for a timeout or crash
-
-    def _spawn(self) -> _Worker:
-        if self._spawner is None:
-            self._spawner = _Spawner()
-        args = (self.decode_fn, self.num_frames, self.short_side, self.sample_fps, self.decoders, self.limits,
-                self._parent_pid, self.thumbnails)
-        return self._spawner.run(lambda: _Worker(self._ctx, args))
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """The process ids of the workers running now."""
-        return [w.proc.pid for w in self._workers]
-
-    def __enter__(self) -> "DecodePool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop every worker."""
-        for w in self._workers:
-            if w.seq is not None:
-                w.kill()
-            else:
-                w.stop()
-        self._workers = []
-        if self._spawner is not None:
-            self._spawner.close()
-            self._spawner = None
-
-    def map(self, tasks: Iterable[DecodeTask]) -> Iterator[DecodeResult]:
-        """Decode ``tasks``; results in order. Decoding starts at once (before iteration)."""
-        return _OrderedRun(self, list(tasks))
-
-
-class _OrderedRun(Iterator[DecodeResult]):
-    """One ``map`` call: a feeder thread plus an ordered iterator over its results."""
-
-    def __init__(self, pool: DecodePool, tasks: list[DecodeTask]) -> None:
-        self.pool, self.tasks = pool, tasks
-        self.results: dict[int, DecodeResult] = {}
-        self.cond = threading.Condition()
-        self.next_out = 0
-        self.stop = False
-        self.error: BaseException | None = None
-        self.startup_failures = 0
-        self.thread = threading.Thread(target=self._run, name="decode-feeder", daemon=True)
-        self.thread.start()
-
-    # -- consumer side ----------------------------------------------------------------------
-    def __iter__(self) -> "_OrderedRun":
-        return self
-
-    def __next__(self) -> DecodeResult:
-        if self.next_out >= len(self.tasks):
-            self.close()
-            raise StopIteration
-        with self.cond:
-            while self.next_out not in self.results and self.error is None:
-                self.cond.wait(0.5)
-            if self.error is not None and self.next_out not in self.results:
-                raise RuntimeError("decode feeder thread failed") from self.error
-            res = self.results.pop(self.next_out)
-            self.next_out += 1
-            self.cond.notify_all()
-        return res
-
-    def close(self) -> None:
-        """Stop feeding; workers still busy with abandoned tasks are killed."""
-        with self.cond:
-            self.stop = True
-            self.cond.notify_all()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-        keep = []
-        for w in self.pool._workers:
-            if w.seq is not None:
-                w.kill()
-            else:
-                keep.append(w)
-        self.pool._workers = keep
-
-    def __del__(self) -> None:
-        try:
-            if not self.stop:
-                self.close()
-        except Exception:
-            pass
-
-    # -- feeder thread ----------------------------------------------------------------------
-    def _put(self, seq: int, res: DecodeResult) -> None:
-        with self.cond:
-            self.results[seq] = res
-            self.cond.notify_all()
-
-    def _run(self) -> None:
-        try:
-            self._feed()
-        except BaseException as exc:  # surfaced to the consumer
-            with self.cond:
-                self.error = exc
-                self.cond.notify_all()
-
-    def _feed(self) -> None:
-        pool = self.pool
-        workers = pool._workers
-        while len(workers) < pool.num_workers:
-            workers.append(pool._spawn())
-        next_in, finished, total = 0, 0, len(self.tasks)
-        while finished < total:
-            with self.cond:
-                if self.stop:
-                    return
-                window = self.next_out + pool.prefetch
-            # hand tasks to idle, ready workers
-            for w in workers:
-                if next_in >= total or next_in >= window:
-                    break
-                if w.ready and w.seq is None:
-                    task = self.tasks[next_in]
-                    try:
-                        w.conn.send((next_in, task))
-                    except OSError:
-                        continue  # dead worker: noticed below
-                    w.seq, w.task, w.started = next_in, task, time.monotonic()
-                    next_in += 1
-            busy = [w for w in workers if w.seq is not None]
-            now = time.monotonic()
-            wait_s = 0.2
-            if busy:
-                wait_s = min(wait_s, max(0.0, min(w.started + pool.timeout for w in busy) - now))
-            ready = wait([w.conn for w in workers], timeout=wait_s)
-            replace: list[tuple[_Worker, str | None]] = []
-            for w in workers:
-                if w.conn in ready:
-                    try:
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        w.proc.join(1)  # the exit code is known once the process is reaped
-                        code = w.proc.exitcode
-                        replace.append((w, f"decoder worker crashed (exit code {code})"))
-                        continue
-                    tag, res = msg
-                    if tag == "ready":
-                        w.ready = True
-                        continue
-                    self._put(tag, res)
-                    finished += 1
-                    w.seq, w.task, w.done = None, None, w.done + 1
-                    if w.done >= pool.max_tasks_per_worker or getattr(res, "kind", "") == OUT_OF_MEMORY:
-                        replace.append((w, None))  # recycled (an exhausted heap is not trusted again)
-            now = time.monotonic()
-            for w in workers:
-                if w.seq is not None and now - w.started > pool.timeout \
-                        and all(w is not r for r, _ in replace):
-                    replace.append((w, TIMEOUT))
-            for w, reason in replace:
-                if reason is not None and w.seq is None and not w.ready:
-                    self.startup_failures += 1
-                    if self.startup_failures >= 3:
-                        raise RuntimeError(f"decoder workers die on start-up ({reason})")
-                if w.seq is not None:
-                    elapsed = time.monotonic() - w.started
-                    if reason in (None, TIMEOUT):
-                        res = failed(w.task.video_id, TIMEOUT, f"decoding took longer than {pool.timeout:g} s",
-                                     seconds=elapsed)
-                    else:
-                        res = failed(w.task.video_id, CRASHED, "the decoder process died on this file", reason,
-                                     elapsed)
-                    self._put(w.seq, res)
-                    finished += 1
-                    pool.killed += 1
-                    w.kill()
-                else:
-                    w.stop()
-                workers[workers.index(w)] = pool._spawn()

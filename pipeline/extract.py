@@ -32,7 +32,8 @@ import numpy as np
 from core.errors import EncoderError, StoreError, StoreMismatchError, UsageError
 from core.fileio import jsonable
 from pipeline.config import ExtractConfig, decoder_workers
-from pipeline.decode import DecodeFn, DecodePool, DecodeResult, DecodeTask, decoder_order
+from pipeline.decode import DecodeFn, DecodeResult, DecodeTask, decoder_order
+from pipeline.decode_pool import DecodePool
 from pipeline.encoder_base import EXTRACTION_KEY, Encoder, without_extraction
 from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
 from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_fps, strategy_name

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.decode import DECODERS, DecodePool, DecodeTask, decode_video, failed, resize_short_side
+from pipeline.decode import DECODERS, DecodeTask, decode_video, failed, resize_short_side
+from pipeline.decode_pool import DecodePool
 
 
 def slow_or_crashing_decode(video_id, path, num_frames, short_side, start, end, **kw):

@@ -15,7 +15,8 @@ import pytest
 
 import pipeline.decode as decode_mod
 from pipeline.config import DecodeLimits, ExtractConfig
-from pipeline.decode import DECODERS, OUT_OF_MEMORY, TOO_LARGE, DecodePool, DecodeTask, decode_video
+from pipeline.decode import DECODERS, OUT_OF_MEMORY, TOO_LARGE, DecodeTask, decode_video
+from pipeline.decode_pool import DecodePool
 
 REPO = Path(__file__).resolve().parents[1]
 HOG_GIB = 4  # what hog_decode asks for, past the 2 GiB the memory test gives a worker
@@ -220,7 +221,8 @@ def _kill(pids: list[int]) -> None:
 ORPHAN = """
 import sys, time
 from pathlib import Path
-from pipeline.decode import DecodePool, DecodeTask
+from pipeline.decode import DecodeTask
+from pipeline.decode_pool import DecodePool
 from test_decode_bounds import hog_decode
 work = Path(sys.argv[1])
 pool = DecodePool(2, workers=2, timeout=600, decode_fn=hog_decode)
@@ -263,7 +265,7 @@ def test_e_workers_die_with_a_killed_parent(tmp_path):
 
 WATCHED = """
 import os, sys, time
-from pipeline.decode import watch_parent
+from pipeline.decode_pool import watch_parent
 child = os.fork()
 if child == 0:
     watch_parent(os.getppid(), 0.05)

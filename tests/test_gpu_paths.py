@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.decode as decode_module
+import pipeline.decode_pool as decode_module
 import pipeline.thumbnails as thumbnails_module
 from core.errors import StoreMismatchError
 from manifests.schema import Manifest
 from pipeline.config import ExtractConfig
-from pipeline.decode import DecodePool, DecodeTask, decode_video
+from pipeline.decode import DecodeTask, decode_video
+from pipeline.decode_pool import DecodePool
 from pipeline.encoder_base import Encoder, resize_short_crop
 from pipeline.encoders import FrozenEncoder, encoder_for_identity, load_encoder
 from pipeline.extract import extract
