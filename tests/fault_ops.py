@@ -29,7 +29,7 @@ def context() -> Any:
     if _ctx is None:
         _ctx = mp.get_context("forkserver")
         _ctx.set_forkserver_preload(["torch", "open_clip", "zarr", "h5py", "pipeline.extract", "pipeline.sharing",
-                                     "pipeline.hdf5io", "workflows.share", "fault_ops"])
+                                     "pipeline.hdf5io", "pipeline.hdf5_features", "workflows.share", "fault_ops"])
     return _ctx
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from core.errors import ExternalFormatError, StoreError
 from manifests.schema import Manifest
-from pipeline.hdf5io import export_hdf5, import_features, import_hdf5
+from pipeline.hdf5_features import import_features
+from pipeline.hdf5io import export_hdf5, import_hdf5
 from pipeline.store import CacheStore, StoreLayout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def test_a_killed_import_leaves_only_its_temporary_store_which_the_next_one_remo
 
 def test_limits_are_configurable(export, tmp_path):
     from core.errors import UsageError
-    from pipeline.hdf5io import ImportLimits
+    from pipeline.hdf5_checks import ImportLimits
 
     with pytest.raises(ExternalFormatError, match="store attribute sampling.num_frames is 3, over the import "
                                                   "limit frames=2"):

@@ -99,11 +99,13 @@ def import_h5(path: str, store: str, manifest: Any = None, num_frames: int | Non
               compressor: str | None = None, progress: bool = True, limits: dict | None = None) -> str:
     """A new store from an HDF5 file: one ``cache export`` wrote (round trip), or per-frame features
     of another tool in the minimal layout (needs the ``manifest`` of their videos and captions), checked
-    against ``limits`` (``pipeline.hdf5io.ImportLimits`` fields). Returns a summary, with a line per foreign
+    against ``limits`` (``pipeline.hdf5_checks.ImportLimits`` fields). Returns a summary, with a line per foreign
     attribute left out."""
     import warnings
 
-    from pipeline.hdf5io import ForeignAttributeWarning, ImportLimits, import_features, import_hdf5, is_store_export
+    from pipeline.hdf5_checks import ForeignAttributeWarning, ImportLimits
+    from pipeline.hdf5_features import import_features
+    from pipeline.hdf5io import import_hdf5, is_store_export
 
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such HDF5 file")
