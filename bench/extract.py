@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     from manifests.schema import Manifest
     from pipeline.decode import DecodeTask
     from pipeline.decode_pool import DecodePool
+    from pipeline.encode_batches import ShardBuffer, encode_batch
     from pipeline.encoders import load_encoder
-    from pipeline.extract import encode_batch, ShardBuffer, extract
+    from pipeline.extract import extract
 
     if a.threads:
         torch.set_num_threads(a.threads)

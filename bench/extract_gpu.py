@@ -141,7 +141,7 @@ def encode_only(enc: Any, frames: int, T: int, batch_size: int, decoded_hw: tupl
     the float16 tokens copied back to pinned memory), which is the difference between the two figures."""
     import torch
 
-    from pipeline.extract import ShardBuffer, start_batch
+    from pipeline.encode_batches import ShardBuffer, start_batch
 
     per = max(1, batch_size // T)  # clips per batch, as the job groups them
     clips = fake_results(max(per, -(-frames // T)), T, *decoded_hw)

@@ -10,8 +10,9 @@ always finishes, and its report says what every store holds afterwards. ``retry_
 the shards holding failed videos again (when the files have appeared or been repaired).
 
 Each video shard also gets its videos' thumbnails (``pipeline.thumbnails``, made by the decoder
-workers from the frames they decoded for the encoders; ``thumbnails=0`` makes none); ``add_thumbnails``
+workers from the frames they decoded for the encoders; ``thumbnails=0`` makes none); ``pipeline.thumbnail_backfill``
 gives them to a store made before thumbnails existed, decoding the videos again but encoding nothing.
+The row order is ``pipeline.rows``; batch encoding and the shard writer ``pipeline.encode_batches``.
 
 A store's encoder identity records how its features were computed (``Encoder.store_identity``: the
 compute precision and where frames were resized); a store is never grown, retried or finished with
@@ -20,7 +21,6 @@ features computed another way (``check_extraction``), nor is a store made before
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -32,17 +32,18 @@ import numpy as np
 from core.errors import EncoderError, StoreError, StoreMismatchError, UsageError
 from core.fileio import jsonable
 from pipeline.config import ExtractConfig, decoder_workers
-from pipeline.decode import DecodeFn, DecodeResult, DecodeTask, decoder_order
+from pipeline.decode import DecodeFn, DecodeResult, decoder_order
 from pipeline.decode_pool import DecodePool
 from pipeline.encoder_base import EXTRACTION_KEY, Encoder, without_extraction
 from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
-from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_fps, strategy_name
-from pipeline.store import (STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path,
-                            row_digest)
-from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE
+from pipeline.sampling import PAD_INDEX, PAD_TIME, strategy_name
+from pipeline.encode_batches import EncodedBatch, ShardBuffer, ShardWriter, host_frames, start_batch
+from pipeline.rows import Rows, existing_rows, manifest_rows
+from pipeline.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore, StoreLayout, local_path
+from pipeline.store.failures import failure_list_location, write_failure_list
+from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_SIDE
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
-FAILURES_JSON = "failures.json"
 
 
 @dataclass
@@ -135,77 +136,6 @@ class ExtractReport:
         return out
 
 
-@dataclass
-class _Rows:
-    """Manifest content in store row order."""
-
-    video_ids: list[str]
-    video_splits: list[str]
-    tasks: list[DecodeTask]
-    caption_ids: list[str]
-    caption_video: list[int]
-    caption_splits: list[str]
-    caption_texts: list[str]
-    video_source: list[bytes] = field(default_factory=list)    # each row's manifest digest (row_digest)
-    caption_source: list[bytes] = field(default_factory=list)
-
-
-def _none_if_nan(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return None if x != x else x
-
-
-def manifest_rows(manifest: Any, prior: tuple[Sequence[str], Sequence[str]] | None = None) -> _Rows:
-    """Videos sorted by (split, video_id); captions by (video row, caption_id). ``prior``: the
-    (video ids, caption ids) of an existing store in its row order, which come first (in that order,
-    those the manifest still lists), the manifest's other rows after them, sorted likewise: a grown
-    manifest appends to a store."""
-    v = manifest.videos
-    ids = v.column("video_id").to_pylist()
-    splits = v.column("split").to_pylist()
-    starts = v.column("start").to_pylist()
-    ends = v.column("end").to_pylist()
-    old_v = {vid: r for r, vid in enumerate(prior[0])} if prior else {}
-    order = sorted(range(len(ids)), key=lambda i: (0, old_v[ids[i]]) if ids[i] in old_v else
-                   (1, SPLIT_ORDER.get(splits[i], 9), splits[i], ids[i]))
-    vids = [ids[i] for i in order]
-    row_of = {vid: r for r, vid in enumerate(vids)}
-    tasks = [DecodeTask(ids[i], str(manifest.video_path(ids[i])), _none_if_nan(starts[i]),
-                        _none_if_nan(ends[i])) for i in order]
-    c = manifest.captions
-    cids = c.column("caption_id").to_pylist()
-    cvid = c.column("video_id").to_pylist()
-    texts = c.column("text").to_pylist()
-    csplit = c.column("split").to_pylist()
-    old_c = {cid: r for r, cid in enumerate(prior[1])} if prior else {}
-    corder = sorted(range(len(cids)), key=lambda i: (0, old_c[cids[i]], "") if cids[i] in old_c else
-                    (1, row_of[cvid[i]], cids[i]))
-    vsource = [row_digest(ids[i], splits[i], _none_if_nan(starts[i]), _none_if_nan(ends[i])) for i in order]
-    csource = [row_digest(cids[i], cvid[i], csplit[i], texts[i]) for i in corder]
-    return _Rows(vids, [splits[i] for i in order], tasks, [cids[i] for i in corder],
-                 [row_of[cvid[i]] for i in corder], [csplit[i] for i in corder],
-                 [texts[i] for i in corder], vsource, csource)
-
-
-def _existing_rows(store_paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]] | None:
-    """The row order of the existing stores (a grown store keeps its old rows first, so its order is
-    not the sorted one), else ``None``; stores of different rows are refused (grow them one at a time)."""
-    prior = None
-    for path in store_paths:
-        try:
-            old = CacheStore.open(path)
-        except StoreError:
-            continue  # nothing there yet (or unreadable: open_or_create names it)
-        rows = (old.video_ids, old.caption_ids)
-        if prior is not None and rows != prior:
-            raise StoreMismatchError(f"{path}: the stores hold other rows than {store_paths[0]}; extract or grow "
-                                     f"them one at a time (one --encoder/--store per run)")
-        prior = rows
-    return prior
-
-
 def _in_part(i: int, part: tuple[int, int] | None) -> bool:
     return part is None or i % part[1] == part[0]
 
@@ -274,198 +204,6 @@ def _as_encoder(e: EncoderSpec | str | Encoder, device: str, token_layer: int | 
     return load_encoder(with_token_layer(spec, token_layer), device=device)
 
 
-class ShardBuffer:
-    """Per-encoder arrays of one video shard, filled batch by batch."""
-
-    def __init__(self, n: int, T: int, enc: Encoder) -> None:
-        self.tokens = np.zeros((n, T, enc.num_tokens, enc.token_dim), dtype=np.float16)
-        self.emb = np.zeros((n, T, enc.embed_dim), dtype=np.float32)
-
-
-class EncodedBatch:
-    """One batch's encoder outputs on their way to the host: on CUDA the device-to-host copies run
-    without blocking into pinned memory while the loop collects the next batch; :meth:`finish`
-    waits for them and puts each video's frames into its rows of a :class:`ShardBuffer`."""
-
-    def __init__(self, enc: Encoder, items: list[tuple[int, DecodeResult]], tokens: Any, emb: Any,
-                 finite: Any, event: Any = None) -> None:
-        self.enc, self.items, self.tokens, self.emb, self.finite, self.event = enc, items, tokens, emb, finite, event
-
-    def finish(self, buf: ShardBuffer) -> int:
-        """Wait for the results, check them and write them into ``buf``; the number of frames."""
-        if self.event is not None:
-            self.event.synchronize()
-        if not bool(self.finite):
-            raise EncoderError(f"{self.enc.spec}: the visual tokens are not finite or exceed float16's range "
-                               f"(|x| > 65504) at --precision {self.enc.precision}; the store keeps float16 "
-                               f"tokens (try --precision fp32, or tokens from another --token-layer)")
-        tokens, emb = self.tokens.numpy(), self.emb.numpy()
-        pos = 0
-        for row, r in self.items:
-            k = int(r.mask.sum())
-            where = np.flatnonzero(r.mask)
-            buf.tokens[row, where] = tokens[pos:pos + k]
-            buf.emb[row, where] = emb[pos:pos + k]
-            pos += k
-        return pos
-
-
-def host_frames(items: list[tuple[int, DecodeResult]], pin: bool = False) -> list[Any]:
-    """The valid frames of each of ``items`` (local row, result) as a host tensor (n, H, W, 3) uint8;
-    with ``pin`` all of them in one page-locked buffer (one allocation and one copy per video, whatever
-    the number of encoders: :func:`start_batch` takes the same frames for each), from which a CUDA
-    device copies them without blocking."""
-    import torch
-
-    if not pin:
-        return [torch.from_numpy(r.valid_frames) for _, r in items]
-    shapes = [(int(r.mask.sum()),) + r.frames.shape[1:] for _, r in items]
-    buf = torch.empty(sum(int(np.prod(s)) for s in shapes), dtype=torch.uint8, pin_memory=True)
-    out, pos = [], 0
-    for (_, r), shape in zip(items, shapes):
-        view = buf[pos:pos + int(np.prod(shape))].view(shape)
-        np.compress(np.asarray(r.mask, bool), r.frames, axis=0, out=view.numpy())
-        out.append(view)
-        pos += view.numel()
-    return out
-
-
-def start_batch(enc: Encoder, items: list[tuple[int, DecodeResult]], batch_size: int | None = None,
-                frames: list[Any] | None = None) -> EncodedBatch:
-    """Preprocess and encode the valid frames of ``items`` (local row, result) in one forward pass,
-    under the encoder's precision (``Encoder.autocast``); ``frames``: those frames as
-    :func:`host_frames` gives them (made here when not given). On CUDA the frames go up from pinned
-    memory and the outputs come back into pinned memory without blocking, on the encoder's own
-    device and its current stream (``EncodedBatch.finish`` waits for that stream's event), so any
-    ``cuda:N`` is safe. CUDA out of memory is an ``EncoderError`` naming ``--batch-size``."""
-    import torch
-
-    cuda = enc.device.type == "cuda"
-    try:
-        if frames is None:
-            frames = host_frames(items, pin=cuda)
-        if not cuda:
-            return _encode(enc, items, frames)
-        with torch.cuda.device(enc.device):
-            return _encode(enc, items, frames)
-    except torch.cuda.OutOfMemoryError as exc:  # = torch.OutOfMemoryError in recent torch
-        n = sum(int(r.mask.sum()) for _, r in items)
-        size = f"now {batch_size}" if batch_size else f"this batch: {n} frames"
-        raise EncoderError(f"{enc.device.type.upper()} out of memory encoding {n} frames with {enc.spec} at "
-                           f"--precision {enc.precision}: lower --batch-size ({size})") from exc
-
-
-def _encode(enc: Encoder, items: list[tuple[int, DecodeResult]], frames: list[Any]) -> EncodedBatch:
-    """The body of :func:`start_batch` (on CUDA, run with ``enc.device`` the current device)."""
-    import torch
-
-    xs = [enc.preprocess(f) for f in frames]
-    with enc.autocast():
-        tokens, emb = enc.encode_images(torch.cat(xs))
-    tokens = tokens.to(torch.float16)
-    emb = emb.float()
-    finite = torch.isfinite(tokens).all()
-    if enc.device.type != "cuda":
-        return EncodedBatch(enc, items, tokens.cpu(), emb.cpu(), finite)
-    host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host_e = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
-    host_f = torch.empty((), dtype=torch.bool, pin_memory=True)
-    host_t.copy_(tokens, non_blocking=True)  # enqueued on the current stream of the tensors' device
-    host_e.copy_(emb, non_blocking=True)
-    host_f.copy_(finite, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(enc.device))  # that stream, not the default device's
-    return EncodedBatch(enc, items, host_t, host_e, host_f, event)
-
-
-def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
-                 buf: ShardBuffer) -> int:
-    """Encode the valid frames of ``items`` (local row, result) in one forward pass into ``buf``."""
-    return start_batch(enc, items).finish(buf)
-
-
-class ShardWriter:
-    """Writes whole shards in a background thread, so store writes overlap decoding and encoding.
-
-    ``submit(i, write)`` queues ``write()`` (which writes shard ``i`` into every store and marks it
-    done); at most ``depth`` shards wait (the caller blocks for a slot: memory stays bounded).
-    ``depth`` 0 writes in the caller. An error in the writer is raised in the caller by the next
-    ``submit`` or by ``close``, naming the shard; shards already queued are still written (each is
-    independent), and a shard whose write failed is not marked done, so a re-run writes it again.
-    ``close`` waits until every queued shard is written."""
-
-    def __init__(self, depth: int = 2) -> None:
-        import queue
-        import threading
-
-        self.depth = int(depth)
-        if self.depth < 0:
-            raise ValueError(f"write_queue must be >= 0, got {depth}")
-        self.errors: list[tuple[int, BaseException]] = []
-        self.seconds = 0.0       # spent writing
-        self.wait_seconds = 0.0  # the caller waited for a free slot
-        self.written = 0
-        self._queue: Any = queue.Queue(maxsize=max(1, self.depth))
-        self._thread = None
-        if self.depth:
-            self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-            self._thread.start()
-
-    def _write(self, i: int, write: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            write()
-            self.written += 1
-        except Exception as exc:  # surfaced in the caller
-            self.errors.append((i, exc))
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self._write(*job)
-
-    def check(self) -> None:
-        """Raise the first error of the writer (a ``StoreError`` naming the shard and the cause)."""
-        if self.errors:
-            i, exc = self.errors[0]
-            more = f" (and {len(self.errors) - 1} more shards)" if len(self.errors) > 1 else ""
-            raise StoreError(f"writing video shard {i} failed{more}: {type(exc).__name__}: {exc}; it is not marked "
-                             f"done, so running the extraction again writes it") from exc
-
-    def submit(self, i: int, write: Any) -> None:
-        """Write shard ``i`` (``write()``) in the writer thread, or here when ``depth`` is 0."""
-        import queue
-
-        self.check()
-        if self._thread is None:
-            self._write(i, write)
-            self.check()
-            return
-        t0 = time.perf_counter()
-        while True:
-            try:
-                self._queue.put((i, write), timeout=0.5)
-                break
-            except queue.Full:
-                self.check()
-                if not self._thread.is_alive():
-                    raise StoreError("the store writer thread stopped") from None
-        self.wait_seconds += time.perf_counter() - t0
-
-    def close(self, check: bool = True) -> None:
-        """Write what is queued, stop the thread; ``check``: raise the writer's first error."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if check:
-            self.check()
-
-
 def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
             store_paths: Sequence[str | os.PathLike], config: ExtractConfig | None = None, *, device: str = "cpu",
             part: tuple[int, int] | None = None, progress: bool = True, decode_fn: DecodeFn | None = None,
@@ -505,7 +243,7 @@ def extract(manifest: Any, encoders: Sequence[EncoderSpec | str | Encoder],
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"part must be (k, n) with 0 <= k < n, got {part}")
     msha = manifest.sha256()
-    rows = manifest_rows(manifest, _existing_rows(store_paths))
+    rows = manifest_rows(manifest, existing_rows(store_paths))
     encs = [_as_encoder(e, device, c.token_layer) for e in encoders]
     for enc in encs:
         enc.set_precision(c.precision)
@@ -629,7 +367,7 @@ def wait_for_grower(path: str | os.PathLike, manifest_sha256: str, thumbnails: b
         time.sleep(1.0)
 
 
-def _grow(path: str | os.PathLike, layout: StoreLayout, rows: _Rows, dataset: str) -> dict | None:
+def _grow(path: str | os.PathLike, layout: StoreLayout, rows: Rows, dataset: str) -> dict | None:
     """Append the manifest's new rows to the store at ``path`` when it holds an earlier version of the
     same dataset's manifest (``CacheStore.append``); ``None`` when there is nothing to grow."""
     try:
@@ -642,29 +380,7 @@ def _grow(path: str | os.PathLike, layout: StoreLayout, rows: _Rows, dataset: st
                       rows.caption_splits, rows.video_source, rows.caption_source)
 
 
-def write_failure_list(store: CacheStore) -> np.ndarray:
-    """Write ``failures.json`` (every failed video: reason and the decoders' message) into the store and
-    return the status it was made from. Several writers of one store may finish at once: each writes
-    the list whole (atomically), then reads the status again and writes once more if it changed, so
-    the list written last is made from the newest status (status only grows while they run)."""
-    status = store.status()
-    for _ in range(20):
-        body = json.dumps(jsonable(store.failures(detail=True)), indent=1, sort_keys=True) + "\n"
-        store.write_object(FAILURES_JSON, body.encode())
-        again = store.status()
-        if np.array_equal(again, status):
-            break
-        status = again
-    return status
-
-
-def failure_list_location(path: str | os.PathLike) -> str:
-    """Where a store's ``failures.json`` is (a local path, or a URL)."""
-    local = local_path(path)
-    return str(local / FAILURES_JSON) if local is not None else f"{os.fspath(path).rstrip('/')}/{FAILURES_JSON}"
-
-
-def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: _Rows,
+def _extract_texts(encs: list[Encoder], stores: list[CacheStore], rows: Rows,
                    max_text_tokens: int, batch: int, part: tuple[int, int] | None,
                    report: ExtractReport, progress: bool) -> None:
     """Encode every pending text shard of every store."""
@@ -817,105 +533,4 @@ def _extract_shard(encs: list[Encoder], stores: list[CacheStore], i: int, need: 
                                   thumbnails=thumbs if thumbnails else None)
 
     writer.submit(i, write)
-
-
-# ------------------------------------------------------------------------------ thumbnails only
-@dataclass
-class ThumbnailReport:
-    """What one ``add_thumbnails`` call did."""
-
-    store: str
-    shards_done: int = 0       # shards given thumbnails in this run
-    shards_skipped: int = 0    # shards that had them already
-    videos: int = 0            # videos given thumbnails in this run
-    failed: dict[str, str] = field(default_factory=dict)   # decoding failed now: video id -> reason
-    other_frames: int = 0      # videos whose frames decoded now differ from those the store sampled
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        lines = [f"thumbnails: {self.videos} videos in {self.shards_done} shards, {self.shards_skipped} shards had "
-                 f"them already; {len(self.failed)} failed to decode; {self.seconds:.1f}s  ({self.store})"]
-        if self.other_frames:
-            lines.append(f"{self.other_frames} videos decoded to other frames than the store sampled (the video files "
-                         f"changed?): their thumbnails show the frames decoded now")
-        for vid, reason in list(self.failed.items())[:10]:
-            lines.append(f"  {vid}: {reason}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def add_thumbnails(store_path: str | os.PathLike, manifest: Any, *, workers: int = 0, timeout: float = 60.0,
-                   count: int = THUMBNAIL_COUNT, max_side: int = THUMBNAIL_SIDE, max_bytes: int = THUMBNAIL_BYTES,
-                   decode_fn: DecodeFn | None = None, progress: bool = True) -> ThumbnailReport:
-    """Give every video of the store at ``store_path`` whose extraction succeeded its thumbnails, decoding
-    the video files ``manifest`` (the store's own, checked by its hash) lists; shards that have them are
-    skipped; the decoder workers (``workers``; 0: ``pipeline.config.decoder_workers``) make them.
-    ``StoreMismatchError`` when the manifest is not the store's."""
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    store = CacheStore.open(store_path, mode="r+")
-    want = store.attrs.get("manifest_sha256")
-    have = manifest.sha256()
-    if have != want:
-        raise StoreMismatchError(f"{store_path}: the store was made from another manifest (store: sha256 "
-                                 f"{str(want)[:12]}, --manifest: {have[:12]}); give the store's own manifest")
-    rows = manifest_rows(manifest)
-    if rows.video_ids != store.video_ids:
-        raise StoreMismatchError(f"{store_path}: the manifest lists other videos than the store")
-    store.add_thumbnail_arrays(count, max_side, max_bytes)
-    info = store.attrs["thumbnails"]
-    report = ThumbnailReport(store=os.fspath(store_path))
-    done = store.thumbnail_shards()
-    todo = [i for i in range(store.num_shards) if i not in done]
-    report.shards_skipped = store.num_shards - len(todo)
-    if not todo:
-        report.seconds = time.perf_counter() - t0
-        return report
-    status = store.status()
-    sampling = store.attrs["sampling"]
-    want_index = np.asarray(store.array("videos/frame_index")[...])
-    jobs = [(i, [r for r in range(*store.shard_range(i)) if status[r] == STATUS_OK]) for i in todo]
-    tasks = [rows.tasks[r] for _, rs in jobs for r in rs]
-    # decoded as extraction decodes for this encoder, so the thumbnails are those extraction would make
-    short_side = int(store.encoder_identity.get("image_size") or info["max_side"])
-    made = (int(info["count"]), int(info["max_side"]), int(info["max_bytes"]))
-    pool = DecodePool(int(sampling["num_frames"]), short_side, workers=decoder_workers(workers), timeout=timeout,
-                      decode_fn=decode_fn, sample_fps=strategy_fps(sampling["strategy"]), thumbnails=made)
-    results = pool.map(tasks) if tasks else iter(())
-    bar = tqdm(total=len(tasks), unit="video", desc="thumbnails", disable=not progress)
-    try:
-        for i, ok_rows in jobs:
-            lo, hi = store.shard_range(i)
-            shard: list[list[bytes]] = [[] for _ in range(hi - lo)]
-            for r in ok_rows:
-                res = next(results)
-                if res.video_id != store.video_ids[r]:
-                    raise RuntimeError(f"decode results out of order: got {res.video_id!r} for row {r}")
-                bar.update(1)
-                if not res.ok:
-                    report.failed[res.video_id] = res.reason or "decode error"
-                    continue
-                valid = want_index[r][want_index[r] >= 0]
-                if not np.array_equal(np.asarray(res.indices)[np.asarray(res.mask, bool)], valid):
-                    report.other_frames += 1
-                shard[r - lo] = list(res.thumbnails or [])  # made by the decoder worker
-                report.videos += 1
-            store.write_thumbnails(i, shard)
-            report.shards_done += 1
-    finally:
-        bar.close()
-        if hasattr(results, "close"):
-            results.close()
-        pool.close()
-    store.consolidate()
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def missing_thumbnails(store: CacheStore) -> int:
-    """How many video shards of ``store`` lack thumbnails (all of them for a store without the arrays)."""
-    return store.num_shards - len(store.thumbnail_shards())
 

@@ -230,7 +230,7 @@ def import_hdf5(path: str | os.PathLike, store_url: str | os.PathLike, progress:
     import h5py
     from tqdm.auto import tqdm
 
-    from pipeline.extract import write_failure_list
+    from pipeline.store.failures import write_failure_list
 
     limits = limits or ImportLimits()
     with h5py.File(path, "r") as f:

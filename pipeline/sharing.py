@@ -23,10 +23,9 @@ from core.faults import gate
 from core.fileio import atomic_write, sha256_file
 from pipeline import integrity
 from pipeline.remote import filesystem, is_remote, join, scheme
-from pipeline.store import (APPEND_PREFIX, LOCK_FILE, STATUS_FAILED, STATUS_OK, STATUS_PENDING, CacheStore,
-                            local_path)
+from pipeline.store import (APPEND_PREFIX, FAILURES_JSON, LOCK_FILE, STATUS_FAILED, STATUS_OK, STATUS_PENDING,
+                            CacheStore, local_path)
 
-FAILURES_JSON = "failures.json"
 PULL_MARK = ".pull"  # in DEST while a pull is under way (a directory holding it may be pulled into again)
 _GROUP_KEYS = ("zarr.json", "videos/zarr.json", "texts/zarr.json", "shards/zarr.json")
 

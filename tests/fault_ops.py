@@ -161,7 +161,7 @@ def op_import(h5: str, store: str) -> None:
 
 
 def op_thumbnails(manifest: Any, store: str) -> None:
-    from pipeline.extract import add_thumbnails
+    from pipeline.thumbnail_backfill import add_thumbnails
 
     add_thumbnails(store, manifest, workers=1, timeout=30.0, progress=False, count=2)
 

@@ -13,7 +13,8 @@ import zarr
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
 from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder
-from pipeline.extract import ExtractReport, extract, manifest_rows
+from pipeline.extract import ExtractReport, extract
+from pipeline.rows import manifest_rows
 from pipeline.store import CacheStore, StoreMismatchError
 
 T = 4

@@ -15,7 +15,8 @@ from manifests.schema import Manifest
 from pipeline.decode import decode_video, decoder_order
 from pipeline.encoder_base import resolve_precision
 from pipeline.encoders import FrozenEncoder, load_encoder
-from pipeline.extract import ShardWriter, extract
+from pipeline.encode_batches import ShardWriter
+from pipeline.extract import extract
 from pipeline.store import CacheStore
 
 T = 4

@@ -140,8 +140,9 @@ def no_thumbnails_here(monkeypatch) -> None:
         raise AssertionError("thumbnails made in the encoding process")
 
     import pipeline.extract as extract_module
+    import pipeline.thumbnail_backfill as backfill_module
 
-    for module in (thumbnails_module, decode_module, extract_module):
+    for module in (thumbnails_module, decode_module, extract_module, backfill_module):
         monkeypatch.setattr(module, "thumbnails_of", boom, raising=False)
 
 

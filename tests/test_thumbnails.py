@@ -14,7 +14,8 @@ from core.errors import StoreMismatchError
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
 from pipeline.encoders import load_encoder
-from pipeline.extract import add_thumbnails, extract
+from pipeline.extract import extract
+from pipeline.thumbnail_backfill import add_thumbnails
 from pipeline.store import STATUS_OK, CacheStore
 from pipeline.thumbnails import encode_jpeg, thumbnail_frames
 

@@ -264,8 +264,8 @@ def caption_texts(work: WorkDir | None, split: Any, manifest: str | Path | None 
 
 def add_store_thumbnails(store: str, manifest: Manifest, workers: int = 2, timeout: float = 60.0,
                          progress: bool = True) -> Any:
-    """Give the store made from ``manifest`` the thumbnails it lacks (``pipeline.extract.add_thumbnails``:
+    """Give the store made from ``manifest`` the thumbnails it lacks (``pipeline.thumbnail_backfill.add_thumbnails``:
     decodes the videos again, encodes nothing). Returns the ``ThumbnailReport``."""
-    from pipeline.extract import add_thumbnails
+    from pipeline.thumbnail_backfill import add_thumbnails
 
     return add_thumbnails(store, manifest, workers=workers, timeout=timeout, progress=progress)

@@ -47,7 +47,8 @@ def repair(store: str, report: Any, manifest: Any, encoder: str, device: str = "
     from core.identity import EXTRACTION_KEY
     from pipeline.config import ExtractConfig
     from pipeline.encoders import parse_encoder
-    from pipeline.extract import add_thumbnails, extract
+    from pipeline.extract import extract
+    from pipeline.thumbnail_backfill import add_thumbnails
     from pipeline.sampling import strategy_fps
     from pipeline.store import CacheStore
 
