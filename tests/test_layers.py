@@ -5,7 +5,8 @@
 * ``heads`` imports only ``core`` and itself (never decoding, manifests or the pipeline's jobs);
 * ``reports`` imports ``core``, ``manifests`` and ``pipeline`` (the store's thumbnails), never ``heads``:
   it reads the files runs and re-rankings wrote;
-* ``workflows`` may import every library package; ``cli.py`` and ``bench/`` are imported by nothing;
+* ``workflows`` may import every library package; ``commands`` (the command line by stage) only by ``cli.py``;
+  ``cli.py`` and ``bench/`` are imported by nothing;
 * no module imports a private (``_name``) name from another module;
 * no import cycles between modules.
 """
@@ -16,7 +17,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "manifests", "pipeline", "heads", "reports", "workflows", "bench")
+PACKAGES = ("core", "manifests", "pipeline", "heads", "reports", "workflows", "commands", "bench")
 ALLOWED = {
     "core": {"core"},
     "manifests": {"manifests"},
@@ -24,7 +25,8 @@ ALLOWED = {
     "heads": {"core", "heads"},
     "reports": {"core", "manifests", "pipeline", "reports"},
     "workflows": {"core", "manifests", "pipeline", "heads", "reports", "workflows"},
-    "cli": {"core", "manifests", "pipeline", "heads", "reports", "workflows", "cli"},
+    "commands": {"core", "manifests", "pipeline", "heads", "reports", "workflows", "commands"},
+    "cli": {"core", "manifests", "pipeline", "heads", "reports", "workflows", "commands", "cli"},
     "bench": {"core", "manifests", "pipeline", "heads", "reports", "workflows", "bench"},
 }
 

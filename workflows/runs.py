@@ -194,6 +194,9 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
         meta["t2v_candidates_from_index"] = index_info
     title = f"{split}: stage one vs re-ranked top {k}" + (" (DSL)" if dsl else "")
     paths, table = write_outputs(res, data, out_dir, meta=meta, title=title, coverage=coverage)
+    if index_info:
+        table = (f"T2V candidates from the {index_info['kind']} index {index}: "
+                 f"{100 * index_info['recall@K vs exact']:.1f}% of the exact top {k}\n{table}")
     return paths, table, res
 
 
