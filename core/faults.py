@@ -58,7 +58,3 @@ def gate(what: str, torn: Callable[[], None] | None = None) -> None:
                 pass
         os._exit(FAULT_EXIT)
 
-
-def writes() -> int:
-    """How many writes this process has passed through the gate."""
-    return int(_load()["count"])

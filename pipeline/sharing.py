@@ -22,6 +22,7 @@ from core.errors import StoreError
 from core.faults import gate
 from core.fileio import atomic_write, sha256_file
 from pipeline import integrity
+from pipeline.integrity import array_names
 from pipeline.remote import filesystem, is_remote, join, scheme
 from pipeline.store import (APPEND_PREFIX, FAILURES_JSON, LOCK_FILE, STATUS_FAILED, STATUS_OK, STATUS_PENDING,
                             CacheStore, local_path)
@@ -48,7 +49,8 @@ def list_objects(url: str | os.PathLike, store: CacheStore | None = None) -> dic
     out = {}
     for path, info in found.items():
         key = path[len(root):].lstrip("/") if path.startswith(root) else path
-        if key and key not in (LOCK_FILE, PULL_MARK) and ".partial" not in key and ".part" not in key.rsplit("/", 1)[-1]:
+        temporary = ".partial" in key or ".part" in key.rsplit("/", 1)[-1]  # a write under way (or killed)
+        if key and key not in (LOCK_FILE, PULL_MARK) and not temporary:
             out[key] = int(info.get("size") or 0)
     if "zarr.json" not in out:
         raise StoreError(f"{s}: not a feature cache store (no zarr.json)")
@@ -70,11 +72,6 @@ def enumerate_keys(store: CacheStore) -> list[str]:
         if kind != "thumbnails":
             keys += [f"{APPEND_PREFIX}/{kind}-{i}.npz" for i in sorted(store.reopened_shards(kind))]
     return keys
-
-
-def array_names(store: CacheStore) -> list[str]:
-    """Every array of the store (from its group metadata)."""
-    return integrity.array_names(store)
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -117,7 +114,8 @@ def store_info(url: str | os.PathLike, store: CacheStore | None = None) -> dict:
 
     return {
         "store": redact_url(s), "format": a.get("format"), "schema_version": a.get("schema_version"),
-        "fingerprint": store.fingerprint, "digest": integrity.store_digest(store), "dataset": a.get("dataset"), "manifest_sha256": a.get("manifest_sha256"),
+        "fingerprint": store.fingerprint, "digest": integrity.store_digest(store),
+        "dataset": a.get("dataset"), "manifest_sha256": a.get("manifest_sha256"),
         "manifest_history": a.get("manifest_history", []), "encoder": store.encoder_identity,
         "sampling": a.get("sampling"), "max_text_tokens": a.get("max_text_tokens"), "dims": a.get("dims"),
         "compressor": a.get("compressor"),
@@ -282,12 +280,13 @@ def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
                          f"expected {expect}: not the store you were told of (nothing was copied)")
     objects = list_objects(s, source)
     targets = {key: checked_key(key, out, redact_url(s)) for key in objects}
-    recorded = _recorded(source)
+    records = _source_records(source)
+    recorded = _recorded(source, records)
     out.mkdir(parents=True, exist_ok=True)
     mark = out / PULL_MARK
     if not mark.is_file():
         atomic_write(mark, lambda tmp: tmp.write_text(redact_url(s) + "\n"))
-    _retract(source, out)
+    _retract(source, records, out)
     fs, root = filesystem(s)
     order = sorted(objects, key=lambda k: (_phase(k), k))
     todo = []
@@ -342,36 +341,40 @@ def pull(url: str | os.PathLike, dest: str | os.PathLike, progress: bool = True,
     return report, check
 
 
-def _recorded(source: CacheStore) -> dict[str, str]:
+def _source_records(source: CacheStore) -> dict[tuple[str, int], bytes | None]:
+    """The checksum record of every shard of the source, read once: ``(kind, index)`` -> its bytes."""
+    counts = (("videos", source.num_shards), ("texts", source.num_text_shards),
+              ("thumbnails", source.num_shards if source.has_thumbnails else 0))
+    return {(kind, i): source.read_object(integrity.record_key(kind, i))
+            for kind, count in counts for i in range(count)}
+
+
+def _recorded(source: CacheStore, records: dict[tuple[str, int], bytes | None]) -> dict[str, str]:
     """key -> recorded sha256 of every object a committed shard's checksum record names as stored."""
     out: dict[str, str] = {}
     for kind, done in (("videos", source.done_shards()), ("texts", source.done_text_shards()),
                        ("thumbnails", source.thumbnail_shards())):
         for i in sorted(done):
-            rec = source.checksum_record(kind, i) or {}
+            rec = integrity.decode_record(records.get((kind, i))) or {}
             for obj in (rec.get("objects") or {}).values():
                 if isinstance(obj, dict) and obj.get("sha256") and isinstance(obj.get("key"), str):
                     out[obj["key"]] = obj["sha256"]
     return out
 
 
-def _retract(source: CacheStore, out: Path) -> None:
+def _retract(source: CacheStore, records: dict[tuple[str, int], bytes | None], out: Path) -> None:
     """In an earlier copy at ``out``, take back (delete the done flag and record of) every shard whose
     checksum record differs from the source's, before any of its new objects is written."""
     if not (out / "zarr.json").is_file():
         return
-    for kind, count in (("videos", source.num_shards), ("texts", source.num_text_shards),
-                        ("thumbnails", source.num_shards if source.has_thumbnails else 0)):
-        flag = {"videos": "shards/done", "texts": "shards/text_done", "thumbnails": "shards/thumbnails_done"}[kind]
-        for i in range(count):
-            key = integrity.record_key(kind, i)
-            local = out / key
-            mine = local.read_bytes() if local.is_file() else None
-            if mine != source.read_object(key):
-                for stale in (out / flag / "c" / str(i), local):
-                    if stale.is_file():
-                        gate(f"delete {stale}")
-                        stale.unlink()
+    for (kind, i), theirs in records.items():
+        local = out / integrity.record_key(kind, i)
+        mine = local.read_bytes() if local.is_file() else None
+        if mine != theirs:
+            for stale in (out / source.chunk_key(integrity.DONE_ARRAYS[kind], i), local):
+                if stale.is_file():
+                    gate(f"delete {stale}")
+                    stale.unlink()
 
 
 def _remove_stale(out: Path, keep: set[str]) -> list[str]:

@@ -26,6 +26,14 @@ def _offline_and_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def micro():
+    """The micro open_clip test encoder (random weights under a fixed seed), one per test module."""
+    from pipeline.encoders import load_encoder
+
+    return load_encoder("test-vit-micro")
+
+
 @pytest.fixture
 def make_video(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make_video(name, **write_video_kwargs)`` -> path under tmp_path."""

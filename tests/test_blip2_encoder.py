@@ -234,11 +234,6 @@ def test_cli_extracts_a_blip2_store(tmp_path, toy_manifest, blip2_dir, blip2):
 
 
 # -- open_clip tokens from a chosen block ----------------------------------------------------------
-@pytest.fixture(scope="module")
-def micro():
-    return load_encoder("test-vit-micro")
-
-
 def manual_blocks(model, x, upto):
     """The visual tower of open_clip's VisionTransformer run block by block, no final norm."""
     visual = model.visual

@@ -105,13 +105,6 @@ def test_a_refusal_is_a_failed_video_of_the_pool(make_video):
     assert out[0].reason == "too large: 16x2048 frames exceed the aspect limit 1:16 (--max-aspect)"
 
 
-@pytest.fixture(scope="module")
-def micro():
-    from pipeline.encoders import load_encoder
-
-    return load_encoder("test-vit-micro")
-
-
 def test_a_refusal_is_a_failed_video_of_extraction(tmp_path, make_video, micro):
     from manifests.schema import Manifest
     from pipeline.extract import extract

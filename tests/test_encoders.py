@@ -12,11 +12,6 @@ from pipeline.encoders import (PRESETS, EncoderError, EncoderSpec, load_encoder,
 TEXTS = ["a red square moves to the left", "a small blue circle appears in the corner", "hi"]
 
 
-@pytest.fixture(scope="module")
-def micro():
-    return load_encoder("test-vit-micro")
-
-
 def test_parse_encoder():
     assert parse_encoder("clip-b32") == EncoderSpec("ViT-B-32", "openai")
     assert parse_encoder("eva-g14") == EncoderSpec("EVA01-g-14", "laion400m_s11b_b41k")

@@ -12,17 +12,12 @@ import zarr
 
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
-from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder
+from pipeline.encoders import EncoderSpec, FrozenEncoder
 from pipeline.extract import ExtractReport, extract
 from pipeline.rows import manifest_rows
 from pipeline.store import CacheStore, StoreMismatchError
 
 T = 4
-
-
-@pytest.fixture(scope="module")
-def micro() -> FrozenEncoder:
-    return load_encoder("test-vit-micro")
 
 
 @pytest.fixture

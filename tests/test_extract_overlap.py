@@ -14,17 +14,12 @@ from core.errors import EncoderError, StoreError, UsageError
 from manifests.schema import Manifest
 from pipeline.decode import decode_video, decoder_order
 from pipeline.encoder_base import resolve_precision
-from pipeline.encoders import FrozenEncoder, load_encoder
+from pipeline.encoders import load_encoder
 from pipeline.encode_batches import ShardWriter
 from pipeline.extract import extract
 from pipeline.store import CacheStore
 
 T = 4
-
-
-@pytest.fixture(scope="module")
-def micro() -> FrozenEncoder:
-    return load_encoder("test-vit-micro")
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,12 @@ from pipeline.config import ExtractConfig
 from pipeline.decode import DecodeTask, decode_video
 from pipeline.decode_pool import DecodePool
 from pipeline.encoder_base import Encoder, resize_short_crop
-from pipeline.encoders import FrozenEncoder, encoder_for_identity, load_encoder
+from pipeline.encoders import encoder_for_identity, load_encoder
 from pipeline.extract import extract
 from pipeline.store import STATUS_OK, CacheStore
 from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_SIDE, thumbnails_of
 
 T = 4
-
-
-@pytest.fixture(scope="module")
-def micro() -> FrozenEncoder:
-    return load_encoder("test-vit-micro")
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,12 @@ from PIL import Image
 from core.errors import StoreMismatchError
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
-from pipeline.encoders import load_encoder
 from pipeline.extract import extract
 from pipeline.thumbnail_backfill import add_thumbnails
 from pipeline.store import STATUS_OK, CacheStore
 from pipeline.thumbnails import encode_jpeg, thumbnail_frames
 
 T = 5
-
-
-@pytest.fixture(scope="module")
-def micro():
-    return load_encoder("test-vit-micro")
 
 
 @pytest.fixture

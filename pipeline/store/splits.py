@@ -18,18 +18,19 @@ from pipeline.store.layout import STATUS_FAILED, STATUS_OK
 class SplitMixin:
     """``CacheStore``'s reads of one split (only committed rows, ``CacheStore.status``)."""
 
-    def split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def split_rows(self, split: str, status: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of ``split`` as a staged split holds them: ``(video rows, caption rows, caption_video)``.
 
         Video rows: the split's committed videos whose extraction succeeded, in store order; caption rows:
         their captions in store order; ``caption_video``: each caption's index into the video rows.
-        Raises ``StoreError`` when the store has no video of ``split``.
+        Raises ``StoreError`` when the store has no video of ``split``. ``status``: a committed status
+        (``CacheStore.status``) already read.
         """
         splits = np.array(self.strings("videos/split"), dtype=object)
         in_split = splits == split
         if not in_split.any():
             raise StoreError(f"{self.url}: no videos of split {split!r} (splits: {self.splits()})")
-        rows = np.flatnonzero(in_split & (self.status() == STATUS_OK))
+        rows = np.flatnonzero(in_split & ((self.status() if status is None else status) == STATUS_OK))
         vidx = self.caption_video()
         crows = np.flatnonzero(np.isin(vidx, rows)) if rows.size else np.zeros(0, np.int64)
         return rows, crows, np.searchsorted(rows, vidx[crows]).astype(np.int64)
@@ -38,10 +39,10 @@ class SplitMixin:
         """How much of ``split`` a staged copy holds: videos and captions of the split in the store
         (all of the manifest's) and those usable (videos extracted ok, their captions), and every
         missing video with why (its failure reason, or ``pending`` when not committed yet)."""
-        rows, crows, _ = self.split_rows(split)
+        status = self.status()  # one committed view for the rows and the reasons
+        rows, crows, _ = self.split_rows(split, status)
         in_split = np.flatnonzero(np.array(self.strings("videos/split"), dtype=object) == split)
         vidx = self.caption_video()
-        status = self.status()
         ids = self.video_ids
         reasons = self.strings("videos/error")
         missing = {ids[r]: (reasons[r] or "failed") if status[r] == STATUS_FAILED else "pending"
