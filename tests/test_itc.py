@@ -217,3 +217,31 @@ def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:
     assert resolved("crosstvr", 0, 0.0) == (0, 0.0)
     with pytest.raises(ValueError, match=">= 0"):
         resolved("crosstvr", -1, None)
+
+
+def test_score_pairs_sends_each_video_once_for_caption_by_caption_pairs(world: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation and re-ranking list pairs caption by caption (each caption's K candidates), so a
+    video recurs across batches; score_pairs groups them by video, loads each video's tokens about
+    once, and returns the scores in the pairs' own order."""
+    import heads.stage_two.scoring as scoring
+
+    torch.manual_seed(0)
+    head = create_head("crosstvr", D, D, **ITC).eval()
+    head.standardizer.fit(world["train"])
+    num_v, num_c = world["test"].tokens.shape[0], world["test"].text_tokens.shape[0]
+    rng = np.random.default_rng(5)
+    queries = rng.choice(num_c, size=12, replace=False)
+    top = np.stack([rng.choice(num_v, size=6, replace=False) for _ in queries])
+    caps, vids = np.repeat(queries, top.shape[1]), top.reshape(-1)
+    with torch.no_grad():
+        b = load_pairs(world["test"], caps, vids)
+        alone = head.pair_score(*b.pair_inputs()).numpy()  # one batch: every pair scored at once
+    sent = []
+    original = scoring.load_pairs
+    monkeypatch.setattr(scoring, "load_pairs",
+                        lambda split, c, v, **kw: sent.append(len(np.unique(v))) or original(split, c, v, **kw))
+    got = score_pairs(head, world["test"], caps, vids, batch=8)
+    np.testing.assert_allclose(got, alone, rtol=1e-4, atol=1e-4)
+    distinct = len(np.unique(vids))
+    assert sum(sent) <= distinct + len(sent) - 1  # a video is split across two batches at most once

@@ -1,8 +1,10 @@
 """Scoring (caption, video) pairs of a split with a stage-two head: the one path that validation,
 re-ranking and the benchmarks take (no trainer involved).
 
-``score_pairs`` reads each batch's distinct rows once from the memory-mapped split, runs the head's
-text-independent work once per distinct video of a batch, and computes a contrastive head's
+``score_pairs`` groups the pairs by video (validation and re-ranking list them caption by caption,
+each caption with its K candidates, so a video recurs across many batches), reads each batch's
+distinct rows once from the memory-mapped split, runs the head's text-independent work once per
+distinct video of a batch, and computes a contrastive head's
 caption embeddings once per call (not once per batch a caption appears in). The head runs on the
 ``device`` it is given (``pair_score_blocks``, the model part, keeps the scores there);
 ``score_pairs`` brings them back as numpy. ``pair_scorer`` wraps it as the ``(caption_rows,
@@ -82,15 +84,22 @@ def score_pairs(head: StageTwoHead, split: Split, caption_index: np.ndarray, vid
                 batch: int = 128, device: str = "cpu", prefetch: int = 1, progress: bool = False,
                 parts: bool = False) -> np.ndarray:
     """(P,) float32 head scores (``pair_score``) of pairs ``(caption_index[i], video_index[i])`` of
-    ``split``, computed on ``device`` in eval mode (``pair_score_blocks``); ``parts=True``: (P, 2) of
+    ``split``, in the pairs' order, computed on ``device`` in eval mode (``pair_score_blocks``, fed the
+    pairs grouped by video); ``parts=True``: (P, 2) of
     ITM log-odds and contrastive logit. A head reading caption ids (``text_input="ids"``) reads the
     split's ``text_ids`` in place of its text tokens."""
-    size = np.asarray(video_index).size
+    caption_index = np.asarray(caption_index, dtype=np.int64).reshape(-1)
+    video_index = np.asarray(video_index, dtype=np.int64).reshape(-1)
+    if video_index.shape != caption_index.shape:
+        raise ValueError(f"{caption_index.shape} caption rows vs {video_index.shape} video rows")
+    size = video_index.size
+    # by video, then caption: a batch holds few distinct videos, each sent to the device once
+    order = np.lexsort((caption_index, video_index))
     out = np.empty((size, 2) if parts else size, dtype=np.float32)
     with evaluating(head):
-        for sl, scores in pair_score_blocks(head, split, caption_index, video_index, batch=batch, device=device,
-                                            prefetch=prefetch, progress=progress, parts=parts):
-            out[sl] = scores.float().cpu().numpy()
+        for sl, scores in pair_score_blocks(head, split, caption_index[order], video_index[order], batch=batch,
+                                            device=device, prefetch=prefetch, progress=progress, parts=parts):
+            out[order[sl]] = scores.float().cpu().numpy()
     return out
 
 
