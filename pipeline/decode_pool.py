@@ -15,6 +15,12 @@ as the pool, since the signal follows the thread that started a process), elsewh
 thread in the worker that watches its parent process id. A pool given ``thumbnails`` also makes each
 video's thumbnails in the worker, from the frames it returns (``DecodeResult.thumbnails``), so the
 process that encodes never spends time on JPEGs.
+A result's frames (full resolution with ``--resize device``: 75 MB for 12 1080p frames) do not go
+through the pipe's pickling: on Linux the worker writes them to an anonymous memory file
+(``memfd_create``, its pages reserved first so that a full memory limit is an error, not a crash)
+and passes its descriptor over the socket; the pool maps the file's pages, privately, as the
+result's array: no copy, and freed with the array (``send_frames`` / ``receive_frames``). Small
+results, other systems, and a memory file that cannot be made take the pipe.
 
 This module does not import torch (workers stay light).
 """
@@ -22,6 +28,7 @@ This module does not import torch (workers stay light).
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -31,6 +38,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recv_handle, send_handle
+
+import numpy as np
 
 from pipeline.config import DecodeLimits
 from pipeline.decode import (CRASHED, DECODERS, OUT_OF_MEMORY, TIMEOUT, DecodeFn, DecodeResult, DecodeTask,
@@ -38,6 +48,7 @@ from pipeline.decode import (CRASHED, DECODERS, OUT_OF_MEMORY, TIMEOUT, DecodeFn
 from pipeline.thumbnails import thumbnails_of
 PARENT_GONE = 70  # a worker's exit status when it finds its parent gone
 _PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent thread ends
+MEMFD_MIN_BYTES = 1 << 20  # frames smaller than this go through the pipe
 
 
 def _die_with_parent(parent_pid: int | None, interval: float = 0.5) -> None:
@@ -103,11 +114,66 @@ def with_thumbnails(res: DecodeResult, thumbnails: tuple[int, int, int] | None) 
     return res
 
 
+def _memory_file(frames: np.ndarray) -> int | None:
+    """An anonymous memory file holding ``frames``' bytes (its descriptor), or None where one cannot be
+    made (no ``memfd_create``, or no room: the pages are reserved before they are written)."""
+    if not hasattr(os, "memfd_create") or frames.nbytes < MEMFD_MIN_BYTES:
+        return None
+    fd = None
+    try:
+        fd = os.memfd_create("crosstvr-frames", os.MFD_CLOEXEC)
+        os.posix_fallocate(fd, 0, frames.nbytes)
+        view, done = memoryview(np.ascontiguousarray(frames)).cast("B"), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
+        return fd
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        return None
+
+
+def send_frames(conn: Connection, seq: int, res: DecodeResult) -> None:
+    """Send ``(seq, result, shared)``: with ``shared`` = (shape, dtype) the frames follow as a memory
+    file's descriptor (``res.frames`` travels empty), with None they are in the pickled result."""
+    frames = res.frames if res.ok else None
+    fd = _memory_file(frames) if frames is not None else None
+    if fd is None:
+        conn.send((seq, res, None))
+        return
+    try:
+        res.frames = None
+        conn.send((seq, res, (frames.shape, frames.dtype.str)))
+        send_handle(conn, fd, os.getppid())
+    finally:
+        os.close(fd)
+        res.frames = frames
+
+
+def receive_frames(conn: Connection, res: DecodeResult, shared: tuple | None) -> DecodeResult:
+    """The result of a ``send_frames`` message with its frames back in place (read from the memory
+    file that follows the message on ``conn`` when ``shared`` says so)."""
+    if shared is None:
+        return res
+    shape, dtype = tuple(shared[0]), np.dtype(shared[1])
+    fd = recv_handle(conn)
+    try:
+        size = int(np.prod(shape)) * dtype.itemsize
+        if os.fstat(fd).st_size < size:
+            raise EOFError(f"the frames' memory file holds {os.fstat(fd).st_size} of {size} bytes")
+        # the array is the file's pages, mapped privately: no copy; they are freed with the array
+        frames = np.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE), dtype=dtype).reshape(shape)
+    finally:
+        os.close(fd)
+    res.frames = frames
+    return res
+
+
 def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
                  short_side: int | None, sample_fps: float | None = None,
                  decoders: tuple[str, ...] | None = None, limits: DecodeLimits | None = None,
                  parent_pid: int | None = None, thumbnails: tuple[int, int, int] | None = None) -> None:
-    """Worker loop: receive ``(seq, task)``, send ``(seq, result)``; ``None`` stops. The worker dies
+    """Worker loop: receive ``(seq, task)``, send the result (``send_frames``); ``None`` stops. The worker dies
     with its parent (``parent_pid``) and runs under ``limits.decoder_memory``; ``decode_fn`` gets
     ``limits`` when its checks are not the defaults. With ``thumbnails`` each decoded video's
     thumbnails come with its result (:func:`with_thumbnails`)."""
@@ -116,7 +182,7 @@ def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
     limits = limits or DecodeLimits()
     _limit_memory(limits.decoder_memory_bytes)
     checks = dataclasses.replace(limits, decoder_memory=DecodeLimits.decoder_memory) != DecodeLimits()
-    conn.send(("ready", None))
+    conn.send(("ready", None, None))
     while True:
         try:
             msg = conn.recv()
@@ -135,7 +201,7 @@ def _worker_main(conn: Connection, decode_fn: DecodeFn, num_frames: int,
             res = out_of_memory(task.video_id, exc)
         except Exception as exc:
             res = failed(task.video_id, "decode error", one_line(exc), one_line(exc, 1000))
-        conn.send((seq, res))
+        send_frames(conn, seq, res)
 
 
 class _Worker:
@@ -374,13 +440,14 @@ class _OrderedRun(Iterator[DecodeResult]):
             for w in workers:
                 if w.conn in ready:
                     try:
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
+                        tag, res, shared = w.conn.recv()
+                        if tag != "ready":
+                            res = receive_frames(w.conn, res, shared)
+                    except (EOFError, OSError, RuntimeError):  # RuntimeError: the descriptor never came
                         w.proc.join(1)  # the exit code is known once the process is reaped
                         code = w.proc.exitcode
                         replace.append((w, f"decoder worker crashed (exit code {code})"))
                         continue
-                    tag, res = msg
                     if tag == "ready":
                         w.ready = True
                         continue

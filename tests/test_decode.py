@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.decode import DECODERS, DecodeTask, decode_video, failed, resize_short_side
+import pipeline.decode_pool as decode_pool
+from pipeline.decode import DecodeResult
 from pipeline.decode_pool import DecodePool
 
 
@@ -21,6 +24,63 @@ def slow_or_crashing_decode(video_id, path, num_frames, short_side, start, end, 
     if "crash" in name:
         os._exit(3)
     return decode_video(video_id, path, num_frames, short_side, start, end, **kw)
+
+
+def big_frames(video_id: str) -> np.ndarray:
+    """(12, 240, 320, 3) uint8 frames (2.8 MB: past the memory-file threshold) seeded by the id."""
+    return np.random.default_rng(sum(map(ord, video_id))).integers(0, 256, (12, 240, 320, 3), dtype=np.uint8)
+
+
+def big_decode(video_id, path, num_frames, short_side, start, end, **kw):
+    """Decode function returning large frames, for the frame hand-over test."""
+    if "crash" in path:
+        os._exit(3)
+    return DecodeResult(video_id, True, frames=big_frames(video_id), indices=np.arange(12, dtype=np.int32),
+                        times=np.arange(12, dtype=np.float32), mask=np.ones(12, bool))
+
+
+def test_large_frames_come_back_whole_through_the_pool():
+    tasks = [DecodeTask(f"v{i}", "x.mp4") for i in range(5)] + [DecodeTask("c", "crash.mp4"),
+                                                              DecodeTask("v9", "y.mp4")]
+    with DecodePool(12, workers=2, timeout=30, decode_fn=big_decode) as pool:
+        out = list(pool.map(tasks))
+    assert [r.video_id for r in out] == [t.video_id for t in tasks]
+    for r in out:
+        if r.video_id == "c":
+            assert r.kind == "crashed"
+        else:
+            assert r.ok and r.frames.flags.writeable
+            np.testing.assert_array_equal(r.frames, big_frames(r.video_id))
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="Linux memory files")
+def test_frames_travel_as_a_memory_file_not_in_the_pickle(monkeypatch):
+    import multiprocessing as mp
+
+    parent, child = mp.Pipe(duplex=True)
+    res = big_decode("v1", "x.mp4", 12, None, None, None)
+    decode_pool.send_frames(child, 4, res)
+    assert res.frames is not None  # the sender's result is left as it was
+    seq, got, shared = parent.recv()
+    assert seq == 4 and got.frames is None and tuple(shared[0]) == (12, 240, 320, 3)
+    got = decode_pool.receive_frames(parent, got, shared)
+    np.testing.assert_array_equal(got.frames, big_frames("v1"))
+    # small frames, or no memory file to be had: the pickle carries them
+    small = DecodeResult("s", True, frames=np.ones((2, 8, 8, 3), np.uint8))
+    decode_pool.send_frames(child, 5, small)
+    seq, got, shared = parent.recv()
+    assert shared is None and got.frames.shape == (2, 8, 8, 3)
+
+    def refuse(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(decode_pool.os, "posix_fallocate", refuse)
+    sender = threading.Thread(target=decode_pool.send_frames, args=(child, 6, res))  # 2.8 MB through the pipe
+    sender.start()
+    seq, got, shared = parent.recv()
+    sender.join()
+    assert shared is None and np.array_equal(got.frames, big_frames("v1"))
+    parent.close()
+    child.close()
 
 
 def test_fixture_video(fixture_video):
