@@ -12,15 +12,16 @@ from typing import Any
 import click
 
 from commands.cache import COMMANDS as CACHE_COMMANDS
-from commands.options import (annotations_option, data_root_option, dataclass_options, device_option,
-                              dist_timeout_option, seed_option, videos_option, work_dir_option)
+from commands.options import (FailureBudgetType, PartType, dataclass_options, device_option, dist_timeout_option,
+                              manifest_source, seed_option, work_dir_option)
 from commands.search import COMMANDS as SEARCH_COMMANDS
 from commands.stage_one import COMMANDS as STAGE_ONE_COMMANDS
 from commands.stage_two import COMMANDS as STAGE_TWO_COMMANDS
 from core.errors import CrossTVRError, UsageError
 from core.options import parse_key_values
-from heads.registry import HEADS, get_preset, head_options, list_presets
+from heads.registry import HEADS, get_preset, head_defaults, list_presets
 from pipeline.config import ExtractConfig
+from workflows.sources import ManifestSource
 from workflows.workdir import WorkDir, resolve_device
 
 
@@ -75,7 +76,7 @@ def heads_cmd(show_options: bool) -> None:
     for name, spec in HEADS.items():
         click.echo(f"{name:11s} stage {spec.stage}  {','.join(sorted(spec.supports)) or '-':28s} {spec.description}")
         if show_options:
-            click.echo("            " + ", ".join(f"{k}={v!r}" for k, v in head_options(name).items()))
+            click.echo("            " + ", ".join(f"{k}={v!r}" for k, v in head_defaults(name).items()))
     for name in list_presets():
         preset = get_preset(name)
         click.echo(f"preset {name}: head {preset['head']}; {preset['description']}")
@@ -89,18 +90,13 @@ def heads_cmd(show_options: bool) -> None:
 
 
 @main.command("make-manifest")
-@click.option("--dataset", required=True, help="Registered dataset name (see `datasets`).")
+@manifest_source(existing=False)
 @work_dir_option
-@click.option("--annotations", type=click.Path(), help="Directory with the official annotation files.")
-@click.option("--videos", type=click.Path(), help="Directory with the video files.")
-@data_root_option
-@click.option("--option", "options", multiple=True, help="Builder option key=value (e.g. seed=1, test_groups=80).")
-def make_manifest_cmd(dataset, work_dir, annotations, videos, data_root, options) -> None:
+def make_manifest_cmd(source, work_dir) -> None:
     """Turn a dataset's official annotation files (or the generator) into a Parquet manifest."""
-    from workflows.data import make_manifest, missing_videos
+    from workflows.data import load_manifest, missing_videos
 
-    m = make_manifest(WorkDir(work_dir), dataset, annotations, videos, parse_key_values(options, "--option"),
-                      data_root)
+    m = load_manifest(WorkDir(work_dir), source)
     click.echo(f"manifest: {m.root}  videos={m.videos.num_rows} captions={m.captions.num_rows}  "
                f"sha256={m.sha256()[:12]}")
     if missing_videos(m):
@@ -117,7 +113,7 @@ def pretrain_encoder_cmd(work_dir, manifest, options) -> None:
     from workflows.data import load_manifest, synthetic_encoder
 
     work = WorkDir(work_dir)
-    m = load_manifest(work, "synthetic", manifest)
+    m = load_manifest(work, ManifestSource(dataset="synthetic", manifest=manifest))
     click.echo(f"encoder: {synthetic_encoder(work, m, parse_key_values(options, '--option'))}")
 
 
@@ -136,56 +132,46 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
     from workflows.data import load_manifest, probe_synthetic_encoders
 
     work = WorkDir(work_dir)
-    results, path = probe_synthetic_encoders(work, load_manifest(work, "synthetic", manifest), encoders, steps, out)
+    m = load_manifest(work, ManifestSource(dataset="synthetic", manifest=manifest))
+    results, path = probe_synthetic_encoders(work, m, encoders, steps, out)
     click.echo(format_probes(results))
     click.echo(f"probes: {path}")
 
 
 @main.command("extract")
-@click.option("--dataset", help="Registered dataset name; its manifest is built under --work-dir.")
-@click.option("--manifest", type=click.Path(), help="An existing manifest directory instead of --dataset.")
+@manifest_source()
 @work_dir_option
-@annotations_option
-@videos_option
 @click.option("--encoder", "encoders", multiple=True,
               help="Preset (clip-b32, eva-g14), open_clip `model:tag` or `model:/path/ckpt.pt` (a suffix `@N`: "
                    "tokens from visual block N), or `blip2:/path/to/dir` (a Hugging Face BLIP-2 retrieval save); "
                    "repeatable. All encoders run on the same decoded frames.")
 @click.option("--store", "stores", multiple=True, help="Store path/URL per --encoder (default under work-dir/stores).")
-@data_root_option
 @dataclass_options(ExtractConfig, unset=True)
-@click.option("--max-failed", help="Failed videos tolerated in a store: a count (5), a percentage (1%) or a "
+@click.option("--max-failed", type=FailureBudgetType(), help="Failed videos tolerated in a store: a count (5), a percentage (1%) or a "
                                    "fraction (0.01) [default: 0: any failure exits 1].")
-@click.option("--part", help="K/N: write only the shards i with i % N == K, so N processes (on one or several "
+@click.option("--part", type=PartType(), help="K/N: write only the shards i with i % N == K, so N processes (on one or several "
                              "machines sharing the store on disk or S3) split one extraction; run K = 0..N-1.")
 @dist_timeout_option
 @device_option
-@click.option("--option", "options", multiple=True, help="Manifest builder option key=value.")
-def extract_cmd(dataset, manifest, work_dir, annotations, videos, encoders, stores, data_root, max_failed, part,
-                device, options, **config) -> None:
+def extract_cmd(source, work_dir, encoders, stores, max_failed, part, device, **config) -> None:
     """Decode each video once, run every encoder on the sampled frames, write the token stores.
 
     Frames and text tokens default to the dataset's (12 and 32; 64 and 64 for paragraph datasets).
     Exits 1 when a store holds more failed videos than --max-failed allows (the summary says where
     their reasons are listed); --retry-failed decodes them again once the files are fixed.
     """
-    from workflows.data import (check_extraction, extract_config, extract_stores, failure_budget,
-                                load_manifest_once)
+    from core.world import world_from_env
+    from workflows.data import check_failures, extract_config, extract_stores, load_manifest_once
 
     work = WorkDir(work_dir)
-    m = load_manifest_once(work, resolve_device(device), dataset, manifest, annotations, videos,
-                           parse_key_values(options, "--option"), data_root)
-    from core.world import world_from_env
-    from workflows.share import parse_part
-
-    failure_budget(max_failed, m.videos.num_rows)  # a malformed --max-failed fails before the work
+    m = load_manifest_once(work, resolve_device(device), source)
     report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device),
-                                   part=parse_part(part))
+                                   part=part)
     if world_from_env()[0] == 0:  # under torchrun: the merged report, once
         click.echo(report.summary())
         for p in paths:
             click.echo(f"store: {p}")
-    check_extraction(report, max_failed)
+    check_failures(report, max_failed)
 
 
 

@@ -298,11 +298,11 @@ step train-head train-stage-one "$STEP_LIMIT" "${CLI[@]}" train-head --store "$S
   --stage-one "$S1/stage_one.pt" --epochs 1 --batch-size 4 --itc-steps 3 --itc-batch 4 --out "$S2" \
   "${TINY_HEAD[@]}" "${DEV[@]}"
 step rerank train-head "$STEP_LIMIT" "${CLI[@]}" rerank --store "$S" --work-dir "$W" --stage-one "$S1/stage_one.pt" \
-  --head "$S2" --k 3 --out "$W/reports/rerank" "${DEV[@]}"
+  --stage-two "$S2" --candidates 3 --out "$W/reports/rerank" "${DEV[@]}"
 step index-build train-stage-one "$STEP_LIMIT" "${CLI[@]}" index build --store "$S" --work-dir "$W" \
   --stage-one "$S1" --out "$W/indexes/flat" "${DEV[@]}"
 step search index-build,train-head "$STEP_LIMIT" "${CLI[@]}" search --store "$S" --work-dir "$W" --stage-one "$S1" \
-  --head "$S2" --index "$W/indexes/flat" --k 3 --candidates 4 --out "$W/search.json" "${DEV[@]}" \
+  --stage-two "$S2" --index "$W/indexes/flat" --top 3 --candidates 4 --out "$W/search.json" "${DEV[@]}" \
   "a red square moves left"
 step report rerank "$STEP_LIMIT" "${CLI[@]}" report --rerank-dir "$W/reports/rerank" --run "$S1" --run "$S2" \
   --improved 2 --hurt 2 --random 2 -o "$W/report.html" && cp "$W/report.html" "$OUT_DIR/report.html"
@@ -315,7 +315,7 @@ if [ "$QUICK" = 0 ]; then
     --init-from "$B2" --store "$SB" --work-dir "$W" --stage-one "$W/runs/b1/stage_one.pt" --epochs 1 \
     --batch-size 4 --val-queries 4 --text-len 12 --out "$W/runs/b2" "${DEV[@]}"
   step rerank-blip2 train-head-blip2 "$STEP_LIMIT" "${CLI[@]}" rerank --store "$SB" --work-dir "$W" \
-    --stage-one "$W/runs/b1/stage_one.pt" --head "$W/runs/b2" --k 3 --out "$W/reports/rerank-blip2" "${DEV[@]}"
+    --stage-one "$W/runs/b1/stage_one.pt" --stage-two "$W/runs/b2" --candidates 3 --out "$W/reports/rerank-blip2" "${DEV[@]}"
 fi
 
 # -- the same training under torchrun: one process per GPU (NCCL); on cpu two processes (gloo) ---------------

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = root / f"{variant}-seed{seed}"
             print(f"== {variant}, seed {seed}: {run}", flush=True)
             ckpt = train_head(work, store, stage_one, cfg, out=run)
-            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", k=a.k, out=run / "rerank-test",
+            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=a.k, out=run / "rerank-test",
                                      progress=False)
             metrics = res.metrics()
             grp = groups.main(["--store", store, "--manifest", str(manifest), "--stage-one", stage_one,

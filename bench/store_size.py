@@ -143,9 +143,9 @@ def staging_table(n: int, tmp: Path) -> list[str]:
     rows = [("local disk (page cache dropped)", str(local))]
     # HTTP: a static server honouring Range (sys.path: the tests' handler)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_store import _RangeHandler
+    from worlds import RangeHandler
 
-    http = ThreadingHTTPServer(("127.0.0.1", 0), partial(_RangeHandler, directory=str(local.parent)))
+    http = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(local.parent)))
     threading.Thread(target=http.serve_forever, daemon=True).start()
     rows.append(("HTTP on 127.0.0.1 (python http.server, Range)", f"http://127.0.0.1:{http.server_address[1]}/stage.zarr"))
     try:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from commands.options import annotations_option, data_root_option, device_option, videos_option, work_dir_option
+from commands.options import device_option, manifest_source, work_dir_option
 from core.errors import UsageError
 from core.options import parse_key_values
 from workflows.workdir import WorkDir, resolve_device
@@ -37,19 +37,14 @@ def cache_info_cmd(store, as_json) -> None:
 @click.argument("store")
 @click.option("--repair", is_flag=True, help="Re-extract just the corrupt or missing shards (needs the store's "
                                              "manifest, its videos at hand, and --encoder).")
-@click.option("--manifest", type=click.Path(), help="--repair: the store's manifest directory.")
-@click.option("--dataset", help="--repair: or the registered dataset whose manifest is built under --work-dir.")
+@manifest_source(builder=False, purpose="--repair: the store's manifest")
 @click.option("--encoder", help="--repair: the store's encoder spec (checked against the store's identity).")
 @work_dir_option
-@annotations_option
-@videos_option
-@data_root_option
 @click.option("--workers", default=2, show_default=True, help="--repair: decoder worker processes.")
 @device_option
 @click.option("--expect", "expect", metavar="DIGEST", help="The store digest it must have (`cache info` prints it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
-def cache_verify_cmd(store, repair, manifest, dataset, encoder, work_dir, annotations, videos, data_root, workers,
-                     device, expect, as_json) -> None:
+def cache_verify_cmd(store, repair, source, encoder, work_dir, workers, device, expect, as_json) -> None:
     """Recompute every shard's checksum, check each record covers its shard's objects, compute the store
     digest; name each corrupt or missing shard (exit 1 when any, when the store recorded no checksums to
     check, or when the digest is not --expect)."""
@@ -61,7 +56,7 @@ def cache_verify_cmd(store, repair, manifest, dataset, encoder, work_dir, annota
     if repair and report.problems:
         if not encoder:
             raise UsageError("--repair needs --encoder (the store's encoder spec) and --manifest or --dataset")
-        m = load_manifest(WorkDir(work_dir), dataset, manifest, annotations, videos, None, data_root)
+        m = load_manifest(WorkDir(work_dir), source)
         report = repair_store(store, report, m, encoder, device=resolve_device(device), workers=workers)
         click.echo("after repair:\n" + report.summary())
     if not report.ok:
@@ -98,45 +93,36 @@ def cache_export_cmd(store, out) -> None:
 @cache_group.command("import")
 @click.argument("h5", type=click.Path(exists=True, dir_okay=False))
 @click.argument("store")
-@click.option("--manifest", type=click.Path(), help="Another tool's features: the manifest of their videos and "
-                                                    "captions (ids, splits).")
-@click.option("--dataset", help="Or: the registered dataset whose manifest is built under --work-dir.")
+@manifest_source(files=False, builder=False, purpose="Another tool's features: the manifest of their videos")
 @work_dir_option
-@data_root_option
 @click.option("--frames", type=int, help="Another tool's features: frames kept per video (default: the most any has).")
 @click.option("--shard-size", default=64, show_default=True, help="Another tool's features: videos per shard.")
 @click.option("--compressor", help="Another tool's features: zstd, blosc-zstd or blosc-lz4 (default: none).")
 @click.option("--limit", "limits", multiple=True, metavar="KEY=VALUE",
               help="Import limits (docs/STORE.md, 'Importing HDF5 safely'), e.g. frames=2048.")
-def cache_import_cmd(h5, store, manifest, dataset, work_dir, data_root, frames, shard_size, compressor,
-                     limits) -> None:
+def cache_import_cmd(h5, store, source, work_dir, frames, shard_size, compressor, limits) -> None:
     """Build a new STORE from an HDF5 file: one `cache export` wrote (the same store back), or
     per-frame features another tool wrote (one dataset per video; docs/SHARING.md)."""
     from workflows.data import load_manifest
     from workflows.share import import_h5
 
-    m = load_manifest(WorkDir(work_dir), dataset, manifest, None, None, None, data_root) \
-        if (manifest or dataset) else None
+    m = load_manifest(WorkDir(work_dir), source) if source.given() else None
     click.echo(import_h5(h5, store, m, num_frames=frames, shard_size=shard_size, compressor=compressor,
                          limits=parse_key_values(limits, "--limit")))
 
 
 @cache_group.command("thumbnails")
 @click.option("--store", required=True, help="Token store path or s3:// URL (made by `extract`).")
-@click.option("--manifest", type=click.Path(), help="The store's manifest directory (its videos must be at hand).")
-@click.option("--dataset", help="Or: the registered dataset whose manifest is built under --work-dir.")
+@manifest_source(builder=False, purpose="The store's manifest (its videos at hand)")
 @work_dir_option
-@annotations_option
-@videos_option
-@data_root_option
 @click.option("--workers", default=2, show_default=True, help="Decoder worker processes.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds before a video's decoding is abandoned.")
-def cache_thumbnails_cmd(store, manifest, dataset, work_dir, annotations, videos, data_root, workers, timeout) -> None:
+def cache_thumbnails_cmd(store, source, work_dir, workers, timeout) -> None:
     """Add the thumbnails a store made before they existed lacks: decodes its videos again (the same
     frames it sampled), encodes nothing; resumable, shards that have them are skipped."""
     from workflows.data import add_store_thumbnails, load_manifest
 
-    m = load_manifest(WorkDir(work_dir), dataset, manifest, annotations, videos, None, data_root)
+    m = load_manifest(WorkDir(work_dir), source)
     report = add_store_thumbnails(store, m, workers=workers, timeout=timeout)
     click.echo(report.summary())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -10,7 +11,9 @@ from typing import Any, Callable
 import click
 
 from core.errors import UnknownHeadError, UsageError
+from core.options import FailureBudget, parse_key_values, parse_part
 from heads.registry import get_preset, list_presets
+from workflows.sources import ManifestSource
 from workflows.workdir import DEFAULT_WORK
 
 work_dir_option = click.option("--work-dir", default=DEFAULT_WORK, show_default=True,
@@ -23,8 +26,94 @@ store_option = click.option("--store", required=True, help="Token store path or 
 allow_incomplete_option = click.option(
     "--allow-incomplete", is_flag=True,
     help="Report metrics even when videos of the split are missing from the store (labelled incomplete).")
-head_options_option = click.option("--head-option", "head_options", multiple=True,
+head_option_option = click.option("--head-option", "head_option", multiple=True,
                                    help="Head option key=value, repeatable (`python cli.py heads` lists them).")
+threads_option = click.option("--threads", type=int, help="Torch CPU threads (default: all cores).")
+# options renamed since run.json files were first written: old parameter name -> today's
+RENAMED_PARAMS = {"head_options": "head_option", "amp": "precision", "val_k": "val_candidates", "k": "candidates",
+                  "head_ckpt": "stage_two", "num_threads": "threads"}
+
+
+def renamed(old: str, new: str, dest: str, value: Any = None, **settings: Any) -> Callable:
+    """``old``, the former spelling of option ``new`` (parameter ``dest``), kept as a hidden alias: its
+    value (or ``value``, for a flag) goes to ``dest``, with a one-line notice on stderr."""
+    legacy = "renamed_" + dest
+
+    def apply(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = kwargs.pop(legacy, None)
+            if given not in (None, False, ()):
+                click.echo(f"note: {old} is now {new}", err=True)
+                kwargs[dest] = given if value is None else value
+            return fn(*args, **kwargs)
+        return click.option(old, legacy, hidden=True, default=None, **settings)(command)
+    return apply
+
+
+class PartType(click.ParamType):
+    """``--part K/N`` -> ``(K, N)``."""
+
+    name = "K/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return parse_part(value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class FailureBudgetType(click.ParamType):
+    """``--max-failed`` -> ``FailureBudget``."""
+
+    name = "N|P%|F"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, FailureBudget):
+            return value
+        try:
+            return FailureBudget.parse(value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def manifest_source(files: bool = True, builder: bool = True, purpose: str = "", existing: bool = True) -> Callable:
+    """The manifest-source options, one group for every command that reads a manifest: ``--manifest DIR``
+    or ``--dataset NAME`` (built under --work-dir), with ``files``: ``--annotations`` / ``--videos``,
+    ``--data-root`` and with ``builder`` the builder's ``--option key=value``; the command receives them
+    as one ``source`` (``workflows.sources.ManifestSource``). ``purpose`` prefixes their help; without
+    ``existing`` (a command that builds the manifest) there is no ``--manifest`` and ``--dataset`` is required."""
+    names = ["manifest", "dataset", "data_root"] + (["annotations", "videos"] if files else []) + \
+        (["builder_option"] if builder else [])
+    lead = f"{purpose}: " if purpose else ""
+
+    def apply(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n, None) for n in names}
+            options = parse_key_values(given.pop("builder_option", None) or (), "--option")
+            kwargs["source"] = ManifestSource(**given, options=options)
+            return fn(*args, **kwargs)
+        opts = [click.option("--manifest", type=click.Path(), help=f"{lead}an existing manifest directory.")] \
+            if existing else []
+        opts.append(click.option("--dataset", required=not existing,
+                                 help=f"{lead}{'or ' if existing else ''}a registered dataset (`python cli.py "
+                                      f"datasets`), its manifest built under --work-dir."))
+        if files:
+            opts += [click.option("--annotations", type=click.Path(), help=f"{lead}its official annotation files "
+                                                                           "[default: data-root/<dataset>]."),
+                     click.option("--videos", type=click.Path(), help=f"{lead}its video directory "
+                                                                      "[default: data-root/<dataset>/videos]."),]
+        opts.append(data_root_option)
+        if builder:
+            opts.append(click.option("--option", "builder_option", multiple=True,
+                                     help="Manifest builder option key=value (e.g. seed=1, test_groups=80)."))
+        for opt in reversed(opts):
+            command = opt(command)
+        return command
+    return apply
 
 
 def dist_timeout_option(fn: Callable) -> Callable:
@@ -60,7 +149,10 @@ def config_option(fn: Callable) -> Callable:
                 raise click.BadParameter(f"cannot read {value}: {exc}") from exc
             if record.get("command") != ctx.command.name:
                 raise click.BadParameter(f"{value} is a run of {record.get('command')!r}, not {ctx.command.name!r}")
-            ctx.default_map = {**(ctx.default_map or {}), **record.get("options", {})}
+            options = {RENAMED_PARAMS.get(k, k): v for k, v in record.get("options", {}).items()}
+            if options.get("precision") == "off":
+                options["precision"] = "fp32"
+            ctx.default_map = {**(ctx.default_map or {}), **options}
         return value
     return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), is_eager=True,
                         expose_value=False, callback=load,
@@ -90,15 +182,14 @@ def dataclass_options(cls: type, skip: tuple[str, ...] = (), unset: bool = False
 
 def run_record(ctx: click.Context, **resolved: Any) -> dict:
     """What ``--config`` reads back: the command and its options (``resolved`` replacing some)."""
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ctx.params.items()}
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ctx.params.items()
+               if not k.startswith("renamed_")}
     options.update(resolved)
     return {"command": ctx.command.name, "options": options}
 
 
 data_root_option = click.option("--data-root", envvar="DATA_ROOT", default="data", show_default=True,
                                 help="Datasets as laid out in docs/DATASETS.md: <data-root>/<dataset>/ (env DATA_ROOT).")
-annotations_option = click.option("--annotations", type=click.Path(), help="Official annotation files (real datasets).")
-videos_option = click.option("--videos", type=click.Path(), help="Video directory (real datasets).")
 manifest_text_option = click.option(
     "--manifest", type=click.Path(exists=True, file_okay=False),
     help="The manifest the store was built from, for a head that reads caption text (BLIP-2-initialised) "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from commands.options import (device_option, seed_option, stage_dir_option, store_option, work_dir_option)
+from commands.options import device_option, renamed, seed_option, stage_dir_option, store_option, work_dir_option
 from core.options import parse_key_values
 from heads.evaluation.index import INDEX_KINDS
 from workflows.workdir import WorkDir, resolve_device
@@ -50,11 +50,11 @@ def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_d
 @store_option
 @click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
               help="Stage-one checkpoint (stage_one.pt or its run dir).")
-@click.option("--head", "head_ckpt", type=click.Path(exists=True),
+@click.option("--stage-two", "stage_two", type=click.Path(exists=True),
               help="Stage-two checkpoint: re-rank each query's --candidates best by cosine + head score.")
 @click.argument("queries", nargs=-1, required=True)
 @click.option("--split", default="test", show_default=True, help="The split searched (the index's).")
-@click.option("--k", "k", default=10, show_default=True, help="Videos printed per query.")
+@click.option("--top", default=10, show_default=True, help="Videos listed per query.")
 @click.option("--candidates", default=15, show_default=True, help="Stage-one candidates the head re-ranks.")
 @click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False),
               help="An `index build` directory (default: the exact index under work-dir/indexes, built if missing).")
@@ -67,14 +67,16 @@ def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_d
 @work_dir_option
 @stage_dir_option
 @device_option
-def search_cmd(store, stage_one, head_ckpt, queries, split, k, candidates, index_dir, nprobe, ef_search, encoder,
+@renamed("--head", "--stage-two", "stage_two", type=click.Path(exists=True))
+@renamed("--k", "--top", "top", type=int)
+def search_cmd(store, stage_one, stage_two, queries, split, top, candidates, index_dir, nprobe, ef_search, encoder,
                out, batch_size, work_dir, stage_dir, device) -> None:
     """Text-to-video search: each QUERY is encoded by the store's own text encoder and stage one, the
-    index gives the top videos of the split (cosine), and with --head they are re-ranked."""
+    index gives the top videos of the split (cosine), and with --stage-two they are re-ranked."""
     from workflows.search import format_results, search_videos, write_results
 
-    table = search_videos(WorkDir(work_dir, stage_dir), store, stage_one, list(queries), head_ckpt=head_ckpt,
-                          split=split, k=k, candidates=candidates, index=index_dir, encoder=encoder,
+    table = search_videos(WorkDir(work_dir, stage_dir), store, stage_one, list(queries), stage_two=stage_two,
+                          split=split, top=top, candidates=candidates, index=index_dir, encoder=encoder,
                           device=resolve_device(device), batch_size=batch_size, nprobe=nprobe, ef_search=ef_search,
                           echo=click.echo)
     click.echo(format_results(table))

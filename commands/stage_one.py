@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from commands.options import (STAGE_ONE_SKIP, allow_incomplete_option, config_option, dataclass_options, device_option,
-                              dist_timeout_option, head_options_option, run_record, stage_dir_option, store_option,
+                              dist_timeout_option, head_option_option, run_record, stage_dir_option, store_option,
                               work_dir_option)
 from core.options import parse_key_values
 from core.world import world_from_env
@@ -21,7 +21,7 @@ from workflows.workdir import WorkDir, resolve_device
 @click.command("train-stage-one")
 @config_option
 @store_option
-@head_options_option
+@head_option_option
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Run directory (default work-dir/runs/stage1-<head>).")
@@ -31,11 +31,11 @@ from workflows.workdir import WorkDir, resolve_device
 @device_option
 @click.option("--fresh", is_flag=True, help="Train again even if --out holds a finished run with the same arguments.")
 @click.pass_context
-def train_stage_one_cmd(ctx, store, head_options, work_dir, stage_dir, out, device, fresh, **config) -> None:
+def train_stage_one_cmd(ctx, store, head_option, work_dir, stage_dir, out, device, fresh, **config) -> None:
     """Train a stage-one (cosine) head from cached frame and text embeddings; model selection on val."""
     from workflows.runs import train_stage_one_run
 
-    cfg = StageOneTrainConfig(**config, head_config=parse_key_values(head_options, "--head-option"),
+    cfg = StageOneTrainConfig(**config, head_config=parse_key_values(head_option, "--head-option"),
                               device=resolve_device(device))
     ckpt = train_stage_one_run(WorkDir(work_dir, stage_dir), store, cfg, out=out, reuse=not fresh,
                                record=run_record(ctx))
@@ -105,7 +105,7 @@ def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_norma
 @click.option("--store", help="Token store path or URL (default: the demo store work-dir/stores/synthetic-*.zarr).")
 @click.option("--heads", "head_list", default=",".join(list_heads(stage=1)), show_default=True,
               help="Comma-separated stage-one heads to train and compare.")
-@click.option("--head-option", "head_options", multiple=True,
+@click.option("--head-option", "head_option", multiple=True,
               help="HEAD:key=value, repeatable (e.g. clip2video:num_centers=5).")
 @work_dir_option
 @stage_dir_option
@@ -115,7 +115,7 @@ def import_stage_one_cmd(store, split, video_emb, text_emb, similarity, no_norma
 @device_option
 @click.option("--threads", type=int, help="Torch CPU threads while training (default: all cores).")
 @allow_incomplete_option
-def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, out, device, threads, allow_incomplete,
+def compare_stage_one_cmd(store, head_list, head_option, work_dir, stage_dir, out, device, threads, allow_incomplete,
                           **config) -> None:
     """Train each stage-one head (selection on val), evaluate all on test, print and write one table.
 
@@ -127,7 +127,7 @@ def compare_stage_one_cmd(store, head_list, head_options, work_dir, stage_dir, o
 
     names = [h.strip() for h in head_list.split(",") if h.strip()]
     cfg = StageOneTrainConfig(**config, device=resolve_device(device), num_threads=threads)
-    json_path, table = compare_stage_one(WorkDir(work_dir, stage_dir), store, names, head_options, cfg, out,
+    json_path, table = compare_stage_one(WorkDir(work_dir, stage_dir), store, names, head_option, cfg, out,
                                          echo=click.echo, allow_incomplete=allow_incomplete)
     click.echo(table)
     click.echo(f"report: {json_path}")

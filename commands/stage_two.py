@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from commands.options import (STAGE_TWO_SKIP, allow_incomplete_option, config_option, dataclass_options, device_option,
-                              dist_timeout_option, head_options_option, manifest_text_option, preset_option,
-                              run_record, seed_option, stage_dir_option, store_option, work_dir_option)
+                              dist_timeout_option, head_option_option, manifest_text_option, preset_option, renamed,
+                              run_record, seed_option, stage_dir_option, store_option, threads_option,
+                              work_dir_option)
 from core.options import format_key_values, parse_key_values
 from core.world import world_from_env
 from heads.registry import list_heads
-from heads.stage_two.config import (ABLATION_VARIANTS, AMP_MODES, HARD_NEGATIVE_MODES, NEGATIVE_SOURCES,
+from heads.stage_two.config import (ABLATION_VARIANTS, HARD_NEGATIVE_MODES, NEGATIVE_SOURCES, PRECISIONS,
                                     StageTwoTrainConfig, with_switches)
 from workflows.workdir import WorkDir, resolve_device
 
@@ -23,14 +24,16 @@ from workflows.workdir import WorkDir, resolve_device
               help="Stage-one checkpoint: its train similarities drive hard-negative mining.")
 @click.option("--mode", type=click.Choice(["both", "spatial", "temporal"]),
               help="CrossTVR attention passes [default: both].")
-@click.option("--unshared", is_flag=True, help="CrossTVR: separate parameters for the temporal pass.")
+@click.option("--shared/--no-shared", default=None,
+              help="CrossTVR: one set of parameters for the spatial and temporal passes, or separate ones "
+                   "[default: shared].")
 @click.option("--num-selected", type=int, help="CrossTVR: tokens kept per frame by the selector (M) [default: 4].")
-@head_options_option
+@head_option_option
 @dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP,
                     head={"type": click.Choice(list_heads(stage=2))},
                     hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)},
                     neg_source={"type": click.Choice(NEGATIVE_SOURCES)},
-                    amp={"type": click.Choice(AMP_MODES)})
+                    precision={"type": click.Choice(PRECISIONS)})
 @click.option("--fresh", is_flag=True, help="Ignore an existing run in --out and start again.")
 @work_dir_option
 @stage_dir_option
@@ -38,16 +41,21 @@ from workflows.workdir import WorkDir, resolve_device
 @dist_timeout_option
 @manifest_text_option
 @device_option
+@renamed("--unshared", "--no-shared", "shared", value=False, is_flag=True)
+@renamed("--amp", "--precision", "precision", type=click.Choice(("auto", "bf16", "off")))
+@renamed("--val-k", "--val-candidates", "val_candidates", type=int)
 @click.pass_context
-def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_options, fresh, work_dir, stage_dir,
+def train_head_cmd(ctx, store, stage_one, mode, shared, num_selected, head_option, fresh, work_dir, stage_dir,
                    out, manifest, device, **config) -> None:
     """Train a stage-two re-ranking head (ITM with hard negatives) on cached patch and text tokens."""
     from workflows.runs import train_head
 
-    given = {**ctx.meta.get("preset_head_config", {}), **parse_key_values(head_options, "--head-option")}
-    head_config = with_switches(config["head"], given, mode=mode, unshared=unshared, num_selected=num_selected)
+    given = {**ctx.meta.get("preset_head_config", {}), **parse_key_values(head_option, "--head-option")}
+    if config.get("precision") == "off":  # --amp off, the former spelling
+        config["precision"] = "fp32"
+    head_config = with_switches(config["head"], given, mode=mode, shared=shared, num_selected=num_selected)
     cfg = StageTwoTrainConfig(**config, head_config=head_config, device=resolve_device(device)).resolved()
-    record = run_record(ctx, mode=None, unshared=False, num_selected=None, head_options=format_key_values(head_config),
+    record = run_record(ctx, mode=None, shared=None, num_selected=None, head_option=format_key_values(head_config),
                      itc_steps=cfg.itc_steps, itc_weight=cfg.itc_weight, fresh=False)
     ckpt = train_head(WorkDir(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record,
                       manifest=manifest)
@@ -62,14 +70,15 @@ def train_head_cmd(ctx, store, stage_one, mode, unshared, num_selected, head_opt
 @click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--text-len", default=32, show_default=True, help="Caption length in tokens.")
-@click.option("--num-threads", type=int, help="Torch CPU threads (default: all cores).")
+@threads_option
 @click.option("--option", "options", multiple=True, help="Q-Former option key=value (width, layers, heads, ...).")
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Output directory (default work-dir/encoders/qformer-<hash>).")
 @manifest_text_option
 @device_option
-def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, num_threads, options, work_dir, stage_dir, out,
+@renamed("--num-threads", "--threads", "threads", type=int)
+def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, threads, options, work_dir, stage_dir, out,
                          manifest, device) -> None:
     """Pre-train a Q-Former as BLIP-2's first stage does (ITC + ITM) on the store's train-split frames and
     captions; it is saved as a BLIP-2 checkpoint directory for `train-head --init-from`."""
@@ -78,7 +87,7 @@ def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, num_threa
     path = pretrain_qformer_run(WorkDir(work_dir, stage_dir), store, out=out, steps=steps, batch_size=batch_size,
                                 lr=lr, seed=seed, text_len=text_len, device=resolve_device(device),
                                 manifest=manifest, options=parse_key_values(options, "--option"),
-                                num_threads=num_threads)
+                                num_threads=threads)
     click.echo(f"BLIP-2 checkpoint: {path}")
 
 
@@ -86,10 +95,10 @@ def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, num_threa
 @store_option
 @click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
               help="Stage-one checkpoint (stage_one.pt or its run dir) or an imported external similarity dir.")
-@click.option("--head", "head_ckpt", required=True, type=click.Path(exists=True),
-              help="Stage-two checkpoint (stage_two.pt or its run dir).")
+@click.option("--stage-two", "stage_two", type=click.Path(exists=True),
+              help="Stage-two checkpoint (stage_two.pt or its run dir).  [required]")
 @click.option("--split", default="test", show_default=True)
-@click.option("--k", "k", default=15, show_default=True, help="Candidates re-ranked per query.")
+@click.option("--candidates", default=15, show_default=True, help="Stage-one candidates re-ranked per query (K).")
 @click.option("--dsl", is_flag=True, help="Dual-softmax post-processing of stage one and the re-ranked scores.")
 @click.option("--dsl-temperature", type=float, help="Dual-softmax temperature [default: 0.01].")
 @click.option("--batch-size", default=64, show_default=True, help="Pairs per head forward pass.")
@@ -104,7 +113,9 @@ def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, num_threa
                    "its search (exact or approximate) instead of the full similarity's top K.")
 @click.option("--nprobe", type=int, help="IVF index: cells scanned per query [default: the index's].")
 @click.option("--ef-search", type=int, help="HNSW index: candidates kept per query [default: the index's].")
-def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batch_size, work_dir, stage_dir, out,
+@renamed("--head", "--stage-two", "stage_two", type=click.Path(exists=True))
+@renamed("--k", "--candidates", "candidates", type=int)
+def rerank_cmd(store, stage_one, stage_two, split, candidates, dsl, dsl_temperature, batch_size, work_dir, stage_dir, out,
                manifest, device, allow_incomplete, index_dir, nprobe, ef_search) -> None:
     """Re-rank every query's stage-one top K with a stage-two head (final = cosine + head score).
 
@@ -113,7 +124,10 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
     """
     from workflows.runs import rerank_split
 
-    paths, table, res = rerank_split(WorkDir(work_dir, stage_dir), store, stage_one, head_ckpt, split=split, k=k,
+    if not stage_two:
+        raise click.UsageError("Missing option '--stage-two'.")
+    paths, table, res = rerank_split(WorkDir(work_dir, stage_dir), store, stage_one, stage_two, split=split,
+                                     candidates=candidates,
                                      dsl=dsl, dsl_temperature=dsl_temperature, out=out, device=resolve_device(device),
                                      batch_size=batch_size, allow_incomplete=allow_incomplete, manifest=manifest,
                                      index=index_dir, nprobe=nprobe, ef_search=ef_search)
@@ -127,12 +141,12 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
               help="Stage-one checkpoint (default: the demo's stage-one run with the best val score).")
 @click.option("--variants", default=",".join(ABLATION_VARIANTS), show_default=True,
               help=f"Comma-separated subset of {', '.join(ABLATION_VARIANTS)}.")
-@click.option("--k", "k", default=15, show_default=True, help="Candidates re-ranked per query.")
-@head_options_option
+@click.option("--candidates", default=15, show_default=True, help="Stage-one candidates re-ranked per query (K).")
+@head_option_option
 @dataclass_options(StageTwoTrainConfig, skip=STAGE_TWO_SKIP + ("head", "seed", "max_steps"), unset=True,
                     hard_negatives={"type": click.Choice(HARD_NEGATIVE_MODES)},
                     neg_source={"type": click.Choice(NEGATIVE_SOURCES)},
-                    amp={"type": click.Choice(AMP_MODES)})
+                    precision={"type": click.Choice(PRECISIONS)})
 @work_dir_option
 @stage_dir_option
 @click.option("--out", help="Directory for the runs and the table (default work-dir/ablation).")
@@ -144,8 +158,11 @@ def rerank_cmd(store, stage_one, head_ckpt, split, k, dsl, dsl_temperature, batc
                    "groups [default: work-dir/<dataset>/manifest when it is the store's].")
 @device_option
 @allow_incomplete_option
+@renamed("--k", "--candidates", "candidates", type=int)
+@renamed("--amp", "--precision", "precision", type=click.Choice(("auto", "bf16", "off")))
+@renamed("--val-k", "--val-candidates", "val_candidates", type=int)
 @click.pass_context
-def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, stage_dir, out, seed, seeds, manifest,
+def ablation_cmd(ctx, store, stage_one, variants, candidates, head_option, work_dir, stage_dir, out, seed, seeds, manifest,
                  device, allow_incomplete, **config) -> None:
     """Stage-two ablation: stage one / +spatial / +temporal / both (shared) / both (unshared) /
     both without the contrastive (ITC) training / T2V2T, in one table.
@@ -165,8 +182,10 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
         from workflows.experiments import demo
 
         demo(work, seed=seed, device=resolve_device(device), echo=click.echo)
-    given = {k_: v for k_, v in config.items() if v is not None}
-    head_config = parse_key_values(head_options, "--head-option")
+    given = {k: v for k, v in config.items() if v is not None}
+    if given.get("precision") == "off":  # --amp off, the former spelling
+        given["precision"] = "fp32"
+    head_config = parse_key_values(head_option, "--head-option")
     demo_defaults = store is None and stage_one is None and out is None and not given
     cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=resolve_device(device))
     names = [v.strip() for v in variants.split(",") if v.strip()]
@@ -174,10 +193,10 @@ def ablation_cmd(ctx, store, stage_one, variants, k, head_options, work_dir, sta
         seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
-    json_path, table = ablation(work, names, cfg, store=store, stage_one=stage_one, k=k, out=out,
+    json_path, table = ablation(work, names, cfg, store=store, stage_one=stage_one, candidates=candidates, out=out,
                                 demo_defaults=demo_defaults, echo=click.echo, allow_incomplete=allow_incomplete,
                                 seeds=seed_list, manifest=manifest)
-    click.echo(f"test split, top {k} re-ranked (model selection on val)")
+    click.echo(f"test split, top {candidates} re-ranked (model selection on val)")
     click.echo(table)
     click.echo(f"report: {json_path}")
 

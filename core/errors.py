@@ -42,6 +42,10 @@ class ConfigError(CrossTVRError, ValueError):
     """A run configuration (``--config run.json``, head options) cannot be used."""
 
 
+class UnknownOptionError(ConfigError, TypeError):
+    """A head was given an option its ``Config`` does not have (``--head-option``, a preset, a config)."""
+
+
 class ExternalFormatError(CrossTVRError, ValueError):
     """An external stage-one file or directory is unreadable, malformed or does not fit the split."""
 

@@ -6,6 +6,6 @@ their pair scoring, ``heads.training`` what both trainers share, ``heads.evaluat
 metrics reports, post-processing, re-ranking and external stage ones (docs/ARCHITECTURE.md).
 """
 
-from heads.registry import HEADS, create_head, get_spec, head_options, list_heads, supports
+from heads.registry import HEADS, create_head, get_spec, head_defaults, list_heads, supports
 
-__all__ = ["HEADS", "create_head", "get_spec", "head_options", "list_heads", "supports"]
+__all__ = ["HEADS", "create_head", "get_spec", "head_defaults", "list_heads", "supports"]

@@ -11,7 +11,7 @@ scorer that re-ranks stage one's top K), the dimensions it is built for, where i
   contrastive objective (ITC), after which its score is ITM log-odds + ITC logit;
 * ``token_selector``: the stage-two head keeps the M most informative tokens per frame.
 
-Every head's options are the fields of its ``Config`` dataclass (``head_options(name)``);
+Every head's options are the fields of its ``Config`` dataclass (``head_defaults(name)``);
 ``create_head(name, *dims, **options)`` refuses unknown options naming the known ones, and
 ``create_head(**head.config())`` rebuilds a head from its saved config.
 """
@@ -23,7 +23,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import UnknownHeadError
+from core.errors import UnknownHeadError, UnknownOptionError
 
 STAGE_NAMES = {1: "stage-one", 2: "stage-two"}
 
@@ -90,7 +90,7 @@ def head_class(name: str, stage: int | None = None) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def head_options(name: str) -> dict[str, Any]:
+def head_defaults(name: str) -> dict[str, Any]:
     """``{option: default}`` of head ``name`` (the fields of its ``Config`` dataclass)."""
     cls = head_class(name)
     return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -102,8 +102,8 @@ def create_head(name: str, *dims: int, stage: int | None = None, **kwargs: Any) 
 
     ``dims`` are the head's dimensions in order (stage one: ``embed_dim``; stage two: ``token_dim,
     text_dim``), positionally or by name; the other keyword arguments are options of its
-    ``Config``. Unknown names raise ``UnknownHeadError``, unknown options ``TypeError`` naming the
-    head's options, missing dimensions ``TypeError``.
+    ``Config``. Unknown names raise ``UnknownHeadError``, unknown options ``UnknownOptionError`` (a
+    ``ConfigError`` and a ``TypeError``) naming the head's options, missing dimensions ``TypeError``.
     """
     spec = get_spec(name, stage)
     if len(dims) > len(spec.dims):
@@ -117,7 +117,7 @@ def create_head(name: str, *dims: int, stage: int | None = None, **kwargs: Any) 
     accepted = [f.name for f in dataclasses.fields(cls.Config)]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for {STAGE_NAMES[spec.stage]} head {name!r}; "
+        raise UnknownOptionError(f"unknown option(s) {unknown} for {STAGE_NAMES[spec.stage]} head {name!r}; "
                         f"its options: {', '.join(accepted)}")
     return cls(*(int(sizes[d]) for d in spec.dims), **kwargs)
 

@@ -15,7 +15,7 @@ import torch
 from blip2_world import TINY_BLIP2, load_reference, make_blip2_dir
 from core.errors import CheckpointError
 from heads.registry import create_head, get_preset, list_presets
-from heads.stage_two.blip2 import (SHAPE_OPTIONS, head_options, lavis_to_hf, load_blip2, read_blip2, save_blip2,
+from heads.stage_two.blip2 import (SHAPE_OPTIONS, lavis_to_hf, options_from_layout, load_blip2, read_blip2, save_blip2,
                                    weight_table)
 from heads.stage_two.checkpoint import load_stage_two
 from heads.stage_two.tokenizer import CaptionTokenizer
@@ -31,7 +31,7 @@ def blip2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _head(weights, **options):
-    opts = {**head_options(weights.layout), "mode": "spatial", "spatial_frames": None, **options}
+    opts = {**options_from_layout(weights.layout), "mode": "spatial", "spatial_frames": None, **options}
     torch.manual_seed(0)
     return create_head("crosstvr", weights.layout["encoder_width"], 0, stage=2, **opts).eval()
 
@@ -119,7 +119,7 @@ def test_lavis_checkpoint_loads_the_same_weights(blip2_dir: Path, tmp_path: Path
 def test_shape_mismatch_is_reported_per_tensor_and_reinit_visual_kv(blip2_dir: Path) -> None:
     w = read_blip2(blip2_dir)
     wide = 2 * w.layout["encoder_width"]  # tokens of another encoder than the Q-Former was trained on
-    head = create_head("crosstvr", wide, 0, stage=2, **head_options(w.layout))
+    head = create_head("crosstvr", wide, 0, stage=2, **options_from_layout(w.layout))
     with pytest.raises(CheckpointError) as info:
         load_blip2(head, w)
     msg = str(info.value)
@@ -133,7 +133,7 @@ def test_shape_mismatch_is_reported_per_tensor_and_reinit_visual_kv(blip2_dir: P
     assert torch.equal(head.block.layers[0].cross_attn.q.weight,
                        w.tensors["qformer.encoder.layer.0.crossattention.attention.query.weight"])
     # a width mismatch elsewhere is not re-initialised silently
-    other = create_head("crosstvr", w.layout["encoder_width"], 0, stage=2, **{**head_options(w.layout), "num_queries": 3})
+    other = create_head("crosstvr", w.layout["encoder_width"], 0, stage=2, **{**options_from_layout(w.layout), "num_queries": 3})
     with pytest.raises(CheckpointError, match=r"queries \(3, 32\) vs query_tokens \(1, 4, 32\)"):
         load_blip2(other, w, reinit_visual_kv=True)
 
@@ -196,7 +196,7 @@ def test_paper_size_preset_has_blip2_qformer_shapes() -> None:
     # every Q-Former parameter has a BLIP-2 tensor; only the temporal pass's own parts do not
     table = weight_table(head)
     assert {n.split(".")[0] for n in params if n not in table and n != "itc_logit_scale"} == {"selector", "frame_pos"}
-    assert preset["train"]["lr"] == 1e-4 and preset["train"]["batch_size"] == 128 and preset["train"]["val_k"] == 15
+    assert preset["train"]["lr"] == 1e-4 and preset["train"]["batch_size"] == 128 and preset["train"]["val_candidates"] == 15
     assert 185e6 < head.num_parameters() < 190e6
 
 
@@ -221,7 +221,7 @@ def test_train_head_init_from_and_rerank_from_the_cli(tiny_world: dict, tmp_path
     assert ckpt.init["kind"] == "hf" and ckpt.init["loaded"] > 0
     assert ckpt.caption_tokenizer().encode(["a red square"], 12)[0][0, :3].tolist() == [2, 5, 7]
     out = run_cli(["rerank", "--store", store, "--work-dir", work, "--stage-one", s1 / "stage_one.pt",
-                   "--head", tmp_path / "head", "--k", "3", "--out", tmp_path / "rr"])
+                   "--stage-two", tmp_path / "head", "--candidates", "3", "--out", tmp_path / "rr"])
     metrics = json.loads((tmp_path / "rr" / "metrics.json").read_text())
     assert "pairs scored" in out and metrics
     # without the manifest, the head cannot read the captions: one clear line, exit 2
@@ -231,7 +231,7 @@ def test_train_head_init_from_and_rerank_from_the_cli(tiny_world: dict, tmp_path
 
     result = CliRunner().invoke(cli.main, [str(a) for a in (
         "rerank", "--store", store, "--work-dir", tmp_path / "elsewhere", "--stage-one", s1 / "stage_one.pt",
-        "--head", tmp_path / "head", "--k", "3", "--out", tmp_path / "rr2")])
+        "--stage-two", tmp_path / "head", "--candidates", "3", "--out", tmp_path / "rr2")])
     assert result.exit_code == 2 and "give --manifest DIR" in result.output
 
 

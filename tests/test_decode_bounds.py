@@ -17,27 +17,9 @@ import pipeline.decode as decode_mod
 from pipeline.config import DecodeLimits, ExtractConfig
 from pipeline.decode import DECODERS, OUT_OF_MEMORY, TOO_LARGE, DecodeTask, decode_video
 from pipeline.decode_pool import DecodePool
+from worlds import hog_decode
 
 REPO = Path(__file__).resolve().parents[1]
-HOG_GIB = 4  # what hog_decode asks for, past the 2 GiB the memory test gives a worker
-
-
-def hog_decode(video_id, path, num_frames, short_side, start, end, **kw):
-    """Decode function for the pool tests (module-level so spawned workers import it): a file named
-    ``hog*`` asks for HOG_GIB GiB at once; ``hang*`` marks that it started and sleeps; the others decode,
-    their result saying which worker served them and its address-space limit."""
-    name = Path(path).name
-    if name.startswith("hog"):
-        block = np.empty(HOG_GIB * 2**30, np.uint8)
-        del block
-    if name.startswith("hang"):
-        Path(f"{path}.{os.getpid()}.started").touch()
-        time.sleep(600)
-    res = decode_video(video_id, path, num_frames, short_side, start, end, **kw)
-    import resource
-
-    res.extra.update(pid=os.getpid(), address_space=resource.getrlimit(resource.RLIMIT_AS)[0])
-    return res
 
 
 @pytest.fixture
@@ -216,7 +198,7 @@ import sys, time
 from pathlib import Path
 from pipeline.decode import DecodeTask
 from pipeline.decode_pool import DecodePool
-from test_decode_bounds import hog_decode
+from worlds import hog_decode
 work = Path(sys.argv[1])
 pool = DecodePool(2, workers=2, timeout=600, decode_fn=hog_decode)
 list(pool.map([DecodeTask(f"m{i}", str(work / "missing.mp4")) for i in range(4)]))

@@ -123,7 +123,7 @@ def test_rerank_refuses_an_incomplete_split_before_any_work(broken: dict, tmp_pa
     invoke(extract_args(broken))
     fake = tmp_path / "not-used.pt"
     fake.write_bytes(b"")
-    result = invoke(["rerank", "--store", broken["store"], "--stage-one", fake, "--head", fake,
+    result = invoke(["rerank", "--store", broken["store"], "--stage-one", fake, "--stage-two", fake,
                      "--work-dir", broken["work"]])
     assert result.exit_code == 1 and "test: 2 of 3 videos" in result.output and "--allow-incomplete" in result.output
 

@@ -249,7 +249,7 @@ def test_stage_one_training_step(fake, world: dict, name: str) -> None:
                 on(device, *(p.grad for p in model.parameters() if p.grad is not None))
 
 
-@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # bf16 autocast (amp=auto) needs a GPU
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # bf16 autocast (precision=auto) needs a GPU
 @pytest.mark.parametrize("variant", ["crosstvr", "crosstvr-itm", "crosstvr-ids", "t2v2t"])
 def test_stage_two_training_step(fake, world: dict, variant: str) -> None:
     """train-head / ablation: the contrastive phase's step and the ITM step (with the ranking term

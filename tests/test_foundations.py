@@ -16,7 +16,7 @@ from core.errors import CheckpointError, CrossTVRError, StoreMismatchError, Unkn
 from core.fileio import atomic_write, json_diff, jsonable, sha256_file, write_json
 from core.options import format_key_values, parse_key_values
 from core.split import StagedSplit, check_same_store, require_arrays
-from heads import HEADS, create_head, get_spec, head_options, list_heads, supports
+from heads import HEADS, create_head, get_spec, head_defaults, list_heads, supports
 from heads.registry import head_class
 from heads.stage_two.config import StageTwoTrainConfig
 from heads.training.common import (BestState, check_identity, cosine_with_warmup, load_checkpoint, save,
@@ -39,7 +39,7 @@ def test_every_registered_head_builds_from_its_config_and_back(name: str) -> Non
     again = create_head(**cfg)
     again.load_state_dict(head.state_dict())
     assert again.config() == cfg
-    assert set(head_options(name)) == {f.name for f in dataclasses.fields(head.Config)}
+    assert set(head_defaults(name)) == {f.name for f in dataclasses.fields(head.Config)}
     with pytest.raises(TypeError, match=rf"unknown option\(s\) \['nonsense'\] for .* head '{name}'"):
         create_head(name, *DIMS[spec.stage], nonsense=1)
 
@@ -135,9 +135,9 @@ def test_split_protocol_helpers() -> None:
 
 def test_trainer_configs_are_data() -> None:
     cfg = StageTwoTrainConfig(head="t2v2t").resolved()
-    assert cfg.itc_steps == 0 and cfg.itc_weight == 0.0 and cfg.head_options() == {}
+    assert cfg.itc_steps == 0 and cfg.itc_weight == 0.0 and cfg.build_options() == {}
     cfg = StageTwoTrainConfig().resolved()
-    assert cfg.itc_steps > 0 and cfg.head_options()["itc_dim"] > 0
+    assert cfg.itc_steps > 0 and cfg.build_options()["itc_dim"] > 0
     for f in dataclasses.fields(StageTwoTrainConfig):
         assert f.metadata.get("help"), f.name  # every option documents itself (the CLI's help)
     with pytest.raises(ValueError, match="hard_negatives must be one of"):

@@ -90,7 +90,7 @@ def test_search_cli_encodes_the_query_as_the_store_did(runs, tiny_world, tmp_pat
                        for c in ("caption_id", "text")]))
     caption = texts[data.caption_ids[0]]
     nv = len(data.video_ids)
-    out = run_cli(["search", "--store", store, "--stage-one", s1, "--work-dir", work, "--k", nv,
+    out = run_cli(["search", "--store", store, "--stage-one", s1, "--work-dir", work, "--top", nv,
                    "--out", tmp_path / "r.json", caption])
     assert "building the exact index" in out and f"query: {caption}" in out
     rows = json.loads((tmp_path / "r.json").read_text())
@@ -101,7 +101,7 @@ def test_search_cli_encodes_the_query_as_the_store_did(runs, tiny_world, tmp_pat
     assert all(r["head_score"] is None for r in rows)
 
     # with the head: the top --candidates re-ranked by cosine + head score, written as Parquet
-    out = run_cli(["search", "--store", store, "--stage-one", s1, "--head", s2, "--work-dir", work, "--k", 3,
+    out = run_cli(["search", "--store", store, "--stage-one", s1, "--stage-two", s2, "--work-dir", work, "--top", 3,
                    "--candidates", 4, "--out", tmp_path / "r.parquet", caption, "another query"])
     t = pq.read_table(tmp_path / "r.parquet").to_pylist()
     assert len(t) == 6 and "another query" in out
@@ -121,7 +121,7 @@ def test_index_build_and_rerank_over_the_index(runs, tmp_path):
     assert "flat index of" in out
     meta = json.loads((tmp_path / "flat" / "index.json").read_text())
     assert meta["split"] == "test" and meta["stage_one"]["head"] == "meanP"
-    base = ["rerank", "--store", store, "--stage-one", s1, "--head", s2, "--k", 3, "--work-dir", work]
+    base = ["rerank", "--store", store, "--stage-one", s1, "--stage-two", s2, "--candidates", 3, "--work-dir", work]
     run_cli(base + ["--out", tmp_path / "plain"])
     out = run_cli(base + ["--out", tmp_path / "via", "--index", tmp_path / "flat"])
     assert "100.0% of the exact top 3" in out

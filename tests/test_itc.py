@@ -168,7 +168,7 @@ def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: 
 
 def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:
     kw = dict(head_config=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
-              val_k=4, num_threads=1)
+              val_candidates=4, num_threads=1)
     ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "itc", itc_steps=12,
                            itc_batch=16, itc_cluster=4, itc_weight=1.0, **kw)
     raw = torch.load(ckpt, weights_only=True)

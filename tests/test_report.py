@@ -33,8 +33,8 @@ def reranked(tiny_world, tmp_path_factory) -> dict:
     run_cli(["train-head", "--store", store, "--stage-one", root / "stage1-meanP", "--work-dir", work, "--epochs", "2",
              "--batch-size", "4", "--out", root / "stage2-crosstvr", "--itc-steps", "3", "--itc-batch", "4",
              "--device", "cpu", *TINY_HEAD])
-    run_cli(["rerank", "--store", store, "--stage-one", root / "stage1-meanP", "--head", root / "stage2-crosstvr",
-             "--k", str(K), "--work-dir", work, "--out", root / "rerank", "--device", "cpu"])
+    run_cli(["rerank", "--store", store, "--stage-one", root / "stage1-meanP", "--stage-two", root / "stage2-crosstvr",
+             "--candidates", str(K), "--work-dir", work, "--out", root / "rerank", "--device", "cpu"])
     return {"work": work, "store": store, "manifest": tiny_world["manifest"], "root": root,
             "rerank": root / "rerank", "runs": [root / "stage1-meanP", root / "stage2-crosstvr"]}
 

@@ -231,15 +231,16 @@ def _invoke(args: list[str]):
 
 def test_rerank_help():
     out = run_cli(["rerank", "--help"])
-    for opt in ("--store", "--stage-one", "--head", "--split", "--k", "--dsl", "--out"):
+    for opt in ("--store", "--stage-one", "--stage-two", "--split", "--candidates", "--dsl", "--out"):
         assert opt in out
+    assert "--head " not in out and "--k " not in out  # the former spellings are hidden aliases
     assert "ablation" in run_cli(["--help"])
 
 
 def test_rerank_cli_on_a_tiny_store(tiny_runs, tmp_path):
     work, store, s1, s2 = tiny_runs
-    out = run_cli(["rerank", "--store", str(store), "--stage-one", str(s1), "--head", str(s2), "--split", "test",
-                "--k", "3", "--work-dir", str(work), "--out", str(tmp_path / "rr"), "--device", "cpu"])
+    out = run_cli(["rerank", "--store", str(store), "--stage-one", str(s1), "--stage-two", str(s2), "--split", "test",
+                "--candidates", "3", "--work-dir", str(work), "--out", str(tmp_path / "rr"), "--device", "cpu"])
     assert "t2v re-ranked" in out and "v2t stage one" in out and "R@3" in out
     metrics = json.loads((tmp_path / "rr" / "metrics.json").read_text())
     assert metrics["stage one"]["t2v"]["R@3"] == metrics["re-ranked"]["t2v"]["R@3"]
@@ -260,6 +261,22 @@ def test_rerank_cli_on_a_tiny_store(tiny_runs, tmp_path):
         assert (before[before > 3] == after[before > 3]).all()  # beyond K nothing moves
 
 
+
+def test_renamed_rerank_options_still_work_with_a_notice(tiny_runs, tmp_path):
+    """``--head`` (now ``--stage-two``) and ``--k`` (now ``--candidates``) are kept as hidden aliases:
+    the same re-ranking, and one line saying what the option is called now."""
+    work, store, s1, s2 = tiny_runs
+    result = _invoke(["rerank", "--store", str(store), "--stage-one", str(s1), "--head", str(s2), "--k", "3",
+                      "--work-dir", str(work), "--out", str(tmp_path / "old"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "note: --head is now --stage-two" in result.output and "note: --k is now --candidates" in result.output
+    new = _invoke(["rerank", "--store", str(store), "--stage-one", str(s1), "--stage-two", str(s2), "--candidates",
+                   "3", "--work-dir", str(work), "--out", str(tmp_path / "new"), "--device", "cpu"])
+    assert new.exit_code == 0 and "note:" not in new.output
+    old_m = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    new_m = json.loads((tmp_path / "new" / "metrics.json").read_text())
+    assert old_m["re-ranked"] == new_m["re-ranked"] and "R@3" in new_m["stage one"]["t2v"]
+
 def test_rerank_refuses_a_head_of_another_encoder(tiny_runs, tmp_path):
     work, store, s1, s2 = tiny_runs
     for path, name in ((s2, "stage_two.pt"), (s1, "stage_one.pt")):
@@ -269,8 +286,8 @@ def test_rerank_refuses_a_head_of_another_encoder(tiny_runs, tmp_path):
         bad.parent.mkdir()
         torch.save(ckpt, bad)
         args = {"stage_two.pt": (s1, bad), "stage_one.pt": (bad, s2)}[name]
-        result = _invoke(["rerank", "--store", str(store), "--stage-one", str(args[0]), "--head", str(args[1]),
-                          "--k", "3", "--work-dir", str(work), "--out", str(tmp_path / "x"), "--device", "cpu"])
+        result = _invoke(["rerank", "--store", str(store), "--stage-one", str(args[0]), "--stage-two", str(args[1]),
+                          "--candidates", "3", "--work-dir", str(work), "--out", str(tmp_path / "x"), "--device", "cpu"])
         assert result.exit_code != 0
         assert "different encoder" in result.output and "some-other-encoder" in result.output
 
@@ -279,7 +296,7 @@ def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
     work, store, s1, _ = tiny_runs
     out_dir = tmp_path / "abl"
     args = ["ablation", "--store", str(store), "--stage-one", str(s1), "--variants", "spatial,both-itm-only,t2v2t",
-            "--k", "3", "--epochs", "1", "--rank-weight", "0.5", "--itc-steps", "2", "--work-dir", str(work),
+            "--candidates", "3", "--epochs", "1", "--rank-weight", "0.5", "--itc-steps", "2", "--work-dir", str(work),
             "--out", str(out_dir),
             "--device", "cpu", "--head-option", "width=16", "--head-option", "layers=1",
             "--head-option", "heads=2"]
@@ -312,7 +329,7 @@ def test_ablation_over_seeds_reports_means_and_within_group_accuracy(tiny_runs, 
     work, store, s1, _ = tiny_runs
     out_dir = tmp_path / "abl"
     run_cli(["ablation", "--store", str(store), "--stage-one", str(s1), "--variants", "spatial", "--seeds", "0,1",
-             "--k", "3", "--epochs", "1", "--itc-steps", "2", "--itc-batch", "4", "--batch-size", "4",
+             "--candidates", "3", "--epochs", "1", "--itc-steps", "2", "--itc-batch", "4", "--batch-size", "4",
              "--work-dir", str(work), "--out", str(out_dir), "--device", "cpu", *TINY_HEAD])
     runs = json.loads((out_dir / "ablation.runs.json").read_text())
     assert set(runs["variants"]) == {"spatial-seed0", "spatial-seed1"} and runs["seeds"] == [0, 1]

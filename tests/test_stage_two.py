@@ -259,7 +259,7 @@ def test_training_with_mixed_negatives_and_neighbour_batches(world: dict, tmp_pa
     contrastive clusters, its draws the ITM negatives; the run records the source and differs from the
     same run on caption-to-video negatives."""
     common = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
-                  val_k=4, num_threads=1, hard_negatives="hard", itc_steps=2, itc_batch=8, itc_cluster=2,
+                  val_candidates=4, num_threads=1, hard_negatives="hard", itc_steps=2, itc_batch=8, itc_cluster=2,
                   itc_weight=1.0)
     mixed = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "mixed",
                             neg_source="mixed", neg_video_pool=2, **common)
@@ -325,7 +325,7 @@ def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
 def trained(world: dict) -> Path:
     return train_stage_two(world["train"], world["val"], world["stage_one"], world["root"] / "head",
                            head_config=TINY, epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False,
-                           val_queries=32, val_k=8, num_threads=1, **ITM_ONLY)
+                           val_queries=32, val_candidates=8, num_threads=1, **ITM_ONLY)
 
 
 def test_training_learns_to_match(trained: Path, world: dict) -> None:
@@ -370,17 +370,17 @@ def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: P
     before = trained.stat().st_mtime_ns
     again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_config=TINY,
                             epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
-                            val_k=8, num_threads=1, **ITM_ONLY)
+                            val_candidates=8, num_threads=1, **ITM_ONLY)
     assert again == trained and trained.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="lr"):
         train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_config=TINY,
-                        epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_k=8,
+                        epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_candidates=8,
                         **ITM_ONLY)
 
 
 def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> None:
     kwargs = dict(head_config={**TINY, "dropout": 0.1}, epochs=3, batch_size=24, lr=3e-3, seed=4, progress=False,
-                  val_queries=16, val_k=4, num_threads=1, hard_negatives="anneal", anneal=0.6, **ITM_ONLY)
+                  val_queries=16, val_candidates=4, num_threads=1, hard_negatives="anneal", anneal=0.6, **ITM_ONLY)
     straight = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "a", **kwargs)
     # 4 steps per epoch: stop inside epoch 0, then inside epoch 2, then finish
     first = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", max_steps=3,
@@ -405,12 +405,12 @@ def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> N
 
 def test_rank_term_trains_and_is_recorded(world: dict, tmp_path: Path) -> None:
     ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "rank", head_config=TINY,
-                           epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+                           epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
                            num_threads=1, rank_weight=1.0, **ITM_ONLY)
     raw = torch.load(ckpt, weights_only=True)
     assert raw["train_args"]["rank_weight"] == 1.0
     plain = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain", head_config=TINY,
-                            epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+                            epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
                             num_threads=1, **ITM_ONLY)
     # same seed and batches: the rank term alone makes the losses differ (it is really added)
     la = [e["loss"] for e in raw["history"]["epochs"]]
@@ -439,7 +439,8 @@ def test_trainer_refuses_test_and_bad_input(world: dict, tmp_path: Path) -> None
 # -- command line ------------------------------------------------------------------------------
 def test_train_head_help() -> None:
     out = run_cli(["train-head", "--help"])
-    for option in ("--store", "--stage-one", "--head", "--mode", "--unshared", "--num-selected",
+    for option in ("--store", "--stage-one", "--head", "--mode", "--no-shared", "--num-selected", "--precision",
+                   "--val-candidates",
                    "--hard-negatives", "--epochs", "--batch-size", "--lr", "--out", "--seed", "--device"):
         assert option in out
 
@@ -463,7 +464,7 @@ def test_train_head_from_the_cli(tiny_world: dict, tmp_path: Path) -> None:
     assert ckpt.history["finished"]
     # its run.json reproduces it: the same weights from the file alone
     record = json.loads((tmp_path / "head" / "run.json").read_text())
-    assert record["options"]["head_options"] == ["width=32", "layers=1", "num_selected=2"]
+    assert record["options"]["head_option"] == ["width=32", "layers=1", "num_selected=2"]
     assert record["config"]["itc_steps"] == 3 and record["config"]["itc_weight"] == 1.0
     run_cli(["train-head", "--config", tmp_path / "head" / "run.json", "--out", tmp_path / "again"])
     again = torch.load(tmp_path / "again" / "stage_two.pt", weights_only=True)["state_dict"]

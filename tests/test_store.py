@@ -4,60 +4,21 @@ from __future__ import annotations
 
 import threading
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import (CacheStore, StoreError, StoreLayout, StoreMismatchError, decode_strings,
-                            fingerprint_of)
+from pipeline.store import CacheStore, StoreError, StoreMismatchError, decode_strings, fingerprint_of
+from worlds import CIDS, CSPLIT, CVID, STORE, VIDS, VSPLIT, RangeHandler, fill, layout, video_data
 
-V, C, T, N, D, E, L, DT, S, ST = 5, 7, 3, 4, 8, 6, 5, 8, 2, 3
-VIDS = ["a", "b", "c", "d", "e"]
-VSPLIT = ["train", "train", "train", "test", "test"]
-CIDS = [f"c{i}" for i in range(C)]
-CVID = [0, 0, 1, 2, 3, 3, 4]
-CSPLIT = [VSPLIT[v] for v in CVID]
-
-
-def layout(**kw) -> StoreLayout:
-    base = dict(dataset="toy", manifest_sha256="m" * 64, encoder={"name": "x", "weights": "r"},
-                num_frames=T, num_tokens=N, token_dim=D, embed_dim=E, text_dim=DT,
-                max_text_tokens=L, shard_size=S, text_shard_size=ST)
-    base.update(kw)
-    return StoreLayout(**base)
+V, C, T, N, D, E, L, DT, S, ST = STORE
 
 
 def make(path: Path, **kw) -> CacheStore:
     return CacheStore.open_or_create(path, layout(**kw), VIDS, VSPLIT, CIDS, CVID, CSPLIT)
-
-
-def video_data(lo: int, hi: int, failed: set[int] = frozenset()):
-    n = hi - lo
-    rows = np.arange(lo, hi)
-    tokens = np.broadcast_to(rows[:, None, None, None], (n, T, N, D)).astype(np.float16)
-    emb = np.broadcast_to(rows[:, None, None], (n, T, E)).astype(np.float32)
-    status = np.array([2 if r in failed else 1 for r in rows], np.int8)
-    mask = np.ones((n, T), bool)
-    mask[:, -1] = False
-    return dict(status=status, error=["timeout" if r in failed else "" for r in rows],
-                tokens=tokens, frame_emb=emb, frame_mask=mask,
-                frame_index=np.tile(np.arange(T, dtype=np.int32), (n, 1)),
-                frame_time=np.tile(np.arange(T, dtype=np.float32) / 2, (n, 1)))
-
-
-def fill(store: CacheStore, failed: set[int] = frozenset()) -> None:
-    for i in range(store.num_shards):
-        store.write_shard(i, **video_data(*store.shard_range(i), failed=failed))
-    for j in range(store.num_text_shards):
-        lo, hi = store.text_shard_range(j)
-        r = np.arange(lo, hi)
-        store.write_text_shard(j, tokens=np.broadcast_to(r[:, None, None], (hi - lo, L, DT)),
-                               mask=np.ones((hi - lo, L), bool),
-                               emb=np.broadcast_to(r[:, None], (hi - lo, E)).astype(np.float32))
-    store.consolidate()
 
 
 def test_layout_roundtrip_with_plain_zarr(tmp_path):
@@ -169,41 +130,12 @@ def test_stage_refuses_incomplete_text(tmp_path):
         store.stage("train", tmp_path / "stage")
 
 
-class _RangeHandler(SimpleHTTPRequestHandler):
-    """Static files with single-range support (zarr's sharded reads need Range)."""
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def send_head(self):
-        rng = self.headers.get("Range")
-        path = Path(self.translate_path(self.path))
-        if not rng or not path.is_file():
-            return super().send_head()
-        data = path.read_bytes()
-        spec = rng.split("=", 1)[1]
-        a, b = spec.split("-")
-        if a == "":
-            start, end = max(0, len(data) - int(b)), len(data) - 1
-        else:
-            start, end = int(a), (int(b) if b else len(data) - 1)
-        end = min(end, len(data) - 1)
-        body = data[start:end + 1]
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        import io
-
-        return io.BytesIO(body)
-
-
 def test_open_over_http(tmp_path):
     pytest.importorskip("aiohttp")
     store = make(tmp_path / "s.zarr")
     fill(store)
     server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 partial(_RangeHandler, directory=str(tmp_path)))
+                                 partial(RangeHandler, directory=str(tmp_path)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -48,7 +48,7 @@ def test_stage_one_logs_every_step_and_validation(tmp_path: Path) -> None:
 
 def test_stage_two_logs_both_phases_and_resume_does_not_repeat_steps(token_world: dict, tmp_path: Path) -> None:
     w = token_world
-    kw = dict(head_config=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+    kw = dict(head_config=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
               num_threads=1, itc_steps=6, itc_batch=16, itc_cluster=2, itc_weight=1.0)
     straight = train_stage_two(w["train"], w["val"], w["stage_one"], tmp_path / "a", **kw)
     raw = torch.load(straight, weights_only=True)
@@ -86,7 +86,7 @@ def test_the_log_changes_nothing_in_the_weights(token_world: dict, tmp_path: Pat
     import heads.stage_two.train as s2_train
 
     w = token_world
-    kw = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_k=4,
+    kw = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
               num_threads=1, itc_steps=4, itc_batch=16, itc_cluster=2, itc_weight=1.0)
     train, val = make_split("train", 40, 2, seed=0), make_split("val", 16, 1, seed=1)
     runs = {}

@@ -12,11 +12,16 @@ is given, as staged stores are).
   generated videos, laid out as docs/DATASETS.md documents.
 * ``row_split``: tokens that encode their own row (``tokens[v, 0, 0, 0] == v``, ``text_tokens[c, 0,
   0] == c``), so a fake head can look up a known score per pair.
+* the store's toy world (``STORE``, ``VIDS`` ... ``CSPLIT``, ``layout``, ``video_data``, ``fill``) and
+  ``RangeHandler`` (an http server honouring Range) for the store and sharing tests.
+* ``hog_decode``: a decode function for the decode pool's tests (memory hogs, hanging workers).
 """
 
 from __future__ import annotations
 
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -282,3 +287,125 @@ def make_data_root(root: Path, dataset: str) -> dict:
             video(f"{v}.mp4", i)
         return {**made, "splits": {"train": 2, "test": 1}}
     raise ValueError(f"no data layout for {dataset!r}")
+
+
+# -- the store's toy world (test_store.py, test_store_trust.py, test_sharing.py) -------------------
+class StoreDims(NamedTuple):
+    """Videos, captions, frames, tokens per frame, token dim, embedding dim, text tokens, text token
+    dim, videos per shard, captions per text shard."""
+
+    V: int
+    C: int
+    T: int
+    N: int
+    D: int
+    E: int
+    L: int
+    DT: int
+    S: int
+    ST: int
+
+
+STORE = StoreDims(V=5, C=7, T=3, N=4, D=8, E=6, L=5, DT=8, S=2, ST=3)
+VIDS = ["a", "b", "c", "d", "e"]
+VSPLIT = ["train", "train", "train", "test", "test"]
+CIDS = [f"c{i}" for i in range(STORE.C)]
+CVID = [0, 0, 1, 2, 3, 3, 4]
+CSPLIT = [VSPLIT[v] for v in CVID]
+
+
+def layout(**kw):
+    """The toy store's ``StoreLayout`` (``kw`` overrides its fields)."""
+    from pipeline.store import StoreLayout
+
+    base = dict(dataset="toy", manifest_sha256="m" * 64, encoder={"name": "x", "weights": "r"},
+                num_frames=STORE.T, num_tokens=STORE.N, token_dim=STORE.D, embed_dim=STORE.E, text_dim=STORE.DT,
+                max_text_tokens=STORE.L, shard_size=STORE.S, text_shard_size=STORE.ST)
+    base.update(kw)
+    return StoreLayout(**base)
+
+
+def video_data(lo: int, hi: int, failed: set[int] = frozenset()) -> dict:
+    """Rows ``lo:hi`` of a video shard whose values encode their row (``tokens[i] == row``); rows in
+    ``failed`` are failed ("timeout")."""
+    T, N, D, E = STORE.T, STORE.N, STORE.D, STORE.E
+    n = hi - lo
+    rows = np.arange(lo, hi)
+    tokens = np.broadcast_to(rows[:, None, None, None], (n, T, N, D)).astype(np.float16)
+    emb = np.broadcast_to(rows[:, None, None], (n, T, E)).astype(np.float32)
+    status = np.array([2 if r in failed else 1 for r in rows], np.int8)
+    mask = np.ones((n, T), bool)
+    mask[:, -1] = False
+    return dict(status=status, error=["timeout" if r in failed else "" for r in rows],
+                tokens=tokens, frame_emb=emb, frame_mask=mask,
+                frame_index=np.tile(np.arange(T, dtype=np.int32), (n, 1)),
+                frame_time=np.tile(np.arange(T, dtype=np.float32) / 2, (n, 1)))
+
+
+def fill(store, failed: set[int] = frozenset()) -> None:
+    """Write every video shard (``video_data``) and text shard of a toy ``CacheStore``, then consolidate."""
+    L, DT, E = STORE.L, STORE.DT, STORE.E
+    for i in range(store.num_shards):
+        store.write_shard(i, **video_data(*store.shard_range(i), failed=failed))
+    for j in range(store.num_text_shards):
+        lo, hi = store.text_shard_range(j)
+        r = np.arange(lo, hi)
+        store.write_text_shard(j, tokens=np.broadcast_to(r[:, None, None], (hi - lo, L, DT)),
+                               mask=np.ones((hi - lo, L), bool),
+                               emb=np.broadcast_to(r[:, None], (hi - lo, E)).astype(np.float32))
+    store.consolidate()
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with single-range support (zarr's sharded reads need Range), for http:// stores."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        rng = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not rng or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        spec = rng.split("=", 1)[1]
+        a, b = spec.split("-")
+        if a == "":
+            start, end = max(0, len(data) - int(b)), len(data) - 1
+        else:
+            start, end = int(a), (int(b) if b else len(data) - 1)
+        end = min(end, len(data) - 1)
+        body = data[start:end + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        import io
+
+        return io.BytesIO(body)
+
+
+# -- a decode function for the decode pool's tests (test_decode_bounds.py) ---------------------------
+HOG_GIB = 4  # what hog_decode asks for, past the 2 GiB the memory test gives a worker
+
+
+def hog_decode(video_id, path, num_frames, short_side, start, end, **kw):
+    """Decode function for the pool tests (module-level so spawned workers import it): a file named
+    ``hog*`` asks for HOG_GIB GiB at once; ``hang*`` marks that it started and sleeps; the others decode,
+    their result saying which worker served them and its address-space limit."""
+    import os
+    import resource
+    import time
+
+    from pipeline.decode import decode_video
+
+    name = Path(path).name
+    if name.startswith("hog"):
+        block = np.empty(HOG_GIB * 2**30, np.uint8)
+        del block
+    if name.startswith("hang"):
+        Path(f"{path}.{os.getpid()}.started").touch()
+        time.sleep(600)
+    res = decode_video(video_id, path, num_frames, short_side, start, end, **kw)
+    res.extra.update(pid=os.getpid(), address_space=resource.getrlimit(resource.RLIMIT_AS)[0])
+    return res

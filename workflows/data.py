@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 from core.errors import UsageError
 from manifests import Manifest, build_manifest, get_dataset
+from core.options import FailureBudget
+from workflows.sources import ManifestSource
 from workflows.workdir import WorkDir
 
 SYNTH_CONFIG = "synth-vit-b32-tiny"
@@ -59,15 +61,13 @@ def missing_videos(manifest: Manifest) -> int:
     return int(manifest.source.get("missing_videos", 0) or 0)
 
 
-def load_manifest(work: WorkDir, dataset: str | None, manifest: str | None, annotations: str | None = None,
-                  videos: str | None = None, options: dict | None = None,
-                  data_root: str | Path | None = None) -> Manifest:
-    """An existing manifest directory, or ``dataset``'s manifest built now."""
-    if manifest:
-        return Manifest.read(manifest)
-    if dataset is None:
+def load_manifest(work: WorkDir, source: ManifestSource) -> Manifest:
+    """The manifest ``source`` names: an existing manifest directory, or its dataset's manifest built now."""
+    if source.manifest:
+        return Manifest.read(source.manifest)
+    if source.dataset is None:
         raise UsageError("give --dataset NAME or --manifest DIR")
-    return make_manifest(work, dataset, annotations, videos, options, data_root)
+    return make_manifest(work, source.dataset, source.annotations, source.videos, source.options, source.data_root)
 
 
 def synthetic_encoder(work: WorkDir, manifest: Manifest, options: dict | None = None) -> str:
@@ -100,23 +100,6 @@ def extract_config(manifest: Manifest, options: dict) -> Any:
         given.setdefault("num_frames", spec.frames)
         given.setdefault("max_text_tokens", spec.text_tokens)
     return ExtractConfig(**given)
-
-
-def failure_budget(text: str | None, videos: int) -> int:
-    """How many failed videos a store may hold and the extraction still count as a success:
-    ``N`` (a count), ``P%`` (a share of the videos) or ``0.F`` (a fraction); default 0."""
-    if not text:
-        return 0
-    t = str(text).strip()
-    try:
-        if t.endswith("%"):
-            return int(float(t[:-1]) / 100.0 * videos)
-        value = float(t)
-    except ValueError:
-        raise UsageError(f"--max-failed: expected a count (5), a percentage (1%) or a fraction (0.01), got {text!r}") from None
-    if value < 0:
-        raise UsageError(f"--max-failed must be >= 0, got {text!r}")
-    return int(value * videos) if 0 < value < 1 else int(value)
 
 
 def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], stores: Sequence[str] = (),
@@ -154,13 +137,13 @@ def on_rank_zero(device: str, fn: Any) -> Any:
     return rank_zero_first(context(device), fn)
 
 
-def load_manifest_once(work: WorkDir, device: str, *args: Any) -> Manifest:
-    """``load_manifest(work, *args)``, built by rank 0 alone under torchrun and read by the others."""
+def load_manifest_once(work: WorkDir, device: str, source: ManifestSource) -> Manifest:
+    """``load_manifest(work, source)``, built by rank 0 alone under torchrun and read by the others."""
     from core.world import world_from_env
 
     if world_from_env()[1] == 1:
-        return load_manifest(work, *args)
-    return Manifest.read(on_rank_zero(device, lambda: str(load_manifest(work, *args).root)))
+        return load_manifest(work, source)
+    return Manifest.read(on_rank_zero(device, lambda: str(load_manifest(work, source).root)))
 
 
 def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequence[str], config: Any = None,
@@ -201,12 +184,12 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
     return merged
 
 
-def check_extraction(report: Any, max_failed: str | None = None) -> None:
+def check_failures(report: Any, max_failed: FailureBudget | None = None) -> None:
     """Refuse (``ExtractionError``) an extraction whose stores hold more failed videos than
-    ``max_failed`` allows (``failure_budget``), naming where the failure lists are."""
+    ``max_failed`` (``--max-failed``; default none) allows, naming where the failure lists are."""
     from core.errors import ExtractionError
 
-    allowed = failure_budget(max_failed, report.videos)
+    allowed = (max_failed or FailureBudget()).allowed(report.videos)
     bad = {p: t for p, t in report.totals.items() if t["failed"] > allowed}
     if bad:
         lists = ", ".join(t["failure_list"] or p for p, t in bad.items())

@@ -70,7 +70,7 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
         head_ckpt = train_head(work, store, stage_one, config, resume=False)
     echo(f"      stage one {stage_one.parent.name} (best val), head {head_ckpt}  ({time.time() - t0:.0f}s)")
     echo(f"[6/6] test split: stage one vs its top {DEMO_K} re-ranked")
-    paths, table, _ = rerank_split(work, store, stage_one, head_ckpt, split="test", k=DEMO_K, device=device)
+    paths, table, _ = rerank_split(work, store, stage_one, head_ckpt, split="test", candidates=DEMO_K, device=device)
     echo(table)
     echo(f"report: {paths['metrics']}")
     html, _ = retrieval_report(paths["metrics"].parent, demo_runs(work))
@@ -78,7 +78,7 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     return paths["metrics"]
 
 
-def per_head_options(pairs: Sequence[str], heads: Sequence[str]) -> dict[str, dict]:
+def per_head_config(pairs: Sequence[str], heads: Sequence[str]) -> dict[str, dict]:
     """``["clip2video:num_centers=5"]`` -> ``{"clip2video": {"num_centers": 5}, <other heads>: {}}``."""
     options: dict[str, dict] = {h: {} for h in heads}
     for pair in pairs:
@@ -90,16 +90,16 @@ def per_head_options(pairs: Sequence[str], heads: Sequence[str]) -> dict[str, di
     return options
 
 
-def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_options: Sequence[str],
+def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_option: Sequence[str],
                       config: StageOneTrainConfig, out: str | Path | None = None, echo: Echo = print,
                       allow_incomplete: bool = False) -> tuple[Path, str]:
     """Train each stage-one head (selection on val), evaluate all on test next to the untrained meanP
-    baseline; ``head_options``: ``HEAD:key=value`` pairs. Writes ``compare-stage-one.{json,txt}`` and
+    baseline; ``head_option``: ``HEAD:key=value`` pairs (each ``--head-option``). Writes ``compare-stage-one.{json,txt}`` and
     ``compare-stage-one.runs.json``."""
     unknown = [h for h in heads if h not in list_heads(stage=1)]
     if not heads or unknown:
         raise UsageError(f"--heads: unknown head(s) {unknown} (known: {', '.join(list_heads(stage=1))})")
-    options = per_head_options(head_options, heads)
+    options = per_head_config(head_option, heads)
     store = store or work.default_store()
     out_dir = Path(out) if out else work.root / "compare-stage-one"
     train, val = work.stage_train_val(store)
@@ -186,12 +186,12 @@ def manifest_groups(work: WorkDir, split: Any, manifest: str | Path | None = Non
 
 
 def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,
-             stage_one: str | None = None, k: int = DEMO_K, out: str | Path | None = None,
+             stage_one: str | None = None, candidates: int = DEMO_K, out: str | Path | None = None,
              demo_defaults: bool = False, echo: Echo = print, allow_incomplete: bool = False,
              seeds: Sequence[int] | None = None, manifest: str | Path | None = None) -> tuple[Path, str]:
     """Stage-two ablation: each variant (``ABLATION_VARIANTS``) trained on train (epoch selected on
     val only) with each of ``seeds`` (default: ``config.seed`` alone) re-ranks the test split's
-    stage-one top ``k``; one table of all of them (means over seeds, and the spread of R@1).
+    stage-one top ``candidates``; one table of all of them (means over seeds, and the spread of R@1).
 
     ``config`` holds the options every variant shares (``head_config`` is added to each variant's
     own; the contrastive options apply to heads that support them). With ``demo_defaults`` the
@@ -237,7 +237,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
                        and seed == config.seed else out_dir / "runs" / tag)
             ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
             train_s = time.time() - t0
-            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", k=k, out=out_dir / tag,
+            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=candidates, out=out_dir / tag,
                                      device=config.device, sim=s1.sim, allow_incomplete=allow_incomplete)
             m = res.metrics()
             stage_one_metrics = m["stage one"]
@@ -257,9 +257,9 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
                 line += "; within group " + ", ".join(f"{a} {v:.0f}" for a, v in acc["h cosine+head"].items())
             runs[tag] = run
             echo(line)
-    json_path, table = write_report(ablation_table(stage_one_metrics, results, k), out_dir, name="ablation",
+    json_path, table = write_report(ablation_table(stage_one_metrics, results, candidates), out_dir, name="ablation",
                                     split=coverage)
-    meta = {"store": redact_url(store), "stage_one": s1.info, "split": "test", "k": k, "seeds": seeds,
+    meta = {"store": redact_url(store), "stage_one": s1.info, "split": "test", "k": candidates, "seeds": seeds,
             "device": config.device, "variants": runs}
     if groups is not None:
         _, gtable = write_report(group_table(stage_one_groups, group_results, groups.counts()), out_dir,

@@ -140,14 +140,14 @@ def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: 
     return write_report(results, Path(out) if out else work.reports_dir(split), split=coverage)
 
 
-def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: str | Path, split: str = "test",
-                 k: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
+def rerank_split(work: WorkDir, store: str, stage_one: str | Path, stage_two: str | Path, split: str = "test",
+                 candidates: int = 15, dsl: bool = False, dsl_temperature: float | None = None,
                  out: str | Path | None = None, device: str = "cpu", batch_size: int = 64, sim: Any = None,
                  progress: bool = True, allow_incomplete: bool = False,
                  manifest: str | Path | None = None, index: str | Path | None = None,
                  nprobe: int | None = None, ef_search: int | None = None) -> tuple[dict[str, Path], str, RerankResult]:
-    """Stage ``split`` with tokens, re-rank every query's stage-one top ``k`` with the head and write
-    the outputs (default ``<work>/reports/rerank-<split>``); returns (paths, table, result).
+    """Stage ``split`` with tokens, re-rank every query's stage-one top ``candidates`` (K) with the head
+    ``stage_two`` (a checkpoint) and write the outputs (default ``<work>/reports/rerank-<split>``); returns (paths, table, result).
 
     ``sim`` (optional) is a precomputed stage-one similarity of that split (the ablation reuses
     one). Encoder identities are checked: ``StoreMismatchError`` names the differences. ``index``
@@ -157,7 +157,7 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
     """
     data = work.stage(store, split, STAGE_TWO_ARRAYS)
     coverage = check_complete(data, allow_incomplete)
-    head, head_info, data = load_head(head_ckpt, data, captions=lambda: caption_texts(work, data, manifest))
+    head, head_info, data = load_head(stage_two, data, captions=lambda: caption_texts(work, data, manifest))
     s1_info: dict = {"path": str(stage_one)}
     s1_head = None
     if sim is None:
@@ -178,25 +178,26 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, head_ckpt: st
             s1_head = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity).head
         with evaluating(s1_head):
             texts = encode_texts(s1_head, data, device=device).float().cpu().numpy()
-        _, cand = vi.search(texts, k)
+        _, cand = vi.search(texts, candidates)
         short = int((cand < 0).any(axis=1).sum())
         if short:
-            raise UsageError(f"the {vi.kind} index {vi.path} found fewer than {k} videos for {short} queries: "
+            raise UsageError(f"the {vi.kind} index {vi.path} found fewer than {candidates} videos for {short} queries: "
                              f"search wider (--nprobe / --ef-search) or use the exact index")
         index_info = {"path": str(vi.path), "kind": vi.kind, "params": vi.meta.get("params"),
-                      "recall@K vs exact": recall_at(cand, top_k(sim, k), k)}
+                      "recall@K vs exact": recall_at(cand, top_k(sim, candidates), candidates)}
     scorer = pair_scorer(head, data, batch_size=batch_size, device=device, progress=progress)
-    res = rerank(sim, data, scorer, k=k, dsl=dsl, dsl_temperature=dsl_temperature, t2v_candidates=cand)
+    res = rerank(sim, data, scorer, k=candidates, dsl=dsl, dsl_temperature=dsl_temperature,
+                 t2v_candidates=cand)
     out_dir = Path(out) if out else work.reports_dir(f"rerank-{split}")
     meta = {"store": str(store), "store_fingerprint": data.store_fingerprint, "stage_one": s1_info,
             "head": head_info, "device": device, "batch_size": batch_size}
     if index_info:
         meta["t2v_candidates_from_index"] = index_info
-    title = f"{split}: stage one vs re-ranked top {k}" + (" (DSL)" if dsl else "")
+    title = f"{split}: stage one vs re-ranked top {candidates}" + (" (DSL)" if dsl else "")
     paths, table = write_outputs(res, data, out_dir, meta=meta, title=title, coverage=coverage)
     if index_info:
         table = (f"T2V candidates from the {index_info['kind']} index {index}: "
-                 f"{100 * index_info['recall@K vs exact']:.1f}% of the exact top {k}\n{table}")
+                 f"{100 * index_info['recall@K vs exact']:.1f}% of the exact top {candidates}\n{table}")
     return paths, table, res
 
 

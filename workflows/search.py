@@ -109,12 +109,12 @@ def query_encoder(work: WorkDir, identity: dict, encoder: str | None = None, dev
 
 
 def search_videos(work: WorkDir, store: str, stage_one: str | Path, queries: Sequence[str],
-                  head_ckpt: str | Path | None = None, split: str = "test", k: int = 10, candidates: int = 15,
+                  stage_two: str | Path | None = None, split: str = "test", top: int = 10, candidates: int = 15,
                   index: str | Path | None = None, encoder: str | None = None, device: str = "cpu",
                   batch_size: int = 64, nprobe: int | None = None, ef_search: int | None = None,
                   echo: Any = None) -> Any:
-    """The top ``k`` videos of ``split`` for each text query: stage one's cosine from the index, and
-    with a stage-two head each query's ``candidates`` best re-ranked by cosine + head score (the
+    """The ``top`` videos of ``split`` for each text query: stage one's cosine from the index, and
+    with a stage-two head (``stage_two``, a checkpoint) each query's ``candidates`` best re-ranked by cosine + head score (the
     re-ranking's final score). Returns a ``pyarrow.Table`` (query, rank, video_id, video_row,
     stage_one_rank, stage_one_score, head_score, final_score)."""
     import pyarrow as pa
@@ -122,22 +122,22 @@ def search_videos(work: WorkDir, store: str, stage_one: str | Path, queries: Seq
     queries = [q for q in queries if q.strip()]
     if not queries:
         raise UsageError("give at least one non-empty query text")
-    if k < 1 or candidates < 1:
-        raise UsageError(f"--k and --candidates must be >= 1, got {k} and {candidates}")
-    data = work.stage(store, split, STAGE_TWO_ARRAYS if head_ckpt else ("frame_emb", "text"))
+    if top < 1 or candidates < 1:
+        raise UsageError(f"--top and --candidates must be >= 1, got {top} and {candidates}")
+    data = work.stage(store, split, STAGE_TWO_ARRAYS if stage_two else ("frame_emb", "text"))
     vi = open_index(work, store, stage_one, split, index, data, nprobe, ef_search, device, echo)
     enc = query_encoder(work, data.encoder_identity, encoder, device=device)
     qsplit = query_split(data, enc, queries)
     s1 = load_stage_one(stage_one_file(stage_one), expect_encoder_identity=data.encoder_identity)
     with evaluating(s1.head):
         qemb = encode_texts(s1.head, qsplit, device=device).float().cpu().numpy()
-    depth = max(k, candidates) if head_ckpt else k
+    depth = max(top, candidates) if stage_two else top
     scores, rows = vi.search(qemb, depth)
     n = rows.shape[1]
     head_scores = np.full(rows.shape, np.nan, dtype=np.float32)
     final = scores.astype(np.float64)
-    if head_ckpt:
-        head, _, qs = load_head(head_ckpt, qsplit, captions=list(queries))
+    if stage_two:
+        head, _, qs = load_head(stage_two, qsplit, captions=list(queries))
         kk = min(candidates, n)
         caps = np.repeat(np.arange(len(queries)), kk)
         vids = rows[:, :kk].reshape(-1)
@@ -150,10 +150,10 @@ def search_videos(work: WorkDir, store: str, stage_one: str | Path, queries: Seq
                                             "stage_one_score", "head_score", "final_score")}
     for qi, q in enumerate(queries):
         ok = np.flatnonzero(rows[qi] >= 0)
-        kk = min(candidates, n) if head_ckpt else n
-        top = ok[ok < kk]
-        order = list(top[np.argsort(-final[qi, top], kind="stable")]) + [j for j in ok if j >= kk]
-        for rank, j in enumerate(order[:k], 1):
+        kk = min(candidates, n) if stage_two else n
+        reranked = ok[ok < kk]
+        order = list(reranked[np.argsort(-final[qi, reranked], kind="stable")]) + [j for j in ok if j >= kk]
+        for rank, j in enumerate(order[:top], 1):
             out["query"].append(q)
             out["rank"].append(rank)
             out["video_id"].append(vi.video_ids[int(rows[qi, j])])

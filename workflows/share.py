@@ -10,19 +10,6 @@ from typing import Any
 from core.errors import UsageError
 
 
-def parse_part(text: str | None) -> tuple[int, int] | None:
-    """``--part K/N`` -> ``(K, N)`` (0 <= K < N): this process writes the shards ``i`` with ``i % N == K``."""
-    if not text:
-        return None
-    try:
-        k, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise UsageError(f"--part: expected K/N (e.g. 0/2), got {text!r}") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise UsageError(f"--part {text}: K must be in 0..N-1 and N >= 1")
-    return k, n
-
-
 def info(store: str) -> dict:
     """``pipeline.sharing.store_info`` of the store at ``store``."""
     from pipeline.sharing import store_info

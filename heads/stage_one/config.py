@@ -13,7 +13,7 @@ RUN_ONLY = ("num_threads", "prefetch", "progress")
 class StageOneTrainConfig:
     """Everything that decides a stage-one training run (``help`` metadata: the CLI's option help)."""
 
-    head: str = field(default="meanP", metadata={"help": "Stage-one head (`python cli.py heads`)."})
+    head: str = field(default="seqTransf", metadata={"help": "Stage-one head (`python cli.py heads`)."})
     head_config: dict = field(default_factory=dict, metadata={"help": "Head options (its Config fields)."})
     epochs: int = field(default=10, metadata={"help": "Training epochs."})
     batch_size: int = field(default=128, metadata={"help": "Videos per batch (one caption each)."})

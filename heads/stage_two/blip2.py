@@ -149,7 +149,7 @@ SHAPE_OPTIONS = ("width", "layers", "heads", "num_queries", "cross_every", "ff_m
                  "max_positions", "itc_dim")
 
 
-def head_options(layout: dict[str, Any]) -> dict[str, Any]:
+def options_from_layout(layout: dict[str, Any]) -> dict[str, Any]:
     """CrossTVR options that build a head with this Q-Former's layout (BLIP-2's input path: the
     frozen tokens go unprojected into the cross attention, text through BERT's embeddings)."""
     return {"width": layout["width"], "layers": layout["layers"], "heads": layout["heads"],

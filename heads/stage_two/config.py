@@ -20,7 +20,10 @@ DEFAULT_ITC_DIM = 128   # width of the contrastive projection of a head trained 
 _ARG_DEFAULTS = {"rank_weight": 0.0, "itc_steps": 0, "itc_batch": 64, "itc_cluster": 1, "itc_lr": 5e-4,
                  "itc_weight": 0.0, "init_from": None, "tokenizer": None, "reinit_visual_kv": False, "text_len": 32,
                  "neg_source": "text", "neg_video_pool": 4}
-AMP_MODES = ("auto", "bf16", "off")
+PRECISIONS = ("auto", "bf16", "fp32")  # no fp16: training in it would need loss scaling
+# arguments renamed since runs were first saved: old name -> today's (values too, where they changed)
+_RENAMED_ARGS = {"amp": "precision", "val_k": "val_candidates"}
+_RENAMED_VALUES = {"precision": {"off": "fp32"}}
 
 
 def _opt(default: Any, help: str, resume_free: bool = False, **kw: Any) -> Any:
@@ -72,11 +75,11 @@ class StageTwoTrainConfig:
     reinit_visual_kv: bool = _opt(False, "With --init-from: re-initialise the cross attention's visual key/value "
                                   "projections when the cached tokens' width differs from the Q-Former's.")
     text_len: int = _opt(32, "Caption length in tokens of a head that reads caption ids.")
-    amp: str = _opt("auto", "Autocast of the training forward passes: auto (bf16 on CUDA, off on CPU), bf16, off.",
-                    resume_free=True)
+    precision: str = _opt("auto", "Compute precision of the training forward passes: auto (bf16 autocast on CUDA, "
+                          "fp32 elsewhere), bf16 (autocast) or fp32.", resume_free=True)
     grad_checkpoint: bool = _opt(False, "Recompute the Q-Former layers' activations in the backward pass "
                                  "(less memory, ~30% more time).", resume_free=True)
-    val_k: int = _opt(10, "Stage-one candidates re-ranked per val query for model selection.")
+    val_candidates: int = _opt(10, "Stage-one candidates re-ranked per val query for model selection.")
     val_queries: int = _opt(256, "Val captions used for model selection (0: all).")
     seed: int = _opt(0, "Seed of initialisation, batches and negatives.")
     device: str = _opt("cpu", "Torch device.", resume_free=True)
@@ -107,15 +110,15 @@ class StageTwoTrainConfig:
             raise ConfigError(f"neg_source must be one of {NEGATIVE_SOURCES}, got {self.neg_source!r}")
         if self.neg_video_pool < 1:
             raise ConfigError(f"neg_video_pool must be >= 1, got {self.neg_video_pool}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.init_from and self.head != "crosstvr":
             raise ConfigError(f"--init-from loads a BLIP-2 Q-Former into the crosstvr head, not {self.head!r}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 (random negatives come from the batch), got {self.batch_size}")
         return replace(self, itc_steps=steps, itc_weight=weight, head_config=dict(self.head_config or {}))
 
-    def head_options(self) -> dict:
+    def build_options(self) -> dict:
         """The options the head is built with: ``head_config`` plus the contrastive projection's width
         when the run trains with ITC."""
         options = dict(self.head_config or {})
@@ -148,17 +151,27 @@ def upgrade_args(args: dict) -> dict:
     args = {**_ARG_DEFAULTS, **args}
     if "head_cfg" in args:
         args["head_config"] = args.pop("head_cfg")
-    return args
+    return upgrade_names(args)
 
 
-def with_switches(head: str, head_config: dict, mode: str | None = None, unshared: bool = False,
+def upgrade_names(options: dict) -> dict:
+    """``options`` (training arguments or a run.json's options) with renamed arguments under
+    today's names and values (``amp=off`` is ``precision=fp32``)."""
+    out = {}
+    for key, value in options.items():
+        key = _RENAMED_ARGS.get(key, key)
+        out[key] = _RENAMED_VALUES.get(key, {}).get(value, value) if isinstance(value, str) else value
+    return out
+
+
+def with_switches(head: str, head_config: dict, mode: str | None = None, shared: bool | None = None,
                   num_selected: int | None = None) -> dict:
-    """``head_config`` with the command line's CrossTVR switches (``--mode``, ``--unshared``,
+    """``head_config`` with the command line's CrossTVR switches (``--mode``, ``--shared`` / ``--no-shared``,
     ``--num-selected``) folded in; ``UsageError`` when they are given for another head."""
-    switches = {k: v for k, v in (("mode", mode), ("shared", False if unshared else None),
-                                  ("num_selected", num_selected)) if v is not None}
+    switches = {k: v for k, v in (("mode", mode), ("shared", shared), ("num_selected", num_selected))
+                if v is not None}
     if switches and head != "crosstvr":
-        raise UsageError("--mode, --unshared and --num-selected apply to --head crosstvr only")
+        raise UsageError("--mode, --shared / --no-shared and --num-selected apply to --head crosstvr only")
     return {**head_config, **switches}
 
 

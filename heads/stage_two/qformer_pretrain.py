@@ -66,7 +66,14 @@ def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None
     return itc_loss(logits), F.cross_entropy(match, labels), match, labels
 
 
-def pretrain_qformer(train: Split, out_dir: str | Path, head_options: dict[str, Any], tokenizer: CaptionTokenizer,
+def _upgraded(args: Any) -> Any:
+    """Finished-run arguments as today's names (``head_options`` was ``head_config``'s name)."""
+    if isinstance(args, dict) and "head_options" in args:
+        args = {("head_config" if k == "head_options" else k): v for k, v in args.items()}
+    return args
+
+
+def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, Any], tokenizer: CaptionTokenizer,
                      steps: int = 2000, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.05,
                      seed: int = 0, device: str = "cpu", num_threads: int | None = None,
                      progress: bool = True) -> Path:
@@ -77,18 +84,18 @@ def pretrain_qformer(train: Split, out_dir: str | Path, head_options: dict[str, 
     check_not_test(train, "pre-training")
     require_tokens(train)
     out = Path(out_dir)
-    args = jsonable({"head_options": head_options, "steps": steps, "batch_size": batch_size, "lr": lr,
+    args = jsonable({"head_config": head_config, "steps": steps, "batch_size": batch_size, "lr": lr,
                      "weight_decay": weight_decay, "seed": seed, "store_fingerprint": train.store_fingerprint,
                      "vocab_size": tokenizer.vocab_size})
     done = out / DONE_NAME
-    if done.is_file() and json.loads(done.read_text()).get("args") == args:
+    if done.is_file() and _upgraded(json.loads(done.read_text()).get("args")) == args:
         return out
     view = text_view(train, "ids")
     cv = np.asarray(view.caption_video)
     num_videos = len(view.video_ids)
     with torch_threads(num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        opts = {**head_options, "mode": "spatial", "spatial_frames": None}
+        opts = {**head_config, "mode": "spatial", "spatial_frames": None}
         head = create_head("crosstvr", int(view.tokens.shape[-1]), 0, stage=2, **opts).to(device)
         head.train()
         optimizer, scheduler = make_optimizer(head, lr, weight_decay, steps, warmup_steps(0.05, steps))

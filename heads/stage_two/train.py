@@ -48,7 +48,7 @@ from heads.evaluation.similarity import encode_texts, encode_videos, similarity
 from heads.registry import create_head
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_two.blip2 import SHAPE_OPTIONS, blip2_init, read_blip2
-from heads.stage_two.blip2 import head_options as blip2_head_options
+from heads.stage_two.blip2 import options_from_layout
 from heads.stage_two.checkpoint import CHECKPOINT_NAME, KIND, stage_one_identity
 from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, upgrade_args
 from heads.stage_two.itc import ITC_STATE_NAME, batch_itc_loss, pretrain_itc
@@ -131,7 +131,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     """Train a stage-two head on ``train``; select the epoch on ``val``; return ``stage_two.pt``.
 
     ``stage_one`` is the stage-one checkpoint whose train-split similarities drive hard-negative
-    mining (and whose val top-``val_k`` lists the head re-ranks for model selection). ``config``
+    mining (and whose val top-``val_candidates`` lists the head re-ranks for model selection). ``config``
     (or its fields as keyword ``options``, which override it) decides the run. With ``resume`` a
     matching ``train_state.pt`` in ``out_dir`` is continued (a finished run returns at once);
     other arguments than those in that state raise ``RunMismatchError``; ``resume=False`` starts
@@ -154,16 +154,16 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     cfg = cfg.resolved()
     s1_identity = stage_one_identity(stage_one)
     s1 = load_stage_one(stage_one, expect_encoder_identity=train.encoder_identity)
-    blip2, head_options = None, cfg.head_options()
+    blip2, head_config = None, cfg.build_options()
     if cfg.init_from:
         blip2 = read_blip2(cfg.init_from)
-        layout = blip2_head_options(blip2.layout)
-        head_options = {**layout, **head_options, **{k: layout[k] for k in SHAPE_OPTIONS}}
-    text_input = head_options.get("text_input", "tokens")
+        layout = options_from_layout(blip2.layout)
+        head_config = {**layout, **head_config, **{k: layout[k] for k in SHAPE_OPTIONS}}
+    text_input = head_config.get("text_input", "tokens")
     tokenizer = caption_tokenizer(cfg.tokenizer or cfg.init_from) if text_input == "ids" else None
-    if tokenizer is not None and tokenizer.vocab_size > int(head_options.get("vocab_size", 0)):
+    if tokenizer is not None and tokenizer.vocab_size > int(head_config.get("vocab_size", 0)):
         raise ConfigError(f"the caption tokenizer has {tokenizer.vocab_size} tokens, more than the head's "
-                          f"vocab_size {head_options.get('vocab_size')}")
+                          f"vocab_size {head_config.get('vocab_size')}")
     tr = text_view(train, text_input)
     init: dict | None = None
     out = Path(out_dir)
@@ -198,12 +198,12 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
         cosine = StageOneCosine(s1.head, train, cfg.device) if cfg.rank_weight > 0 else None
         valset = None
         if val is not None:
-            valset = ValSet(text_view(val, text_input), similarity(s1.head, val, device=cfg.device), cfg.val_k,
+            valset = ValSet(text_view(val, text_input), similarity(s1.head, val, device=cfg.device), cfg.val_candidates,
                             cfg.val_queries, cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             text_dim = 0 if text_input == "ids" else int(train.text_tokens.shape[-1])
-            model = create_head(cfg.head, int(train.tokens.shape[-1]), text_dim, stage=2, **head_options)
+            model = create_head(cfg.head, int(train.tokens.shape[-1]), text_dim, stage=2, **head_config)
             if blip2 is not None:
                 init = blip2_init(model, blip2, cfg.reinit_visual_kv)
             if state is None:
@@ -235,7 +235,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                     weight_decay=cfg.weight_decay, seed=cfg.seed,
                     neighbours=None if negatives is None else negatives.text_cand, cluster=cfg.itc_cluster,
                     device=cfg.device, max_steps=cfg.max_steps, progress=cfg.progress, args=itc_args,
-                    precision=lambda: forward_precision(cfg.amp, cfg.device), dist=d, ddp=ddp)
+                    precision=lambda: forward_precision(cfg.precision, cfg.device), dist=d, ddp=ddp)
                 stopped = not done
             itm_max_steps = None if cfg.max_steps is None else max(0, cfg.max_steps - int(cfg.itc_steps))
             bar = tqdm(total=total, initial=step, desc=f"stage two [{cfg.head}]",
@@ -315,7 +315,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     summary = {
         "best_epoch": best.epoch, "finished": finished, "steps": step, "total_steps": total,
         "itc_steps": int(cfg.itc_steps), "itc": itc_history,
-        "selected_on": None if val is None else f"{val.split} re-ranked T2V R@1 of stage-one top-{cfg.val_k}",
+        "selected_on": None if val is None else f"{val.split} re-ranked T2V R@1 of stage-one top-{cfg.val_candidates}",
         "best_score": None if val is None or best.epoch is None else best.score, "epochs": history,
     }
     if d.is_main:
@@ -335,7 +335,7 @@ def itm_step_loss(model: Any, batch: Any, item: PlanItem, cfg: StageTwoTrainConf
     """The loss of one planned step in one process, from its pairs' batch (on the model's device):
     ITM cross-entropy, plus the positives' contrastive loss (``itc_weight``) and, with ``cosine``
     (a ``StageOneCosine``), the ranking loss (``rank_weight``). Returns (loss, match logits)."""
-    with forward_precision(cfg.amp, cfg.device):
+    with forward_precision(cfg.precision, cfg.device):
         video = model.encode_video(batch.tokens, batch.frame_mask)
         logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text, batch.pair_video).float()
         loss = F.cross_entropy(logits, batch.labels)
@@ -366,7 +366,7 @@ def _global_itm_loss(model: Any, batch: Any, item: PlanItem, d: Dist, cfg: Stage
     sizes = d.sizes(item.video.size)
     local = _local(d, item)
     b = local.video.size
-    with forward_precision(cfg.amp, cfg.device):
+    with forward_precision(cfg.precision, cfg.device):
         video = model.encode_video(batch.tokens, batch.frame_mask)
         logits = model.match(batch.text_tokens, batch.text_mask, video, batch.pair_text, batch.pair_video).float()
         share = d.world_size * b / item.video.size  # this rank's pairs / the global pairs, times the world

@@ -126,11 +126,11 @@ def evaluating(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def forward_precision(amp: str, device: str) -> Any:
-    """The autocast context of a training forward pass: ``auto`` = bf16 on CUDA and full precision
-    elsewhere, ``bf16`` = bf16 on any device, ``off`` = full precision."""
+def forward_precision(precision: str, device: str) -> Any:
+    """The autocast context of a training forward pass: ``auto`` = bf16 on CUDA and fp32 elsewhere,
+    ``bf16`` = bf16 autocast on any device, ``fp32`` (``off`` in runs saved before) = no autocast."""
     kind = torch.device(device).type
-    if amp == "off" or (amp == "auto" and kind != "cuda"):
+    if precision in ("fp32", "off") or (precision == "auto" and kind != "cuda"):
         return nullcontext()
     return torch.autocast(kind, dtype=torch.bfloat16)
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from core.errors import StoreError, StoreMismatchError
 from pipeline.decode import DecodeTask
-from pipeline.store import CacheStore, row_digest
+from pipeline.store.cache import CacheStore
+from pipeline.store.layout import row_digest
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 

@@ -1,10 +1,12 @@
-"""Within-group accuracy of a stage-two head on a split with near-duplicate groups (the synthetic
-benchmark's): each grouped caption is scored against every member of its group, and it is right
-when its own video scores strictly highest (``core.groups.within_group_accuracy``).
+"""Within-group accuracy of stage one and stage-two heads on a split of the synthetic benchmark.
 
-:func:`group_queries` builds the (caption, members) table once per split; :func:`group_accuracy`
+Each grouped caption is scored against every member of its near-duplicate group, and it is right
+when its own video scores strictly highest (``synthetic.groups.within_group_accuracy``).
+
+:func:`group_queries` builds the (caption, members) table once per split; :func:`head_group_accuracy`
 scores stage one's cosine, each head's score and ``cosine + head score`` (the re-ranking rule) on it.
-``bench/groups.py`` and ``cli.py ablation`` both use these.
+``bench/groups.py`` and ``cli.py ablation`` both use these. (A report's within-group accuracy comes
+from the ranked lists a re-ranking wrote instead: ``synthetic.groups.ranked_within_group``.)
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from core.groups import group_members, within_group_accuracy
+from synthetic.groups import group_members, within_group_accuracy
 
-__all__ = ["GroupQueries", "group_queries", "group_accuracy"]
+__all__ = ["GroupQueries", "group_queries", "head_group_accuracy"]
 
 
 @dataclass
@@ -65,8 +67,8 @@ def group_queries(video_ids: list[str], caption_video: np.ndarray, by_id: Mappin
     return GroupQueries(caps, cand, own, varied[cv[caps]].astype(str))
 
 
-def group_accuracy(queries: GroupQueries, sim: np.ndarray, heads: Mapping[str, Any] | None = None,
-                   split: Any = None, device: str = "cpu", batch_size: int = 64) -> dict[str, dict[str, float]]:
+def head_group_accuracy(queries: GroupQueries, sim: np.ndarray, heads: Mapping[str, Any] | None = None,
+                        split: Any = None, device: str = "cpu", batch_size: int = 64) -> dict[str, dict[str, float]]:
     """Within-group accuracy (%) per varied attribute and ``"all"``: of stage one (``sim``, the split's
     caption x video cosine), and for each ``heads[name]`` (a stage-two head; ``split`` holds its
     tokens) of ``"<name> head"`` and ``"<name> cosine+head"``."""

@@ -1,4 +1,4 @@
-"""Within-group accuracy on the synthetic benchmark: can a scorer tell near-duplicates apart?
+"""Within-group accuracy on the synthetic benchmark, torch-free: can a scorer tell near-duplicates apart?
 
 The synthetic world (docs/SYNTHETIC.md) has groups of near-duplicate videos whose members differ in
 exactly one attribute (the manifest's ``group_id`` and ``varied`` columns). A caption of a grouped
@@ -11,6 +11,9 @@ video is *right* when its own video is placed strictly above every other member 
   so for a caption whose video is in its top K every member outside it is below that video in both
   orders, and the answer is exact; captions whose video is outside the top K are left out (the
   lists do not say where it is) and counted apart.
+
+It imports nothing of ours (numpy only): it is the one ``synthetic`` module ``reports`` may import
+(tests/test_layers.py). The torch side, stage one and heads scored on a split, is ``synthetic.head_groups``.
 """
 
 from __future__ import annotations
