@@ -17,7 +17,7 @@ from commands.options import (FailureBudgetType, PartType, dataclass_options, de
 from commands.search import COMMANDS as SEARCH_COMMANDS
 from commands.stage_one import COMMANDS as STAGE_ONE_COMMANDS
 from commands.stage_two import COMMANDS as STAGE_TWO_COMMANDS
-from core.errors import CrossTVRError, UsageError
+from core.errors import CrossTVRError, UnknownOptionError, UsageError
 from core.options import parse_key_values
 from heads.registry import HEADS, get_preset, head_defaults, list_presets
 from pipeline.config import ExtractConfig
@@ -36,7 +36,7 @@ class Main(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (UsageError, ManifestError, UnknownDatasetError) as exc:
+        except (UsageError, UnknownOptionError, ManifestError, UnknownDatasetError) as exc:
             if ctx.params.get("debug"):
                 raise
             raise click.UsageError(str(exc)) from exc
@@ -128,7 +128,7 @@ def pretrain_encoder_cmd(work_dir, manifest, options) -> None:
 def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
     """Calibration of the synthetic world: linear probes (train -> test) on the CLS embedding, the
     mean patch token and the detail's patch token, plus zero-shot retrieval, per encoder."""
-    from pipeline.probes import format_probes
+    from synthetic.probes import format_probes
     from workflows.data import load_manifest, probe_synthetic_encoders
 
     work = WorkDir(work_dir)
@@ -160,14 +160,14 @@ def extract_cmd(source, work_dir, encoders, stores, max_failed, part, device, **
     Exits 1 when a store holds more failed videos than --max-failed allows (the summary says where
     their reasons are listed); --retry-failed decodes them again once the files are fixed.
     """
-    from core.world import world_from_env
+    from core.torchrun import torchrun_ranks
     from workflows.data import check_failures, extract_config, extract_stores, load_manifest_once
 
     work = WorkDir(work_dir)
     m = load_manifest_once(work, resolve_device(device), source)
     report, paths = extract_stores(work, m, encoders, stores, extract_config(m, config), device=resolve_device(device),
                                    part=part)
-    if world_from_env()[0] == 0:  # under torchrun: the merged report, once
+    if torchrun_ranks()[0] == 0:  # under torchrun: the merged report, once
         click.echo(report.summary())
         for p in paths:
             click.echo(f"store: {p}")

@@ -6,7 +6,7 @@ Generates N short h264 videos (PyAV), then measures in one process:
 
 * decode-only: the decoder worker pool over all videos (results consumed, nothing else);
 * encode-only: the encoder on the frames decoded above (same batching as extraction);
-* full: ``pipeline.extract.extract`` into a fresh store (decode + encode + text + writes).
+* full: ``pipeline.extraction.job.extract`` into a fresh store (decode + encode + text + writes).
 
 Prints videos/s and frames/s for each and the ratio full / max(decode-only, encode-only) in
 seconds (1.0 = perfect overlap of decoding with encoding). The default encoder is ViT-B-32 with
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     from manifests.schema import Manifest
     from pipeline.decode import DecodeTask
     from pipeline.decode_pool import DecodePool
-    from pipeline.encode_batches import ShardBuffer, encode_batch
+    from pipeline.extraction.encode import ShardBuffer, encode_batch
     from pipeline.encoders import load_encoder
-    from pipeline.extract import extract
+    from pipeline.extraction.job import extract
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -8,14 +8,14 @@ For every encoder (open_clip configs with random weights: nothing is downloaded)
 * FLOPs per frame, counted on one forward pass of the image encoder with
   ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add);
 * encode-only frames/s: ``--frames`` decoded-size uint8 frames through the job's own path
-  (``pipeline.extract.start_batch``: pinned copy up, resize / crop / normalise on the device, the
+  (``pipeline.extraction.encode.start_batch``: pinned copy up, resize / crop / normalise on the device, the
   encoder under ``--precision``, tokens back to pinned host memory), and the model alone on
   preprocessed device tensors (the job's batch sizes in its order, autocast entered per batch as the
   job does); their TFLOP/s and model FLOP utilisation (MFU) against the GPU's bf16 dense peak
   (:data:`PEAK_BF16_TFLOPS`; none on a CPU); both warmed up first on every batch shape they time, so
   ``--compile`` never compiles inside a timed section;
 * decode-only frames/s: the decoder pool (``--workers`` processes) over ``--videos`` generated clips;
-* full-job frames/s: ``pipeline.extract.extract`` of those clips into a fresh store (decode, encode,
+* full-job frames/s: ``pipeline.extraction.job.extract`` of those clips into a fresh store (decode, encode,
   texts, thumbnails, the store writer thread), with the time the loop waited for decoding, encoding
   and the writer;
 * GPU memory peak of each stage, and which stage bounds the job (the slower of decode-only and
@@ -141,7 +141,7 @@ def encode_only(enc: Any, frames: int, T: int, batch_size: int, decoded_hw: tupl
     the float16 tokens copied back to pinned memory), which is the difference between the two figures."""
     import torch
 
-    from pipeline.encode_batches import ShardBuffer, start_batch
+    from pipeline.extraction.encode import ShardBuffer, start_batch
 
     per = max(1, batch_size // T)  # clips per batch, as the job groups them
     clips = fake_results(max(per, -(-frames // T)), T, *decoded_hw)
@@ -225,7 +225,7 @@ def decode_only(paths: list[str], T: int, short_side: int | None, workers: int) 
 def full_job(enc: Any, paths: list[str], work: Path, T: int, batch_size: int, workers: int, precision: str,
              resize: str, write_queue: int) -> dict:
     from manifests.schema import Manifest
-    from pipeline.extract import extract
+    from pipeline.extraction.job import extract
 
     videos = [{"video_id": f"v{i:05d}", "path": p, "split": "train"} for i, p in enumerate(paths)]
     captions = [{"caption_id": v["video_id"], "video_id": v["video_id"], "text": "a square moves across the frame",

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from heads.evaluation.groups import group_accuracy, group_queries  # noqa: E402  (the library's, shared with the ablation)
+from synthetic.head_groups import group_queries, head_group_accuracy  # noqa: E402  (the library's, shared with the ablation)
 
 
 def manifest_videos(manifest_dir: str | Path) -> dict[str, dict]:
@@ -43,7 +43,7 @@ def selector_hit_rate(head, split, rows: dict[str, dict], max_videos: int = 256,
     ``None`` for a head without a selector. ``rows``: ``manifest_videos(...)``."""
     import torch
 
-    from manifests import synthetic as S
+    from synthetic import world as S
 
     if getattr(head, "selector", None) is None or not hasattr(head, "select_tokens"):
         return None
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"split {args.split!r} of {args.store} has no grouped captions")
     caps, size, attr = gq.captions, gq.group_size, gq.attribute
     sim, _ = stage_one_similarity(args.stage_one, split)
-    table = group_accuracy(gq, sim)
+    table = head_group_accuracy(gq, sim)
     selectors: dict[str, dict] = {}
     for path in args.head:
         # each head reads its own view of the split (a BLIP-2-initialised one reads caption ids)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
         if f"{name} head" in table:  # a second checkpoint of one run directory
             name = f"{name}/{Path(path).stem}"
-        table.update(group_accuracy(gq, sim, {name: head}, split=head_split))
+        table.update(head_group_accuracy(gq, sim, {name: head}, split=head_split))
         sel = selector_hit_rate(head, split, rows, seed=args.seed)
         if sel is not None:
             selectors[name] = sel

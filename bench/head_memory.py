@@ -1,7 +1,7 @@
 """Peak memory of one training step of a stage-two head at the paper's size.
 
     python bench/head_memory.py [--preset crosstvr-blip2] [--batch 1 2] [--frames 12]
-                                [--grad-checkpoint on|off] [--amp off|bf16] [--device cpu|cuda]
+                                [--grad-checkpoint on|off] [--precision fp32|bf16] [--device cpu|cuda]
 
 One ITM step as the trainer runs it: B positive pairs plus one negative video and one negative
 caption each (3B pairs over B videos and B captions), the positives' contrastive loss, backward and
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=1408)
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--grad-checkpoint", choices=["on", "off"], default="off")
-    ap.add_argument("--amp", choices=["off", "bf16", "auto"], default="auto")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--paper-batch", type=int, default=128)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(one_step(a.preset, int(a.child), a.frames, a.tokens, a.width, a.text_len,
-                                  a.grad_checkpoint == "on", a.amp, a.device, a.threads)))
+                                  a.grad_checkpoint == "on", a.precision, a.device, a.threads)))
         return
     rows = []
     for b in a.batch:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({r['parameters']:,} parameters; before the step {r['rss_before_step_gib']:.2f} GiB RSS)")
     key = "peak_cuda_gib" if "peak_cuda_gib" in rows[0] else "peak_rss_gib"
     summary = {"preset": a.preset, "frames": a.frames, "tokens": a.tokens, "width": a.width,
-               "grad_checkpoint": a.grad_checkpoint, "amp": a.amp, "device": a.device, "rows": rows}
+               "grad_checkpoint": a.grad_checkpoint, "precision": a.precision, "device": a.device, "rows": rows}
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         per = (hi[key] - lo[key]) / (hi["batch"] - lo["batch"])
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         summary.update(per_positive_gib=round(per, 3), fixed_gib=round(fixed, 3),
                        paper_batch=a.paper_batch, paper_batch_gib=round(fixed + per * a.paper_batch, 1))
         print(f"per positive pair {per:.2f} GiB, fixed {fixed:.2f} GiB -> batch {a.paper_batch}: "
-              f"{fixed + per * a.paper_batch:.1f} GiB (grad checkpoint {a.grad_checkpoint}, amp {a.amp}, {a.device})")
+              f"{fixed + per * a.paper_batch:.1f} GiB (grad checkpoint {a.grad_checkpoint}, precision {a.precision}, {a.device})")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
 

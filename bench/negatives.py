@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the figures here as JSON")
     args = ap.parse_args(argv)
 
-    from core.groups import group_members
     from heads.evaluation.similarity import similarity
     from heads.stage_one.checkpoint import load_stage_one
     from heads.stage_two.config import StageTwoTrainConfig
     from heads.stage_two.train import hard_negatives
     from bench.groups import manifest_videos
+    from synthetic.groups import group_members
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
     train = WorkDir(args.work_dir).stage(args.store, "train", STAGE_TWO_ARRAYS)

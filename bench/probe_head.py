@@ -3,7 +3,7 @@
     python bench/probe_head.py --store STORE --manifest DIR --head CKPT [--head CKPT ...]
                                [--work-dir work] [--max-videos N] [--json OUT]
 
-For each CrossTVR head with a contrastive projection, softmax regressions (``pipeline.probes.
+For each CrossTVR head with a contrastive projection, softmax regressions (``synthetic.probes.
 linear_probe``: fitted on the train split, scored on ``--split``, val by default; fixed settings) predict each
 synthetic attribute of a video from
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", required=True)
     ap.add_argument("--manifest", required=True, help="synthetic manifest directory (videos.parquet)")
-    ap.add_argument("--head", action="append", required=True, help="stage-two checkpoint (repeatable)")
+    ap.add_argument("--stage-two", action="append", required=True, help="stage-two checkpoint (repeatable)")
     ap.add_argument("--work-dir", default="work")
     ap.add_argument("--max-videos", type=int, default=600, help="train videos the probes are fitted on")
     ap.add_argument("--split", default="val", help="the split the probes are scored on (val: choosing a "
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from heads.evaluation.sources import load_head
     from manifests import Manifest
-    from manifests import synthetic as S
-    from pipeline.probes import linear_probe
+    from synthetic import world as S
+    from synthetic.probes import linear_probe
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
     work = WorkDir(args.work_dir)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                       for a in ATTRS})
               for name, split in splits.items()}
     result: dict[str, dict] = {"split": args.split}
-    for path in args.head:
+    for path in args.stage_two:
         feats = {}
         for name, split in splits.items():
             head, _, head_split = load_head(path, split)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="runs go here (default <work>/runs/qformer-init)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["default", "scratch", "init"])
-    ap.add_argument("--k", type=int, default=15)
-    ap.add_argument("--num-threads", type=int)
+    ap.add_argument("--candidates", type=int, default=15)
+    ap.add_argument("--threads", type=int)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[dict]] = {v: [] for v in a.variants}
     for seed in a.seeds:
         for variant in a.variants:
-            opts: dict = {"seed": seed, "num_threads": a.num_threads, "progress": True}
+            opts: dict = {"seed": seed, "num_threads": a.threads, "progress": True}
             if variant in ("scratch", "init"):
                 opts.update(head_config=dict(shape), tokenizer=a.qformer)
             if variant == "init":
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
             run = root / f"{variant}-seed{seed}"
             print(f"== {variant}, seed {seed}: {run}", flush=True)
             ckpt = train_head(work, store, stage_one, cfg, out=run)
-            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=a.k, out=run / "rerank-test",
-                                     progress=False)
+            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=a.candidates,
+                                     out=run / "rerank-test", progress=False)
             metrics = res.metrics()
             grp = groups.main(["--store", store, "--manifest", str(manifest), "--stage-one", stage_one,
                                "--head", str(ckpt), "--split", "test", "--work-dir", str(work.root)])

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=1000, help="text queries (captions); caption i -> video i mod V")
     p.add_argument("--rerank-queries", type=int, default=None,
                    help="re-rank only the first N queries (default: all); fewer shares less per-video work (pessimistic)")
-    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--candidates", type=int, default=15)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--tokens", type=int, default=None, help="CLS + patches per frame [50; 257 with --preset]")
     p.add_argument("--width", type=int, default=None, help="visual token width [768; 1408 with --preset]")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             words[:, 0] = 101
             split = replace(split, text_ids=np.where(split.text_mask, words, 0), text_ids_mask=split.text_mask)
         print(f"head: {a.head} {json.dumps(head.config())} ({head.num_parameters():,} parameters), "
-              f"torch threads {torch.get_num_threads()}, batch {a.batch_size} pairs, K={a.k}")
+              f"torch threads {torch.get_num_threads()}, batch {a.batch_size} pairs, K={a.candidates}")
 
         # stage one alone
         t0 = time.perf_counter()
@@ -171,17 +171,17 @@ def main(argv: list[str] | None = None) -> None:
         n = a.queries if a.rerank_queries is None else min(a.queries, a.rerank_queries)
         sub = first_queries(split, n)
         t0 = time.perf_counter()
-        res = rerank(sim[:n], sub, pair_scorer(head, sub, batch_size=a.batch_size, device=a.device), k=a.k,
+        res = rerank(sim[:n], sub, pair_scorer(head, sub, batch_size=a.batch_size, device=a.device), k=a.candidates,
                      directions=("t2v",))
         res.metrics()
         rr = time.perf_counter() - t0
         rr_ms = 1000 * rr / n
         per_pair_ms = 1000 * res.seconds["scoring"] / max(1, res.num_pairs)
-        prof = profile_batch(head, text_view(split, head.text_input), a.profile_batch or a.batch_size, a.k,
+        prof = profile_batch(head, text_view(split, head.text_input), a.profile_batch or a.batch_size, a.candidates,
                              a.profile_repeats, a.device)
 
         print(f"stage one alone      : {s1:8.2f} s for {a.queries} queries = {s1_ms:8.2f} ms/query")
-        print(f"re-ranking (top {a.k:2d})  : {rr:8.2f} s for {n} queries = {rr_ms:8.2f} ms/query "
+        print(f"re-ranking (top {a.candidates:2d})  : {rr:8.2f} s for {n} queries = {rr_ms:8.2f} ms/query "
               f"({res.num_pairs} pairs, {per_pair_ms:.2f} ms/pair; scoring {res.seconds['scoring']:.2f} s, "
               f"candidates {res.seconds['candidates']:.2f} s, matrices {res.seconds['matrices']:.2f} s)")
         print(f"stage one + re-rank  : {s1_ms + rr_ms:8.2f} ms/query   target <= {TARGET_MS:.0f} ms/query: "
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, sec in prof.items():
             if name != "score":
                 print(f"    {name:34s} {1000 * sec:7.2f}  ({100 * sec / total:5.1f}% of head.score)")
-        figures = {"videos": a.videos, "queries": a.queries, "rerank_queries": n, "k": a.k, "threads": a.threads,
+        figures = {"videos": a.videos, "queries": a.queries, "rerank_queries": n, "k": a.candidates, "threads": a.threads,
                    "batch_size": a.batch_size, "head_config": head.config(), "stage_one_ms_per_query": s1_ms,
                    "rerank_ms_per_query": rr_ms, "total_ms_per_query": s1_ms + rr_ms, "pairs": res.num_pairs,
                    "ms_per_pair": per_pair_ms, "profile_ms_per_pair": {k: 1000 * v for k, v in prof.items()},

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hnsw", action="store_true", help="also the HNSW index (slow to build on 2 cores)")
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--k", type=int, default=15, help="candidates re-ranked per query")
+    p.add_argument("--candidates", type=int, default=15, help="stage-one candidates re-ranked per query")
     p.add_argument("--rerank-queries", type=int, default=200, help="queries re-ranked (0: skip)")
     p.add_argument("--rerank-batch", type=int, default=64)
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.json).write_text(json.dumps(figures, indent=2) + "\n")
     if n < 1:
         return
-    rr = rerank_cost(exact[:n], a.k, a.threads, a.rerank_batch)
-    print(f"re-ranking top {a.k} with the default head ({rr['head_parameters']:,} parameters): "
+    rr = rerank_cost(exact[:n], a.candidates, a.threads, a.rerank_batch)
+    print(f"re-ranking top {a.candidates} with the default head ({rr['head_parameters']:,} parameters): "
           f"{rr['ms_per_query']:.2f} ms/query ({rr['ms_per_pair']:.2f} ms/pair, {n} queries; CPU "
           f"{rr['cpu_ms_per_query']:.1f} ms/query)")
     figures["rerank"] = rr

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from core.options import parse_key_values
     from heads import create_head
     from manifests import Manifest
-    from manifests import synthetic as S
+    from synthetic import world as S
     from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
     torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ import click
 
 from core.errors import UnknownHeadError, UsageError
 from core.options import FailureBudget, parse_key_values, parse_part
-from heads.registry import get_preset, list_presets
+from heads.registry import get_preset
 from workflows.sources import ManifestSource
 from workflows.workdir import DEFAULT_WORK
 
@@ -210,6 +210,5 @@ def preset_option(fn: Callable) -> Callable:
             ctx.meta["preset_head_config"] = dict(preset.get("head_config", {}))
         return value
     return click.option("--preset", is_eager=True, callback=load, expose_value=False,
-                        help=f"A shipped head and training recipe ({', '.join(list_presets())}); "
-                             f"see `python cli.py heads`.")(fn)
+                        help="A shipped head and training recipe (`python cli.py heads` lists them).")(fn)
 STAGE_ONE_SKIP = ("head_config", "device", "num_threads", "prefetch", "progress")

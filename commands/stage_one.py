@@ -8,8 +8,8 @@ from commands.options import (STAGE_ONE_SKIP, allow_incomplete_option, config_op
                               dist_timeout_option, head_option_option, run_record, stage_dir_option, store_option,
                               work_dir_option)
 from core.options import parse_key_values
-from core.world import world_from_env
-from heads.registry import list_heads
+from core.torchrun import torchrun_ranks
+from heads.registry import check_options, list_heads
 from heads.stage_one.config import StageOneTrainConfig
 from workflows.workdir import WorkDir, resolve_device
 
@@ -37,9 +37,10 @@ def train_stage_one_cmd(ctx, store, head_option, work_dir, stage_dir, out, devic
 
     cfg = StageOneTrainConfig(**config, head_config=parse_key_values(head_option, "--head-option"),
                               device=resolve_device(device))
+    check_options(cfg.head, cfg.head_config, "--head-option")
     ckpt = train_stage_one_run(WorkDir(work_dir, stage_dir), store, cfg, out=out, reuse=not fresh,
                                record=run_record(ctx))
-    if world_from_env()[0] == 0:  # under torchrun only rank 0 wrote it
+    if torchrun_ranks()[0] == 0:  # under torchrun only rank 0 wrote it
         click.echo(f"checkpoint: {ckpt}")
 
 
@@ -64,9 +65,10 @@ def eval_cmd(store, stage_one, split, work_dir, stage_dir, out, dsl, dsl_tempera
     """Evaluate stage one (or the zero-shot meanP baseline): T2V/V2T R@1/5/10, MdR, MnR -> JSON + table."""
     from workflows.runs import evaluate_stage_one
 
-    json_path, table = evaluate_stage_one(WorkDir(work_dir, stage_dir), store, stage_one, split, out, dsl,
-                                          dsl_temperature, qb_norm, qb_bank, qb_k, qb_beta, resolve_device(device),
-                                          allow_incomplete)
+    json_path, table = evaluate_stage_one(WorkDir(work_dir, stage_dir), store, stage_one, split=split, out=out,
+                                          dsl=dsl, dsl_temperature=dsl_temperature, qb_norm=qb_norm, qb_bank=qb_bank,
+                                          qb_k=qb_k, qb_beta=qb_beta, device=resolve_device(device),
+                                          allow_incomplete=allow_incomplete)
     click.echo(table)
     click.echo(f"report: {json_path}")
 

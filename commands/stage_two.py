@@ -9,8 +9,8 @@ from commands.options import (STAGE_TWO_SKIP, allow_incomplete_option, config_op
                               run_record, seed_option, stage_dir_option, store_option, threads_option,
                               work_dir_option)
 from core.options import format_key_values, parse_key_values
-from core.world import world_from_env
-from heads.registry import list_heads
+from core.torchrun import torchrun_ranks
+from heads.registry import check_options, list_heads
 from heads.stage_two.config import (ABLATION_VARIANTS, HARD_NEGATIVE_MODES, NEGATIVE_SOURCES, PRECISIONS,
                                     StageTwoTrainConfig, with_switches)
 from workflows.workdir import WorkDir, resolve_device
@@ -54,12 +54,13 @@ def train_head_cmd(ctx, store, stage_one, mode, shared, num_selected, head_optio
     if config.get("precision") == "off":  # --amp off, the former spelling
         config["precision"] = "fp32"
     head_config = with_switches(config["head"], given, mode=mode, shared=shared, num_selected=num_selected)
+    check_options(config["head"], head_config, "--head-option")
     cfg = StageTwoTrainConfig(**config, head_config=head_config, device=resolve_device(device)).resolved()
     record = run_record(ctx, mode=None, shared=None, num_selected=None, head_option=format_key_values(head_config),
                      itc_steps=cfg.itc_steps, itc_weight=cfg.itc_weight, fresh=False)
     ckpt = train_head(WorkDir(work_dir, stage_dir), store, stage_one, cfg, out=out, resume=not fresh, record=record,
                       manifest=manifest)
-    if world_from_env()[0] == 0:  # under torchrun only rank 0 wrote it
+    if torchrun_ranks()[0] == 0:  # under torchrun only rank 0 wrote it
         click.echo(f"checkpoint: {ckpt}")
 
 
@@ -178,7 +179,7 @@ def ablation_cmd(ctx, store, stage_one, variants, candidates, head_option, work_
 
     work = WorkDir(work_dir, stage_dir)
     if store is None and not work.synthetic_stores():
-        click.echo(f"no demo store under {work.root / 'stores'}: running the demo first")
+        click.echo(f"no demo store under {work.stores_dir()}: running the demo first")
         from workflows.experiments import demo
 
         demo(work, seed=seed, device=resolve_device(device), echo=click.echo)

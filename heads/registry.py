@@ -97,6 +97,16 @@ def head_defaults(name: str) -> dict[str, Any]:
             for f in dataclasses.fields(cls.Config)}
 
 
+def check_options(name: str, options: dict[str, Any], what: str = "option") -> None:
+    """``UnknownOptionError`` naming the head's options when ``options`` has a key its ``Config`` lacks
+    (before any work: a command checks its ``--head-option`` values with it)."""
+    accepted = [f.name for f in dataclasses.fields(head_class(name).Config)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UnknownOptionError(f"unknown {what}(s) {unknown} for {STAGE_NAMES[get_spec(name).stage]} head "
+                                 f"{name!r}; its options: {', '.join(accepted)}")
+
+
 def create_head(name: str, *dims: int, stage: int | None = None, **kwargs: Any) -> Any:
     """Build head ``name`` for the given dimensions and options.
 
@@ -113,13 +123,8 @@ def create_head(name: str, *dims: int, stage: int | None = None, **kwargs: Any) 
         if d not in kwargs:
             raise TypeError(f"head {name!r} needs its dimension {d!r}")
         sizes[d] = kwargs.pop(d)
-    cls = head_class(name)
-    accepted = [f.name for f in dataclasses.fields(cls.Config)]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise UnknownOptionError(f"unknown option(s) {unknown} for {STAGE_NAMES[spec.stage]} head {name!r}; "
-                        f"its options: {', '.join(accepted)}")
-    return cls(*(int(sizes[d]) for d in spec.dims), **kwargs)
+    check_options(name, kwargs)
+    return head_class(name)(*(int(sizes[d]) for d in spec.dims), **kwargs)
 
 
 # -- presets: a head's options and its training recipe, as data (heads/presets/<name>.json) ---------

@@ -74,7 +74,7 @@ _REAL_COMMON = {
 
 DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
-        "synthetic", "manifests.synthetic:build",
+        "synthetic", "synthetic.manifest:build",
         "Deterministic synthetic world (rendered mp4 videos + captions) from a seed.",
         {"out_dir": "output directory (videos + manifest)",
          "seed": "random seed", "sizes": "numbers of groups / videos per split (see module)"}),

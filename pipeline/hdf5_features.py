@@ -91,7 +91,7 @@ def import_features(path: str | os.PathLike, store_url: str | os.PathLike, manif
     import h5py
     from tqdm.auto import tqdm
 
-    from pipeline.rows import manifest_rows
+    from pipeline.store.rows import manifest_rows
     from pipeline.store.failures import write_failure_list
 
     limits = limits or ImportLimits()

@@ -4,9 +4,9 @@ show the videos from a shared store without the raw files.
 Extraction makes them from the frames it has decoded anyway (``thumbnails_of``: ``count`` of the
 sampled frames, evenly spread over the valid ones, the longer side shrunk to ``max_side`` pixels, JPEG
 re-encoded at a lower quality until it fits ``max_bytes``). A store made before thumbnails existed gets
-them with ``pipeline.thumbnail_backfill.add_thumbnails`` (``python cli.py cache thumbnails``): it decodes the store's videos
-again, sampling the same frames as the store records, but encodes nothing; shard by shard, each written
-whole and marked done, so an interrupted run continues where it stopped.
+them with ``pipeline.extraction.thumbnail_backfill.add_thumbnails`` (``python cli.py cache thumbnails``): it
+decodes the store's videos again, sampling the same frames as the store records, but encodes nothing;
+shard by shard, each written whole and marked done, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.groups import ranked_within_group
 from reports.inputs import ManifestInfo, RerankOutputs
+from synthetic.groups import ranked_within_group
 
 __all__ = ["positive_ranks", "recall_curve", "rank_changes", "QuerySample", "Candidate", "sample_queries",
            "group_accuracy"]
@@ -124,7 +124,7 @@ def sample_queries(rr: RerankOutputs, manifest: ManifestInfo | None, improved: i
 
 
 def group_accuracy(rr: RerankOutputs, manifest: ManifestInfo | None) -> dict[str, dict[str, float]]:
-    """Within-group accuracy per varied attribute, stage one vs re-ranked (``core.groups``); empty
+    """Within-group accuracy per varied attribute, stage one vs re-ranked (``synthetic.groups``); empty
     without a manifest with groups (the synthetic benchmark has them)."""
     cols = rr.ranked.get("t2v")
     if manifest is None or cols is None or not manifest.has_groups:

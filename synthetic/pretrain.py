@@ -5,12 +5,12 @@ real videos: the gist (main object, background) in its pooled embedding, the fin
 in its patch tokens. :func:`pretrain_encoder` trains the open_clip config ``synth-vit-b32-tiny``
 (ViT with 32-px patches at 224 px: 7x7 patches + CLS, the ViT-B/32 token layout) contrastively on
 single decoded frames of TRAIN videos and frame captions from
-:func:`manifests.synthetic.frame_caption` (main object always, detail with probability
-``p_detail``).
+:func:`synthetic.world.frame_caption` (main object always, detail with probability ``p_detail``).
 
 ``p_detail`` is the calibration knob of the benchmark (docs/SYNTHETIC.md: details present in the
 patch tokens, clearly weaker in the pooled embedding); ``probe-encoder`` measures where each
-attribute ends up, and BENCHMARKS.md records the calibration that chose the default.
+attribute ends up, and BENCHMARKS.md records the calibration that chose the default. The settings
+are :class:`PretrainSettings`; callers (``pretrain-encoder --option key=value``) give them by name.
 
 ``cluster_size`` > 0 builds batches of frames that share background and main colour
 (:class:`BatchSampler`); it did not help in the measurements of BENCHMARKS.md, so the default stays
@@ -21,129 +21,146 @@ caption is a positive for every frame in the batch whose content it describes tr
 object and background; same visible detail if it names one). Targets are uniform over those
 positives, which removes the floor that one-hot targets put on duplicate captions.
 
+It runs on the pipeline's parts: the frames come from the extraction job's decoder
+(``synthetic.frames``, through :func:`pipeline.decode.decode_video`), the open_clip configs of
+``pipeline/model_configs/`` are registered by the encoder registry
+(:func:`pipeline.encoders.register_model_configs`, once per process), and each batch of frames is
+preprocessed and each caption tokenised by the registry's encoder for the config
+(:func:`pipeline.encoders.load_encoder`: ``Encoder.preprocess`` and ``tokenize``), the very
+preprocessing the extraction and the probes give this encoder's frames later.
+
+Numbers kept from the first version, which decoded with decord and normalised frames itself (so
+that a checkpoint's key still names the same weights and the demo's figures do not move):
+
+* Decoding: the pipeline's decoder gives the very pixels decord gave (``synthetic.frames``), so
+  the frame caches keep their names and contents.
+* The world's frames are 224 px, the size of ``synth-vit-b32-tiny``: the registry's preprocessing
+  only scales and normalises them (no resize, no crop), the same float operations in the same
+  order as before. Its result is handed to the model in the memory layout the first version
+  produced (channels last, as a permuted uint8 batch gives; the registry returns it contiguous):
+  here both layouts train the same weights, but a convolution may pick another kernel for another
+  layout on another CPU, and the demo's figures were made with this one.
+* A config of another size (the tests' 64-px ``test-vit-micro``) needs a resize. The registry's is
+  CLIP's (bicubic to the short side, then a centre crop); pretraining has always resized to the
+  square with an antialiased bilinear filter on [0, 1] pixels before normalising, and keeps that
+  (:func:`frame_batch`, with the registry's mean and std), rather than change those weights.
+
 Outputs (beside each other in ``out_dir``): an ordinary open_clip state dict ``<name>.pt`` that
 ``open_clip.create_model_and_transforms(config, pretrained=<path>)`` loads, a sidecar
 ``<name>.json`` and the decoded frame cache ``frames-<datahash>.npy`` (uint8, N x 224 x 224 x 3)
-with its labels. A second call with the same key (config, seed, options, train data) returns the
-existing checkpoint without training.
+with its labels. A second call with the same key (config, seed, settings, train data) returns the
+existing checkpoint without training; the key is computed as it always was, so the checkpoints of
+existing work directories (``<work>/encoders/<config>-<key>.pt``) are reused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.fileio import atomic_write
+from synthetic.frames import content_hash, frame_cache
+from synthetic.world import CORNER_PHRASES, detail_visible, frame_caption
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_CONFIG = "synth-vit-b32-tiny"
 DEFAULT_FRAMES = (2, 6, 10, 14, 18, 22)    # 3 frames in each half of a 24-frame video
 PRETRAIN_VERSION = 1
 
-DEFAULTS: dict[str, Any] = {
-    "steps": 240,
-    "batch_size": 128,
-    "lr": 5e-4,
-    "weight_decay": 0.1,
-    "warmup": 30,
-    "p_detail": 0.1,
-    "init_logit_scale": 30.0,
-    "frame_indices": DEFAULT_FRAMES,
-    "cluster_size": 0,
-}
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """What a pretraining run does besides its config and seed (every field is in the checkpoint key)."""
+
+    steps: int = 240
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: int = 30
+    p_detail: float = 0.1
+    init_logit_scale: float = 30.0
+    frame_indices: tuple[int, ...] = DEFAULT_FRAMES
+    cluster_size: int = 0    # 0: random batches; k > 0: batches of k-frame gist clusters (BatchSampler)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):   # options from the command line come as JSON values: bring each to its type
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": float}.get(str(f.type))
+            value = tuple(int(i) for i in value) if f.name == "frame_indices" else kind(value)
+            object.__setattr__(self, f.name, value)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None,
+                     base: PretrainSettings | None = None) -> PretrainSettings:
+        """``base`` (default: the defaults) with the named ``options`` (``pretrain-encoder --option
+        key=value``) replaced; a key that is not a setting raises ``TypeError`` naming the settings."""
+        values = asdict(base or cls())
+        unknown = sorted(set(options or {}) - set(values))
+        if unknown:
+            raise TypeError(f"unknown pretraining option(s) {', '.join(unknown)} (the settings: "
+                            f"{', '.join(values)}; also config, seed, workers, threads)")
+        return cls(**{**values, **dict(options or {})})
+
+    def key_options(self) -> dict[str, Any]:
+        """The settings as the checkpoint key hashes them (``cluster_size`` only when set, so the keys
+        of the random-batch runs made before it existed stay valid)."""
+        out = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+               "weight_decay": self.weight_decay, "warmup": self.warmup, "p_detail": self.p_detail,
+               "init_logit_scale": self.init_logit_scale, "frame_indices": list(self.frame_indices)}
+        if self.cluster_size:
+            out["cluster_size"] = self.cluster_size
+        return out
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def register_config(config: str = DEFAULT_CONFIG) -> dict:
-    """Register ``pipeline/model_configs/<config>.json`` with open_clip (if it is one of ours)
-    and return the config dict."""
+def model_config(config: str = DEFAULT_CONFIG) -> dict:
+    """The open_clip config dict of ``config`` (ours in ``pipeline/model_configs/``, registered by the
+    encoder registry, or one of open_clip's own)."""
     import open_clip
 
-    path = MODEL_CONFIG_DIR / f"{config}.json"
-    if path.is_file():
-        open_clip.add_model_config(path)
-        return json.loads(path.read_text())
+    from pipeline.encoders import register_model_configs
+
+    register_model_configs()
     cfg = open_clip.get_model_config(config)
     if cfg is None:
         raise ValueError(f"unknown open_clip model config {config!r}")
     return cfg
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+def frame_batch(encoder, frames_uint8: np.ndarray) -> "torch.Tensor":
+    """Cached frames (N, H, W, 3) uint8 -> the model's input (N, 3, S, S) for ``encoder`` (the
+    registry's encoder of the config being trained): its own preprocessing when the frames already
+    have its size, else the bilinear square resize pretraining always used (module docstring)."""
+    import torch
+    import torch.nn.functional as F
 
-
-def _decode_job(job: tuple[str, tuple[int, ...]]) -> np.ndarray:
-    import decord
-
-    path, idx = job
-    vr = decord.VideoReader(path, num_threads=1)
-    return vr.get_batch(list(idx)).asnumpy()
-
-
-def decode_frames(paths: Sequence[str | Path], frame_indices: Sequence[int], workers: int = 2,
-                  progress: bool = True, desc: str = "decode frames") -> np.ndarray:
-    """Decode the same frame indices of every video: uint8 array (V, len(idx), H, W, 3)."""
-    from tqdm import tqdm
-
-    jobs = [(str(p), tuple(int(i) for i in frame_indices)) for p in paths]
-    out: list[np.ndarray] = []
-    with tqdm(total=len(jobs), desc=desc, unit="video", disable=not progress) as bar:
-        if workers <= 1 or len(jobs) < 8:
-            for job in jobs:
-                out.append(_decode_job(job))
-                bar.update()
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:   # decord releases the GIL
-                for arr in pool.map(_decode_job, jobs):
-                    out.append(arr)
-                    bar.update()
-    return np.stack(out)
-
-
-def frame_cache(manifest, cache_dir: str | Path, frame_indices: Sequence[int] = DEFAULT_FRAMES,
-                workers: int = 2, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
-    """Decoded frames of every video of ``manifest`` at ``frame_indices``, cached as
-    ``cache_dir/frames-<hash>.npy`` (memory-mapped on reuse) with ``frames-<hash>.json`` labels:
-    one dict per frame with the video's attributes, ``video_id``, ``frame`` and ``t``."""
-    from manifests import synthetic as S
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    attrs = S.manifest_attrs(manifest)
-    vids = list(attrs)
-    key = _hash({"manifest": manifest.sha256(), "frames": list(frame_indices), "videos": vids})[:16]
-    npy, meta = cache_dir / f"frames-{key}.npy", cache_dir / f"frames-{key}.json"
-    if npy.is_file() and meta.is_file():
-        return np.load(npy, mmap_mode="r"), json.loads(meta.read_text())["labels"]
-    arr = decode_frames([manifest.video_path(v) for v in vids], frame_indices, workers, progress)
-    v, f = arr.shape[:2]
-    arr = arr.reshape(v * f, *arr.shape[2:])
-    labels = [{**attrs[vid], "video_id": vid, "frame": int(i),
-               "t": S.frame_time(int(i))} for vid in vids for i in frame_indices]
-    atomic_write(npy, lambda tmp: np.save(tmp, arr))
-    meta.write_text(json.dumps({"manifest_sha256": manifest.sha256(), "frames": list(frame_indices),
-                                "shape": list(arr.shape), "labels": labels}))
-    return np.load(npy, mmap_mode="r"), labels
+    x = torch.from_numpy(np.array(frames_uint8))
+    size = encoder.image_size
+    if tuple(x.shape[1:3]) == (size, size):
+        return encoder.preprocess(x).contiguous(memory_format=torch.channels_last)
+    x = x.permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(encoder.mean).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def _frame_key(label: dict) -> tuple[tuple, tuple | None]:
-    from manifests import synthetic as S
-
     main = (label["main_color"], label["main_shape"], label["bg_color"])
     detail = ((label["detail_color"], label["detail_shape"], label["corner"])
-              if S.detail_visible(label, label["t"]) else None)
+              if detail_visible(label, label["t"]) else None)
     return main, detail
 
 
@@ -231,60 +248,37 @@ def multi_positive_infonce(img: "torch.Tensor", txt: "torch.Tensor", scale: "tor
     return 0.5 * (i2t + t2i)
 
 
-def _normalise(frames_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float],
-               size: int | None = None) -> "torch.Tensor":
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size) (bilinear resize if needed)."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.array(frames_uint8)).permute(0, 3, 1, 2).float() / 255.0
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
 def checkpoint_key(config: str, cfg: dict, seed: int, options: dict, data_sha: str) -> str:
-    """Hash identifying one pretraining run."""
-    return _hash({"v": PRETRAIN_VERSION, "config": config, "cfg": cfg, "seed": seed,
-                  "options": options, "data": data_sha})[:12]
+    """Hash identifying one pretraining run (``options``: :meth:`PretrainSettings.key_options`)."""
+    return content_hash({"v": PRETRAIN_VERSION, "config": config, "cfg": cfg, "seed": seed,
+                         "options": options, "data": data_sha})[:12]
 
 
 # --------------------------------------------------------------------------- pretraining
 
 
 def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFIG, seed: int = 0,
-                     steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
-                     lr: float = DEFAULTS["lr"], weight_decay: float = DEFAULTS["weight_decay"],
-                     warmup: int = DEFAULTS["warmup"], p_detail: float = DEFAULTS["p_detail"],
-                     init_logit_scale: float = DEFAULTS["init_logit_scale"],
-                     frame_indices: Sequence[int] = DEFAULT_FRAMES,
-                     cluster_size: int = DEFAULTS["cluster_size"], workers: int = 2,
-                     progress: bool = True, threads: int | None = None) -> Path:
+                     settings: PretrainSettings | None = None, workers: int = 2, progress: bool = True,
+                     threads: int | None = None, **options: Any) -> Path:
     """Train ``config`` contrastively on frame-caption pairs of the TRAIN split of a synthetic
     ``manifest``; return the path of the open_clip checkpoint (``.pt`` state dict).
 
-    ``out_path`` is a directory (the checkpoint is named after its key) or a ``.pt`` file path.
-    A checkpoint with the same key (config, seed, options, train data) is reused as is.
+    ``settings`` (default :class:`PretrainSettings`) with any setting given by name in ``options``
+    (``steps=400``) replaced. ``out_path`` is a directory (the checkpoint is named after its key) or
+    a ``.pt`` file path. A checkpoint with the same key (config, seed, settings, train data) is
+    reused as is.
     """
     import torch
 
-    from manifests import synthetic as S
-
+    run = PretrainSettings.from_options(options, settings)
     train = manifest.split("train")   # never look at val/test videos
     if train.videos.num_rows == 0:
         raise ValueError("pretrain_encoder needs a manifest with train videos")
     out_path = Path(out_path)
     out_dir = out_path.parent if out_path.suffix == ".pt" else out_path
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = register_config(config)
-    options = {"steps": int(steps), "batch_size": int(batch_size), "lr": float(lr),
-               "weight_decay": float(weight_decay), "warmup": int(warmup),
-               "p_detail": float(p_detail), "init_logit_scale": float(init_logit_scale),
-               "frame_indices": [int(i) for i in frame_indices]}
-    if int(cluster_size):   # absent when 0, so keys of earlier (random-batch) runs stay valid
-        options["cluster_size"] = int(cluster_size)
+    cfg = model_config(config)
+    options = run.key_options()
     data_sha = train.sha256()
     key = checkpoint_key(config, cfg, int(seed), options, data_sha)
     ckpt = out_path if out_path.suffix == ".pt" else out_dir / f"{config}-{key}.pt"
@@ -298,26 +292,26 @@ def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFI
 
     import open_clip
 
+    from pipeline.encoders import load_encoder
+
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     t_start = time.time()
     try:
-        frames, labels = frame_cache(train, out_dir, frame_indices, workers, progress)
+        frames, labels = frame_cache(train, out_dir, run.frame_indices, workers, progress)
         t_data = time.time() - t_start
+        # the registry's encoder of the config: its preprocessing and tokenizer (random weights of
+        # its own, made under a forked RNG: the seeded initialisation below is not disturbed)
+        encoder = load_encoder(config)
         torch.manual_seed(seed)
-        model, _, _ = open_clip.create_model_and_transforms(config, pretrained=None)
-        tokenizer = open_clip.get_tokenizer(config)
-        mean = model.visual.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN) \
-            if hasattr(model.visual, "preprocess_cfg") else open_clip.OPENAI_DATASET_MEAN
-        std = model.visual.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD) \
-            if hasattr(model.visual, "preprocess_cfg") else open_clip.OPENAI_DATASET_STD
+        model = open_clip.create_model(config, pretrained=None)
         with torch.no_grad():
-            model.logit_scale.fill_(math.log(init_logit_scale))
-        image_size = int(cfg["vision_cfg"]["image_size"])
+            model.logit_scale.fill_(math.log(run.init_logit_scale))
         model.train()
+        lr, steps, warmup = run.lr, run.steps, run.warmup
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=lr, betas=(0.9, 0.98), eps=1e-6,
                                 fused=True)   # foreach/for-loop AdamW is far slower on CPU
@@ -333,22 +327,22 @@ def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFI
         from tqdm import tqdm
 
         losses: list[float] = []
-        sampler = BatchSampler(labels, batch_size, int(cluster_size), rng)
+        sampler = BatchSampler(labels, run.batch_size, run.cluster_size, rng)
         bar = tqdm(range(steps), desc=f"pretrain {config}", unit="step", disable=not progress)
         for step in bar:
             idx = sampler.next()
             texts, cap_keys = [], []
             for i in idx:
                 lab = labels[i]
-                text = S.frame_caption(lab, lab["t"], rng, p_detail)
+                text = frame_caption(lab, lab["t"], rng, run.p_detail)
                 texts.append(text)
                 fmain, fdet = keys[i]
                 # did the caption name the detail? (its corner words appear only then)
-                named = fdet is not None and any(w in text for w in S.CORNER_PHRASES[lab["corner"]])
+                named = fdet is not None and any(w in text for w in CORNER_PHRASES[lab["corner"]])
                 cap_keys.append((fmain, fdet if named else None))
             pos = torch.from_numpy(positives([keys[i] for i in idx], cap_keys))
-            x = _normalise(frames[idx], mean, std, image_size)
-            tok = tokenizer(texts)
+            x = frame_batch(encoder, frames[idx])
+            tok = encoder.tokenize(texts)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             img = model.encode_image(x)
@@ -373,8 +367,17 @@ def pretrain_encoder(manifest, out_path: str | Path, config: str = DEFAULT_CONFI
                 "logit_scale": model.logit_scale.exp().item(), "wall_s": round(wall, 1),
                 "data_s": round(t_data, 1), "threads": torch.get_num_threads(),
                 "loss": "symmetric multi-positive InfoNCE over frame/frame-caption pairs",
-                "created_by": "pipeline.pretrain.pretrain_encoder"}
+                "created_by": "synthetic.pretrain.pretrain_encoder"}
         sidecar.write_text(json.dumps(info, indent=2) + "\n")
         return ckpt
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def pretrained_spec(manifest, out_dir: str | Path, options: Mapping[str, Any] | None = None) -> str:
+    """The encoder spec (``<config>:<checkpoint>``, what ``load_encoder`` and ``extract --encoder``
+    take) of the world's encoder pretrained on ``manifest``'s train split with ``options`` (the
+    keyword arguments of :func:`pretrain_encoder`), checkpoint in ``out_dir`` (reused when there)."""
+    opts = dict(options or {})
+    ckpt = pretrain_encoder(manifest.split("train"), out_dir, **opts)
+    return f"{opts.get('config', DEFAULT_CONFIG)}:{ckpt}"

@@ -17,8 +17,8 @@ both for one encoder spec:
 * **Zero-shot retrieval** on the test split: video embedding = mean of its probed frames' CLS
   embeddings, text embedding = the encoder's own; T2V / V2T R@1/5/10 with :mod:`core.metrics`.
 
-Frames are decoded once per split (``frames-<hash>.npy`` in ``cache_dir``, shared with
-:mod:`pipeline.pretrain`'s cache format). Runs in about a minute on 2 CPU cores for the default
+Frames are decoded once per split (``synthetic.frames``: ``frames-<hash>.npy`` in ``cache_dir``, the
+cache the pretraining uses too). Runs in about a minute on 2 CPU cores for the default
 world with the small synthetic encoder.
 """
 
@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from synthetic.frames import frame_cache
+from synthetic.world import SIZE, detail_cell, detail_visible
 
 PROBE_FRAMES = (4, 20)   # an early (t=0.17) and a late (t=0.83) frame of a 24-frame video
 FRAME_ATTRS = ("bg_color", "main_color", "main_shape")
@@ -91,9 +94,6 @@ def _encode_frames(encoder, frames: np.ndarray, batch: int = 64, progress: bool 
 
 def _split_features(manifest, split: str, encoder, cache_dir: Path, frames: Sequence[int],
                     workers: int, progress: bool) -> dict[str, Any]:
-    from manifests import synthetic as S
-    from pipeline.pretrain import frame_cache
-
     part = manifest.split(split)
     pix, labels = frame_cache(part, cache_dir, frames, workers, progress)
     tokens, emb = _encode_frames(encoder, pix, progress=progress, desc=f"encode {split} frames")
@@ -102,7 +102,7 @@ def _split_features(manifest, split: str, encoder, cache_dir: Path, frames: Sequ
         raise ValueError(f"probes need a square patch grid after the CLS token, got {tokens.shape[1]} tokens")
     detail = np.empty((len(labels), tokens.shape[2]), dtype=np.float32)
     for i, lab in enumerate(labels):
-        r, c = S.detail_cell(lab, size=S.SIZE, patch=S.SIZE // grid)
+        r, c = detail_cell(lab, size=SIZE, patch=SIZE // grid)
         detail[i] = tokens[i, 1 + r * grid + c]
     return {"labels": labels, "cls": emb, "patch_mean": tokens[:, 1:].mean(1),
             "detail_patch": detail, "patch_grid": tokens[:, 1:].reshape(len(labels), -1),
@@ -110,14 +110,12 @@ def _split_features(manifest, split: str, encoder, cache_dir: Path, frames: Sequ
 
 
 def _probe_table(train: dict, test: dict, steps: int) -> dict[str, dict[str, float]]:
-    from manifests import synthetic as S
-
     out: dict[str, dict[str, float]] = {}
     for attr in FRAME_ATTRS + DETAIL_ATTRS:
         rows_tr = [i for i, lab in enumerate(train["labels"])
-                   if attr in FRAME_ATTRS or S.detail_visible(lab, lab["t"])]
+                   if attr in FRAME_ATTRS or detail_visible(lab, lab["t"])]
         rows_te = [i for i, lab in enumerate(test["labels"])
-                   if attr in FRAME_ATTRS or S.detail_visible(lab, lab["t"])]
+                   if attr in FRAME_ATTRS or detail_visible(lab, lab["t"])]
         out[attr] = {f: linear_probe(train[f][rows_tr], [train["labels"][i][attr] for i in rows_tr],
                                      test[f][rows_te], [test["labels"][i][attr] for i in rows_te], steps)
                      for f in FEATURES}
@@ -173,6 +171,26 @@ def probe_encoder(manifest, spec: str, cache_dir: str | Path, frames: Sequence[i
     return {"encoder": str(spec), "identity": encoder.identity(), "frames": list(frames),
             "train_frames": len(train["labels"]), "test_frames": len(test["labels"]),
             "probes": _probe_table(train, test, steps), "zero_shot": _zero_shot(manifest, encoder, test)}
+
+
+def probe_label(spec: str, taken: Sequence[str] = ()) -> str:
+    """The column name of encoder ``spec`` in a probe table: ``random`` (no weights given),
+    ``pretrained`` (the world's own config with a checkpoint), else the spec itself; the spec too when
+    the name is ``taken`` already."""
+    from synthetic.pretrain import DEFAULT_CONFIG
+
+    label = "random" if ":" not in spec else ("pretrained" if spec.startswith(f"{DEFAULT_CONFIG}:") else spec)
+    return label if label not in taken else spec
+
+
+def probe_encoders(manifest, specs: Sequence[str], cache_dir: str | Path, steps: int = 300,
+                   workers: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """:func:`probe_encoder` of every encoder of ``specs``, by :func:`probe_label`."""
+    names: dict[str, str] = {}
+    for s in specs:
+        names[probe_label(s, list(names))] = s
+    return {label: probe_encoder(manifest, s, cache_dir, steps=steps, workers=workers, progress=progress)
+            for label, s in names.items()}
 
 
 def format_probes(results: dict[str, dict[str, Any]]) -> str:

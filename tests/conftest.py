@@ -16,6 +16,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_VIDEO = FIXTURES / "videos" / "v_GGSY1Qvo990.mp4"
 
+# the session worlds built through the command line (make-manifest, extract, train-stage-one, train-head)
+CLI_WORLDS = {"tiny_world", "tiny_runs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses a world built through the command line's extraction (``tiny_world``, ``tiny_runs``,
+    directly or through another fixture) is an ``integration`` test, like the modules marked so
+    (setup.cfg lists the markers)."""
+    for item in items:
+        if CLI_WORLDS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_and_threads() -> None:

@@ -28,7 +28,7 @@ def context() -> Any:
     global _ctx
     if _ctx is None:
         _ctx = mp.get_context("forkserver")
-        _ctx.set_forkserver_preload(["torch", "open_clip", "zarr", "h5py", "pipeline.extract", "pipeline.sharing",
+        _ctx.set_forkserver_preload(["torch", "open_clip", "zarr", "h5py", "pipeline.extraction.job", "pipeline.sharing",
                                      "pipeline.hdf5io", "pipeline.hdf5_features", "workflows.share", "fault_ops"])
     return _ctx
 
@@ -127,13 +127,13 @@ def encoder() -> Any:
 # ------------------------------------------------------------------------------------------------ operations
 def op_extract(manifest: Any, store: str, part: tuple[int, int] | None = None, thumbnails: int = 2) -> None:
     """``extract`` (fresh, resume, append, or one ``--part`` writer), then its finalisation."""
-    from pipeline.extract import extract
+    from pipeline.extraction.job import extract
 
     extract(manifest, [encoder()], [store], part=part, thumbnails=thumbnails, finalize=part is None, **KW)
 
 
 def op_finalize(store: str) -> None:
-    from pipeline.extract import ExtractReport, finalize_stores
+    from pipeline.extraction.report import ExtractReport, finalize_stores
 
     finalize_stores([store], ExtractReport(stores=[store]))
 
@@ -161,7 +161,7 @@ def op_import(h5: str, store: str) -> None:
 
 
 def op_thumbnails(manifest: Any, store: str) -> None:
-    from pipeline.thumbnail_backfill import add_thumbnails
+    from pipeline.extraction.thumbnail_backfill import add_thumbnails
 
     add_thumbnails(store, manifest, workers=1, timeout=30.0, progress=False, count=2)
 

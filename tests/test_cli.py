@@ -3,6 +3,7 @@ registry listing, run configs (``run.json``, ``--config``) and clear errors."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -14,28 +15,59 @@ from heads import list_heads
 from worlds import run_cli
 
 
+# every command, by name (a command added or removed is added or removed here), and the groups' subcommands
+COMMANDS = {"ablation", "cache", "compare-stage-one", "datasets", "demo", "eval", "extract", "heads",
+            "import-stage-one", "index", "make-manifest", "pretrain-encoder", "pretrain-qformer", "probe-encoder",
+            "report", "rerank", "search", "train-head", "train-stage-one"}
+SUBCOMMANDS = {"cache": {"export", "import", "info", "pull", "thumbnails", "verify"}, "index": {"build"}}
+
+
+def help_commands(out: str) -> list[str]:
+    """The command names a click ``--help`` lists, in order: the first word of each row of its
+    ``Commands:`` section (rows are indented two spaces; wrapped descriptions further)."""
+    lines = out.splitlines()
+    assert "Commands:" in lines, out
+    names = []
+    for line in lines[lines.index("Commands:") + 1:]:
+        if not line.startswith("  "):  # a blank line or the next section ends it
+            break
+        if line[2] != " ":
+            names.append(line.split()[0])
+    return names
+
+
 def test_help_lists_every_stage():
-    out = run_cli(["--help"])
-    for cmd in ("datasets", "heads", "make-manifest", "extract", "pretrain-encoder", "train-stage-one", "eval",
-                "train-head", "rerank", "report", "cache", "demo"):
-        assert cmd in out
+    listed = help_commands(run_cli(["--help"]))
+    assert len(listed) == len(set(listed)) and set(listed) == COMMANDS
+    assert set(cli.main.commands) == COMMANDS  # none hidden from --help either
+    for group, expected in SUBCOMMANDS.items():
+        assert set(help_commands(run_cli([group, "--help"]))) == expected, group
 
 
 def test_heads_lists_the_registry():
     out = run_cli(["heads", "--options"])
-    for name in list_heads():
-        assert name in out
-    assert "contrastive" in out and "text_tokens" in out and "num_selected=4" in out
+    lines = out.splitlines()
+    rows = {line.split()[0]: i for i, line in enumerate(lines) if not line.startswith((" ", "preset "))}
+    assert list(rows) == list_heads() and {"meanP", "seqTransf", "clip2video", "crosstvr", "t2v2t"} <= set(rows)
+    # each head's row: its stage and what it supports; with --options, the next line its options
+    assert lines[rows["crosstvr"]].split()[1:4] == ["stage", "2", "contrastive,token_selector"]
+    assert lines[rows["clip2video"]].split()[1:4] == ["stage", "1", "text_tokens"]
+    assert lines[rows["meanP"]].split()[1:4] == ["stage", "1", "-"]
+    assert {"num_selected=4", "width=128"} <= set(lines[rows["crosstvr"] + 1].strip().split(", "))
+    assert "num_selected=" not in run_cli(["heads"])  # without --options: no options lines
     # the commands' choices come from the registry
     assert "[crosstvr|t2v2t]" in run_cli(["train-head", "--help"])
     assert "[meanP|seqTransf|clip2video]" in run_cli(["train-stage-one", "--help"])
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
+    from manifests import DATASETS
+
     result = CliRunner().invoke(cli.main, ["make-manifest", "--dataset", "nope", "--work-dir", str(tmp_path)])
-    assert result.exit_code != 0
-    assert "nope" in str(result.exception) + result.output
-    assert "msrvtt" in str(result.exception) + result.output
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output  # not a crash
+    (line,) = result.output.splitlines()
+    assert line.startswith("Error: unknown dataset 'nope'; known datasets: ")
+    assert set(line.split("known datasets: ")[1].split(", ")) == set(DATASETS) and "msrvtt" in DATASETS
 
 
 def test_extract_writes_a_plain_zarr_store(tiny_world):
@@ -47,10 +79,17 @@ def test_extract_writes_a_plain_zarr_store(tiny_world):
 
 
 def test_second_extract_does_no_work(tiny_world):
+    group = zarr.open_group(str(tiny_world["store"]), mode="r")
+    videos, captions = group["videos/ids"].shape[0], group["texts/ids"].shape[0]
+    assert f"this run: videos {videos} ok " in tiny_world["extract_output"]  # the first run did the work
     out = run_cli(["extract", "--manifest", tiny_world["manifest"], "--work-dir", tiny_world["work"],
                    "--encoder", "test-vit-micro", "--store", tiny_world["store"], "--frames", "4",
                    "--shard-size", "8", "--workers", "1"])
-    assert "skipped" in out.lower()
+    # the second decodes, encodes and retries nothing: every video and caption is skipped as done
+    (this_run,) = re.findall(r"this run: .*", out)  # (progress bars may share its line on stderr)
+    assert this_run.startswith(f"this run: videos 0 ok (none decoded), 0 failed, {videos} skipped (done), "
+                               f"0 retried, of {videos}; captions 0 encoded, {captions} skipped; "), this_run
+    assert not any(line.startswith("encoders at ") for line in out.splitlines())  # no frame was encoded
 
 
 def test_train_and_eval_from_the_cli(tiny_world, tmp_path):
@@ -61,12 +100,21 @@ def test_train_and_eval_from_the_cli(tiny_world, tmp_path):
     ckpt = run_dir / "stage_one.pt"
     assert ckpt.exists()
     out = run_cli(["eval", "--store", store, "--work-dir", work, "--stage-one", ckpt, "--out", tmp_path / "report"])
-    assert "R@1" in out
-    report = json.loads(next((tmp_path / "report").glob("*.json")).read_text())
+    (json_path,) = (tmp_path / "report").glob("*.json")
+    assert f"report: {json_path}" in out.splitlines()
+    report = json.loads(json_path.read_text())
     assert report.pop("split") == {"split": "test", "complete": True, "videos": "7/7", "captions": "7/7",
                                    "missing_video_ids": {}}
     (metrics,) = report.values()
-    assert set(metrics) >= {"t2v", "v2t"}
+    assert set(metrics) >= {"t2v", "v2t"} and metrics["t2v"]["n"] == metrics["v2t"]["n"] == 7
+    # the printed table holds the report's numbers: a row per direction, R@1 to R@10 to one decimal
+    lines = out.splitlines()
+    header = next(line.split() for line in lines if line.split()[:2] == ["name", "R@1"])
+    for direction in ("t2v", "v2t"):
+        (row,) = [line.split() for line in lines if line.split()[1:2] == [direction]]
+        cells = dict(zip(header[1:], row[2:]))
+        assert [cells[k] for k in ("R@1", "R@5", "R@10")] == [f"{metrics[direction][k]:.1f}"
+                                                              for k in ("R@1", "R@5", "R@10")], (row, metrics)
 
 
 def test_run_json_reproduces_a_run(tiny_world, tmp_path: Path):
@@ -83,6 +131,7 @@ def test_run_json_reproduces_a_run(tiny_world, tmp_path: Path):
     a = torch.load(first / "stage_one.pt", weights_only=True)
     b = torch.load(second / "stage_one.pt", weights_only=True)
     assert a["train_args"] == b["train_args"] and a["config"] == b["config"]
+    assert a["state_dict"] and a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     # an option given on the command line wins over the file
     third = tmp_path / "third"
@@ -95,8 +144,11 @@ def test_run_json_reproduces_a_run(tiny_world, tmp_path: Path):
 
 def test_user_errors_are_one_line(tiny_world, tmp_path: Path):
     work, store = tiny_world["work"], tiny_world["store"]
+    # a handled error (click's SystemExit, not an exception escaping the command) of exactly one line
     result = CliRunner().invoke(cli.main, ["eval", "--store", str(tmp_path / "nothing.zarr"), "--work-dir", str(work)])
-    assert result.exit_code == 1 and "not a feature cache" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"Error: {tmp_path / 'nothing.zarr'}: not a feature cache store (no zarr.json)\n"
     result = CliRunner().invoke(cli.main, ["train-stage-one", "--store", str(store), "--work-dir", str(work),
                                            "--head-option", "nonsense"])
-    assert result.exit_code == 2 and "key=value" in result.output
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == "Error: --head-option: expected key=value, got 'nonsense'\n"

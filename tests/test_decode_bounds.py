@@ -89,7 +89,7 @@ def test_a_refusal_is_a_failed_video_of_the_pool(make_video):
 
 def test_a_refusal_is_a_failed_video_of_extraction(tmp_path, make_video, micro):
     from manifests.schema import Manifest
-    from pipeline.extract import extract
+    from pipeline.extraction.job import extract
 
     tall, ok = make_video("tall.mp4", width=16, height=2048), make_video("ok.mp4")
     videos = [{"video_id": v, "path": str(p), "split": "test"} for v, p in (("tall", tall), ("ok", ok))]

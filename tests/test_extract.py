@@ -13,8 +13,9 @@ import zarr
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
 from pipeline.encoders import EncoderSpec, FrozenEncoder
-from pipeline.extract import ExtractReport, extract
-from pipeline.rows import manifest_rows
+from pipeline.extraction.job import extract
+from pipeline.extraction.report import ExtractReport
+from pipeline.store.rows import manifest_rows
 from pipeline.store import CacheStore, StoreMismatchError
 
 T = 4

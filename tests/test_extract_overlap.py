@@ -15,8 +15,8 @@ from manifests.schema import Manifest
 from pipeline.decode import decode_video, decoder_order
 from pipeline.encoder_base import resolve_precision
 from pipeline.encoders import load_encoder
-from pipeline.encode_batches import ShardWriter
-from pipeline.extract import extract
+from pipeline.extraction.job import extract
+from pipeline.extraction.write import ShardWriter
 from pipeline.store import CacheStore
 
 T = 4

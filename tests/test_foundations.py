@@ -143,3 +143,19 @@ def test_trainer_configs_are_data() -> None:
     with pytest.raises(ValueError, match="hard_negatives must be one of"):
         StageTwoTrainConfig(hard_negatives="sometimes").resolved()
     assert math.isclose(StageTwoTrainConfig().lr, 5e-4)
+
+
+@pytest.mark.parametrize("command", [["train-stage-one", "--head", "meanP"],
+                                     ["train-head", "--stage-one", "."]])
+def test_an_unknown_head_option_is_one_line_before_any_work(command: list[str], tmp_path) -> None:
+    """A ``--head-option`` key the head does not have: exit 2, one line naming the key and the head's
+    options, before the store is even opened (it does not exist here)."""
+    from click.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.main, [*command, "--store", str(tmp_path / "none.zarr"), "--work-dir",
+                                           str(tmp_path), "--head-option", "nonsense=1"])
+    assert result.exit_code == 2, result.output
+    assert "unknown --head-option(s) ['nonsense']" in result.output and "its options:" in result.output
+    assert "Traceback" not in result.output

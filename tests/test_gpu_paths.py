@@ -21,7 +21,7 @@ from pipeline.decode import DecodeTask, decode_video
 from pipeline.decode_pool import DecodePool
 from pipeline.encoder_base import Encoder, resize_short_crop
 from pipeline.encoders import encoder_for_identity, load_encoder
-from pipeline.extract import extract
+from pipeline.extraction.job import extract
 from pipeline.store import STATUS_OK, CacheStore
 from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_SIDE, thumbnails_of
 
@@ -134,8 +134,8 @@ def no_thumbnails_here(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("thumbnails made in the encoding process")
 
-    import pipeline.extract as extract_module
-    import pipeline.thumbnail_backfill as backfill_module
+    import pipeline.extraction.job as extract_module
+    import pipeline.extraction.thumbnail_backfill as backfill_module
 
     for module in (thumbnails_module, decode_module, extract_module, backfill_module):
         monkeypatch.setattr(module, "thumbnails_of", boom, raising=False)
@@ -340,7 +340,7 @@ def test_a_store_made_before_the_record_takes_no_more_features(tmp_path, manifes
 
 
 def test_a_worker_resize_to_a_larger_encoders_size_is_recorded():
-    from pipeline.extract import resize_record
+    from pipeline.extraction.plan import resize_record
 
     assert resize_record("worker", 224, 224) == "worker"
     assert resize_record("device", None, 224) == "device"

@@ -218,7 +218,7 @@ def test_empty_manifest_and_paragraphs(tmp_path):
 def test_registry():
     assert {"synthetic", "msrvtt", "msvd", "vatex", "lsmdc", "didemo",
             "activitynet"} <= set(DATASETS)
-    assert DATASETS["synthetic"].builder == "manifests.synthetic:build"
+    assert DATASETS["synthetic"].builder == "synthetic.manifest:build"
     for name, spec in DATASETS.items():
         assert spec.name == name and ":" in spec.builder and spec.description
         if name != "synthetic":

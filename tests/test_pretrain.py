@@ -1,4 +1,5 @@
-"""Synthetic-encoder pretraining: loss, positives, keyed reuse, loading through the checkpoint path."""
+"""Synthetic-encoder pretraining: loss, positives, settings and keys, the pipeline's decoder and preprocessing
+(with the first version's numbers), keyed reuse, loading through the checkpoint path."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import pretrain as P
+from synthetic import pretrain as P
 
 
 def test_positives_rules():
@@ -42,10 +43,10 @@ def test_multi_positive_infonce_reduces_to_infonce_and_spreads_targets():
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from manifests import synthetic
+    from synthetic import manifest
 
     out = tmp_path_factory.mktemp("world")
-    synthetic.build(out, seed=3, train_groups=1, train_random=5, val_groups=1, val_random=1,
+    manifest.build(out, seed=3, train_groups=1, train_random=5, val_groups=1, val_random=1,
                     test_groups=1, test_random=1, progress=False)
     from manifests import Manifest
 
@@ -111,3 +112,73 @@ def test_batch_sampler_random_epochs_and_gist_clusters():
     assert len({labels[i]["video_id"] for i in cluster}) == 4  # one frame per video while videos last
     with pytest.raises(ValueError, match="cluster_size"):
         P.BatchSampler(labels, 8, 9, np.random.default_rng(0))
+
+
+def test_settings_take_the_same_option_keys_and_keep_the_checkpoint_key():
+    s = P.PretrainSettings.from_options({"steps": "12", "lr": 1, "frame_indices": [2, 14], "cluster_size": 4})
+    assert (s.steps, s.lr, s.frame_indices, s.cluster_size) == (12, 1.0, (2, 14), 4)
+    assert isinstance(s.lr, float) and isinstance(s.steps, int)
+    assert P.PretrainSettings.from_options({"warmup": 3}, base=s).steps == 12   # given ones replace the base's
+    with pytest.raises(TypeError, match="unknown pretraining option.*stepz"):
+        P.PretrainSettings.from_options({"stepz": 1})
+    # the options hashed into the key: cluster_size only when set (keys of random-batch runs stay valid)
+    assert "cluster_size" not in P.PretrainSettings().key_options()
+    assert P.PretrainSettings(cluster_size=4).key_options()["cluster_size"] == 4
+    # the keys the first version (settings as a dict, configs registered by the pretraining itself)
+    # computed for the default settings, and for cluster_size 4 with seed 1: existing work dirs'
+    # checkpoints (<work>/encoders/<config>-<key>.pt) are found again
+    cfg = P.model_config("synth-vit-b32-tiny")
+    default = P.PretrainSettings().key_options()
+    assert P.checkpoint_key("synth-vit-b32-tiny", cfg, 0, default, "0" * 64) == "2f275145a28e"
+    assert P.checkpoint_key("synth-vit-b32-tiny", cfg, 1, P.PretrainSettings(cluster_size=4).key_options(),
+                            "0" * 64) == "37aa2d3a1fa9"
+
+
+def test_default_frames_are_the_pipelines_uniform_sample():
+    from pipeline.sampling import sample_frames
+    from synthetic.frames import sample_size
+    from synthetic.world import FPS, NUM_FRAMES
+
+    six = sample_frames(NUM_FRAMES, FPS, len(P.DEFAULT_FRAMES))
+    assert tuple(six.indices.tolist()) == P.DEFAULT_FRAMES and sample_size(P.DEFAULT_FRAMES) == 6
+    assert sample_size((4, 20)) == NUM_FRAMES   # not a uniform sample: picked from every frame
+    assert sample_size((2, 14)) == NUM_FRAMES
+
+
+def test_frames_through_the_pipelines_decoder_are_decords(tiny_world):
+    """The decoded frames are the pixels the first version got from decord directly (so its frame
+    caches, and the weights trained on them, do not change)."""
+    import decord
+
+    from synthetic.frames import decode_video_frames
+
+    path = tiny_world.video_path(tiny_world.video_ids[0])
+    vr = decord.VideoReader(str(path), num_threads=1)
+    for idx in (P.DEFAULT_FRAMES, (4, 20), (2, 14), (23, 0, 5)):
+        got = decode_video_frames(path, idx)
+        assert got.dtype == np.uint8 and np.array_equal(got, vr.get_batch(list(idx)).asnumpy()), idx
+    with pytest.raises(ValueError, match="frames \\[24\\]"):
+        decode_video_frames(path, (3, 24))
+
+
+def test_frame_batch_keeps_the_first_versions_numbers():
+    """The model's input is bit for bit what pretraining always fed it: the registry's preprocessing at
+    the encoder's size (channels-last, as before), the bilinear square resize of [0, 1] pixels otherwise."""
+    from pipeline.encoders import load_encoder
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(5, 224, 224, 3), dtype=np.uint8)
+
+    def first_version(enc):
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != enc.image_size:
+            x = torch.nn.functional.interpolate(x, size=(enc.image_size,) * 2, mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return (x - torch.tensor(enc.mean).view(1, 3, 1, 1)) / torch.tensor(enc.std).view(1, 3, 1, 1)
+
+    for config in ("synth-vit-b32-tiny", "test-vit-micro"):   # 224 px (no resize) and 64 px
+        enc = load_encoder(config)
+        got, want = P.frame_batch(enc, frames), first_version(enc)
+        assert torch.equal(got, want) and got.stride() == want.stride(), config
+    enc = load_encoder("synth-vit-b32-tiny")
+    assert torch.equal(P.frame_batch(enc, frames), enc.preprocess(torch.from_numpy(frames)))

@@ -182,7 +182,10 @@ def test_two_writers_at_once_make_the_one_writer_store(tiny_world, tmp_path):
 def test_part_option_is_checked(tiny_world, tmp_path):
     result = invoke(["extract", "--manifest", tiny_world["manifest"], "--work-dir", tmp_path, *TINY_EXTRACT,
                      "--part", "2/2"])
-    assert result.exit_code == 2 and "--part 2/2" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--part': 2/2: K must be in 0..N-1" in result.output
+    result = invoke(["extract", "--manifest", tiny_world["manifest"], "--work-dir", tmp_path, *TINY_EXTRACT,
+                     "--part", "half"])
+    assert result.exit_code == 2 and "expected K/N (e.g. 0/2), got 'half'" in result.output
 
 
 @pytest.fixture
@@ -211,7 +214,7 @@ def grown(tmp_path):
 
 def test_a_grown_manifest_appends_without_recomputing(grown, tmp_path, monkeypatch):
     from manifests.schema import Manifest
-    from pipeline import extract as extract_mod
+    from pipeline.extraction import job as extract_mod
     from pipeline.encoders import load_encoder
 
     micro = load_encoder("test-vit-micro")
@@ -469,7 +472,7 @@ def test_append_to_an_old_store_keeps_the_partial_shards_rows(tmp_path):
 def test_a_part_writer_of_an_s3_store_waits_for_part_0_to_grow_it(s3, tmp_path):
     """No lock on S3: only --part 0/N creates and grows a remote store; part K > 0 waits for it (and names
     what it waits for), so two writers never read-modify-write the root attributes."""
-    from pipeline.extract import wait_for_grower
+    from pipeline.extraction.plan import wait_for_grower
 
     url = "s3://team/single-grower.zarr"
     with pytest.raises(StoreError, match="start part 0"):

@@ -13,8 +13,8 @@ from PIL import Image
 from core.errors import StoreMismatchError
 from manifests.schema import Manifest
 from pipeline.decode import decode_video
-from pipeline.extract import extract
-from pipeline.thumbnail_backfill import add_thumbnails
+from pipeline.extraction.job import extract
+from pipeline.extraction.thumbnail_backfill import add_thumbnails
 from pipeline.store import STATUS_OK, CacheStore
 from pipeline.thumbnails import encode_jpeg, thumbnail_frames
 

@@ -12,7 +12,6 @@ from core.options import FailureBudget
 from workflows.sources import ManifestSource
 from workflows.workdir import WorkDir
 
-SYNTH_CONFIG = "synth-vit-b32-tiny"
 DEFAULT_DATA_ROOT = "data"
 # the method's two frozen encoders (CrossTVR Base and Large), extracted in one decoding pass
 REAL_ENCODERS = ("clip-b32", "eva-g14")
@@ -72,10 +71,9 @@ def load_manifest(work: WorkDir, source: ManifestSource) -> Manifest:
 
 def synthetic_encoder(work: WorkDir, manifest: Manifest, options: dict | None = None) -> str:
     """Pretrain (once; reused afterwards) the synthetic world's frozen encoder; returns its spec."""
-    from pipeline.pretrain import pretrain_encoder
+    from synthetic.pretrain import pretrained_spec
 
-    ckpt = pretrain_encoder(manifest.split("train"), work.encoders_dir, **(options or {}))
-    return f"{SYNTH_CONFIG}:{ckpt}"
+    return pretrained_spec(manifest, work.encoders_dir, options)
 
 
 def default_encoders(work: WorkDir, manifest: Manifest, encoders: Sequence[str] = ()) -> list[str]:
@@ -107,7 +105,7 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
     """Extract ``manifest`` with every encoder (decoded once) into one store each: ``stores``, or
     ``<work>/stores/<dataset>-<encoder>.zarr``. Returns (``ExtractReport``, store paths)."""
     from pipeline.encoders import parse_encoder, with_token_layer
-    from pipeline.extract import extract
+    from pipeline.extraction.job import extract
 
     layer = options.get("token_layer", getattr(config, "token_layer", None))
     # under torchrun rank 0 alone prepares a default encoder (the synthetic world's pretraining)
@@ -116,9 +114,9 @@ def extract_stores(work: WorkDir, manifest: Manifest, encoders: Sequence[str], s
     if stores and len(stores) != len(specs):
         raise UsageError(f"got {len(stores)} --store for {len(specs)} --encoder; give one per encoder or none")
     paths = list(stores) if stores else [str(work.store_path(manifest.dataset, s.short_name())) for s in specs]
-    from core.world import world_from_env
+    from core.torchrun import torchrun_ranks
 
-    if world_from_env()[1] > 1:
+    if torchrun_ranks()[1] > 1:
         return distributed_extract(manifest, specs, paths, config, device, **options), paths
     report = extract(manifest, specs, paths, config, device=device, **options)
     return report, paths
@@ -128,9 +126,9 @@ def on_rank_zero(device: str, fn: Any) -> Any:
     """``fn()``; under torchrun run by rank 0 alone (building a manifest, pretraining an encoder) and
     its (picklable) result given to every rank, the others waiting however long it takes
     (``heads.training.distributed.rank_zero_first``: not in an NCCL collective)."""
-    from core.world import world_from_env
+    from core.torchrun import torchrun_ranks
 
-    if world_from_env()[1] == 1:
+    if torchrun_ranks()[1] == 1:
         return fn()
     from heads.training.distributed import context, rank_zero_first
 
@@ -139,9 +137,9 @@ def on_rank_zero(device: str, fn: Any) -> Any:
 
 def load_manifest_once(work: WorkDir, device: str, source: ManifestSource) -> Manifest:
     """``load_manifest(work, source)``, built by rank 0 alone under torchrun and read by the others."""
-    from core.world import world_from_env
+    from core.torchrun import torchrun_ranks
 
-    if world_from_env()[1] == 1:
+    if torchrun_ranks()[1] == 1:
         return load_manifest(work, source)
     return Manifest.read(on_rank_zero(device, lambda: str(load_manifest(work, source).root)))
 
@@ -159,7 +157,8 @@ def distributed_extract(manifest: Manifest, specs: Sequence[Any], paths: Sequenc
     hours apart are no NCCL timeout (``heads.training.distributed``)."""
     from heads.training.distributed import context, rank_zero_first
     from pipeline.encoders import load_encoder, with_token_layer
-    from pipeline.extract import ExtractReport, extract, finalize_stores
+    from pipeline.extraction.job import extract
+    from pipeline.extraction.report import ExtractReport, finalize_stores
 
     d = context(device)
     dev = d.device(device)
@@ -203,7 +202,7 @@ def probe_synthetic_encoders(work: WorkDir, manifest: Manifest, encoders: Sequen
                              out: str | Path | None) -> tuple[dict, Path]:
     """Linear probes of the synthetic world's encoders (default: the pretrained one and the same config
     with random weights); returns the results and the JSON file written."""
-    from pipeline.probes import probe_encoder, write_probes
+    from synthetic.probes import probe_encoders, write_probes
 
     if manifest.dataset != "synthetic":
         raise UsageError(f"probe-encoder needs the synthetic benchmark's manifest, got {manifest.dataset!r}")
@@ -211,12 +210,8 @@ def probe_synthetic_encoders(work: WorkDir, manifest: Manifest, encoders: Sequen
     if not specs:
         pretrained = synthetic_encoder(work, manifest)
         specs = [pretrained, pretrained.split(":", 1)[0]]
-    names: dict[str, str] = {}
-    for s in specs:
-        label = "random" if ":" not in s else ("pretrained" if s.startswith(f"{SYNTH_CONFIG}:") else s)
-        names[label if label not in names else s] = s
-    results = {label: probe_encoder(manifest, s, work.encoders_dir, steps=steps) for label, s in names.items()}
-    return results, write_probes(results, out or work.root / "reports" / "probes.json")
+    results = probe_encoders(manifest, specs, work.encoders_dir, steps=steps)
+    return results, write_probes(results, out or work.reports_dir("probes.json"))
 
 
 def caption_texts(work: WorkDir | None, split: Any, manifest: str | Path | None = None) -> list[str]:
@@ -247,8 +242,9 @@ def caption_texts(work: WorkDir | None, split: Any, manifest: str | Path | None 
 
 def add_store_thumbnails(store: str, manifest: Manifest, workers: int = 2, timeout: float = 60.0,
                          progress: bool = True) -> Any:
-    """Give the store made from ``manifest`` the thumbnails it lacks (``pipeline.thumbnail_backfill.add_thumbnails``:
-    decodes the videos again, encodes nothing). Returns the ``ThumbnailReport``."""
-    from pipeline.thumbnail_backfill import add_thumbnails
+    """Give the store made from ``manifest`` the thumbnails it lacks
+    (``pipeline.extraction.thumbnail_backfill.add_thumbnails``: decodes the videos again, encodes nothing).
+    Returns the ``ThumbnailReport``."""
+    from pipeline.extraction.thumbnail_backfill import add_thumbnails
 
     return add_thumbnails(store, manifest, workers=workers, timeout=timeout, progress=progress)

@@ -16,7 +16,6 @@ from core.metrics import metrics_to_json, write_report
 from core.options import parse_key_values
 from core.split import check_complete
 from core.urls import redact_url
-from heads.evaluation.groups import group_accuracy, group_queries
 from heads.evaluation.similarity import evaluate, untrained_baseline
 from heads.evaluation.sources import load_head, stage_one_scores
 from heads.registry import list_heads, supports
@@ -24,6 +23,7 @@ from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
 from reports.inputs import load_manifest_info
+from synthetic.head_groups import group_queries, head_group_accuracy
 from workflows.data import caption_texts, extract_stores, make_manifest, synthetic_encoder
 from workflows.reports import demo_runs, retrieval_report
 from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
@@ -31,7 +31,7 @@ from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
 Echo = Callable[[str], None]
 DEMO_STAGE_ONE = ("meanP", "seqTransf")
-DEMO_K = 15
+DEMO_CANDIDATES = 15
 
 def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) -> Path:
     """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
@@ -64,13 +64,14 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     stage_one = best_stage_one(work)
     config = StageTwoTrainConfig(seed=seed, device=device)
     try:
-        head_ckpt = train_head(work, store, stage_one, config)
+        stage_two = train_head(work, store, stage_one, config)
     except RunMismatchError as exc:  # the demo owns its run directory: start it again
         echo(f"      {exc}: training the head again")
-        head_ckpt = train_head(work, store, stage_one, config, resume=False)
-    echo(f"      stage one {stage_one.parent.name} (best val), head {head_ckpt}  ({time.time() - t0:.0f}s)")
-    echo(f"[6/6] test split: stage one vs its top {DEMO_K} re-ranked")
-    paths, table, _ = rerank_split(work, store, stage_one, head_ckpt, split="test", candidates=DEMO_K, device=device)
+        stage_two = train_head(work, store, stage_one, config, resume=False)
+    echo(f"      stage one {stage_one.parent.name} (best val), head {stage_two}  ({time.time() - t0:.0f}s)")
+    echo(f"[6/6] test split: stage one vs its top {DEMO_CANDIDATES} re-ranked")
+    paths, table, _ = rerank_split(work, store, stage_one, stage_two, split="test", candidates=DEMO_CANDIDATES,
+                                   device=device)
     echo(table)
     echo(f"report: {paths['metrics']}")
     html, _ = retrieval_report(paths["metrics"].parent, demo_runs(work))
@@ -101,7 +102,7 @@ def compare_stage_one(work: WorkDir, store: str | None, heads: list[str], head_o
         raise UsageError(f"--heads: unknown head(s) {unknown} (known: {', '.join(list_heads(stage=1))})")
     options = per_head_config(head_option, heads)
     store = store or work.default_store()
-    out_dir = Path(out) if out else work.root / "compare-stage-one"
+    out_dir = Path(out) if out else work.experiment_dir("compare-stage-one")
     train, val = work.stage_train_val(store)
     if val is None:
         echo("no val split in the store: each head keeps its last epoch")
@@ -186,7 +187,7 @@ def manifest_groups(work: WorkDir, split: Any, manifest: str | Path | None = Non
 
 
 def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,
-             stage_one: str | None = None, candidates: int = DEMO_K, out: str | Path | None = None,
+             stage_one: str | None = None, candidates: int = DEMO_CANDIDATES, out: str | Path | None = None,
              demo_defaults: bool = False, echo: Echo = print, allow_incomplete: bool = False,
              seeds: Sequence[int] | None = None, manifest: str | Path | None = None) -> tuple[Path, str]:
     """Stage-two ablation: each variant (``ABLATION_VARIANTS``) trained on train (epoch selected on
@@ -197,7 +198,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
     own; the contrastive options apply to heads that support them). With ``demo_defaults`` the
     variant "both" with the demo's seed is the demo's own head (``<work>/runs/stage2-crosstvr``),
     reused. When the store's manifest has near-duplicate groups (the synthetic benchmark), also the
-    within-group accuracy of ``cosine + head`` per varied attribute (``heads.evaluation.groups``).
+    within-group accuracy of ``cosine + head`` per varied attribute (``synthetic.head_groups``).
     Writes ``OUT/ablation.{json,txt}``, ``OUT/ablation-groups.{json,txt}`` (with groups),
     ``OUT/ablation.runs.json`` (every run's metrics) and each run's ranked lists under
     ``OUT/<variant>-seed<S>`` (``OUT/<variant>`` when ``seeds`` is not given), its run under
@@ -210,7 +211,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
     seeds = list(dict.fromkeys(int(s) for s in seeds)) if seeds else [int(config.seed)]
     store = store or work.default_store()
     stage_one = stage_one or str(best_stage_one(work))
-    out_dir = Path(out) if out else work.root / "ablation"
+    out_dir = Path(out) if out else work.experiment_dir("ablation")
     test = work.stage(store, "test", STAGE_TWO_ARRAYS)
     coverage = check_complete(test, allow_incomplete)
     s1 = stage_one_scores(stage_one, test, device=config.device)
@@ -250,7 +251,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
                     f"{train_s:.0f}s training, {res.seconds['total']:.0f}s re-ranking")
             if groups is not None:
                 loaded, _, head_split = load_head(ckpt, test, captions=lambda: caption_texts(work, test, manifest))
-                acc = group_accuracy(groups, s1.sim, {"h": loaded}, split=head_split, device=config.device)
+                acc = head_group_accuracy(groups, s1.sim, {"h": loaded}, split=head_split, device=config.device)
                 stage_one_groups = acc["stage one"]
                 run["within_group"] = acc["h cosine+head"]
                 group_results.setdefault(label, []).append(acc["h cosine+head"])

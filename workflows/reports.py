@@ -27,4 +27,4 @@ def retrieval_report(rerank_dir: str | os.PathLike, runs: Sequence[str | os.Path
 
 def demo_runs(work: WorkDir) -> list[Path]:
     """The demo's training runs (stage one, then stage two), those that exist."""
-    return sorted((work.root / "runs").glob("stage1-*")) + sorted((work.root / "runs").glob("stage2-*"))
+    return sorted(work.runs_dir().glob("stage1-*")) + sorted(work.runs_dir().glob("stage2-*"))

@@ -61,9 +61,9 @@ def once_per_node(device: str, fn: Any) -> Any:
 
 
 def is_main_process() -> bool:
-    from core.world import world_from_env
+    from core.torchrun import torchrun_ranks
 
-    return world_from_env()[0] == 0
+    return torchrun_ranks()[0] == 0
 
 
 def train_stage_one_run(work: WorkDir, store: str, config: StageOneTrainConfig, out: str | Path | None = None,
@@ -100,7 +100,7 @@ def best_stage_one(work: WorkDir) -> Path:
     """The stage-one checkpoint under ``<work>/runs/stage1-*`` with the best val score (val only)."""
     found = work.stage_one_runs()
     if not found:
-        raise UsageError(f"give --stage-one: no stage-one checkpoint under {work.root / 'runs'} "
+        raise UsageError(f"give --stage-one: no stage-one checkpoint under {work.runs_dir()} "
                          f"(run `python cli.py demo` or `train-stage-one` first)")
 
     def val_score(p: Path) -> float:
@@ -111,7 +111,7 @@ def best_stage_one(work: WorkDir) -> Path:
     return max(found, key=val_score)
 
 
-def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, split: str = "test",
+def evaluate_stage_one(work: WorkDir, store: str, stage_one: str | None, *, split: str = "test",
                        out: str | Path | None = None, dsl: bool = False, dsl_temperature: float | None = None,
                        qb_norm: bool = False, qb_bank: str = "val", qb_k: int = 1, qb_beta: float = 20.0,
                        device: str = "cpu", allow_incomplete: bool = False) -> tuple[Path, str]:
@@ -210,7 +210,7 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
         raise UsageError("give --video-emb and --text-emb, or --similarity")
     if files.get("similarity") is not None and (files.get("video_emb") or files.get("text_emb")):
         raise UsageError("give either embeddings (--video-emb/--text-emb) or --similarity, not both")
-    out_dir = Path(out) if out else work.root / "external" / split
+    out_dir = Path(out) if out else work.external_dir(split)
     ids = split_ids_from_store(CacheStore.open(store), split)
     coverage = check_complete(ids, allow_incomplete)
     ext = import_stage_one(ids, out_dir, **files)
@@ -242,6 +242,6 @@ def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = Non
     if out is None:
         key = json.dumps({"store": train.store_fingerprint, "opts": opts, "steps": steps, "batch": batch_size,
                           "lr": lr, "seed": seed, "text_len": text_len}, sort_keys=True)
-        out = work.encoders_dir / f"qformer-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        out = work.qformer_dir(hashlib.sha256(key.encode()).hexdigest()[:12])
     return pretrain_qformer(train, out, opts, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                             device=device, num_threads=num_threads, progress=progress)

@@ -36,7 +36,7 @@ def stage_one_file(path: str | Path) -> Path:
 
 def default_index_dir(work: WorkDir, store_fingerprint: str, split: str, stage_one: str | Path,
                       kind: str = "flat") -> Path:
-    return work.root / "indexes" / f"{store_fingerprint[:12]}-{split}-{sha256_file(stage_one_file(stage_one))[:12]}-{kind}"
+    return work.index_dir(f"{store_fingerprint[:12]}-{split}-{sha256_file(stage_one_file(stage_one))[:12]}-{kind}")
 
 
 def build_video_index(work: WorkDir, store: str, stage_one: str | Path, split: str = "test", kind: str = "flat",

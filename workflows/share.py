@@ -34,8 +34,8 @@ def repair(store: str, report: Any, manifest: Any, encoder: str, device: str = "
     from core.identity import EXTRACTION_KEY
     from pipeline.config import ExtractConfig
     from pipeline.encoders import parse_encoder
-    from pipeline.extract import extract
-    from pipeline.thumbnail_backfill import add_thumbnails
+    from pipeline.extraction.job import extract
+    from pipeline.extraction.thumbnail_backfill import add_thumbnails
     from pipeline.sampling import strategy_fps
     from pipeline.store import CacheStore
 

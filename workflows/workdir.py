@@ -2,11 +2,18 @@
 
     <work>/synthetic/                  the synthetic benchmark (videos + manifest/)
     <work>/<dataset>/manifest/         a real dataset's manifest
-    <work>/encoders/                   the synthetic world's pretrained encoder
+    <work>/encoders/                   the synthetic world's pretrained encoder; qformer-<hash>/, Q-Formers
+                                       pre-trained by `pretrain-qformer` (BLIP-2 checkpoint directories)
     <work>/stores/<dataset>-<encoder>.zarr   token stores
     <work>/staged/<fingerprint[:16]>/<split>/  local memory-mapped copies of store splits
     <work>/runs/stage1-<head>/, <work>/runs/stage2-<head>/   training runs (run.json, checkpoints)
-    <work>/reports/<name>/             metric tables (JSON + text), ranked lists
+    <work>/reports/<name>/             metric tables (JSON + text), ranked lists, probes.json
+    <work>/external/<split>/           an imported external stage one (`import-stage-one`)
+    <work>/indexes/<store>-<split>-<stage one>-<kind>/   FAISS indexes (`index build`)
+    <work>/compare-stage-one/          `compare-stage-one`: its runs and table
+    <work>/ablation/                   `ablation`: its runs (runs/), re-rankings and tables
+
+Every path below the work dir comes from a ``WorkDir`` method.
 """
 
 from __future__ import annotations
@@ -59,19 +66,19 @@ class WorkDir:
         return self.root / "encoders"
 
     def store_path(self, dataset: str, encoder_short_name: str) -> Path:
-        return self.root / "stores" / f"{dataset}-{slug(encoder_short_name)}.zarr"
+        return self.stores_dir() / f"{dataset}-{slug(encoder_short_name)}.zarr"
 
     def default_store(self) -> str:
         """The demo's store: the single ``<work>/stores/synthetic-*.zarr``."""
         found = self.synthetic_stores()
         if len(found) != 1:
             raise UsageError(
-                f"give --store: found {len(found)} synthetic stores under {self.root / 'stores'} "
+                f"give --store: found {len(found)} synthetic stores under {self.stores_dir()} "
                 f"({', '.join(p.name for p in found) or 'none; run `python cli.py demo` first'})")
         return str(found[0])
 
     def synthetic_stores(self) -> list[Path]:
-        return sorted((self.root / "stores").glob("synthetic-*.zarr"))
+        return sorted(self.stores_dir().glob("synthetic-*.zarr"))
 
     # -- staging ------------------------------------------------------------------------------
     def stage(self, store_url: str, split: str, arrays: tuple[str, ...] = STAGE_ONE_ARRAYS) -> StagedSplit:
@@ -88,13 +95,32 @@ class WorkDir:
 
     # -- runs and reports ---------------------------------------------------------------------
     def run_dir(self, stage: int, head: str) -> Path:
-        return self.root / "runs" / f"stage{stage}-{head}"
+        return self.runs_dir() / f"stage{stage}-{head}"
 
     def stage_one_runs(self) -> list[Path]:
-        return sorted((self.root / "runs").glob("stage1-*/stage_one.pt"))
+        return sorted(self.runs_dir().glob("stage1-*/stage_one.pt"))
+
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
 
     def reports_dir(self, name: str) -> Path:
         return self.root / "reports" / name
+
+    def external_dir(self, split: str) -> Path:
+        return self.root / "external" / split
+
+    def index_dir(self, name: str) -> Path:
+        return self.root / "indexes" / name
+
+    def qformer_dir(self, key: str) -> Path:
+        return self.encoders_dir / f"qformer-{key}"
+
+    def stores_dir(self) -> Path:
+        return self.root / "stores"
+
+    def experiment_dir(self, name: str) -> Path:
+        """``compare-stage-one`` or ``ablation``: an experiment's runs and tables."""
+        return self.root / name
 
 
 def has_split(store_url: str, split: str) -> bool:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from core.errors import UsageError
-from core.world import world_from_env
+from core.torchrun import torchrun_ranks
 
 TIMEOUT_ENV = "CROSSTVR_DIST_TIMEOUT"  # what ``--dist-timeout`` sets
 DEFAULT_TIMEOUT = timedelta(hours=4)
@@ -160,7 +160,7 @@ def context(device: str = "cpu", timeout: timedelta | None = None) -> Dist:
     ``timeout``, default ``collective_timeout()``) and the control group made beside it. Refused
     (``UsageError``) under NCCL when the machine shows fewer GPUs than its ranks need."""
     global _control_group
-    rank, world, local = world_from_env()
+    rank, world, local = torchrun_ranks()
     d = Dist(rank, world, local)
     if not d.enabled:
         return d

@@ -1,15 +1,44 @@
-"""Encoding decoded videos in frame batches on the encoder's device, and writing whole shards behind a queue."""
+"""Decoded videos through the encoders in frame batches: pinned copies up and back, one batch in flight."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from core.errors import EncoderError, StoreError
+from core.errors import EncoderError
 from pipeline.decode import DecodeResult
 from pipeline.encoder_base import Encoder
+from pipeline.encoders import EncoderSpec, load_encoder, parse_encoder, with_token_layer
+from pipeline.extraction.plan import ShardTask
+from pipeline.extraction.report import ExtractReport
+from pipeline.sampling import PAD_INDEX, PAD_TIME
+from pipeline.store import STATUS_FAILED, STATUS_OK
+
+
+def _as_encoder(e: EncoderSpec | str | Encoder, device: str, token_layer: int | None) -> Encoder:
+    """A built encoder, or the encoder of a spec with ``token_layer`` applied (``--token-layer``)."""
+    if isinstance(e, Encoder):
+        if token_layer is not None and getattr(e.spec, "token_layer", None) != token_layer:
+            raise ValueError(f"token_layer={token_layer} but encoder {e.spec} was built with "
+                             f"token layer {getattr(e.spec, 'token_layer', None)}")
+        return e
+    spec = parse_encoder(e) if isinstance(e, str) else e
+    return load_encoder(with_token_layer(spec, token_layer), device=device)
+
+
+def load_encoders(encoders: Sequence[EncoderSpec | str | Encoder], device: str, token_layer: int | None,
+                  precision: str, compile: bool) -> list[Encoder]:
+    """The run's encoders, built on ``device`` (``token_layer`` applied), at ``precision``, compiled if asked."""
+    encs = [_as_encoder(e, device, token_layer) for e in encoders]
+    for enc in encs:
+        enc.set_precision(precision)
+        if compile:
+            enc.compile()
+    return encs
 
 
 class ShardBuffer:
@@ -122,83 +151,111 @@ def encode_batch(enc: Encoder, items: list[tuple[int, DecodeResult]],
     return start_batch(enc, items).finish(buf)
 
 
-class ShardWriter:
-    """Writes whole shards in a background thread, so store writes overlap decoding and encoding.
+@dataclass
+class EncodedShard:
+    """One video shard decoded and encoded: what ``write.write_to_stores`` writes whole into each store that
+    lacks it (``buffers`` by store index; ``thumbnails`` None when the stores keep none)."""
 
-    ``submit(i, write)`` queues ``write()`` (which writes shard ``i`` into every store and marks it
-    done); at most ``depth`` shards wait (the caller blocks for a slot: memory stays bounded).
-    ``depth`` 0 writes in the caller. An error in the writer is raised in the caller by the next
-    ``submit`` or by ``close``, naming the shard; shards already queued are still written (each is
-    independent), and a shard whose write failed is not marked done, so a re-run writes it again.
-    ``close`` waits until every queued shard is written."""
+    task: ShardTask
+    buffers: dict[int, ShardBuffer]
+    status: np.ndarray
+    error: list[str]
+    detail: list[str]
+    decoder: list[str]
+    mask: np.ndarray
+    index: np.ndarray
+    times: np.ndarray
+    thumbnails: list[list[bytes]] | None
 
-    def __init__(self, depth: int = 2) -> None:
-        import queue
-        import threading
+    @classmethod
+    def empty(cls, task: ShardTask, encs: Sequence[Encoder], num_frames: int, thumbnails: bool) -> "EncodedShard":
+        """Shard ``task`` before any of its videos came: every row pending, padded, no features."""
+        n, T = task.hi - task.lo, num_frames
+        return cls(task, {k: ShardBuffer(n, T, encs[k]) for k in task.need}, np.zeros(n, dtype=np.int8),
+                   [""] * n, [""] * n, [""] * n, np.zeros((n, T), dtype=bool),
+                   np.full((n, T), PAD_INDEX, dtype=np.int32), np.full((n, T), PAD_TIME, dtype=np.float32),
+                   [[] for _ in range(n)] if thumbnails else None)
 
-        self.depth = int(depth)
-        if self.depth < 0:
-            raise ValueError(f"write_queue must be >= 0, got {depth}")
-        self.errors: list[tuple[int, BaseException]] = []
-        self.seconds = 0.0       # spent writing
-        self.wait_seconds = 0.0  # the caller waited for a free slot
-        self.written = 0
-        self._queue: Any = queue.Queue(maxsize=max(1, self.depth))
-        self._thread = None
-        if self.depth:
-            self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-            self._thread.start()
 
-    def _write(self, i: int, write: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            write()
-            self.written += 1
-        except Exception as exc:  # surfaced in the caller
-            self.errors.append((i, exc))
-        finally:
-            self.seconds += time.perf_counter() - t0
+class _Batches:
+    """The decoded videos of one shard waiting for the encoders, and the batch whose results are on their way
+    back: ``add`` launches a batch once ``batch_size`` frames wait, landing the previous one meanwhile."""
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self._write(*job)
+    def __init__(self, encs: Sequence[Encoder], shard: EncodedShard, batch_size: int, report: ExtractReport) -> None:
+        self.encs, self.shard, self.batch_size, self.report = encs, shard, batch_size, report
+        self.pending: list[tuple[int, DecodeResult]] = []
+        self.pending_frames = 0
+        self.inflight: list[tuple[int, EncodedBatch]] = []
+        self.pin = any(encs[k].device.type == "cuda" for k in shard.task.need)
 
-    def check(self) -> None:
-        """Raise the first error of the writer (a ``StoreError`` naming the shard and the cause)."""
-        if self.errors:
-            i, exc = self.errors[0]
-            more = f" (and {len(self.errors) - 1} more shards)" if len(self.errors) > 1 else ""
-            raise StoreError(f"writing video shard {i} failed{more}: {type(exc).__name__}: {exc}; it is not marked "
-                             f"done, so running the extraction again writes it") from exc
+    def add(self, row: int, res: DecodeResult) -> None:
+        self.pending.append((row, res))
+        self.pending_frames += int(res.mask.sum())
+        if self.pending_frames >= self.batch_size:
+            self.launch()
 
-    def submit(self, i: int, write: Any) -> None:
-        """Write shard ``i`` (``write()``) in the writer thread, or here when ``depth`` is 0."""
-        import queue
-
-        self.check()
-        if self._thread is None:
-            self._write(i, write)
-            self.check()
+    def launch(self) -> None:
+        """Start the waiting videos through every encoder that needs the shard, then land the previous batch."""
+        if not self.pending:
             return
         t0 = time.perf_counter()
-        while True:
-            try:
-                self._queue.put((i, write), timeout=0.5)
-                break
-            except queue.Full:
-                self.check()
-                if not self._thread.is_alive():
-                    raise StoreError("the store writer thread stopped") from None
-        self.wait_seconds += time.perf_counter() - t0
+        frames = host_frames(self.pending, pin=self.pin)  # once, for every encoder
+        started = [(k, start_batch(self.encs[k], self.pending, self.batch_size, frames)) for k in self.shard.task.need]
+        self.report.encode_seconds += time.perf_counter() - t0
+        self.land()  # the previous batch's results, copied back while this one was launched
+        self.inflight = started
+        self.pending, self.pending_frames = [], 0
 
-    def close(self, check: bool = True) -> None:
-        """Write what is queued, stop the thread; ``check``: raise the writer's first error."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if check:
-            self.check()
+    def land(self) -> None:
+        """Wait for the batch in flight and put its results into the shard's buffers."""
+        t0 = time.perf_counter()
+        for k, batch in self.inflight:
+            self.report.frames_encoded += batch.finish(self.shard.buffers[k])
+        self.inflight = []
+        self.report.encode_seconds += time.perf_counter() - t0
+
+
+@dataclass
+class ShardEncoder:
+    """Encodes the video shards of a run as their videos come decoded, counting into ``report``: what
+    travels with every shard (the encoders, frames per video, the frame batch, whether thumbnails are kept)."""
+
+    encs: Sequence[Encoder]
+    num_frames: int
+    batch_size: int
+    thumbnails: bool
+    report: ExtractReport
+    bar: Any = None  # progress, one step per video
+
+    def encode(self, task: ShardTask, results: Iterator[DecodeResult], video_ids: Sequence[str]) -> EncodedShard:
+        """Take shard ``task``'s videos from ``results`` (in store row order, ``video_ids``), each decoded or
+        failed (status 2 and its reason; the run goes on), and encode the decoded ones."""
+        report, lo = self.report, task.lo
+        shard = EncodedShard.empty(task, self.encs, self.num_frames, self.thumbnails)
+        batches = _Batches(self.encs, shard, self.batch_size, report)
+        for row in range(task.kept, task.hi - lo):
+            t0 = time.perf_counter()
+            res = next(results)
+            report.decode_wait_seconds += time.perf_counter() - t0
+            if res.video_id != video_ids[lo + row]:
+                raise RuntimeError(f"decode results out of order: got {res.video_id!r} for "
+                                   f"row {lo + row}")
+            if res.ok:
+                shard.status[row] = STATUS_OK
+                shard.mask[row], shard.index[row], shard.times[row] = res.mask, res.indices, res.times
+                shard.decoder[row] = res.decoder
+                report.decoders[res.decoder or "?"] = report.decoders.get(res.decoder or "?", 0) + 1
+                if shard.thumbnails is not None:  # made by the decoder worker from the frames it decoded
+                    shard.thumbnails[row] = list(res.thumbnails or [])
+                report.ok += 1
+                batches.add(row, res)
+            else:
+                shard.status[row] = STATUS_FAILED
+                shard.error[row], shard.detail[row] = res.reason or "decode error", res.detail
+                report.failed += 1
+                report.failures[res.video_id] = shard.error[row]
+            if self.bar is not None:
+                self.bar.update(1)
+        batches.launch()
+        batches.land()
+        return shard

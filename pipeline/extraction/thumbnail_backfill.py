@@ -13,9 +13,9 @@ from core.errors import StoreMismatchError
 from pipeline.config import decoder_workers
 from pipeline.decode import DecodeFn
 from pipeline.decode_pool import DecodePool
-from pipeline.rows import manifest_rows
 from pipeline.sampling import strategy_fps
 from pipeline.store import STATUS_OK, CacheStore
+from pipeline.store.rows import manifest_rows
 from pipeline.thumbnails import THUMBNAIL_BYTES, THUMBNAIL_COUNT, THUMBNAIL_SIDE
 
 

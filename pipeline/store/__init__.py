@@ -7,7 +7,8 @@ package is split by responsibility:
 - ``backend``: the zarr store objects (every write passes ``core.faults.gate``), opening, the lock;
 - ``commit``: the commit protocol every shard write goes through, and the committed view readers use;
 - ``append``: growing a store as a journaled step; ``thumbnails``: the thumbnail arrays;
-- ``splits``: one split as readers take it; ``failures``: ``failures.json``;
+- ``splits``: one split as readers take it; ``failures``: ``failures.json``; ``rows``: a manifest in
+  store row order;
 - ``cache``: ``CacheStore``, which puts them together.
 
 Staging a split into local memory-mapped files is ``pipeline.staging``; checksums, the store digest and

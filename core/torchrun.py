@@ -9,7 +9,7 @@ import os
 from core.errors import UsageError
 
 
-def world_from_env() -> tuple[int, int, int]:
+def torchrun_ranks() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)``; ``(0, 1, 0)`` outside torchrun."""
     try:
         rank, world, local = (int(os.environ.get(k, d)) for k, d in
