@@ -43,7 +43,8 @@ class ConfigError(CrossTVRError, ValueError):
 
 
 class UnknownOptionError(ConfigError, TypeError):
-    """A head was given an option its ``Config`` does not have (``--head-option``, a preset, a config)."""
+    """An option a component does not have: a head's (``--head-option``, a preset, a config) or the
+    synthetic encoder's pretraining (``pretrain-encoder --option``)."""
 
 
 class ExternalFormatError(CrossTVRError, ValueError):

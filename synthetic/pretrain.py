@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.errors import UnknownOptionError
 from core.fileio import atomic_write
 from synthetic.frames import content_hash, frame_cache
 from synthetic.world import CORNER_PHRASES, detail_visible, frame_caption
@@ -103,12 +104,13 @@ class PretrainSettings:
     def from_options(cls, options: Mapping[str, Any] | None = None,
                      base: PretrainSettings | None = None) -> PretrainSettings:
         """``base`` (default: the defaults) with the named ``options`` (``pretrain-encoder --option
-        key=value``) replaced; a key that is not a setting raises ``TypeError`` naming the settings."""
+        key=value``) replaced; a key that is not a setting raises ``UnknownOptionError`` (a ``TypeError``)
+        naming the settings."""
         values = asdict(base or cls())
         unknown = sorted(set(options or {}) - set(values))
         if unknown:
-            raise TypeError(f"unknown pretraining option(s) {', '.join(unknown)} (the settings: "
-                            f"{', '.join(values)}; also config, seed, workers, threads)")
+            raise UnknownOptionError(f"unknown pretraining option(s) {', '.join(unknown)} (the settings: "
+                                     f"{', '.join(values)}; also config, seed, workers, progress, threads)")
         return cls(**{**values, **dict(options or {})})
 
     def key_options(self) -> dict[str, Any]:

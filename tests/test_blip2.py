@@ -235,6 +235,7 @@ def test_train_head_init_from_and_rerank_from_the_cli(tiny_world: dict, tmp_path
     assert result.exit_code == 2 and "give --manifest DIR" in result.output
 
 
+@pytest.mark.slow
 def test_pretrain_qformer_writes_a_blip2_checkpoint_that_init_from_loads(tiny_world: dict, tmp_path: Path) -> None:
     """BLIP-2's first stage in miniature: ITC + ITM on single frames lowers both losses, the result is a
     BLIP-2 directory (weights, config, tokenizer) and ``train-head --init-from`` starts from it."""

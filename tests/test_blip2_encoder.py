@@ -207,6 +207,7 @@ def toy_manifest(tmp_path_factory) -> Path:
     return root / "manifest"
 
 
+@pytest.mark.integration
 def test_cli_extracts_a_blip2_store(tmp_path, toy_manifest, blip2_dir, blip2):
     from pipeline.decode import decode_video
 
@@ -318,6 +319,7 @@ def test_token_layer_on_a_timm_trunk():
     assert not torch.allclose(tokens, default_tokens, atol=1e-3)
 
 
+@pytest.mark.integration
 def test_cli_token_layer(tmp_path, toy_manifest, blip2_dir):
     args = ["extract", "--manifest", toy_manifest, "--work-dir", tmp_path / "work", "--encoder", "test-vit-micro",
             "--frames", "2", "--workers", "1"]

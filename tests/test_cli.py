@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 import zarr
 from click.testing import CliRunner
@@ -13,6 +14,8 @@ from click.testing import CliRunner
 import cli
 from heads import list_heads
 from worlds import run_cli
+
+pytestmark = pytest.mark.integration
 
 
 # every command, by name (a command added or removed is added or removed here), and the groups' subcommands

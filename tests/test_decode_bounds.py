@@ -87,6 +87,7 @@ def test_a_refusal_is_a_failed_video_of_the_pool(make_video):
     assert out[0].reason == "too large: 16x2048 frames exceed the aspect limit 1:16 (--max-aspect)"
 
 
+@pytest.mark.integration
 def test_a_refusal_is_a_failed_video_of_extraction(tmp_path, make_video, micro):
     from manifests.schema import Manifest
     from pipeline.extraction.job import extract
@@ -215,6 +216,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX process handling")
 def test_e_workers_die_with_a_killed_parent(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
@@ -251,6 +253,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_e_the_parent_watch_alone_ends_an_orphan(tmp_path):
     """Where there is no parent-death signal, the watching thread ends the worker."""

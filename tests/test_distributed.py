@@ -15,6 +15,8 @@ import torch
 
 from heads.training.distributed import Dist, part_slice
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,6 +58,7 @@ def _arrays(path: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_extraction_two_processes_equal_one(tiny_world, tmp_path):
     """`torchrun ... cli.py extract`: two ranks share one store, each its shards; the store equals
     the one-process store of the session's tiny world array by array, its attributes included, and
@@ -80,6 +83,7 @@ def _weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_stage_one_two_processes_equal_one(tiny_world, tmp_path):
     """Without dropout the 2-process run is the 1-process run up to float summation order: every
     weight within 1e-4, the selected epoch and val rsum equal within 0.5 (of 600)."""
@@ -105,6 +109,7 @@ def test_stage_one_two_processes_equal_one(tiny_world, tmp_path):
                               if '"kind": "step"' in x])
 
 
+@pytest.mark.slow
 def test_stage_two_two_processes_resume_and_equal_one(tiny_world, tmp_path):
     """Contrastive phase + ITM with hard negatives under 2 processes, stopped by --max-steps and
     resumed: the same weights (within 1e-4) and val score as one uninterrupted process, in the

@@ -34,7 +34,8 @@ def modules() -> set[str]:
 
 
 def test_the_module_map_lists_every_module_and_no_other() -> None:
-    missing, stale = modules() - mapped(), mapped() - modules()
+    missing = modules() - mapped()
+    stale = {m for m in mapped() if not (ROOT / m).is_file()}  # a package's __init__.py or a test may be named
     assert not missing, f"modules missing from docs/ARCHITECTURE.md's module map: {sorted(missing)}"
     assert not stale, f"docs/ARCHITECTURE.md's module map names modules that do not exist: {sorted(stale)}"
 

@@ -267,6 +267,7 @@ def _cli(args: list[str], ok: bool = True):
     return result.output
 
 
+@pytest.mark.integration
 def test_import_stage_one_cli_round_trip(tmp_path):
     store = tmp_path / "toy.zarr"
     _tiny_store(store)

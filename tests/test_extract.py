@@ -18,6 +18,8 @@ from pipeline.extraction.report import ExtractReport
 from pipeline.store.rows import manifest_rows
 from pipeline.store import CacheStore, StoreMismatchError
 
+pytestmark = pytest.mark.integration
+
 T = 4
 
 

@@ -14,6 +14,8 @@ from manifests import DATASETS, Manifest
 from pipeline.store import CacheStore
 from worlds import make_data_root, run_cli, write_video
 
+pytestmark = pytest.mark.integration
+
 REAL = [name for name in DATASETS if name != "synthetic"]
 
 

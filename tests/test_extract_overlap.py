@@ -19,6 +19,8 @@ from pipeline.extraction.job import extract
 from pipeline.extraction.write import ShardWriter
 from pipeline.store import CacheStore
 
+pytestmark = pytest.mark.integration
+
 T = 4
 
 
@@ -142,6 +144,7 @@ def test_precision_resolution_and_bf16_on_cpu(tmp_path, manifest, reference):
     assert ((ca * cb).sum(-1) / np.linalg.norm(ca, axis=-1) / np.linalg.norm(cb, axis=-1)).min() > 0.99
 
 
+@pytest.mark.slow
 def test_preprocessing_on_the_device_matches_the_decoders_resize(fixture_video):
     """The device resize (antialiased bicubic on full frames) against the CPU path (PIL bicubic in the
     decoder, then crop): within a few grey levels, on the real clip."""

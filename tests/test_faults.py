@@ -22,6 +22,8 @@ import pytest
 import fault_ops as F
 from core import faults
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 _SPREAD = os.environ.get("CROSSTVR_FAULT_SPREAD", "3")
 SPREAD = None if _SPREAD == "all" else int(_SPREAD)
 

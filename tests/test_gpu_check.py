@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -20,6 +23,7 @@ EXPECTED = ["imports", "make-manifest", "blip2-dir", "extract-open_clip", "extra
             "train-head", "rerank", "index-build", "search", "report", "torchrun-train-stage-one"]
 
 
+@pytest.mark.slow
 def test_the_cpu_dry_run_runs_every_cli_step(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "SKIP_INSTALL": "1"}

@@ -192,6 +192,7 @@ def expect_thumbnails(store: CacheStore, manifest: Manifest, short_side: int | N
         assert stored[row] == thumbnails_of(res.frames, res.mask, 3, THUMBNAIL_SIDE, THUMBNAIL_BYTES), vid
 
 
+@pytest.mark.integration
 def test_the_worker_resize_thumbnails_come_from_the_workers_unchanged(monkeypatch, manifest, micro, tmp_path):
     no_thumbnails_here(monkeypatch)
     path = tmp_path / "w.zarr"
@@ -282,6 +283,7 @@ def run(manifest, enc, path, **kw):
     return extract(manifest, [enc], [path], **{**opts, **kw})
 
 
+@pytest.mark.integration
 def test_a_store_records_and_keeps_its_precision_and_resize(tmp_path, manifest, micro):
     path = tmp_path / "fp32.zarr"
     run(manifest.split("train"), micro, path, part=(0, 2))  # half the shards: a store to finish
@@ -310,6 +312,7 @@ def test_a_store_records_and_keeps_its_precision_and_resize(tmp_path, manifest, 
     assert encoder_for_identity(ident).identity() == micro.identity()
 
 
+@pytest.mark.integration
 def test_bf16_and_device_stores_are_other_stores(tmp_path, manifest, micro):
     bf16 = tmp_path / "bf16.zarr"
     run(manifest, load_encoder("test-vit-micro"), bf16, precision="bf16", resize="device", retry_failed=True)
@@ -324,6 +327,7 @@ def test_bf16_and_device_stores_are_other_stores(tmp_path, manifest, micro):
     assert CacheStore.open(fp32).fingerprint != store.fingerprint
 
 
+@pytest.mark.integration
 def test_a_store_made_before_the_record_takes_no_more_features(tmp_path, manifest, micro):
     from pipeline.encoder_base import EXTRACTION_KEY
 

@@ -254,6 +254,7 @@ def test_a_failure_midway_leaves_nothing_at_the_destination(export, tmp_path, mo
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.integration
 def test_a_killed_import_leaves_only_its_temporary_store_which_the_next_one_removes(export, tmp_path):
     dest = tmp_path / "killed.zarr"
     script = textwrap.dedent(f"""

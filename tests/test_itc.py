@@ -94,6 +94,7 @@ def test_score_is_itm_log_odds_plus_itc_logit() -> None:
     assert create_head(**head.config()).config()["itc_dim"] == 16 and supports_itc(head)
 
 
+@pytest.mark.slow
 def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:
     train = world["train"]
 

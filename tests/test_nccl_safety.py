@@ -249,6 +249,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_waits_for_a_rank_working_alone_outlast_the_collective_timeout(tmp_path):
     """Two gloo processes with a 4 s collective timeout: rank 1 waits 10 s for rank 0's manifest
     and rank 0 10 s for rank 1's shards, and both carry on; a barrier on the default group over the

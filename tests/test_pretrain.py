@@ -53,6 +53,7 @@ def tiny_world(tmp_path_factory):
     return Manifest.read(out / "manifest")
 
 
+@pytest.mark.slow
 def test_pretrain_reuse_and_checkpoint_loads(tiny_world, tmp_path):
     from pipeline.encoders import load_encoder
 
@@ -119,7 +120,7 @@ def test_settings_take_the_same_option_keys_and_keep_the_checkpoint_key():
     assert (s.steps, s.lr, s.frame_indices, s.cluster_size) == (12, 1.0, (2, 14), 4)
     assert isinstance(s.lr, float) and isinstance(s.steps, int)
     assert P.PretrainSettings.from_options({"warmup": 3}, base=s).steps == 12   # given ones replace the base's
-    with pytest.raises(TypeError, match="unknown pretraining option.*stepz"):
+    with pytest.raises(TypeError, match="unknown pretraining option.*stepz"):   # UnknownOptionError
         P.PretrainSettings.from_options({"stepz": 1})
     # the options hashed into the key: cluster_size only when set (keys of random-batch runs stay valid)
     assert "cluster_size" not in P.PretrainSettings().key_options()

@@ -11,6 +11,7 @@ from synthetic.probes import FEATURES, linear_probe, probe_label
 from worlds import run_cli
 
 
+@pytest.mark.slow
 def test_linear_probe_separable_and_chance():
     rng = np.random.default_rng(0)
     y = rng.choice(["a", "b", "c"], size=300)

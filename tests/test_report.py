@@ -20,6 +20,8 @@ from reports.build import build_context
 from reports.inputs import load_rerank_dir
 from worlds import TINY_HEAD, run_cli
 
+pytestmark = pytest.mark.integration
+
 K = 3
 
 

@@ -25,6 +25,8 @@ from core.errors import StoreError
 from pipeline.store import CacheStore, StoreMismatchError
 from worlds import RangeHandler, run_cli, write_video
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 class Interrupted(Exception):
     """Stands for a crash or a Ctrl-C midway."""
@@ -87,6 +89,7 @@ def http_root(tmp_path):
     server.server_close()
 
 
+@pytest.mark.slow
 def test_s3_extract_info_verify_pull_and_train(tiny_world, s3, tmp_path):
     url = "s3://team/tiny.zarr"
     out = run_cli(["extract", "--manifest", tiny_world["manifest"], "--work-dir", tmp_path / "work", *TINY_EXTRACT,
@@ -161,6 +164,7 @@ def test_verify_of_a_store_without_checksums_says_so(tiny_world, tmp_path):
     assert json.loads(run_cli(["cache", "info", store, "--json"]))["checksums_recorded"]["videos"] == 0
 
 
+@pytest.mark.slow
 def test_two_writers_at_once_make_the_one_writer_store(tiny_world, tmp_path):
     store = tmp_path / "parts.zarr"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -377,6 +381,7 @@ def test_hdf5_round_trip_and_other_tools_features(tiny_world, tmp_path):
     assert st.tokens.shape[1:] == (4, 5, 16)
 
 
+@pytest.mark.slow
 def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path, monkeypatch):
     """No lock on S3: two writers racing to create the store both end up writing into one store."""
     from worlds import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data

@@ -18,6 +18,8 @@ from pipeline.extraction.thumbnail_backfill import add_thumbnails
 from pipeline.store import STATUS_OK, CacheStore
 from pipeline.thumbnails import encode_jpeg, thumbnail_frames
 
+pytestmark = pytest.mark.integration
+
 T = 5
 
 
