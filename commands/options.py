@@ -51,32 +51,39 @@ def renamed(old: str, new: str, dest: str, value: Any = None, **settings: Any) -
     return apply
 
 
-class PartType(click.ParamType):
+class ParsedType(click.ParamType):
+    """An option value read by a parser of ``core.options`` (its ``UsageError`` becomes click's one line)."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any], result: type) -> None:
+        self.name, self.parse, self.result = name, parse, result
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, self.result):
+            return value
+        try:
+            return self.parse(value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def PartType() -> ParsedType:  # noqa: N802 (used as a type)
     """``--part K/N`` -> ``(K, N)``."""
-
-    name = "K/N"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if value is None or isinstance(value, tuple):
-            return value
-        try:
-            return parse_part(value)
-        except UsageError as exc:
-            self.fail(str(exc), param, ctx)
+    return ParsedType("K/N", parse_part, tuple)
 
 
-class FailureBudgetType(click.ParamType):
+def FailureBudgetType() -> ParsedType:  # noqa: N802 (used as a type)
     """``--max-failed`` -> ``FailureBudget``."""
+    return ParsedType("N|P%|F", FailureBudget.parse, FailureBudget)
 
-    name = "N|P%|F"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if value is None or isinstance(value, FailureBudget):
-            return value
-        try:
-            return FailureBudget.parse(value)
-        except UsageError as exc:
-            self.fail(str(exc), param, ctx)
+def stage_one_option(help: str, required: bool = True) -> Callable:
+    """``--stage-one``: a stage-one checkpoint (``stage_one.pt`` or its run directory)."""
+    return click.option("--stage-one", "stage_one", required=required, type=click.Path(exists=True), help=help)
+
+
+def stage_two_option(help: str) -> Callable:
+    """``--stage-two``: a stage-two checkpoint (``stage_two.pt`` or its run directory)."""
+    return click.option("--stage-two", "stage_two", type=click.Path(exists=True), help=help)
 
 
 def manifest_source(files: bool = True, builder: bool = True, purpose: str = "", existing: bool = True) -> Callable:

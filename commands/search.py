@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from commands.options import device_option, renamed, seed_option, stage_dir_option, store_option, work_dir_option
+from commands.options import (device_option, renamed, seed_option, stage_dir_option, stage_one_option, stage_two_option,
+                              store_option, work_dir_option)
 from core.options import parse_key_values
 from heads.evaluation.index import INDEX_KINDS
 from workflows.workdir import WorkDir, resolve_device
@@ -48,10 +49,8 @@ def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_d
 
 @click.command("search")
 @store_option
-@click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
-              help="Stage-one checkpoint (stage_one.pt or its run dir).")
-@click.option("--stage-two", "stage_two", type=click.Path(exists=True),
-              help="Stage-two checkpoint: re-rank each query's --candidates best by cosine + head score.")
+@stage_one_option("Stage-one checkpoint (stage_one.pt or its run dir).")
+@stage_two_option("Stage-two checkpoint: re-rank each query's --candidates best by cosine + head score.")
 @click.argument("queries", nargs=-1, required=True)
 @click.option("--split", default="test", show_default=True, help="The split searched (the index's).")
 @click.option("--top", default=10, show_default=True, help="Videos listed per query.")

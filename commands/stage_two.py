@@ -6,8 +6,8 @@ import click
 
 from commands.options import (STAGE_TWO_SKIP, allow_incomplete_option, config_option, dataclass_options, device_option,
                               dist_timeout_option, head_option_option, manifest_text_option, preset_option, renamed,
-                              run_record, seed_option, stage_dir_option, store_option, threads_option,
-                              work_dir_option)
+                              run_record, seed_option, stage_dir_option, stage_one_option, stage_two_option,
+                              store_option, threads_option, work_dir_option)
 from core.options import format_key_values, parse_key_values
 from core.torchrun import torchrun_ranks
 from heads.registry import check_options, list_heads
@@ -94,10 +94,8 @@ def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, threads, 
 
 @click.command("rerank")
 @store_option
-@click.option("--stage-one", "stage_one", required=True, type=click.Path(exists=True),
-              help="Stage-one checkpoint (stage_one.pt or its run dir) or an imported external similarity dir.")
-@click.option("--stage-two", "stage_two", type=click.Path(exists=True),
-              help="Stage-two checkpoint (stage_two.pt or its run dir).  [required]")
+@stage_one_option("Stage-one checkpoint (stage_one.pt or its run dir) or an imported external similarity dir.")
+@stage_two_option("Stage-two checkpoint (stage_two.pt or its run dir).  [required]")
 @click.option("--split", default="test", show_default=True)
 @click.option("--candidates", default=15, show_default=True, help="Stage-one candidates re-ranked per query (K).")
 @click.option("--dsl", is_flag=True, help="Dual-softmax post-processing of stage one and the re-ranked scores.")
