@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole command line on a GPU, in one script with a time limit (run from anywhere; it works in the
-# repository root). On the tiny synthetic world (tests/worlds.py: TINY_WORLD, TINY_HEAD) it runs every CLI
+# repository root). On the tiny synthetic world (tests/helpers.py: TINY_WORLD, TINY_HEAD) it runs every CLI
 # step on the device: make-manifest, extract with both encoder kinds (open_clip: test-vit-micro, and
 # without --quick the real ViT-B-32 with random weights; BLIP-2: a tiny Hugging Face BLIP-2 directory it
 # writes with tests/blip2_world.py), train-stage-one, eval, train-head, rerank, index build, search,

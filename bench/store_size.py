@@ -143,7 +143,7 @@ def staging_table(n: int, tmp: Path) -> list[str]:
     rows = [("local disk (page cache dropped)", str(local))]
     # HTTP: a static server honouring Range (sys.path: the tests' handler)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from worlds import RangeHandler
+    from helpers import RangeHandler
 
     http = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(local.parent)))
     threading.Thread(target=http.serve_forever, daemon=True).start()

@@ -1,5 +1,5 @@
 """Shared fixtures: offline hub, few torch threads, tiny generated videos, the real fixture video, and
-the worlds every test module shares (built once per test run)."""
+the fixtures every test module shares (built once per test run)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_VIDEO = FIXTURES / "videos" / "v_GGSY1Qvo990.mp4"
 
-# the session worlds built through the command line (make-manifest, extract, train-stage-one, train-head)
+# the session stores built through the command line (make-manifest, extract, train-stage-one, train-head)
 CLI_WORLDS = {"tiny_world", "tiny_runs"}
 
 
@@ -50,7 +50,7 @@ def micro():
 def make_video(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make_video(name, **write_video_kwargs)`` -> path under tmp_path."""
 
-    from worlds import write_video
+    from helpers import write_video
 
     def _make(name: str = "clip.mp4", **kwargs) -> Path:
         return write_video(tmp_path / name, **kwargs)
@@ -69,7 +69,7 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The synthetic benchmark at its smallest, extracted with the micro test encoder through the
     command line: ``{"work", "manifest", "store", "extract_output"}``. Shared by the whole run:
     tests write their runs and reports to their own directories."""
-    from worlds import TINY_WORLD, run_cli
+    from helpers import TINY_WORLD, run_cli
 
     work = tmp_path_factory.mktemp("tiny_world")
     run_cli(["make-manifest", "--dataset", "synthetic", "--work-dir", work,
@@ -85,7 +85,7 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def tiny_runs(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """The tiny synthetic world's store -> a meanP stage one -> a small CrossTVR head:
     ``(work, store, stage_one.pt, stage_two.pt)`` (each in its run directory)."""
-    from worlds import TINY_HEAD, run_cli
+    from helpers import TINY_HEAD, run_cli
 
     work, store = tiny_world["work"], tiny_world["store"]
     runs = tmp_path_factory.mktemp("tiny_runs")
@@ -98,13 +98,13 @@ def tiny_runs(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 @pytest.fixture(scope="session")
-def token_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Stage two's attribute world (``worlds.make_token_split``), memory-mapped, with a meanP stage
+def token_splits(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Stage two's attribute world (``helpers.make_token_split``), memory-mapped, with a meanP stage
     one trained on it: ``{"root", "train", "val", "test", "stage_one"}``."""
     from heads.stage_one.train import train_stage_one
-    from worlds import make_token_split
+    from helpers import make_token_split
 
-    root = tmp_path_factory.mktemp("token_world")
+    root = tmp_path_factory.mktemp("token_splits")
     train = make_token_split("train", 96, 2, seed=1, directory=root / "train")
     val = make_token_split("val", 32, 1, seed=2, directory=root / "val")
     test = make_token_split("test", 32, 1, seed=3, directory=root / "test")

@@ -95,7 +95,7 @@ class World:
 
 def make_world(root: Path) -> World:
     from manifests.schema import Manifest
-    from worlds import write_video
+    from helpers import write_video
 
     root.mkdir(parents=True, exist_ok=True)
     vids = []

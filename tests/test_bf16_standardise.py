@@ -10,7 +10,7 @@ from torch import nn
 
 from heads import create_head
 from heads.stage_two.layers import standardised_linear
-from worlds import TINY
+from helpers import TINY
 
 BOUND = 0.006  # relative error of bf16 against float32; centring first measures 0.28%, folding the mean 2.3%
 DIM, OUTLIERS = 768, 4  # ViT-B/32 width; a few channels with a large mean, as ViT tokens have

@@ -19,7 +19,7 @@ from heads.stage_two.blip2 import (SHAPE_OPTIONS, lavis_to_hf, options_from_layo
                                    weight_table)
 from heads.stage_two.checkpoint import load_stage_two
 from heads.stage_two.tokenizer import CaptionTokenizer
-from worlds import run_cli
+from helpers import run_cli
 
 CAPTIONS = ["a red square moves left", "the big green circle spins", "blue star appears late",
             "a small yellow triangle stays still on the big purple thing"]

@@ -19,7 +19,7 @@ from core.fileio import sha256_file
 from manifests import Manifest
 from pipeline.encoders import EncoderSpec, FrozenEncoder, load_encoder, parse_encoder, with_token_layer
 from pipeline.store import CacheStore
-from worlds import run_cli, write_video
+from helpers import run_cli, write_video
 
 TEXTS = ["a red square moves left", "the big blue star spins in the corner and appears early", "a"]
 ATOL = dict(rtol=0.0, atol=1e-5)

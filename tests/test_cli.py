@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import cli
 from heads import list_heads
-from worlds import run_cli
+from helpers import run_cli
 
 pytestmark = pytest.mark.integration
 

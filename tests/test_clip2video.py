@@ -22,7 +22,7 @@ from heads.stage_one.losses import symmetric_infonce
 from heads.stage_one.models import MeanP
 from heads.stage_one.train import train_stage_one
 from heads.training.data import EpochSampler, iterate_batches
-from worlds import E, T, make_split, run_cli
+from helpers import E, T, make_split, run_cli
 
 DT, L = 24, 8  # text token width (differs from E on purpose) and words per caption
 SMALL = {"width": 16, "tab_dim": 16, "num_heads": 4}

@@ -14,7 +14,7 @@ from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_two.checkpoint import load_stage_two
 from heads.stage_two.scoring import score_pairs
 from heads.stage_two.train import train_stage_two
-from worlds import TINY, TOKEN_IDENTITY, make_token_split
+from helpers import TINY, TOKEN_IDENTITY, make_token_split
 
 OLD = Path(__file__).resolve().parent / "fixtures" / "old_runs"
 

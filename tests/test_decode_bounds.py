@@ -17,7 +17,7 @@ import pipeline.decode as decode_mod
 from pipeline.config import DecodeLimits, ExtractConfig
 from pipeline.decode import DECODERS, OUT_OF_MEMORY, TOO_LARGE, DecodeTask, decode_video
 from pipeline.decode_pool import DecodePool
-from worlds import hog_decode
+from helpers import hog_decode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ import sys, time
 from pathlib import Path
 from pipeline.decode import DecodeTask
 from pipeline.decode_pool import DecodePool
-from worlds import hog_decode
+from helpers import hog_decode
 work = Path(sys.argv[1])
 pool = DecodePool(2, workers=2, timeout=600, decode_fn=hog_decode)
 list(pool.map([DecodeTask(f"m{i}", str(work / "missing.mp4")) for i in range(4)]))

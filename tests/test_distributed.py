@@ -87,7 +87,7 @@ def _weights(path: Path) -> dict:
 def test_stage_one_two_processes_equal_one(tiny_world, tmp_path):
     """Without dropout the 2-process run is the 1-process run up to float summation order: every
     weight within 1e-4, the selected epoch and val rsum equal within 0.5 (of 600)."""
-    from worlds import run_cli
+    from helpers import run_cli
 
     work, store = tiny_world["work"], tiny_world["store"]
     args = ["train-stage-one", "--store", store, "--work-dir", work, "--head", "seqTransf", "--head-option",
@@ -114,7 +114,7 @@ def test_stage_two_two_processes_resume_and_equal_one(tiny_world, tmp_path):
     """Contrastive phase + ITM with hard negatives under 2 processes, stopped by --max-steps and
     resumed: the same weights (within 1e-4) and val score as one uninterrupted process, in the
     one-process checkpoint format."""
-    from worlds import run_cli
+    from helpers import run_cli
 
     work, store = tiny_world["work"], tiny_world["store"]
     run_cli(["train-stage-one", "--store", store, "--work-dir", work, "--head", "meanP", "--epochs", "1",

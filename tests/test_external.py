@@ -27,11 +27,11 @@ from heads.evaluation.external import (
 )
 from heads.evaluation.similarity import encode_videos, similarity, untrained_baseline
 from pipeline.store import CacheStore, StoreLayout
-from worlds import E, make_split
+from helpers import E, make_split
 
 
 @pytest.fixture(scope="module")
-def world():
+def external_case():
     """A toy test split, a non-trivial (random) seqTransf head and its embeddings."""
     split = make_split("test", 24, 2, seed=7)
     torch.manual_seed(0)
@@ -55,8 +55,8 @@ def _write_h5(path: Path, ids, emb, **groups) -> Path:
     return path
 
 
-def test_hdf5_import_reproduces_our_own_stage_one(world, tmp_path):
-    split, _, video, text, ref = world
+def test_hdf5_import_reproduces_our_own_stage_one(external_case, tmp_path):
+    split, _, video, text, ref = external_case
     pv, pt = _perm(len(split.video_ids), 1), _perm(len(split.caption_ids), 2)  # shuffled files
     vfile = _write_h5(tmp_path / "video.h5", [split.video_ids[i] for i in pv], video[pv])
     # captions: one dataset per id (ids with a slash become nested groups)
@@ -80,8 +80,8 @@ def test_hdf5_import_reproduces_our_own_stage_one(world, tmp_path):
     assert is_external(tmp_path / "ext") and is_external(tmp_path / "ext" / EXTERNAL_JSON)
 
 
-def test_npy_parquet_and_similarity_formats_agree(world, tmp_path):
-    split, _, video, text, ref = world
+def test_npy_parquet_and_similarity_formats_agree(external_case, tmp_path):
+    split, _, video, text, ref = external_case
     np.save(tmp_path / "v.npy", video * 3.0)  # scale: normalisation removes it
     (tmp_path / "v.ids.txt").write_text("\n".join(split.video_ids) + "\n")
     pt = _perm(len(split.caption_ids), 3)
@@ -110,8 +110,8 @@ def test_npy_parquet_and_similarity_formats_agree(world, tmp_path):
     np.testing.assert_allclose(d.similarity(), 3.0 * text @ video.T, atol=1e-5)
 
 
-def test_other_split_ids_are_dropped_unknown_ids_refused(world, tmp_path):
-    split, _, video, text, ref = world
+def test_other_split_ids_are_dropped_unknown_ids_refused(external_case, tmp_path):
+    split, _, video, text, ref = external_case
     known = SplitIds(split="test", video_ids=list(split.video_ids), caption_ids=list(split.caption_ids),
                      store_fingerprint=split.store_fingerprint,
                      known_video_ids=frozenset([*split.video_ids, "train0"]),
@@ -135,8 +135,8 @@ def _expect_error(split, tmp_path, match, **files):
     assert not is_external(tmp_path / "err")
 
 
-def test_clear_errors(world, tmp_path):
-    split, _, video, text, _ = world
+def test_clear_errors(external_case, tmp_path):
+    split, _, video, text, _ = external_case
     t = _write_h5(tmp_path / "t.h5", split.caption_ids, text)
     # wrong dims
     v = _write_h5(tmp_path / "narrow.h5", split.video_ids, video[:, :8])
@@ -182,8 +182,8 @@ def test_clear_errors(world, tmp_path):
         import_stage_one(split, tmp_path / "err", video_emb=v, text_emb=t, similarity=tmp_path / "sim.h5")
 
 
-def test_load_external_checks_store_split_and_reorders(world, tmp_path):
-    split, _, video, text, ref = world
+def test_load_external_checks_store_split_and_reorders(external_case, tmp_path):
+    split, _, video, text, ref = external_case
     v = _write_h5(tmp_path / "v.h5", split.video_ids, video)
     t = _write_h5(tmp_path / "t.h5", split.caption_ids, text)
     import_stage_one(split, tmp_path / "ext", video_emb=v, text_emb=t, progress=False)

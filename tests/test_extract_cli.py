@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import cli
 from manifests import DATASETS, Manifest
 from pipeline.store import CacheStore
-from worlds import make_data_root, run_cli, write_video
+from helpers import make_data_root, run_cli, write_video
 
 pytestmark = pytest.mark.integration
 

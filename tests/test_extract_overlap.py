@@ -27,7 +27,7 @@ T = 4
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Manifest:
     from conftest import FIXTURE_VIDEO
-    from worlds import write_video
+    from helpers import write_video
 
     tmp_path = tmp_path_factory.mktemp("overlap")
     videos = [{"video_id": f"g{i}", "path": str(write_video(tmp_path / f"g{i}.mp4", num_frames=10 + 3 * i, seed=i)),
@@ -221,7 +221,7 @@ def test_the_command_line_options(tmp_path):
     from click.testing import CliRunner
 
     import cli
-    from worlds import make_data_root, run_cli
+    from helpers import make_data_root, run_cli
 
     make_data_root(tmp_path / "data", "msvd")
     base = ["extract", "--dataset", "msvd", "--data-root", tmp_path / "data", "--work-dir", tmp_path / "work",

@@ -88,7 +88,7 @@ from heads.stage_two.tokenizer import build_word_tokenizer, text_view, with_capt
 from heads.stage_two.train import StageOneCosine, itm_step_loss
 from heads.training.common import make_optimizer, save
 from heads.training.data import load_batch, uses_text_tokens
-from worlds import TINY, D, make_token_split
+from helpers import TINY, D, make_token_split
 
 STAGE_ONE_HEADS = ("meanP", "seqTransf", "clip2video")
 STAGE_ONE_OPTIONS = {"meanP": {}, "seqTransf": {"num_layers": 1, "num_heads": 2},
@@ -150,8 +150,8 @@ def fake(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture(scope="module")
-def world() -> dict:
-    """A small token world (every array a stage-one or stage-two head reads), its captions' text
+def splits() -> dict:
+    """Small token splits (every array a stage-one or stage-two head reads), its captions' text
     and the ids a word tokenizer gives them (for heads reading caption ids)."""
     train = make_token_split("train", 8, 2, seed=0)
     texts = [" ".join(WORDS[(3 * i + j) % len(WORDS)] for j in range(1 + i % 4)) for i in range(len(train.caption_ids))]
@@ -164,16 +164,16 @@ def stage_one_head(name: str) -> torch.nn.Module:
     return create_head(name, D, stage=1, **STAGE_ONE_OPTIONS[name])
 
 
-def stage_two_head(variant: str, world: dict) -> tuple[torch.nn.Module, object]:
+def stage_two_head(variant: str, splits: dict) -> tuple[torch.nn.Module, object]:
     """A stage-two head as the trainer builds it (standardiser fitted) and the split it reads."""
     name, options = STAGE_TWO_HEADS[variant]
     torch.manual_seed(0)
     if options.get("text_input") == "ids":
-        head = create_head(name, D, 0, stage=2, **options, vocab_size=world["vocab"])
-        split = world["with_ids"]
+        head = create_head(name, D, 0, stage=2, **options, vocab_size=splits["vocab"])
+        split = splits["with_ids"]
     else:
         head = create_head(name, D, D, stage=2, **options)
-        split = world["train"]
+        split = splits["train"]
     head.fit_standardizer(split, seed=0)
     return head, split
 
@@ -196,10 +196,10 @@ def test_fake_cuda_catches_a_device_mix(fake) -> None:
 
 
 @pytest.mark.parametrize("name", STAGE_ONE_HEADS)
-def test_stage_one_encode_and_similarity(fake, world: dict, name: str) -> None:
+def test_stage_one_encode_and_similarity(fake, splits: dict, name: str) -> None:
     """A stage-one head built on the CPU (as loaded, and as the untrained baseline is) encodes and
     scores a split on the device it is given: index build, QB-Norm, the trainers' stage-one cosine."""
-    train = world["train"]
+    train = splits["train"]
     head, fresh = stage_one_head(name).eval(), stage_one_head(name)
     with fake():
         videos = encode_videos(head, train, batch=3, device="cuda")
@@ -216,10 +216,10 @@ def test_stage_one_encode_and_similarity(fake, world: dict, name: str) -> None:
         on("cuda", *(b for _, b in similarity_blocks(baseline, train, device="cuda")))
 
 
-def test_loaded_stage_one_similarity(fake, world: dict, tmp_path: Path) -> None:
+def test_loaded_stage_one_similarity(fake, splits: dict, tmp_path: Path) -> None:
     """Finding 1 as the commands meet it: ``load_stage_one`` gives a CPU head; eval, rerank,
     train-head (hard negatives, model selection) and search compute with it on ``cuda``."""
-    train, head = world["train"], stage_one_head("seqTransf")
+    train, head = splits["train"], stage_one_head("seqTransf")
     path = save({"config": head.config(), "state_dict": head.state_dict(), "store_fingerprint": train.store_fingerprint,
                  "encoder_identity": train.encoder_identity}, tmp_path / "stage_one.pt")
     loaded = load_stage_one(path, expect_encoder_identity=train.encoder_identity).head
@@ -229,10 +229,10 @@ def test_loaded_stage_one_similarity(fake, world: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", STAGE_ONE_HEADS)
-def test_stage_one_training_step(fake, world: dict, name: str) -> None:
+def test_stage_one_training_step(fake, splits: dict, name: str) -> None:
     """train-stage-one / compare-stage-one: a step's forward and loss on cuda; the whole step
     (backward, AdamW, the text projection's decay) on meta."""
-    train = world["train"]
+    train = splits["train"]
     captions, videos = np.array([0, 3, 5, 9]), train.caption_video[[0, 3, 5, 9]]
     for device in ("cuda", "meta"):
         model = stage_one_head(name)
@@ -251,7 +251,7 @@ def test_stage_one_training_step(fake, world: dict, name: str) -> None:
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # bf16 autocast (precision=auto) needs a GPU
 @pytest.mark.parametrize("variant", ["crosstvr", "crosstvr-itm", "crosstvr-ids", "t2v2t"])
-def test_stage_two_training_step(fake, world: dict, variant: str) -> None:
+def test_stage_two_training_step(fake, splits: dict, variant: str) -> None:
     """train-head / ablation: the contrastive phase's step and the ITM step (with the ranking term
     from a CPU stage one's cosine, and the positives' contrastive loss) on cuda; the whole ITM step
     on meta."""
@@ -259,13 +259,13 @@ def test_stage_two_training_step(fake, world: dict, variant: str) -> None:
                     neg_caption=np.array([4, 10, 0]), hard_share=0.0)
     contrastive = STAGE_TWO_HEADS[variant][1].get("itc_dim", 0) > 0
     for device in ("cuda", "meta"):
-        model, split, cosine_head = *stage_two_head(variant, world), stage_one_head("meanP")
+        model, split, cosine_head = *stage_two_head(variant, splits), stage_one_head("meanP")
         view = text_view(split, getattr(model, "text_input", "tokens"))
         cfg = StageTwoTrainConfig(device=device, itc_weight=0.5 if contrastive else 0.0, rank_weight=1.0)
         batch = load_pairs(view, *item.pairs())
         with fake():
             model.to(device)
-            cosine = StageOneCosine(cosine_head, world["train"], device)
+            cosine = StageOneCosine(cosine_head, splits["train"], device)
             loss, logits = itm_step_loss(model, batch.to(device), item, cfg, cosine)
             on(device, loss, logits)
             if contrastive:
@@ -280,12 +280,12 @@ def test_stage_two_training_step(fake, world: dict, variant: str) -> None:
                 on(device, *(p.grad for p in model.parameters() if p.grad is not None))
 
 
-def test_qformer_pretraining_step(fake, world: dict) -> None:
+def test_qformer_pretraining_step(fake, splits: dict) -> None:
     """pretrain-qformer: ITC + ITM on single frames with in-batch negatives, on cuda; backward on meta."""
-    view = text_view(world["with_ids"], "ids")
+    view = text_view(splits["with_ids"], "ids")
     caps, vids = itc_batch(view.caption_video, len(view.video_ids), 4, np.random.default_rng(0))
     options = {**STAGE_TWO_HEADS["crosstvr-ids"][1], "mode": "spatial", "spatial_frames": None,
-               "vocab_size": world["vocab"]}
+               "vocab_size": splits["vocab"]}
     for device in ("cuda", "meta"):
         torch.manual_seed(0)
         head = create_head("crosstvr", D, 0, stage=2, **options)
@@ -299,12 +299,12 @@ def test_qformer_pretraining_step(fake, world: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", list(STAGE_TWO_HEADS))
-def test_pair_scores(fake, world: dict, variant: str) -> None:
+def test_pair_scores(fake, splits: dict, variant: str) -> None:
     """A stage-two head on the CPU scores pairs on cuda (validation, re-ranking, within-group accuracy,
     search), with its contrastive caption embeddings computed there once; validation asks for the
     score's parts."""
     parts = variant == "crosstvr"
-    head, split = stage_two_head(variant, world)
+    head, split = stage_two_head(variant, splits)
     head.eval()
     caps, vids = np.array([0, 0, 3, 7, 12, 15, 3]), np.array([0, 4, 1, 3, 6, 7, 2])
     with fake():
@@ -313,9 +313,9 @@ def test_pair_scores(fake, world: dict, variant: str) -> None:
         assert [tuple(b.shape) for _, b in blocks] == ([(3, 2), (3, 2), (1, 2)] if parts else [(3,), (3,), (1,)])
 
 
-def test_rerank_scores_candidates_on_cuda(fake, world: dict) -> None:
+def test_rerank_scores_candidates_on_cuda(fake, splits: dict) -> None:
     """rerank: every query's stage-one top K, as ``rerank`` asks for them, scored by a CPU head on cuda."""
-    head, split = stage_two_head("crosstvr", world)
+    head, split = stage_two_head("crosstvr", splits)
     head.eval()
     sim = np.random.default_rng(0).normal(size=(len(split.caption_ids), len(split.video_ids))).astype(np.float32)
     asked: list[int] = []
@@ -331,9 +331,9 @@ def test_rerank_scores_candidates_on_cuda(fake, world: dict) -> None:
     assert sum(asked) == res.num_pairs > 0
 
 
-def test_loaded_head_scores_pairs(fake, world: dict, tmp_path: Path) -> None:
+def test_loaded_head_scores_pairs(fake, splits: dict, tmp_path: Path) -> None:
     """rerank / search / ablation: a stage-two head from its checkpoint (loaded on the CPU) scores on cuda."""
-    head, split = stage_two_head("crosstvr", world)
+    head, split = stage_two_head("crosstvr", splits)
     path = save({"kind": KIND, "config": head.config(), "state_dict": head.state_dict(),
                  "store_fingerprint": split.store_fingerprint, "encoder_identity": split.encoder_identity,
                  "stage_one_identity": {}}, tmp_path / "stage_two.pt")

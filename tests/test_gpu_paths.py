@@ -30,7 +30,7 @@ T = 4
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Manifest:
-    from worlds import write_video
+    from helpers import write_video
 
     root = tmp_path_factory.mktemp("gpu-paths")
     videos = [{"video_id": f"v{i}", "path": str(write_video(root / f"v{i}.mp4", num_frames=10 + 3 * i, seed=i)),
@@ -245,7 +245,7 @@ def _record_pins(monkeypatch) -> list:
 
 def test_stage_two_batches_are_pinned_for_cuda_only(monkeypatch):
     from heads.stage_two.pairs import load_pairs
-    from worlds import make_token_split
+    from helpers import make_token_split
 
     split = make_token_split("train", 12, 2, seed=0)
     caps, vids = np.array([3, 0, 5, 3]), np.array([1, 0, 2, 1])
@@ -263,7 +263,7 @@ def test_stage_two_batches_are_pinned_for_cuda_only(monkeypatch):
 
 def test_stage_one_batches_are_pinned_for_cuda_only(monkeypatch):
     from heads.training.data import iterate_batches, load_batch
-    from worlds import make_token_split
+    from helpers import make_token_split
 
     split = make_token_split("train", 12, 2, seed=0)
     caps, vids = np.array([4, 1, 7]), np.array([2, 0, 3])

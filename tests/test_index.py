@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from core.errors import StoreMismatchError
 from heads.evaluation.index import build_index, exact_top_k, load_index, recall_at, save_index, search, unit_rows
-from worlds import run_cli
+from helpers import run_cli
 
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:

@@ -19,15 +19,15 @@ from heads.stage_two.itc import batch_itc_loss, itc_batch, itc_loss, pretrain_it
 from heads.stage_two.pairs import load_pairs
 from heads.stage_two.scoring import score_pairs
 from heads.stage_two.train import train_stage_two
-from worlds import TINY, D, random_pair_inputs
+from helpers import TINY, D, random_pair_inputs
 
 ITC = {**TINY, "itc_dim": 16}
 
 
 @pytest.fixture(scope="session")
-def world(token_world: dict) -> dict:
-    """Stage two's attribute world with its stage one (``conftest.token_world``)."""
-    return token_world
+def splits(token_splits: dict) -> dict:
+    """Stage two's attribute splits with their stage one (``conftest.token_splits``)."""
+    return token_splits
 
 
 def test_itc_batch_random_and_clustered() -> None:
@@ -95,8 +95,8 @@ def test_score_is_itm_log_odds_plus_itc_logit() -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:
-    train = world["train"]
+def test_pretrain_itc_learns_and_resumes(splits: dict, tmp_path: Path) -> None:
+    train = splits["train"]
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -130,47 +130,47 @@ def test_pretrain_itc_learns_and_resumes(world: dict, tmp_path: Path) -> None:
         pretrain_itc(create_head("crosstvr", D, D, **TINY), train, tmp_path / "c.pt", **kw)
 
 
-def test_batch_itc_loss_matches_the_head_logits(world: dict) -> None:
+def test_batch_itc_loss_matches_the_head_logits(splits: dict) -> None:
     torch.manual_seed(0)
     head = create_head("crosstvr", D, D, **ITC)
-    head.standardizer.fit(world["train"])
-    batch = load_pairs(world["train"], np.array([10, 2, 18]), np.array([5, 1, 9]))
+    head.standardizer.fit(splits["train"])
+    batch = load_pairs(splits["train"], np.array([10, 2, 18]), np.array([5, 1, 9]))
     loss, logits = batch_itc_loss(head, batch, batch.pair_text, batch.pair_video)
     assert logits.shape == (3, 3) and loss.item() == pytest.approx(itc_loss(logits).item())
 
 
-def test_score_pairs_text_embeddings_once_per_caption(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_score_pairs_text_embeddings_once_per_caption(splits: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """score_pairs computes each caption's contrastive embedding once, and scores as pair_score does
     batch by batch (the caption embeddings are those of a batch's own text pass)."""
     torch.manual_seed(0)
     head = create_head("crosstvr", D, D, **ITC).eval()
-    head.standardizer.fit(world["train"])
+    head.standardizer.fit(splits["train"])
     rng = np.random.default_rng(3)
-    vids = np.sort(rng.integers(0, world["test"].tokens.shape[0], size=40))  # sorted by video, as rerank does
-    caps = rng.integers(0, world["test"].text_tokens.shape[0], size=40)
+    vids = np.sort(rng.integers(0, splits["test"].tokens.shape[0], size=40))  # sorted by video, as rerank does
+    caps = rng.integers(0, splits["test"].text_tokens.shape[0], size=40)
     expected = []
     with torch.no_grad():
         for sl in (slice(0, 16), slice(16, 32), slice(32, 40)):
-            b = load_pairs(world["test"], caps[sl], vids[sl])
+            b = load_pairs(splits["test"], caps[sl], vids[sl])
             expected.append(head.pair_score(*b.pair_inputs()).numpy())
     calls = []
     original = head.itc_text_embed
     monkeypatch.setattr(head, "itc_text_embed", lambda t, m: calls.append(t.shape[0]) or original(t, m))
-    got = score_pairs(head, world["test"], caps, vids, batch=16)
+    got = score_pairs(head, splits["test"], caps, vids, batch=16)
     np.testing.assert_allclose(got, np.concatenate(expected), rtol=1e-4, atol=1e-4)
     assert sum(calls) == len(np.unique(caps))  # one text pass per distinct caption, not per batch
-    parts = score_pairs(head, world["test"], caps, vids, batch=16, parts=True)
+    parts = score_pairs(head, splits["test"], caps, vids, batch=16, parts=True)
     assert parts.shape == (40, 2)
     np.testing.assert_array_equal(parts[:, 0] + parts[:, 1], got)  # the same float32 sum
-    b = load_pairs(world["test"], caps[:4], vids[:4])
+    b = load_pairs(splits["test"], caps[:4], vids[:4])
     with pytest.raises(ValueError, match="text_embed has shape"):
         head.pair_score(*b.pair_inputs(), text_embed=torch.zeros(1, 3))
 
 
-def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:
+def test_trainer_with_itc(splits: dict, tmp_path: Path) -> None:
     kw = dict(head_config=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
               val_candidates=4, num_threads=1)
-    ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "itc", itc_steps=12,
+    ckpt = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "itc", itc_steps=12,
                            itc_batch=16, itc_cluster=4, itc_weight=1.0, **kw)
     raw = torch.load(ckpt, weights_only=True)
     assert raw["config"]["itc_dim"] == 128  # default projection width
@@ -178,33 +178,33 @@ def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:
     assert raw["history"]["itc_steps"] == 12 and raw["history"]["itc"][-1]["step"] == 12
     assert (tmp_path / "itc" / "itc_state.pt").is_file()
     head = load_stage_two(ckpt).head
-    s = score_pairs(head, world["test"], np.arange(8), np.arange(8))
+    s = score_pairs(head, splits["test"], np.arange(8), np.arange(8))
     assert s.shape == (8,) and np.isfinite(s).all()
     # val logs the ITM log-odds' accuracy apart from the whole score's (ITM + ITC)
     val = raw["history"]["epochs"][-1]["val"]
     assert {"itm_acc_balanced", "score_acc_balanced"} <= set(val)
     # the contrastive term is really added to the ITM loss
-    itm_only = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain",
+    itm_only = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "plain",
                                itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=0.0, **kw)
     la = [e["loss"] for e in raw["history"]["epochs"]]
     lb = [e["loss"] for e in torch.load(itm_only, weights_only=True)["history"]["epochs"]]
     assert la != pytest.approx(lb)
     # stopped inside the contrastive phase, then finished: the result of an uninterrupted run
-    stopped = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
+    stopped = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "resume",
                               itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=1.0, max_steps=7, **kw)
     assert not torch.load(stopped, weights_only=True)["history"]["finished"]
     assert not (tmp_path / "resume" / "train_state.pt").exists()
-    resumed = torch.load(train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
+    resumed = torch.load(train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "resume",
                                          itc_steps=12, itc_batch=16, itc_cluster=4, itc_weight=1.0, **kw),
                          weights_only=True)
     for key, value in raw["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     # other contrastive arguments on the same run directory are refused; fresh starts again
     with pytest.raises(RunMismatchError):
-        train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "resume",
+        train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "resume",
                         itc_steps=12, itc_batch=8, itc_cluster=4, itc_weight=1.0, **kw)
     with pytest.raises(ValueError, match="needs a head with learnable queries \\(crosstvr\\), not 't2v2t'"):
-        train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "t2v2t", head="t2v2t",
+        train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "t2v2t", head="t2v2t",
                         head_config={"width": 32, "layers": 1, "heads": 2}, itc_steps=4, progress=False)
     history = json.loads((tmp_path / "itc" / "history.json").read_text())
     assert history["itc"] and history["finished"]
@@ -220,7 +220,7 @@ def test_trainer_with_itc(world: dict, tmp_path: Path) -> None:
         resolved("crosstvr", -1, None)
 
 
-def test_score_pairs_sends_each_video_once_for_caption_by_caption_pairs(world: dict,
+def test_score_pairs_sends_each_video_once_for_caption_by_caption_pairs(splits: dict,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation and re-ranking list pairs caption by caption (each caption's K candidates), so a
     video recurs across batches; score_pairs groups them by video, loads each video's tokens about
@@ -229,20 +229,20 @@ def test_score_pairs_sends_each_video_once_for_caption_by_caption_pairs(world: d
 
     torch.manual_seed(0)
     head = create_head("crosstvr", D, D, **ITC).eval()
-    head.standardizer.fit(world["train"])
-    num_v, num_c = world["test"].tokens.shape[0], world["test"].text_tokens.shape[0]
+    head.standardizer.fit(splits["train"])
+    num_v, num_c = splits["test"].tokens.shape[0], splits["test"].text_tokens.shape[0]
     rng = np.random.default_rng(5)
     queries = rng.choice(num_c, size=12, replace=False)
     top = np.stack([rng.choice(num_v, size=6, replace=False) for _ in queries])
     caps, vids = np.repeat(queries, top.shape[1]), top.reshape(-1)
     with torch.no_grad():
-        b = load_pairs(world["test"], caps, vids)
+        b = load_pairs(splits["test"], caps, vids)
         alone = head.pair_score(*b.pair_inputs()).numpy()  # one batch: every pair scored at once
     sent = []
     original = scoring.load_pairs
     monkeypatch.setattr(scoring, "load_pairs",
                         lambda split, c, v, **kw: sent.append(len(np.unique(v))) or original(split, c, v, **kw))
-    got = score_pairs(head, world["test"], caps, vids, batch=8)
+    got = score_pairs(head, splits["test"], caps, vids, batch=8)
     np.testing.assert_allclose(got, alone, rtol=1e-4, atol=1e-4)
     distinct = len(np.unique(vids))
     assert sum(sent) <= distinct + len(sent) - 1  # a video is split across two batches at most once

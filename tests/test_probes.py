@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from synthetic.probes import FEATURES, linear_probe, probe_label
-from worlds import run_cli
+from helpers import run_cli
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import cli
 from reports.analysis import positive_ranks, recall_curve
 from reports.build import build_context
 from reports.inputs import load_rerank_dir
-from worlds import TINY_HEAD, run_cli
+from helpers import TINY_HEAD, run_cli
 
 pytestmark = pytest.mark.integration
 

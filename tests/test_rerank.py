@@ -17,12 +17,12 @@ from heads import create_head
 from heads.evaluation import rerank as rerank_module
 from heads.evaluation.rerank import lift, top_k, unique_pairs, write_outputs
 from heads.stage_two.scoring import pair_scorer
-from worlds import TINY_HEAD, row_split, run_cli
+from helpers import TINY_HEAD, row_split, run_cli
 
 
 class TableHead(nn.Module):
     """Fake stage-two head: score of (caption c, video v) = table[c, v]; records every pair scored.
-    It reads its pairs through the tokens of ``worlds.row_split``, which encode their own rows."""
+    It reads its pairs through the tokens of ``helpers.row_split``, which encode their own rows."""
 
     def __init__(self, table: np.ndarray) -> None:
         super().__init__()

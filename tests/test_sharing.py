@@ -23,7 +23,7 @@ import cli
 from pipeline.sharing import array_names
 from core.errors import StoreError
 from pipeline.store import CacheStore, StoreMismatchError
-from worlds import RangeHandler, run_cli, write_video
+from helpers import RangeHandler, run_cli, write_video
 
 pytestmark = pytest.mark.integration
 
@@ -384,7 +384,7 @@ def test_hdf5_round_trip_and_other_tools_features(tiny_world, tmp_path):
 @pytest.mark.slow
 def test_two_writers_create_and_fill_one_s3_store_at_once(s3, tmp_path, monkeypatch):
     """No lock on S3: two writers racing to create the store both end up writing into one store."""
-    from worlds import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
+    from helpers import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
 
     url = "s3://team/race.zarr"
     errors: list[BaseException] = []
@@ -423,7 +423,7 @@ def test_root_attributes_are_never_written_half(tmp_path, monkeypatch):
     attributes (creation: all of them at once; growing: the new manifest with its own sizes)."""
     from zarr.storage import LocalStore
 
-    from worlds import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout
+    from helpers import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout
 
     written: list[dict] = []
     set_ = LocalStore.set
@@ -448,7 +448,7 @@ def test_root_attributes_are_never_written_half(tmp_path, monkeypatch):
 def test_append_to_an_old_store_keeps_the_partial_shards_rows(tmp_path):
     """A store made before row digests existed grows too; the reopened last shard gets its old rows back
     from what the append kept aside, whatever the writer passes for them."""
-    from worlds import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
+    from helpers import CVID, CIDS, CSPLIT, VIDS, VSPLIT, fill, layout, video_data
 
     store = CacheStore.open_or_create(tmp_path / "old.zarr", layout(), VIDS, VSPLIT, CIDS, CVID, CSPLIT)
     fill(store)
@@ -484,7 +484,7 @@ def test_a_part_writer_of_an_s3_store_waits_for_part_0_to_grow_it(s3, tmp_path):
         wait_for_grower(url, "a" * 64, thumbnails=False, wait=1.0)
     with pytest.raises(StoreError):
         CacheStore.open(url)  # the waiting writer created nothing
-    from worlds import layout
+    from helpers import layout
 
     s = CacheStore.open_or_create(url, layout(), ["a", "b"], ["train", "test"], ["c0"], [0], ["train"])
     wait_for_grower(url, s.attrs["manifest_sha256"], thumbnails=False, wait=1.0)  # grown: returns at once

@@ -22,17 +22,17 @@ from heads.stage_two.pairs import load_pairs
 from heads.stage_two.scoring import score_pairs
 from heads.stage_two.config import StageTwoTrainConfig
 from heads.stage_two.train import StageOneCosine, hard_negatives, rank_loss, train_stage_two
-from worlds import ITM_ONLY, TINY, D, L, N, make_token_split, random_pair_inputs, run_cli
-from worlds import T2 as T
-from worlds import TOKEN_IDENTITY as IDENTITY
+from helpers import ITM_ONLY, TINY, D, L, N, make_token_split, random_pair_inputs, run_cli
+from helpers import T2 as T
+from helpers import TOKEN_IDENTITY as IDENTITY
 
 TOY_EPOCHS = 60  # ~5 s on 2 cores; 8-30 epochs stay near the class-prior loss (measured)
 
 
 @pytest.fixture(scope="session")
-def world(token_world: dict) -> dict:
-    """Stage two's attribute world with its stage one (``conftest.token_world``)."""
-    return token_world
+def splits(token_splits: dict) -> dict:
+    """Stage two's attribute splits with their stage one (``conftest.token_splits``)."""
+    return token_splits
 
 
 def logits_of(head, tokens, fm, text, tm) -> torch.Tensor:
@@ -230,9 +230,9 @@ def test_video_neighbour_negatives_are_the_videos_nearest_to_the_positive() -> N
     assert mixed.text_cand is sampler.text_cand
 
 
-def test_hard_negatives_follow_neg_source(world: dict) -> None:
-    head = load_stage_one(world["stage_one"]).head
-    train = world["train"]
+def test_hard_negatives_follow_neg_source(splits: dict) -> None:
+    head = load_stage_one(splits["stage_one"]).head
+    train = splits["train"]
     cfg = StageTwoTrainConfig()
     text = hard_negatives(head, train, cfg)
     assert isinstance(text, HardNegativeSampler) and text.text_cand.shape[1] == min(128, len(train.video_ids) - 1)
@@ -254,16 +254,16 @@ def test_hard_negatives_follow_neg_source(world: dict) -> None:
         hard_negatives(aligned, train, StageTwoTrainConfig(neg_source="video"))
 
 
-def test_training_with_mixed_negatives_and_neighbour_batches(world: dict, tmp_path: Path) -> None:
+def test_training_with_mixed_negatives_and_neighbour_batches(splits: dict, tmp_path: Path) -> None:
     """--neg-source mixed wired through both phases: its video-to-video neighbours build the
     contrastive clusters, its draws the ITM negatives; the run records the source and differs from the
     same run on caption-to-video negatives."""
     common = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16,
                   val_candidates=4, num_threads=1, hard_negatives="hard", itc_steps=2, itc_batch=8, itc_cluster=2,
                   itc_weight=1.0)
-    mixed = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "mixed",
+    mixed = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "mixed",
                             neg_source="mixed", neg_video_pool=2, **common)
-    text = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "text", **common)
+    text = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "text", **common)
     a, b = (torch.load(p, weights_only=True) for p in (mixed, text))
     assert a["train_args"]["neg_source"] == "mixed" and a["train_args"]["neg_video_pool"] == 2
     assert b["train_args"]["neg_source"] == "text"
@@ -286,10 +286,10 @@ def test_rank_loss_orders_positives_above_their_negatives() -> None:
     assert float(rank_loss(-wide, cosine)) > 19.0
 
 
-def test_stage_one_cosine_matches_the_similarity_matrix(world: dict) -> None:
-    head = load_stage_one(world["stage_one"]).head
-    sim = similarity(head, world["train"])
-    cos = StageOneCosine(head, world["train"])
+def test_stage_one_cosine_matches_the_similarity_matrix(splits: dict) -> None:
+    head = load_stage_one(splits["stage_one"]).head
+    sim = similarity(head, splits["train"])
+    cos = StageOneCosine(head, splits["train"])
     caps, vids = np.array([0, 5, 17, 100]), np.array([3, 5, 90, 0])
     np.testing.assert_allclose(cos(caps, vids).numpy(), sim[caps, vids], rtol=1e-5, atol=1e-6)
 
@@ -307,8 +307,8 @@ def test_anneal_schedule() -> None:
         hard_fraction("sometimes", 0, 1, 0.5)
 
 
-def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
-    train = world["train"]
+def test_load_pairs_reads_only_distinct_rows(splits: dict) -> None:
+    train = splits["train"]
     batch = load_pairs(train, np.array([0, 7, 7]), np.array([5, 3, 5]), np.array([1, 0, 0]))
     assert batch.tokens.shape[0] == 2 and batch.text_tokens.shape[0] == 2
     # distinct rows in ascending order, the pair index maps back: pair i = (caption c_i, video v_i)
@@ -322,13 +322,13 @@ def test_load_pairs_reads_only_distinct_rows(world: dict) -> None:
 
 # -- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(world: dict) -> Path:
-    return train_stage_two(world["train"], world["val"], world["stage_one"], world["root"] / "head",
+def trained(splits: dict) -> Path:
+    return train_stage_two(splits["train"], splits["val"], splits["stage_one"], splits["root"] / "head",
                            head_config=TINY, epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False,
                            val_queries=32, val_candidates=8, num_threads=1, **ITM_ONLY)
 
 
-def test_training_learns_to_match(trained: Path, world: dict) -> None:
+def test_training_learns_to_match(trained: Path, splits: dict) -> None:
     history = json.loads((trained.parent / "history.json").read_text())
     epochs = history["epochs"]
     assert history["finished"] and len(epochs) == TOY_EPOCHS
@@ -342,17 +342,17 @@ def test_training_learns_to_match(trained: Path, world: dict) -> None:
     assert history["best_epoch"] == int(np.argmax(scores))
     # the selected head separates the true pairs from stage one's top candidates on test too
     head = load_stage_two(trained).head
-    test = world["test"]
+    test = splits["test"]
     pos = score_pairs(head, test, np.arange(32), np.arange(32))
     neg = score_pairs(head, test, np.arange(32), (np.arange(32) + 5) % 32)
     assert (pos > neg).mean() > 0.8
 
 
-def test_checkpoint_contents(trained: Path, world: dict) -> None:
+def test_checkpoint_contents(trained: Path, splits: dict) -> None:
     raw = torch.load(trained, weights_only=True)
     assert raw["kind"] == "stage_two" and raw["store_fingerprint"] == "toy-token-store"
     assert raw["encoder_identity"] == IDENTITY
-    assert raw["stage_one_identity"] == stage_one_identity(world["stage_one"])
+    assert raw["stage_one_identity"] == stage_one_identity(splits["stage_one"])
     assert raw["stage_one_identity"]["sha256"] and raw["config"]["name"] == "crosstvr"
     assert raw["train_args"]["val_split"] == "val" and raw["train_args"]["hard_negatives"] == "anneal"
     assert bool(raw["state_dict"]["standardizer.fitted"])
@@ -366,29 +366,29 @@ def test_other_encoder_refused(trained: Path) -> None:
         load_stage_two(trained, expect_encoder_identity={**IDENTITY, "token_dim": 1408})
 
 
-def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: Path, world: dict) -> None:
+def test_finished_run_is_not_repeated_and_other_arguments_are_refused(trained: Path, splits: dict) -> None:
     before = trained.stat().st_mtime_ns
-    again = train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_config=TINY,
+    again = train_stage_two(splits["train"], splits["val"], splits["stage_one"], trained.parent, head_config=TINY,
                             epochs=TOY_EPOCHS, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=32,
                             val_candidates=8, num_threads=1, **ITM_ONLY)
     assert again == trained and trained.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="lr"):
-        train_stage_two(world["train"], world["val"], world["stage_one"], trained.parent, head_config=TINY,
+        train_stage_two(splits["train"], splits["val"], splits["stage_one"], trained.parent, head_config=TINY,
                         epochs=TOY_EPOCHS, batch_size=16, lr=1e-3, seed=0, progress=False, val_queries=32, val_candidates=8,
                         **ITM_ONLY)
 
 
-def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> None:
+def test_resume_gives_the_uninterrupted_result(splits: dict, tmp_path: Path) -> None:
     kwargs = dict(head_config={**TINY, "dropout": 0.1}, epochs=3, batch_size=24, lr=3e-3, seed=4, progress=False,
                   val_queries=16, val_candidates=4, num_threads=1, hard_negatives="anneal", anneal=0.6, **ITM_ONLY)
-    straight = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "a", **kwargs)
+    straight = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "a", **kwargs)
     # 4 steps per epoch: stop inside epoch 0, then inside epoch 2, then finish
-    first = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", max_steps=3,
+    first = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "b", max_steps=3,
                             **kwargs)
     assert not json.loads((tmp_path / "b" / "history.json").read_text())["finished"]
     assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["step"] == 3
-    train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", max_steps=10, **kwargs)
-    resumed = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "b", **kwargs)
+    train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "b", max_steps=10, **kwargs)
+    resumed = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "b", **kwargs)
     assert first == resumed
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -403,13 +403,13 @@ def test_resume_gives_the_uninterrupted_result(world: dict, tmp_path: Path) -> N
     assert a["history"]["best_epoch"] == b["history"]["best_epoch"]
 
 
-def test_rank_term_trains_and_is_recorded(world: dict, tmp_path: Path) -> None:
-    ckpt = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "rank", head_config=TINY,
+def test_rank_term_trains_and_is_recorded(splits: dict, tmp_path: Path) -> None:
+    ckpt = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "rank", head_config=TINY,
                            epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
                            num_threads=1, rank_weight=1.0, **ITM_ONLY)
     raw = torch.load(ckpt, weights_only=True)
     assert raw["train_args"]["rank_weight"] == 1.0
-    plain = train_stage_two(world["train"], world["val"], world["stage_one"], tmp_path / "plain", head_config=TINY,
+    plain = train_stage_two(splits["train"], splits["val"], splits["stage_one"], tmp_path / "plain", head_config=TINY,
                             epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
                             num_threads=1, **ITM_ONLY)
     # same seed and batches: the rank term alone makes the losses differ (it is really added)
@@ -418,21 +418,21 @@ def test_rank_term_trains_and_is_recorded(world: dict, tmp_path: Path) -> None:
     assert la != pytest.approx(lb)
 
 
-def test_trainer_refuses_test_and_bad_input(world: dict, tmp_path: Path) -> None:
+def test_trainer_refuses_test_and_bad_input(splits: dict, tmp_path: Path) -> None:
     with pytest.raises(ForbiddenSplitError, match="val split is named 'test'"):
-        train_stage_two(world["train"], world["test"], world["stage_one"], tmp_path, progress=False)
+        train_stage_two(splits["train"], splits["test"], splits["stage_one"], tmp_path, progress=False)
     with pytest.raises(ForbiddenSplitError, match="train split"):
-        train_stage_two(world["test"], None, world["stage_one"], tmp_path, progress=False)
+        train_stage_two(splits["test"], None, splits["stage_one"], tmp_path, progress=False)
     no_tokens = make_token_split("train", 8, 1, seed=9)
     no_tokens.tokens = None
     with pytest.raises(ValueError, match="has no tokens"):
-        train_stage_two(no_tokens, None, world["stage_one"], tmp_path, progress=False)
+        train_stage_two(no_tokens, None, splits["stage_one"], tmp_path, progress=False)
     with pytest.raises(ValueError, match="hard_negatives"):
-        train_stage_two(world["train"], None, world["stage_one"], tmp_path, hard_negatives="easy", progress=False)
+        train_stage_two(splits["train"], None, splits["stage_one"], tmp_path, hard_negatives="easy", progress=False)
     other = make_token_split("train", 8, 1, seed=9)
     other.encoder_identity = {**IDENTITY, "name": "other"}
     with pytest.raises(StoreMismatchError, match="name"):
-        train_stage_two(other, None, world["stage_one"], tmp_path, progress=False)
+        train_stage_two(other, None, splits["stage_one"], tmp_path, progress=False)
     assert not (tmp_path / "stage_two.pt").exists()
 
 

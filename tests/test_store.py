@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from pipeline.store import CacheStore, StoreError, StoreMismatchError, decode_strings, fingerprint_of
-from worlds import CIDS, CSPLIT, CVID, STORE, VIDS, VSPLIT, RangeHandler, fill, layout, video_data
+from helpers import CIDS, CSPLIT, CVID, STORE, VIDS, VSPLIT, RangeHandler, fill, layout, video_data
 
 V, C, T, N, D, E, L, DT, S, ST = STORE
 

@@ -13,7 +13,7 @@ from core.errors import StoreError
 from pipeline import integrity
 from pipeline.sharing import checked_key, pull
 from pipeline.store import STATUS_OK, STATUS_PENDING, CacheStore
-from worlds import CIDS, CSPLIT, CVID, VIDS, VSPLIT, fill, layout, run_cli, video_data
+from helpers import CIDS, CSPLIT, CVID, VIDS, VSPLIT, fill, layout, run_cli, video_data
 
 
 def cli_exit(args: list) -> int:

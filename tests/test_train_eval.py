@@ -17,7 +17,7 @@ from heads.evaluation.similarity import evaluate, similarity, untrained_baseline
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.train import train_stage_one
 from heads.training.data import EpochSampler, gather_rows, iterate_batches, load_batch
-from worlds import E, IDENTITY, T, make_split
+from helpers import E, IDENTITY, T, make_split
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StagedSplit]:

@@ -14,7 +14,7 @@ from core.training_log import LOG_NAME, TrainingLog, read_training_log
 from heads.stage_one.train import train_stage_one
 from heads.stage_two.train import train_stage_two
 from heads.training.common import cosine_with_warmup, warmup_steps
-from worlds import TINY, make_split
+from helpers import TINY, make_split
 
 
 def records(run_dir: Path, phase: str, kind: str) -> list[dict]:
@@ -46,8 +46,8 @@ def test_stage_one_logs_every_step_and_validation(tmp_path: Path) -> None:
     assert len(records(tmp_path / "s1", "stage_one", "step")) == total
 
 
-def test_stage_two_logs_both_phases_and_resume_does_not_repeat_steps(token_world: dict, tmp_path: Path) -> None:
-    w = token_world
+def test_stage_two_logs_both_phases_and_resume_does_not_repeat_steps(token_splits: dict, tmp_path: Path) -> None:
+    w = token_splits
     kw = dict(head_config=TINY, epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
               num_threads=1, itc_steps=6, itc_batch=16, itc_cluster=2, itc_weight=1.0)
     straight = train_stage_two(w["train"], w["val"], w["stage_one"], tmp_path / "a", **kw)
@@ -79,13 +79,13 @@ def test_stage_two_logs_both_phases_and_resume_does_not_repeat_steps(token_world
             by_key[key(r)]["loss" if r["kind"] == "step" else "score"], rel=1e-6)
 
 
-def test_the_log_changes_nothing_in_the_weights(token_world: dict, tmp_path: Path, monkeypatch) -> None:
+def test_the_log_changes_nothing_in_the_weights(token_splits: dict, tmp_path: Path, monkeypatch) -> None:
     """The same runs with a log that records nothing end with the same weights, bit for bit."""
     import heads.stage_one.train as s1_train
     import heads.stage_two.itc as itc_module
     import heads.stage_two.train as s2_train
 
-    w = token_world
+    w = token_splits
     kw = dict(head_config=TINY, epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
               num_threads=1, itc_steps=4, itc_batch=16, itc_cluster=2, itc_weight=1.0)
     train, val = make_split("train", 40, 2, seed=0), make_split("val", 16, 1, seed=1)

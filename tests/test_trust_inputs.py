@@ -177,7 +177,7 @@ def test_run_json_holds_no_credentials(tmp_path: Path) -> None:
 def _reranked(out: Path, store: str) -> Path:
     """A re-ranking of a hand-built split (4 videos, 3 captions) written with ``store`` in its run.json."""
     from heads.evaluation.rerank import rerank, write_outputs
-    from worlds import row_split
+    from helpers import row_split
 
     sim = np.array([[0.9, 0.8, 0.1, 0.0], [0.5, 0.7, 0.6, 0.2], [0.3, 0.3, 0.9, 0.4]], np.float32)
     split = row_split(np.array([1, 3, 0]), 4)

@@ -1,10 +1,10 @@
-"""Small worlds the tests share, each a ``core.split.StagedSplit`` (memory-mapped when a directory
+"""The helpers the tests share: small splits, each a ``core.split.StagedSplit`` (memory-mapped when a directory
 is given, as staged stores are).
 
-* ``make_split``: stage one's world. Videos are noisy frames around a concept; captions are noisy
+* ``make_split``: stage one's splits. Videos are noisy frames around a concept; captions are noisy
   *rotated* concepts, so zero-shot (identity projection) retrieval is near chance and a learned
   text projection solves it.
-* ``make_token_split``: stage two's world. Every video has ``ATTRS`` attributes shown by one patch
+* ``make_token_split``: stage two's splits. Every video has ``ATTRS`` attributes shown by one patch
   each; a caption names them with one word token each; stage-one embeddings are noisy.
 * ``run_cli``: the command line, in-process.
 * ``write_video``: a small generated video (containers, codecs, sizes, frame rates, rotation).
@@ -12,7 +12,7 @@ is given, as staged stores are).
   generated videos, laid out as docs/DATASETS.md documents.
 * ``row_split``: tokens that encode their own row (``tokens[v, 0, 0, 0] == v``, ``text_tokens[c, 0,
   0] == c``), so a fake head can look up a known score per pair.
-* the store's toy world (``STORE``, ``VIDS`` ... ``CSPLIT``, ``layout``, ``video_data``, ``fill``) and
+* the store's toy data (``STORE``, ``VIDS`` ... ``CSPLIT``, ``layout``, ``video_data``, ``fill``) and
   ``RangeHandler`` (an http server honouring Range) for the store and sharing tests.
 * ``hog_decode``: a decode function for the decode pool's tests (memory hogs, hanging workers).
 """
@@ -27,11 +27,11 @@ import numpy as np
 
 from core.split import StagedSplit
 
-# stage one's world
+# stage one's splits
 E, T = 32, 6
 IDENTITY = {"name": "toy-encoder", "pretrained": "none", "embed_dim": E}
 
-# stage two's world
+# stage two's splits
 D, T2, N, L = 16, 4, 5, 6
 ATTRS, VALUES = 3, 5
 TOKEN_IDENTITY = {"name": "toy-token-encoder", "pretrained": "none", "token_dim": D}
@@ -76,14 +76,14 @@ def make_split(name: str, num_videos: int, captions_per_video: int, seed: int,
 
 def make_token_split(name: str, num_videos: int, captions_per_video: int, seed: int,
                      directory: Path | None = None) -> StagedSplit:
-    """A tiny attribute world: every video has ``ATTRS`` attributes with ``VALUES`` values each,
+    """Tiny attribute splits: every video has ``ATTRS`` attributes with ``VALUES`` values each,
     shown by one patch per attribute in every frame (a fixed visual vector per value, plus noise);
     a caption names them with one word token per attribute (a different fixed vector per value).
     The match is decidable from the tokens; stage-one embeddings are noisy so that stage one
     makes mistakes for the head to fix."""
-    world = np.random.default_rng(1234)  # the same vocabulary in every split
-    visual_vocab = world.normal(size=(ATTRS, VALUES, D))
-    word_vocab = world.normal(size=(ATTRS, VALUES, D))
+    vocab_rng = np.random.default_rng(1234)  # the same vocabulary in every split
+    visual_vocab = vocab_rng.normal(size=(ATTRS, VALUES, D))
+    word_vocab = vocab_rng.normal(size=(ATTRS, VALUES, D))
     rng = np.random.default_rng(seed)
     attrs = rng.integers(0, VALUES, size=(num_videos, ATTRS))
     concept = sum(visual_vocab[a, attrs[:, a]] for a in range(ATTRS))
@@ -289,7 +289,7 @@ def make_data_root(root: Path, dataset: str) -> dict:
     raise ValueError(f"no data layout for {dataset!r}")
 
 
-# -- the store's toy world (test_store.py, test_store_trust.py, test_sharing.py) -------------------
+# -- the store's toy data (test_store.py, test_store_trust.py, test_sharing.py) -------------------
 class StoreDims(NamedTuple):
     """Videos, captions, frames, tokens per frame, token dim, embedding dim, text tokens, text token
     dim, videos per shard, captions per text shard."""
