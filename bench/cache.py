@@ -1,7 +1,8 @@
 """A ViT-B/32-shaped feature cache of random data, written as ``.npy`` memmaps (for benchmarks).
 
 ``write_cache`` writes the arrays a staged split holds chunk by chunk, so a cache larger than RAM
-can be made, and returns it as a ``core.split.StagedSplit`` of memory maps, which the heads'
+can be made (``write_store`` writes the same shapes as a real Zarr store, shard by shard through its
+commit protocol, for the benchmarks that read a store in place), and returns it as a ``core.split.StagedSplit`` of memory maps, which the heads'
 trainers and re-ranker accept. ``in_ram`` copies it into memory; ``evict`` asks the kernel to drop
 its files from the page cache (``posix_fadvise(DONTNEED)``, no privileges needed), so the next
 read comes from disk.
@@ -86,3 +87,36 @@ def evict(split: StagedSplit) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def write_store(path: Path, videos: int, frames: int, tokens: int, width: int, text_len: int, text_width: int,
+                embed: int, shard_size: int = 64, seed: int = 0) -> Path:
+    """A Zarr store (``pipeline.store.CacheStore``, uncompressed, every video in the train split, one
+    caption per video) of random values with these shapes, written shard by shard; returns its path."""
+    from pipeline.store import CacheStore, StoreLayout
+
+    rng = np.random.default_rng(seed)
+    layout = StoreLayout(dataset="bench", manifest_sha256="b" * 64, encoder=dict(IDENTITY), num_frames=frames,
+                         num_tokens=tokens, token_dim=width, embed_dim=embed, text_dim=text_width,
+                         max_text_tokens=text_len, shard_size=shard_size, text_shard_size=1024)
+    ids = [f"v{i:07d}" for i in range(videos)]
+    store = CacheStore.create(path, layout, ids, ["train"] * videos, [f"c{i:07d}" for i in range(videos)],
+                              list(range(videos)), ["train"] * videos)
+    for i in range(store.num_shards):
+        lo, hi = store.shard_range(i)
+        n = hi - lo
+        store.write_shard(i, status=np.ones(n, np.int8), error=[""] * n,
+                          tokens=rng.standard_normal((n, frames, tokens, width), dtype=np.float32).astype(np.float16),
+                          frame_emb=rng.standard_normal((n, frames, embed), dtype=np.float32),
+                          frame_mask=np.ones((n, frames), bool),
+                          frame_index=np.tile(np.arange(frames, dtype=np.int32), (n, 1)),
+                          frame_time=np.tile(np.arange(frames, dtype=np.float32), (n, 1)))
+    for j in range(store.num_text_shards):
+        lo, hi = store.text_shard_range(j)
+        n = hi - lo
+        store.write_text_shard(j, tokens=rng.standard_normal((n, text_len, text_width), dtype=np.float32
+                                                              ).astype(np.float16),
+                               mask=np.ones((n, text_len), bool),
+                               emb=rng.standard_normal((n, embed), dtype=np.float32))
+    store.consolidate()
+    return Path(path)

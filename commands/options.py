@@ -18,8 +18,23 @@ from workflows.workdir import DEFAULT_WORK
 
 work_dir_option = click.option("--work-dir", default=DEFAULT_WORK, show_default=True,
                                 help="Where manifests, stores, runs and reports go.")
-stage_dir_option = click.option("--stage-dir", help="Local directory for the memory-mapped copy of the store "
-                                                    "(default work-dir/staged).")
+def stage_dir_option(fn: Callable) -> Callable:
+    """``--stage-dir`` (where staged copies go) and ``--copy-tokens`` (copy the token arrays there even
+    from a local uncompressed store, whose tokens are otherwise read in place; passed on as
+    ``CROSSTVR_COPY_TOKENS``, not recorded in run.json)."""
+    def copy(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        import os
+
+        from workflows.workdir import COPY_TOKENS_ENV
+
+        if value:
+            os.environ[COPY_TOKENS_ENV] = "1"
+    fn = click.option("--copy-tokens", is_flag=True, callback=copy, expose_value=False,
+                      help="Copy the split's token arrays into --stage-dir even when the store is local and "
+                           "uncompressed (then they are read in place, where they lie), e.g. to move them from "
+                           "NFS to a local disk.")(fn)
+    return click.option("--stage-dir", help="Local directory for staged copies of the store's arrays "
+                                            "(default work-dir/staged).")(fn)
 device_option = click.option("--device", default="auto", show_default=True, help="Torch device (auto: cuda if any).")
 seed_option = click.option("--seed", default=0, show_default=True)
 store_option = click.option("--store", required=True, help="Token store path or URL (file://, http(s)://, s3://).")

@@ -66,6 +66,8 @@ class StagedSplit:
     # captions as token ids of a head's own tokenizer (heads.stage_two.tokenizer.with_caption_ids)
     text_ids: np.ndarray | None = None
     text_ids_mask: np.ndarray | None = None
+    # how each large array is read: "in place" (memory maps of the store's own files) or "staged" (a copy)
+    access: dict = field(default_factory=dict)
 
 
 def require_arrays(split: Split, names: Sequence[str], purpose: str) -> None:

@@ -36,10 +36,15 @@ _STAGE_BLOCK_BYTES = 128 << 20  # read at most this much of one array at a time 
 PROGRESS_JSON = "progress.json"  # rows of each array copied so far (an interrupted staging resumes there)
 
 
+IN_PLACE_ARRAYS = {"tokens": "videos/tokens", "text_tokens": "texts/tokens"}  # what may be read in place
+
+
 def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
-                arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
+                arrays: Sequence[str] = STAGE_ARRAYS, in_place: Sequence[str] = ()) -> StagedSplit:
     """Copy ``split`` of ``store`` (a ``pipeline.store.CacheStore``) into ``stage_dir/<split>/*.npy``
-    and return it as a ``StagedSplit`` of read-only memory maps (see the module docstring)."""
+    and return it as a ``StagedSplit`` of read-only memory maps (see the module docstring); the arrays
+    named in ``in_place`` (``tokens``, ``text_tokens``: a local store's uncompressed arrays) are not
+    copied but read where they lie (``pipeline.store.inplace.MappedRows``)."""
     unknown = set(arrays) - _STAGE_NAMES
     if unknown:
         raise ValueError(f"unknown staged arrays {sorted(unknown)} (known: "
@@ -53,8 +58,10 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
     if missing:
         raise StoreError(f"{store.url}: text shards {missing[:5]} not written yet; finish the "
                          f"extraction first")
+    in_place = sorted(set(in_place) & ({"tokens"} if want_tokens else set()) |
+                      (set(in_place) & ({"text_tokens"} if want_text else set())))
     key = {"fingerprint": store.fingerprint, "split": split, "tokens": want_tokens,
-           "text_tokens": want_text,
+           "text_tokens": want_text, "in_place": in_place,
            "status_sha256": hashlib.sha256(store.split_status(split).tobytes()).hexdigest(),
            "num_videos": int(rows.size), "num_captions": int(crows.size),
            **_shard_digests(store, rows, needed_text)}
@@ -65,7 +72,7 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
         except ValueError:
             meta = {}
         if meta.get("key") == key and "coverage" in meta:
-            return _load_staged(out, meta)
+            return _with_in_place(_load_staged(out, meta), store, rows, crows, in_place)
     progress_path = out / PROGRESS_JSON
     try:
         progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
@@ -94,6 +101,8 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
                   store.text_shard_size),
                  ("text_mask", "texts/mask", (L,), np.bool_, crows, store.text_shard_size)]
     for fname, src, shape, dtype, sel, block in plan:
+        if fname in in_place:
+            continue
         done = int(progress["rows"].get(fname, 0))
         if done >= len(sel) and (out / f"{fname}.npy").is_file():
             continue  # copied whole by an earlier, interrupted run
@@ -118,7 +127,7 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
     if _shard_digests(store, rows, needed_text) != {k: key[k] for k in ("video_shards", "text_shards")}:
         # a writer rewrote one of the shards while they were copied: copy again from what is committed now
         shutil.rmtree(out, ignore_errors=True)
-        return stage_split(store, split, stage_dir, arrays)
+        return stage_split(store, split, stage_dir, arrays, in_place)
     np.save(out / "caption_video.npy", caption_video)
     meta = {"key": key, "video_ids": [ids[r] for r in rows],
             "caption_ids": [cids[c] for c in crows], "store_url": redact_url(store.url),
@@ -126,7 +135,22 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
             "coverage": store.split_coverage(split)}
     write_text(meta_path, json.dumps(meta))
     progress_path.unlink(missing_ok=True)
-    return _load_staged(out, meta)
+    return _with_in_place(_load_staged(out, meta), store, rows, crows, in_place)
+
+
+def _with_in_place(staged: StagedSplit, store: Any, rows: np.ndarray, crows: np.ndarray,
+                   in_place: Sequence[str]) -> StagedSplit:
+    """``staged`` with its ``in_place`` arrays mapped from the store's own files, and ``access`` saying
+    how each large array is read."""
+    from pipeline.store.backend import local_path
+    from pipeline.store.inplace import MappedRows
+
+    root = local_path(store.url)
+    for name in in_place:
+        setattr(staged, name, MappedRows(root, IN_PLACE_ARRAYS[name], rows if name == "tokens" else crows))
+    staged.access = {name: ("in place" if name in in_place else "staged") for name in IN_PLACE_ARRAYS
+                     if getattr(staged, name) is not None}
+    return staged
 
 
 def _shard_digests(store: Any, rows: np.ndarray, text_shards: Sequence[int]) -> dict[str, str]:

@@ -39,12 +39,15 @@ from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 RUN_JSON = "run.json"
 
 
-def write_run_record(out_dir: Path, config: Any, record: dict | None = None) -> Path:
-    """``out_dir/run.json``: ``record`` (the command and its options) and the trainer's config. URLs
-    (``--store``) are written without credentials or signed queries (``core.urls.redact_url``): a run
-    read back with ``--config`` needs such a store given again."""
+def write_run_record(out_dir: Path, config: Any, record: dict | None = None, splits: Any = ()) -> Path:
+    """``out_dir/run.json``: ``record`` (the command and its options), the trainer's config and how each
+    of ``splits`` reads its large arrays (``reads``: in place or staged). URLs (``--store``) are written
+    without credentials or signed queries (``core.urls.redact_url``): a run read back with ``--config``
+    needs such a store given again."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return write_json(out_dir / RUN_JSON, redact_urls({**(record or {}), "config": asdict(config)}))
+    reads = {s.split: s.access for s in splits if s is not None and getattr(s, "access", None)}
+    return write_json(out_dir / RUN_JSON, redact_urls({**(record or {}), "config": asdict(config),
+                                                       **({"reads": reads} if reads else {})}))
 
 
 def once_per_node(device: str, fn: Any) -> Any:
@@ -74,7 +77,7 @@ def train_stage_one_run(work: WorkDir, store: str, config: StageOneTrainConfig, 
     train, val = once_per_node(config.device, lambda: work.stage_train_val(store))
     out_dir = Path(out) if out else work.run_dir(1, config.head)
     if is_main_process():
-        write_run_record(out_dir, config, record)
+        write_run_record(out_dir, config, record, (train, val))
     return train_stage_one(train, val, out_dir, config, reuse=reuse)
 
 
@@ -92,7 +95,7 @@ def train_head(work: WorkDir, store: str, stage_one: str | Path, config: StageTw
                                                                config.text_len) for s in (train, val))
     out_dir = Path(out) if out else work.run_dir(2, config.head)
     if is_main_process():
-        write_run_record(out_dir, config, record)
+        write_run_record(out_dir, config, record, (train, val))
     return train_stage_two(train, val, stage_one, out_dir, config, resume=resume)
 
 
@@ -190,7 +193,7 @@ def rerank_split(work: WorkDir, store: str, stage_one: str | Path, stage_two: st
                  t2v_candidates=cand)
     out_dir = Path(out) if out else work.reports_dir(f"rerank-{split}")
     meta = {"store": str(store), "store_fingerprint": data.store_fingerprint, "stage_one": s1_info,
-            "head": head_info, "device": device, "batch_size": batch_size}
+            "head": head_info, "device": device, "batch_size": batch_size, "reads": data.access}
     if index_info:
         meta["t2v_candidates_from_index"] = index_info
     title = f"{split}: stage one vs re-ranked top {candidates}" + (" (DSL)" if dsl else "")

@@ -26,6 +26,7 @@ from core.split import StagedSplit
 from pipeline.store import CacheStore
 
 DEFAULT_WORK = "work"
+COPY_TOKENS_ENV = "CROSSTVR_COPY_TOKENS"  # "1": stage copies of the token arrays even where they can be read in place
 STAGE_ONE_ARRAYS = ("frame_emb", "text")
 STAGE_TWO_ARRAYS = ("frame_emb", "tokens", "text")
 
@@ -82,9 +83,11 @@ class WorkDir:
 
     # -- staging ------------------------------------------------------------------------------
     def stage(self, store_url: str, split: str, arrays: tuple[str, ...] = STAGE_ONE_ARRAYS) -> StagedSplit:
-        """``split`` of the store at ``store_url`` staged under this work dir (idempotent)."""
+        """``split`` of the store at ``store_url`` staged under this work dir (idempotent): a local
+        uncompressed store's token arrays read in place, unless ``--copy-tokens`` (``COPY_TOKENS_ENV``)."""
         store = CacheStore.open(store_url)
-        return store.stage(split, self.stage_root / store.fingerprint[:16], arrays=arrays)
+        return store.stage(split, self.stage_root / store.fingerprint[:16], arrays=arrays,
+                           copy=os.environ.get(COPY_TOKENS_ENV) == "1")
 
     def stage_train_val(self, store_url: str, arrays: tuple[str, ...] = STAGE_ONE_ARRAYS
                         ) -> tuple[StagedSplit, StagedSplit | None]:

@@ -11,7 +11,7 @@ import numpy as np
 from core.errors import StoreError
 from core.split import StagedSplit
 from pipeline import integrity
-from pipeline.staging import STAGE_ARRAYS, stage_split
+from pipeline.staging import IN_PLACE_ARRAYS, STAGE_ARRAYS, stage_split
 from pipeline.store.layout import STATUS_FAILED, STATUS_OK
 
 
@@ -67,8 +67,22 @@ class SplitMixin:
         return h.hexdigest()
 
     def stage(self, split: str, stage_dir: str | os.PathLike,
-              arrays: Sequence[str] = STAGE_ARRAYS) -> StagedSplit:
-        """Copy one split into local memory-mapped ``.npy`` files (``pipeline.staging.stage_split``)."""
-        return stage_split(self, split, stage_dir, arrays)
+              arrays: Sequence[str] = STAGE_ARRAYS, copy: bool = False) -> StagedSplit:
+        """One split as local memory maps (``pipeline.staging.stage_split``): the token arrays of a local
+        store whose arrays are uncompressed read in place (``pipeline.store.inplace``), everything else
+        (and with ``copy`` everything) copied into ``.npy`` files under ``stage_dir``."""
+        return stage_split(self, split, stage_dir, arrays, () if copy else self.in_place_arrays())
+
+    def in_place_arrays(self) -> list[str]:
+        """The split arrays (``tokens``, ``text_tokens``) this store lets a reader map where they lie: all
+        of a local store's uncompressed ones (``pipeline.store.inplace.in_place_reason``); none of a
+        remote store's."""
+        from pipeline.store.backend import local_path
+        from pipeline.store.inplace import in_place_reason
+
+        root = local_path(self.url)
+        if root is None:
+            return []
+        return [name for name, array in IN_PLACE_ARRAYS.items() if in_place_reason(root, array) is None]
 
 
