@@ -137,3 +137,19 @@ def test_the_commands_say_how_they_read(tiny_runs, tmp_path, monkeypatch):
     m1 = json.loads((tmp_path / "in-place" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "copied" / "metrics.json").read_text())
     assert m1["re-ranked"] == m2["re-ranked"]
+
+
+def test_a_chunk_zarr_did_not_write_reads_as_the_fill_value(tmp_path):
+    """zarr skips an inner chunk equal to the fill value (its index entry stays empty): read in place
+    it is the fill value, as zarr reads it; rows across two shards and a partial last shard."""
+    import zarr
+
+    from bench.cache import write_store
+
+    path = write_store(tmp_path / "s.zarr", 7, frames=2, tokens=3, width=4, text_len=2, text_width=4, embed=4,
+                       shard_size=4)
+    tokens = zarr.open_array(str(path / "videos" / "tokens"), mode="r+")
+    tokens[5] = 0
+    mapped = MappedRows(path, "videos/tokens", np.array([6, 5, 0, 3]))
+    np.testing.assert_array_equal(np.asarray(mapped), np.asarray(tokens[...])[[6, 5, 0, 3]])
+    assert not np.asarray(mapped)[1].any()

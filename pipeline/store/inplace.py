@@ -85,6 +85,9 @@ class MappedRows:
         self.row_shape = tuple(int(s) for s in meta["shape"][1:])
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.per_file, self.per_inner = per_file, per_inner
+        # a chunk zarr never wrote (all of it the fill value: zarr skips such chunks) reads as the fill value
+        self._fill = np.full(self.row_shape, meta.get("fill_value") or 0, dtype=self.dtype)
+        self._fill.flags.writeable = False
         self.rows = np.asarray(rows, dtype=np.int64)
         if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= int(meta["shape"][0])):
             raise StoreError(f"{self.root}: rows outside {name}'s {meta['shape'][0]}")
@@ -133,12 +136,13 @@ class MappedRows:
         index = np.frombuffer(raw, dtype="<u8").reshape(inner, 2)
         entry = index[local // self.per_inner]
         chunk_bytes = self.per_inner * self.row_bytes
-        bad = (entry[:, 0] == _EMPTY) | (entry[:, 1] != chunk_bytes) | \
-            (entry[:, 0] + entry[:, 1] > m.size - index_bytes)
+        empty = (entry[:, 0] == _EMPTY) & (entry[:, 1] == _EMPTY)
+        bad = ~empty & ((entry[:, 1] != chunk_bytes) | (entry[:, 0] + entry[:, 1] > m.size - index_bytes))
         if bad.any():
             row = int(local[np.flatnonzero(bad)[0]]) + f * self.per_file
             raise StoreError(f"{self._path(f)}: the shard index has no whole chunk for {self.name} row {row}")
-        return entry[:, 0].astype(np.int64) + (local % self.per_inner) * self.row_bytes
+        offsets = np.where(empty, 0, entry[:, 0]).astype(np.int64) + (local % self.per_inner) * self.row_bytes
+        return np.where(empty, -1, offsets)
 
     # -- array protocol ------------------------------------------------------------------
     @property
@@ -149,6 +153,8 @@ class MappedRows:
         return self.shape[0]
 
     def _row(self, i: int) -> np.ndarray:
+        if self._offset[i] < 0:
+            return self._fill
         m = self._map(int(self._file[i]))
         return np.frombuffer(m, dtype=self.dtype, count=int(np.prod(self.row_shape)),
                              offset=int(self._offset[i])).reshape(self.row_shape)
