@@ -1,6 +1,6 @@
 """Within-group matching accuracy on the synthetic benchmark: can a scorer tell near-duplicates apart?
 
-    python bench/groups.py --store STORE --manifest DIR --stage-one CKPT [--head CKPT ...]
+    python bench/groups.py --store STORE --manifest DIR --stage-one CKPT [--stage-two CKPT ...]
                            [--split val] [--max-captions N] [--json OUT]
 
 For every caption of a video that belongs to a near-duplicate group (members differ in exactly one
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--store", required=True)
     ap.add_argument("--manifest", required=True, help="synthetic manifest directory (videos.parquet)")
     ap.add_argument("--stage-one", required=True)
-    ap.add_argument("--head", action="append", default=[], help="stage-two checkpoint (repeatable)")
+    ap.add_argument("--stage-two", action="append", default=[], help="stage-two checkpoint (repeatable)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--work-dir", default="work")
     ap.add_argument("--max-captions", type=int, default=0, help="0 = every grouped caption")
@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     gq = group_queries(list(split.video_ids), split.caption_video, rows, args.max_captions, args.seed)
     if gq is None:
         raise SystemExit(f"split {args.split!r} of {args.store} has no grouped captions")
-    caps, size, attr = gq.captions, gq.group_size, gq.attribute
+    caps, size = gq.captions, gq.group_size
     sim, _ = stage_one_similarity(args.stage_one, split)
     table = head_group_accuracy(gq, sim)
     selectors: dict[str, dict] = {}
-    for path in args.head:
+    for path in args.stage_two:
         # each head reads its own view of the split (a BLIP-2-initialised one reads caption ids)
         head, info, head_split = load_head(path, split, captions=lambda: caption_texts(None, split, args.manifest))
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name

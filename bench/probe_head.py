@@ -1,6 +1,6 @@
 """Where a stage-two head loses an attribute: linear probes on its contrastive (text-free) outputs.
 
-    python bench/probe_head.py --store STORE --manifest DIR --head CKPT [--head CKPT ...]
+    python bench/probe_head.py --store STORE --manifest DIR --stage-two CKPT [--stage-two CKPT ...]
                                [--work-dir work] [--max-videos N] [--json OUT]
 
 For each CrossTVR head with a contrastive projection, softmax regressions (``synthetic.probes.

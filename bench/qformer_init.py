@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      out=run / "rerank-test", progress=False)
             metrics = res.metrics()
             grp = groups.main(["--store", store, "--manifest", str(manifest), "--stage-one", stage_one,
-                               "--head", str(ckpt), "--split", "test", "--work-dir", str(work.root)])
+                               "--stage-two", str(ckpt), "--split", "test", "--work-dir", str(work.root)])
             within = grp["accuracy"][f"{run.name} cosine+head"]
             row = {"seed": seed, "t2v_r1": metrics["re-ranked"]["t2v"]["R@1"],
                    "v2t_r1": metrics["re-ranked"]["v2t"]["R@1"],

@@ -20,7 +20,7 @@ pair are correlated, not equal). Everything through ``heads.evaluation.index`` (
   weights, its standardiser fitted on the cache) on a ViT-B/32-shaped token cache of 1,000 videos
   (``bench.cache``: 12 frames x 50 tokens x 768, fp16; a token cache of a million videos would be
   0.9 TB): the K candidates of each query come from its search and are mapped onto the cache's
-  videos; ms/query of ``score_pairs`` (what ``search --head`` runs per query).
+  videos; ms/query of ``score_pairs`` (what ``search --stage-two`` runs per query).
 
 Targets (issue 16): exact <= 50 ms/query in batches; approximate >= 0.95 recall@100 at <= 5 ms/query.
 """

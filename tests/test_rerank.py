@@ -367,7 +367,7 @@ def test_ablation_over_seeds_reports_means_and_within_group_accuracy(tiny_runs, 
     for s, r in zip((0, 1), seeds):
         shutil.copy(r["checkpoint"], both / f"seed{s}.pt")
     table = groups_main(["--store", str(store), "--manifest", str(Path(work) / "synthetic" / "manifest"),
-                         "--stage-one", str(s1), "--head", str(both / "seed0.pt"), "--head", str(both / "seed1.pt"),
+                         "--stage-one", str(s1), "--stage-two", str(both / "seed0.pt"), "--stage-two", str(both / "seed1.pt"),
                          "--split", "test", "--work-dir", str(work)])["accuracy"]
     assert table["both cosine+head"]["all"] == pytest.approx(seeds[0]["within_group"]["all"])
     assert table["both/seed1 cosine+head"]["all"] == pytest.approx(seeds[1]["within_group"]["all"])
