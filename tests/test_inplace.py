@@ -153,3 +153,7 @@ def test_a_chunk_zarr_did_not_write_reads_as_the_fill_value(tmp_path):
     mapped = MappedRows(path, "videos/tokens", np.array([6, 5, 0, 3]))
     np.testing.assert_array_equal(np.asarray(mapped), np.asarray(tokens[...])[[6, 5, 0, 3]])
     assert not np.asarray(mapped)[1].any()
+    text = zarr.open_array(str(path / "texts" / "tokens"), mode="r+")
+    text[...] = 0  # the one chunk file is removed: every caption reads as zeros
+    assert not (path / "texts" / "tokens" / "c" / "0" / "0" / "0").exists()
+    np.testing.assert_array_equal(np.asarray(MappedRows(path, "texts/tokens", np.arange(7))), text[...])

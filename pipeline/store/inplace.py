@@ -85,7 +85,8 @@ class MappedRows:
         self.row_shape = tuple(int(s) for s in meta["shape"][1:])
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.per_file, self.per_inner = per_file, per_inner
-        # a chunk zarr never wrote (all of it the fill value: zarr skips such chunks) reads as the fill value
+        # a chunk zarr never wrote (all of it the fill value: zarr skips such chunks) reads as the fill value,
+        # as zarr reads it
         self._fill = np.full(self.row_shape, meta.get("fill_value") or 0, dtype=self.dtype)
         self._fill.flags.writeable = False
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -116,7 +117,11 @@ class MappedRows:
         return m
 
     def _row_offsets(self, f: int, local: np.ndarray) -> np.ndarray:
-        """Byte offsets in file ``f`` of its rows ``local`` (0-based within the file)."""
+        """Byte offsets in file ``f`` of its rows ``local`` (0-based within the file); -1 for a row
+        zarr reads as the fill value (its chunk, or the whole file, never written: zarr skips a chunk
+        that is all fill value)."""
+        if not self._path(f).is_file():
+            return np.full(local.shape, -1, dtype=np.int64)
         m = self._map(f)
         if self.per_inner is None:  # a plain chunk: the rows one after another
             if m.size < self.per_file * self.row_bytes:
