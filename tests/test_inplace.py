@@ -34,6 +34,9 @@ def assert_matches_zarr(store_path: Path, stage_dir: Path, split: str = "train")
     np.testing.assert_array_equal(staged.tokens[order], want[order])
     np.testing.assert_array_equal(staged.tokens[2:5], want[2:5])
     np.testing.assert_array_equal(staged.tokens[-1], want[-1])
+    assert staged.tokens[1, 0, 2, 3] == want[1, 0, 2, 3]
+    np.testing.assert_array_equal(staged.tokens[1:3, 0, :, 1], want[1:3, 0, :, 1])
+    np.testing.assert_array_equal(staged.tokens[[2, 0], -1], want[[2, 0], -1])
     np.testing.assert_array_equal(np.asarray(staged.tokens), want)
     text = np.asarray(store.array("texts/tokens")[...])[crows]
     np.testing.assert_array_equal(staged.text_tokens[np.arange(len(crows))[::-1]], text[::-1])

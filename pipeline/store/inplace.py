@@ -73,7 +73,8 @@ def in_place_reason(root: str | Path, name: str) -> str | None:
 class MappedRows:
     """Rows ``rows`` (store row numbers) of array ``name`` of the local store at ``root``, as a read-only
     ``(len(rows), *row_shape)`` array-like: ``shape``, ``dtype``, ``len``, and ``[int]`` (a view) or
-    ``[slice | index array]`` (a copy of those rows, in that order)."""
+    ``[slice | index array]`` (a copy of those rows, in that order), then any numpy index within them
+    (``[rows, i, j]``)."""
 
     def __init__(self, root: str | Path, name: str, rows: np.ndarray) -> None:
         self.root, self.name = Path(root), name
@@ -165,6 +166,11 @@ class MappedRows:
                              offset=int(self._offset[i])).reshape(self.row_shape)
 
     def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, tuple):  # rows first, then the rest within them, as numpy indexes
+            if not index or index[0] is Ellipsis:
+                return np.asarray(self)[index]
+            rows, rest = self[index[0]], index[1:]
+            return rows[rest] if isinstance(index[0], (int, np.integer)) else rows[(slice(None),) + rest]
         if isinstance(index, (int, np.integer)):
             return self._row(int(index) % max(1, len(self)))
         picked = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
