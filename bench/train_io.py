@@ -130,6 +130,16 @@ def worker(a: argparse.Namespace) -> dict:
     return figures
 
 
+def finish(a: argparse.Namespace, runs: dict, ratio: float, what: str, small: dict, big: dict) -> None:
+    """Print the peak memory of the ``--scale`` times larger cache against the small one (flat is the
+    target) and write ``--json``."""
+    print(f"{a.scale}x larger {what}: peak RSS {small['peak_rss_mib']:.0f} -> {big['peak_rss_mib']:.0f} MiB "
+          f"(x{big['peak_rss_mib'] / small['peak_rss_mib']:.2f}), peak RssAnon {small['peak_anon_mib']:.0f} -> "
+          f"{big['peak_anon_mib']:.0f} MiB (x{big['peak_anon_mib'] / small['peak_anon_mib']:.2f})")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"runs": runs, "ratio": ratio, "scale": a.scale}, indent=2) + "\n")
+
+
 def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -228,11 +238,7 @@ def store_main(a: argparse.Namespace) -> None:
         ratio = runs["in-place"]["steps_per_s"] / runs["staged"]["steps_per_s"]
         print(f"in place / staged steps/s: {ratio:.3f} (target >= 0.95: {'met' if ratio >= 0.95 else 'MISSED'}); "
               f"in place / in RAM: {runs['in-place']['steps_per_s'] / runs['ram']['steps_per_s']:.3f}")
-        big, small = runs["in-place-large"], runs["in-place"]
-        print(f"{a.scale}x larger store in place: peak RSS {small['peak_rss_mib']:.0f} -> {big['peak_rss_mib']:.0f} "
-              f"MiB, peak RssAnon {small['peak_anon_mib']:.0f} -> {big['peak_anon_mib']:.0f} MiB")
-        if a.json:
-            Path(a.json).write_text(json.dumps({"runs": runs, "ratio": ratio, "scale": a.scale}, indent=2) + "\n")
+        finish(a, runs, ratio, "in place", runs["in-place"], runs["in-place-large"])
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -293,12 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = runs["stream"]["steps_per_s"] / runs["ram"]["steps_per_s"]
         print(f"streaming / preloaded steps/s: {ratio:.3f}  (target >= {TARGET_RATIO}: "
               f"{'met' if ratio >= TARGET_RATIO else 'MISSED'})")
-        big, small = runs["stream-large"], runs["stream"]
-        print(f"{a.scale}x larger cache: peak RSS {small['peak_rss_mib']:.0f} -> {big['peak_rss_mib']:.0f} MiB "
-              f"(x{big['peak_rss_mib'] / small['peak_rss_mib']:.2f}), peak RssAnon {small['peak_anon_mib']:.0f} -> "
-              f"{big['peak_anon_mib']:.0f} MiB (x{big['peak_anon_mib'] / small['peak_anon_mib']:.2f})")
-        if a.json:
-            Path(a.json).write_text(json.dumps({"runs": runs, "ratio": ratio, "scale": a.scale}, indent=2) + "\n")
+        finish(a, runs, ratio, "cache", runs["stream"], runs["stream-large"])
     finally:
         if tmp is not None:
             tmp.cleanup()
