@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from commands.cache import COMMANDS as CACHE_COMMANDS
-from commands.options import (FailureBudgetType, PartType, dataclass_options, device_option, dist_timeout_option,
+from commands.options import (FAILURE_BUDGET_TYPE, PART_TYPE, dataclass_options, device_option, dist_timeout_option,
                               manifest_source, seed_option, work_dir_option)
 from commands.search import COMMANDS as SEARCH_COMMANDS
 from commands.stage_one import COMMANDS as STAGE_ONE_COMMANDS
@@ -147,10 +147,12 @@ def probe_encoder_cmd(work_dir, manifest, encoders, steps, out) -> None:
                    "repeatable. All encoders run on the same decoded frames.")
 @click.option("--store", "stores", multiple=True, help="Store path/URL per --encoder (default under work-dir/stores).")
 @dataclass_options(ExtractConfig, unset=True)
-@click.option("--max-failed", type=FailureBudgetType(), help="Failed videos tolerated in a store: a count (5), a percentage (1%) or a "
-                                   "fraction (0.01) [default: 0: any failure exits 1].")
-@click.option("--part", type=PartType(), help="K/N: write only the shards i with i % N == K, so N processes (on one or several "
-                             "machines sharing the store on disk or S3) split one extraction; run K = 0..N-1.")
+@click.option("--max-failed", type=FAILURE_BUDGET_TYPE,
+              help="Failed videos tolerated in a store: a count (5), a percentage (1%) or a fraction (0.01) "
+                   "[default: 0: any failure exits 1].")
+@click.option("--part", type=PART_TYPE,
+              help="K/N: write only the shards i with i % N == K, so N processes (on one or several machines "
+                   "sharing the store on disk or S3) split one extraction; run K = 0..N-1.")
 @dist_timeout_option
 @device_option
 def extract_cmd(source, work_dir, encoders, stores, max_failed, part, device, **config) -> None:

@@ -44,14 +44,16 @@ allow_incomplete_option = click.option(
 head_option_option = click.option("--head-option", "head_option", multiple=True,
                                    help="Head option key=value, repeatable (`python cli.py heads` lists them).")
 threads_option = click.option("--threads", type=int, help="Torch CPU threads (default: all cores).")
-# options renamed since run.json files were first written: old parameter name -> today's
-RENAMED_PARAMS = {"head_options": "head_option", "amp": "precision", "val_k": "val_candidates", "k": "candidates",
-                  "head_ckpt": "stage_two", "num_threads": "threads"}
+# command-line parameters renamed since run.json files were first written: old name -> today's (the
+# trainer's renamed arguments and values are heads.stage_two.config.upgrade_names')
+RENAMED_PARAMS = {"head_options": "head_option", "num_threads": "threads"}
 
 
-def renamed(old: str, new: str, dest: str, value: Any = None, **settings: Any) -> Callable:
+def renamed(old: str, new: str, dest: str, value: Any = None, values: dict | None = None,
+            **settings: Any) -> Callable:
     """``old``, the former spelling of option ``new`` (parameter ``dest``), kept as a hidden alias: its
-    value (or ``value``, for a flag) goes to ``dest``, with a one-line notice on stderr."""
+    value (or ``value``, for a flag; a former value through ``values``) goes to ``dest``, with a
+    one-line notice on stderr."""
     legacy = "renamed_" + dest
 
     def apply(fn: Callable) -> Callable:
@@ -60,7 +62,7 @@ def renamed(old: str, new: str, dest: str, value: Any = None, **settings: Any) -
             given = kwargs.pop(legacy, None)
             if given not in (None, False, ()):
                 click.echo(f"note: {old} is now {new}", err=True)
-                kwargs[dest] = given if value is None else value
+                kwargs[dest] = (values or {}).get(given, given) if value is None else value
             return fn(*args, **kwargs)
         return click.option(old, legacy, hidden=True, default=None, **settings)(command)
     return apply
@@ -81,14 +83,8 @@ class ParsedType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def PartType() -> ParsedType:  # noqa: N802 (used as a type)
-    """``--part K/N`` -> ``(K, N)``."""
-    return ParsedType("K/N", parse_part, tuple)
-
-
-def FailureBudgetType() -> ParsedType:  # noqa: N802 (used as a type)
-    """``--max-failed`` -> ``FailureBudget``."""
-    return ParsedType("N|P%|F", FailureBudget.parse, FailureBudget)
+PART_TYPE = ParsedType("K/N", parse_part, tuple)  # --part K/N -> (K, N)
+FAILURE_BUDGET_TYPE = ParsedType("N|P%|F", FailureBudget.parse, FailureBudget)  # --max-failed
 
 
 def stage_one_option(help: str, required: bool = True) -> Callable:
@@ -171,9 +167,10 @@ def config_option(fn: Callable) -> Callable:
                 raise click.BadParameter(f"cannot read {value}: {exc}") from exc
             if record.get("command") != ctx.command.name:
                 raise click.BadParameter(f"{value} is a run of {record.get('command')!r}, not {ctx.command.name!r}")
-            options = {RENAMED_PARAMS.get(k, k): v for k, v in record.get("options", {}).items()}
-            if options.get("precision") == "off":
-                options["precision"] = "fp32"
+            from heads.stage_two.config import upgrade_names
+
+            options = upgrade_names({RENAMED_PARAMS.get(k, k): v
+                                     for k, v in record.get("options", {}).items()})
             ctx.default_map = {**(ctx.default_map or {}), **options}
         return value
     return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), is_eager=True,

@@ -42,7 +42,8 @@ from workflows.workdir import WorkDir, resolve_device
 @manifest_text_option
 @device_option
 @renamed("--unshared", "--no-shared", "shared", value=False, is_flag=True)
-@renamed("--amp", "--precision", "precision", type=click.Choice(("auto", "bf16", "off")))
+@renamed("--amp", "--precision", "precision", type=click.Choice(("auto", "bf16", "off")),
+         values={"off": "fp32"})
 @renamed("--val-k", "--val-candidates", "val_candidates", type=int)
 @click.pass_context
 def train_head_cmd(ctx, store, stage_one, mode, shared, num_selected, head_option, fresh, work_dir, stage_dir,
@@ -51,8 +52,6 @@ def train_head_cmd(ctx, store, stage_one, mode, shared, num_selected, head_optio
     from workflows.runs import train_head
 
     given = {**ctx.meta.get("preset_head_config", {}), **parse_key_values(head_option, "--head-option")}
-    if config.get("precision") == "off":  # --amp off, the former spelling
-        config["precision"] = "fp32"
     head_config = with_switches(config["head"], given, mode=mode, shared=shared, num_selected=num_selected)
     check_options(config["head"], head_config, "--head-option")
     cfg = StageTwoTrainConfig(**config, head_config=head_config, device=resolve_device(device)).resolved()
@@ -158,7 +157,8 @@ def rerank_cmd(store, stage_one, stage_two, split, candidates, dsl, dsl_temperat
 @device_option
 @allow_incomplete_option
 @renamed("--k", "--candidates", "candidates", type=int)
-@renamed("--amp", "--precision", "precision", type=click.Choice(("auto", "bf16", "off")))
+@renamed("--amp", "--precision", "precision", type=click.Choice(("auto", "bf16", "off")),
+         values={"off": "fp32"})
 @renamed("--val-k", "--val-candidates", "val_candidates", type=int)
 @click.pass_context
 def ablation_cmd(ctx, store, stage_one, variants, candidates, head_option, work_dir, stage_dir, out, seed, seeds, manifest,
@@ -182,8 +182,6 @@ def ablation_cmd(ctx, store, stage_one, variants, candidates, head_option, work_
 
         demo(work, seed=seed, device=resolve_device(device), echo=click.echo)
     given = {k: v for k, v in config.items() if v is not None}
-    if given.get("precision") == "off":  # --amp off, the former spelling
-        given["precision"] = "fp32"
     head_config = parse_key_values(head_option, "--head-option")
     demo_defaults = store is None and stage_one is None and out is None and not given
     cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=resolve_device(device))

@@ -58,8 +58,10 @@ def stage_split(store: Any, split: str, stage_dir: str | os.PathLike,
     if missing:
         raise StoreError(f"{store.url}: text shards {missing[:5]} not written yet; finish the "
                          f"extraction first")
-    in_place = sorted(set(in_place) & ({"tokens"} if want_tokens else set()) |
-                      (set(in_place) & ({"text_tokens"} if want_text else set())))
+    staged_large = {"tokens"} if want_tokens else set()
+    if want_text:
+        staged_large.add("text_tokens")
+    in_place = sorted(set(in_place) & staged_large)
     key = {"fingerprint": store.fingerprint, "split": split, "tokens": want_tokens,
            "text_tokens": want_text, "in_place": in_place,
            "status_sha256": hashlib.sha256(store.split_status(split).tobytes()).hexdigest(),
