@@ -14,7 +14,8 @@ from workflows.workdir import WorkDir, resolve_device
 # -- index and search ------------------------------------------------------------------------------
 @click.group("index")
 def index_group() -> None:
-    """A FAISS index of a split's stage-one video embeddings (for `search` and `rerank --index`)."""
+    """A FAISS index of a split's stage-one video embeddings (for `search` and `rerank --index`), grown with
+    its store by `index add`."""
 
 
 @index_group.command("build")
@@ -33,7 +34,8 @@ def index_group() -> None:
 @seed_option
 @device_option
 def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_dir, stage_dir, seed, device) -> None:
-    """Encode the split's videos with the stage one and index them (index.faiss, video_ids.json, index.json)."""
+    """Encode the split's videos with the stage one and index them (index.json and the index.faiss,
+    video_ids.json it names)."""
     from workflows.search import build_video_index
 
     vi = build_video_index(WorkDir(work_dir, stage_dir), store, stage_one, split=split, kind=kind,
@@ -41,6 +43,36 @@ def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_d
                            threads=threads, seed=seed)
     click.echo(f"{vi.kind} index of {vi.size} videos ({vi.meta['dim']}-d, split {split!r}) built in "
                f"{vi.meta['build_seconds']:.1f}s: {vi.path}")
+    rec = vi.meta.get("recall")
+    if rec:
+        click.echo(f"recall vs exact on {rec['queries']} captions: R@10 {100 * rec['recall@10']:.1f}%  "
+                   f"R@100 {100 * rec['recall@100']:.1f}% (of the top {rec['k_max']})")
+
+
+@index_group.command("add")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The `index build` directory to grow.")
+@click.option("--store", help="Token store path or URL (default: the store its index.json names).")
+@stage_one_option("Stage-one checkpoint (default: the one its index.json names; must be that one).", required=False)
+@click.option("--threads", type=int, help="FAISS threads (default: all cores).")
+@work_dir_option
+@stage_dir_option
+@device_option
+def index_add_cmd(index_dir, store, stage_one, threads, work_dir, stage_dir, device) -> None:
+    """Add the videos the store gained in the index's split since the index was built (a grown store:
+    `extract` of a later manifest): only they are encoded, with the same stage one. Refused, saying to
+    run `index build`, when the store changed otherwise (a shard repaired or rewritten)."""
+    from workflows.index_add import add_to_index
+
+    done = add_to_index(WorkDir(work_dir, stage_dir), index_dir, store=store, stage_one=stage_one,
+                        device=resolve_device(device), threads=threads)
+    vi = done.index
+    if not done.added:
+        click.echo(f"nothing new: index {vi.path} covers all {vi.size:,} videos of split {vi.meta['split']!r} "
+                   f"the store holds ({done.seconds:.1f}s)")
+        return
+    click.echo(f"added {done.added:,} vectors to the {vi.kind} index {vi.path} in {done.seconds:.1f}s: now "
+               f"{vi.size:,} videos of split {vi.meta['split']!r}")
     rec = vi.meta.get("recall")
     if rec:
         click.echo(f"recall vs exact on {rec['queries']} captions: R@10 {100 * rec['recall@10']:.1f}%  "

@@ -78,7 +78,6 @@ def runs(tiny_runs):
 def test_search_cli_encodes_the_query_as_the_store_did(runs, tiny_world, tmp_path):
     """A caption's own text as the query: its stage-one scores against the split's videos are that
     caption's row of the stage-one similarity (the store's encoder, rebuilt from its identity)."""
-    from core.metrics import format_table  # noqa: F401  (the package imports cleanly)
     from heads.evaluation.sources import stage_one_scores
     from manifests.schema import Manifest
     from workflows.workdir import WorkDir

@@ -5,8 +5,14 @@ An index directory holds
     index.faiss        the FAISS index (inner product over unit vectors = cosine)
     video_ids.json     the video id of every index row (row i = row i of the split it was built from)
     index.json         kind and parameters, dims, count, the split and store fingerprint, the encoder
-                       identity, the stage one (checkpoint sha256, head), build seconds and, for an
-                       approximate index, its recall against exact search measured at build time
+                       identity, the stage one (checkpoint sha256, head), build seconds, what of the
+                       store it covers (``covers``, written by ``workflows.search``) and, for an
+                       approximate index, its recall against exact search
+
+index.json is the commit point: it names the two data files it goes with (``files``). A rewrite of the
+directory (a build over it, ``index add``) writes the next generation's data files
+(``index.<g>.faiss``, ``video_ids.<g>.json``) beside the current ones, then index.json, then deletes
+the files no longer named; a process killed at any point leaves the old index or the new one.
 
 Kinds: ``flat`` (exact inner product, the default), ``ivf`` (``IndexIVFFlat``: k-means cells, a
 query scans ``nprobe`` of them) and ``hnsw`` (``IndexHNSWFlat``: a navigable small-world graph,
@@ -21,10 +27,13 @@ Torch-free: the embeddings come in as float32 arrays (``heads.evaluation.similar
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +44,8 @@ from core.urls import redact_urls
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "video_ids.json", "index.json"
 INDEX_FORMAT = "crosstvr-index"
+DATA_FILE = re.compile(r"^(index(\.\d+)?\.faiss|video_ids(\.\d+)?\.json)$")  # a generation's data files
+LOCK_FILE = ".lock"  # writers of one index directory (``index_lock``)
 # defaults of the approximate kinds (options: nlist, nprobe, train_size; m, ef_construction, ef_search)
 IVF_DEFAULTS = {"nlist": 0, "nprobe": 32, "train_size": 0}  # nlist 0: about 4 * sqrt(N); train_size 0: 64 * nlist
 HNSW_DEFAULTS = {"m": 32, "ef_construction": 80, "ef_search": 128}
@@ -258,32 +269,129 @@ def build_index(emb: np.ndarray, video_ids: Sequence[str], kind: str = "flat", o
             "vectors (cosine)", "dim": int(index.d), "count": int(index.ntotal), **dict(meta or {}),
             "build_seconds": round(time.perf_counter() - t0, 3)}
     if kind != "flat" and recall_queries is not None and len(recall_queries):
-        k = min(100, int(index.ntotal))
-        e_scores, e_rows = exact_top_k(unit_rows(emb), unit_rows(recall_queries), k)  # no second copy in an index
-        e_rows = np.take_along_axis(e_rows, np.lexsort((e_rows, -e_scores), axis=1), axis=1)  # best first
-        _, a_rows = search(index, recall_queries, k)
-        info["recall"] = {"queries": int(len(recall_queries)), "recall@10": recall_at(a_rows, e_rows, 10),
-                          "recall@100": recall_at(a_rows, e_rows, 100), "k_max": k}
+        info["recall"] = measure_recall(index, unit_rows(emb), recall_queries)  # no second copy in an index
     return VideoIndex(index, list(video_ids), info)
+
+
+def measure_recall(index: Any, vectors: np.ndarray, queries: np.ndarray) -> dict:
+    """Recall@10 / @100 of ``index``'s search against exact search over ``vectors`` (the unit rows it
+    holds), on ``queries``."""
+    k = min(100, int(index.ntotal))
+    e_scores, e_rows = exact_top_k(vectors, unit_rows(queries), k)
+    e_rows = np.take_along_axis(e_rows, np.lexsort((e_rows, -e_scores), axis=1), axis=1)  # best first
+    _, a_rows = search(index, queries, k)
+    return {"queries": int(len(queries)), "recall@10": recall_at(a_rows, e_rows, 10),
+            "recall@100": recall_at(a_rows, e_rows, 100), "k_max": k, "videos": int(index.ntotal)}
+
+
+def add_vectors(vi: VideoIndex, emb: np.ndarray, video_ids: Sequence[str]) -> None:
+    """Add the unit rows of ``emb`` (one per id of ``video_ids``) after ``vi``'s rows, as its kind adds
+    them: flat and HNSW append (HNSW links them into its graph), IVF assigns them to its trained cells
+    (the cells are not trained again). Updates ``vi.video_ids`` and ``vi.meta["count"]``."""
+    if len(video_ids) != emb.shape[0]:
+        raise ValueError(f"{emb.shape[0]} embeddings for {len(video_ids)} video ids")
+    x = unit_rows(emb)
+    if x.shape[1] != vi.index.d:
+        raise ValueError(f"{x.shape[1]}-d embeddings for an index of {vi.index.d}-d vectors")
+    clash = set(video_ids) & set(vi.video_ids)
+    if clash:
+        raise ValueError(f"videos already in the index: {sorted(clash)[:3]}")
+    if len(x):
+        vi.index.add(x)
+    vi.video_ids = list(vi.video_ids) + list(video_ids)
+    vi.meta["count"] = int(vi.index.ntotal)
+
+
+def index_vectors(index: Any) -> np.ndarray:
+    """A copy of the (N, d) unit rows ``index`` holds, in row order, whatever its kind (read from its
+    storage: nothing is recomputed and the index is not changed)."""
+    faiss = _faiss()
+    n, d = int(index.ntotal), int(index.d)
+    flat = _flat_vectors(index)
+    if flat is not None or n == 0:
+        return np.array(flat if flat is not None else np.zeros((0, d), np.float32))
+    if hasattr(index, "hnsw"):
+        storage = faiss.downcast_index(index.storage)
+        return np.array(faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d))
+    ivf = faiss.extract_index_ivf(index)
+    if ivf.code_size != 4 * d:
+        raise ValueError(f"cannot read the vectors of a {type(ivf).__name__} (codes of {ivf.code_size} bytes)")
+    out = np.empty((n, d), dtype=np.float32)
+    lists = ivf.invlists
+    for cell in range(ivf.nlist):
+        size = lists.list_size(cell)
+        if size:
+            ids = faiss.rev_swig_ptr(lists.get_ids(cell), size).copy()
+            out[ids] = faiss.rev_swig_ptr(lists.get_codes(cell), size * ivf.code_size).view(np.float32).reshape(size, d)
+    return out
+
+
+def _data_files(generation: int) -> dict:
+    """The data files of one generation of an index directory (generation 0: the plain names)."""
+    if generation == 0:
+        return {"index": INDEX_FILE, "video_ids": IDS_FILE}
+    return {"index": f"index.{generation}.faiss", "video_ids": f"video_ids.{generation}.json"}
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def save_index(vi: VideoIndex, out_dir: str | Path) -> Path:
     """Write the index directory (each file whole or not at all; URLs in the metadata without
-    credentials or signed query, ``core.urls.redact_url``); returns it."""
+    credentials or signed query, ``core.urls.redact_url``); returns it. Over an existing index the
+    data files of the next generation are written first and index.json last (the commit point), so a
+    reader, or a process killed meanwhile, sees the old index or the new one, never a mix."""
     faiss = _faiss()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    current = _read_meta(out) if (out / META_FILE).is_file() else None
+    generation = int(current.get("generation", 0)) + 1 if current else 0
+    files = _data_files(generation)
     data = np.asarray(faiss.serialize_index(vi.index), dtype=np.uint8).tobytes()
-    atomic_write(out / INDEX_FILE, lambda tmp: tmp.write_bytes(data))
-    write_json(out / IDS_FILE, list(vi.video_ids))
+    atomic_write(out / files["index"], lambda tmp: tmp.write_bytes(data))
+    write_json(out / files["video_ids"], list(vi.video_ids))
+    vi.meta.update(generation=generation, files=files)
     write_json(out / META_FILE, redact_urls(vi.meta))
+    for old in out.iterdir():  # the previous generation's files (and those of a writer killed before its commit)
+        if DATA_FILE.match(old.name) and old.name not in files.values():
+            old.unlink(missing_ok=True)
     vi.path = out
     return out
 
 
+def write_meta(vi: VideoIndex) -> None:
+    """Rewrite only index.json of a saved index (its data files unchanged), whole or not at all."""
+    if vi.path is None:
+        raise ValueError("the index was not saved")
+    write_json(Path(vi.path) / META_FILE, redact_urls(vi.meta))
+
+
+@contextmanager
+def index_lock(path: str | Path) -> Iterator[None]:
+    """Hold the writers' lock of an index directory (``.lock``, ``fcntl``): one ``index add`` at a time."""
+    import fcntl
+
+    p = Path(path)
+    fd = os.open(p / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def is_index_dir(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / META_FILE).is_file() and (p / INDEX_FILE).is_file()
+    if not (p.is_dir() and (p / META_FILE).is_file()):
+        return False
+    files = (_read_meta(p) or {}).get("files") or _data_files(0)
+    name = files.get("index") if isinstance(files, dict) else None
+    return isinstance(name, str) and bool(DATA_FILE.match(name)) and (p / name).is_file()
 
 
 def load_index(path: str | Path, nprobe: int | None = None, ef_search: int | None = None) -> VideoIndex:
@@ -293,16 +401,25 @@ def load_index(path: str | Path, nprobe: int | None = None, ef_search: int | Non
     if not is_index_dir(p):
         raise FileNotFoundError(f"{p}: not an index directory (no {META_FILE} / {INDEX_FILE}; "
                                 f"build one with `python cli.py index build`)")
-    try:
-        meta = json.loads((p / META_FILE).read_text())
-        ids = json.loads((p / IDS_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p}: cannot read the index metadata: {exc}") from exc
+    for attempt in (1, 2):  # a writer may replace the generation between reading index.json and its files
+        try:
+            meta = json.loads((p / META_FILE).read_text())
+            files = meta.get("files") or _data_files(0)
+            if not all(isinstance(files.get(k), str) and DATA_FILE.match(files[k]) for k in ("index", "video_ids")):
+                raise ValueError(f"{META_FILE} names data files {files!r}, not those of an index directory")
+            ids = json.loads((p / files["video_ids"]).read_text())
+            raw = np.fromfile(p / files["index"], dtype=np.uint8)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{p}: cannot read the index metadata: {exc}") from exc
     if meta.get("format") != INDEX_FORMAT:
         raise ConfigError(f"{p / META_FILE}: not an index of this project (format {meta.get('format')!r})")
-    index = faiss.deserialize_index(np.fromfile(p / INDEX_FILE, dtype=np.uint8))
+    index = faiss.deserialize_index(raw)
     if index.ntotal != len(ids):
-        raise ConfigError(f"{p}: the index holds {index.ntotal} vectors but {IDS_FILE} lists {len(ids)} ids")
+        raise ConfigError(f"{p}: the index holds {index.ntotal} vectors but {files['video_ids']} lists {len(ids)} ids")
     if nprobe is not None and hasattr(index, "nprobe"):
         index.nprobe = int(nprobe)
     if ef_search is not None and hasattr(index, "hnsw"):
