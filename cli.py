@@ -15,6 +15,7 @@ from commands.cache import COMMANDS as CACHE_COMMANDS
 from commands.options import (FAILURE_BUDGET_TYPE, PART_TYPE, dataclass_options, device_option, dist_timeout_option,
                               manifest_source, seed_option, work_dir_option)
 from commands.search import COMMANDS as SEARCH_COMMANDS
+from commands.serve import COMMANDS as SERVE_COMMANDS
 from commands.stage_one import COMMANDS as STAGE_ONE_COMMANDS
 from commands.stage_two import COMMANDS as STAGE_TWO_COMMANDS
 from core.errors import CrossTVRError, UnknownOptionError, UsageError
@@ -193,7 +194,8 @@ def demo_cmd(work_dir, seed, device) -> None:
 
 
 # -- the commands of each stage (commands/) ---------------------------------------------------------
-for command in (*CACHE_COMMANDS, *STAGE_ONE_COMMANDS, *STAGE_TWO_COMMANDS, *SEARCH_COMMANDS):
+for command in (*CACHE_COMMANDS, *STAGE_ONE_COMMANDS, *STAGE_TWO_COMMANDS, *SEARCH_COMMANDS,
+                *SERVE_COMMANDS):
     main.add_command(command)
 
 

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 # every command, by name (a command added or removed is added or removed here), and the groups' subcommands
 COMMANDS = {"ablation", "cache", "compare-stage-one", "datasets", "demo", "eval", "extract", "heads",
             "import-stage-one", "index", "make-manifest", "pretrain-encoder", "pretrain-qformer", "probe-encoder",
-            "report", "rerank", "search", "train-head", "train-stage-one"}
-SUBCOMMANDS = {"cache": {"export", "import", "info", "pull", "thumbnails", "verify"}, "index": {"build"}}
+            "report", "rerank", "search", "serve", "train-head", "train-stage-one"}
+SUBCOMMANDS = {"cache": {"export", "import", "info", "pull", "thumbnails", "verify"}, "index": {"add", "build"}}
 
 
 def help_commands(out: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
-PACKAGES = ("core", "manifests", "pipeline", "heads", "reports", "workflows", "commands", "synthetic")
+PACKAGES = ("core", "manifests", "pipeline", "heads", "reports", "workflows", "serve", "commands", "synthetic")
 
 
 def module_map() -> str:

@@ -112,6 +112,22 @@ def _lookup(pair_caps: np.ndarray, pair_vids: np.ndarray, scores: np.ndarray, nu
     return scores[pos].reshape(np.shape(caps))
 
 
+def rerank_list(scores: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query's stage-one list (``scores``, best first) with its first ``K = len(head)`` entries
+    re-ranked by ``scores + head`` (ties keep stage one's order) and the rest in their own order:
+    ``(final scores, positions into the list in the new order)``, the rule of the module docstring
+    for a single candidate list (a search's, from an index)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    head = np.asarray(head, dtype=np.float64).reshape(-1)
+    k = head.size
+    if k > scores.size:
+        raise ValueError(f"{k} head scores for a list of {scores.size} candidates")
+    final = scores.copy()
+    final[:k] += head
+    order = np.concatenate([np.argsort(-final[:k], kind="stable"), np.arange(k, scores.size)])
+    return final, order
+
+
 # ------------------------------------------------------------------------------ matrices
 def lift(base: np.ndarray, rows: np.ndarray, cols: np.ndarray, extra: np.ndarray | float = 0.0) -> np.ndarray:
     """Full float64 copy of ``base`` with the entries ``(rows, cols)`` set to ``offset + base + extra``.

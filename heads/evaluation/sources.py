@@ -79,11 +79,18 @@ def load_head(path: str | Path, split: Split,
             "stage_one_identity": ckpt.stage_one_identity}
     if ckpt.init:
         info["init"] = {k: v for k, v in ckpt.init.items() if k != "kept"}
+    return ckpt.head, info, head_split(ckpt, split, captions)
+
+
+def head_split(ckpt: Any, split: Split, captions: Sequence[str] | Callable[[], Sequence[str]] | None = None) -> Split:
+    """``split`` as the head of the loaded stage-two checkpoint ``ckpt`` reads it: as it is, or for a
+    head reading caption ids, with ``captions`` (texts in row order, or a callable returning them)
+    through the tokenizer the checkpoint carries (``ConfigError`` without them)."""
     tokenizer = ckpt.caption_tokenizer()
-    if tokenizer is not None:
-        if captions is None:
-            raise ConfigError(f"the head {path} reads caption text through its own tokenizer: the captions' text "
-                              f"of split {split.split!r} is needed (from the manifest the store was built from)")
-        texts = captions() if callable(captions) else captions
-        split = with_caption_ids(split, tokenizer, texts, ckpt.text_len)
-    return ckpt.head, info, split
+    if tokenizer is None:
+        return split
+    if captions is None:
+        raise ConfigError(f"the head {ckpt.path} reads caption text through its own tokenizer: the captions' text "
+                          f"of split {split.split!r} is needed (from the manifest the store was built from)")
+    texts = captions() if callable(captions) else captions
+    return with_caption_ids(split, tokenizer, texts, ckpt.text_len)

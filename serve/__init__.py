@@ -1,0 +1,1 @@
+"""``python cli.py serve``: a local web application to search a collection (engine, Flask app, pages)."""
