@@ -8,7 +8,7 @@ with the demo's training recipe, per seed:
 
 * ``default``: the demo's head (standardised tokens projected to the width, CLIP text tokens, text
   cross attention), for reference;
-* ``scratch``: a head with BLIP-2's layout (``workflows.runs.QFORMER_SHAPE``: tokens unprojected
+* ``scratch``: a head with BLIP-2's layout (``heads.stage_two.qformer_pretrain.QFORMER_SHAPE``: tokens unprojected
   into the cross attention, captions through the Q-Former tokenizer's word embeddings, no text
   cross attention), randomly initialised;
 * ``init``: the same head started from ``--qformer``, a BLIP-2 checkpoint directory written by
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["default", "scratch", "init"])
     ap.add_argument("--candidates", type=int, default=15)
+    ap.add_argument("--split", default="test", help="Scored split (val for choices such as the curve; test once)")
+    ap.add_argument("--itc-steps", type=int, help="The head's contrastive phase (default: the trainer's)")
+    ap.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="Further StageTwoTrainConfig fields for every run (e.g. epochs=4)")
+    ap.add_argument("--tag", default="", help="Suffix of the run directories (variants of one recipe)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     from bench import groups
     from heads.stage_two.blip2 import read_blip2
     from heads.stage_two.config import StageTwoTrainConfig
-    from workflows.runs import QFORMER_SHAPE, best_stage_one, rerank_split, train_head
+    from heads.stage_two.qformer_pretrain import QFORMER_SHAPE
+    from workflows.runs import best_stage_one, rerank_split, train_head
     from workflows.workdir import WorkDir
 
     work = WorkDir(a.work_dir)
@@ -58,22 +64,26 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = read_blip2(a.qformer).layout["vocab_size"]
     shape = {**QFORMER_SHAPE, "vocab_size": vocab}
     results: dict[str, list[dict]] = {v: [] for v in a.variants}
+    extra = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+             for k, v in (e.split("=", 1) for e in a.extra)}
     for seed in a.seeds:
         for variant in a.variants:
-            opts: dict = {"seed": seed, "num_threads": a.threads, "progress": True}
+            opts: dict = {"seed": seed, "num_threads": a.threads, "progress": True, **extra}
+            if a.itc_steps is not None:
+                opts["itc_steps"] = a.itc_steps
             if variant in ("scratch", "init"):
                 opts.update(head_config=dict(shape), tokenizer=a.qformer)
             if variant == "init":
                 opts.update(init_from=a.qformer, head_config={})
             cfg = StageTwoTrainConfig(**opts).resolved()
-            run = root / f"{variant}-seed{seed}"
+            run = root / f"{variant}{a.tag}-seed{seed}"
             print(f"== {variant}, seed {seed}: {run}", flush=True)
             ckpt = train_head(work, store, stage_one, cfg, out=run)
-            _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=a.candidates,
-                                     out=run / "rerank-test", progress=False)
+            _, _, res = rerank_split(work, store, stage_one, ckpt, split=a.split, candidates=a.candidates,
+                                     out=run / f"rerank-{a.split}", progress=False)
             metrics = res.metrics()
             grp = groups.main(["--store", store, "--manifest", str(manifest), "--stage-one", stage_one,
-                               "--stage-two", str(ckpt), "--split", "test", "--work-dir", str(work.root)])
+                               "--stage-two", str(ckpt), "--split", a.split, "--work-dir", str(work.root)])
             within = grp["accuracy"][f"{run.name} cosine+head"]
             row = {"seed": seed, "t2v_r1": metrics["re-ranked"]["t2v"]["R@1"],
                    "v2t_r1": metrics["re-ranked"]["v2t"]["R@1"],

@@ -396,3 +396,22 @@ def test_the_command_serves_and_refuses_bad_options(world: dict) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_demo_prints_a_serve_command_the_cli_accepts(tmp_path: Path) -> None:
+    """The demo's last line: ``serve`` with its store, stage one, head and work dir, quoted for a shell."""
+    import shlex
+
+    from workflows.experiments import serve_command
+    from workflows.workdir import WorkDir
+
+    s1, s2 = tmp_path / "runs a" / "stage_one.pt", tmp_path / "runs a" / "stage_two.pt"
+    for p in (s1, s2):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    line = serve_command(WorkDir(tmp_path / "w"), "s3://bucket/x.zarr", s1, s2)
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "cli.py", "serve"]
+    ctx = cli.main.commands["serve"].make_context("serve", argv[3:])
+    assert ctx.params["store"] == "s3://bucket/x.zarr" and ctx.params["stage_two"] == str(s2)
+    assert ctx.params["work_dir"] == str(tmp_path / "w") and ctx.params["stage_one"] == str(s1)

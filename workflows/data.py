@@ -10,7 +10,7 @@ from core.errors import UsageError
 from manifests import Manifest, build_manifest, get_dataset
 from core.options import FailureBudget
 from workflows.sources import ManifestSource
-from workflows.workdir import WorkDir
+from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 
 DEFAULT_DATA_ROOT = "data"
 # the method's two frozen encoders (CrossTVR Base and Large), extracted in one decoding pass
@@ -74,6 +74,21 @@ def synthetic_encoder(work: WorkDir, manifest: Manifest, options: dict | None = 
     from synthetic.pretrain import pretrained_spec
 
     return pretrained_spec(manifest, work.encoders_dir, options)
+
+
+def synthetic_qformer(work: WorkDir, manifest: Manifest, store: str, options: dict | None = None,
+                      device: str = "cpu", progress: bool = True, num_threads: int | None = None) -> Path:
+    """Pre-train (once; reused afterwards) the synthetic world's Q-Former on ``store``'s train split,
+    the stand-in for BLIP-2's (``synthetic.qformer``); returns its BLIP-2 checkpoint directory, the
+    ``--init-from`` and ``--tokenizer`` of the demo's re-ranker. ``options``: ``QFormerSettings``
+    fields."""
+    from synthetic.qformer import QFormerSettings, world_qformer
+    from synthetic.world import manifest_attrs
+
+    train = work.stage(store, "train", STAGE_TWO_ARRAYS)
+    return world_qformer(train, caption_texts(work, train), manifest_attrs(manifest), work.qformer_dir,
+                         QFormerSettings.from_options(options), device=device, progress=progress,
+                         num_threads=num_threads)
 
 
 def default_encoders(work: WorkDir, manifest: Manifest, encoders: Sequence[str] = ()) -> list[str]:

@@ -24,7 +24,7 @@ from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
 from reports.inputs import load_manifest_info
 from synthetic.head_groups import group_queries, head_group_accuracy
-from workflows.data import caption_texts, extract_stores, make_manifest, synthetic_encoder
+from workflows.data import caption_texts, extract_stores, make_manifest, synthetic_encoder, synthetic_qformer
 from workflows.reports import demo_runs, retrieval_report
 from workflows.runs import best_stage_one, rerank_split, train_head, train_stage_one_run
 from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
@@ -32,6 +32,26 @@ from workflows.workdir import STAGE_TWO_ARRAYS, WorkDir
 Echo = Callable[[str], None]
 DEMO_STAGE_ONE = ("meanP", "seqTransf")
 DEMO_CANDIDATES = 15
+# The demo's re-ranker starts from the world's pre-trained Q-Former, whose own contrastive training
+# makes the head's contrastive phase redundant (docs/benchmarks/qformer.md).
+DEMO_ITC_STEPS = 0
+
+
+def demo_stage_two_config(work: WorkDir, store: str, seed: int = 0, device: str = "cpu", echo: Echo | None = None,
+                          qformer_options: dict | None = None, **options: Any) -> StageTwoTrainConfig:
+    """The demo's stage-two recipe on the synthetic ``store``: the CrossTVR head started from the
+    world's Q-Former (pre-trained once on the train frames, ``synthetic.qformer``, reused after),
+    its word tokenizer as the text side, no separate contrastive phase. ``qformer_options``: the
+    Q-Former's ``QFormerSettings``; ``options``: other ``StageTwoTrainConfig`` fields, which win."""
+    from manifests import Manifest
+
+    t0 = time.time()
+    manifest = Manifest.read(work.manifest_dir("synthetic"))
+    qformer = str(synthetic_qformer(work, manifest, store, qformer_options, device=device))
+    if echo is not None:
+        echo(f"      the world's Q-Former: {qformer}  ({time.time() - t0:.0f}s)")
+    base = {"seed": seed, "device": device, "init_from": qformer, "tokenizer": qformer, "itc_steps": DEMO_ITC_STEPS}
+    return StageTwoTrainConfig(**{**base, **options})
 
 def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) -> Path:
     """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
@@ -59,10 +79,10 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     json_path, table = write_report(results, work.reports_dir("demo"), split=coverage)
     echo(table)
     echo(f"report: {json_path}")
-    echo("[5/6] stage-two training (CrossTVR head on the cached tokens: contrastive pre-training, then ITM "
-         "with hard negatives from stage one)")
+    echo("[5/6] stage-two training: the world's Q-Former (BLIP-2's first stage on train frames, made once), "
+         "then the CrossTVR head started from it (ITM with hard negatives from stage one)")
     stage_one = best_stage_one(work)
-    config = StageTwoTrainConfig(seed=seed, device=device)
+    config = demo_stage_two_config(work, store, seed=seed, device=device, echo=echo)
     try:
         stage_two = train_head(work, store, stage_one, config)
     except RunMismatchError as exc:  # the demo owns its run directory: start it again
@@ -70,13 +90,34 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
         stage_two = train_head(work, store, stage_one, config, resume=False)
     echo(f"      stage one {stage_one.parent.name} (best val), head {stage_two}  ({time.time() - t0:.0f}s)")
     echo(f"[6/6] test split: stage one vs its top {DEMO_CANDIDATES} re-ranked")
+    test = work.stage(store, "test", STAGE_TWO_ARRAYS)
+    s1 = stage_one_scores(stage_one, test, device=device)
     paths, table, _ = rerank_split(work, store, stage_one, stage_two, split="test", candidates=DEMO_CANDIDATES,
-                                   device=device)
+                                   device=device, sim=s1.sim)
     echo(table)
     echo(f"report: {paths['metrics']}")
+    rows = manifest_groups(work, test)
+    if rows is not None:
+        groups = group_queries(list(test.video_ids), test.caption_video, rows)
+        acc = within_group(work, test, groups, s1.sim, stage_two, device=device)
+        gpath, gtable = write_report(group_table(acc["stage one"], {"re-ranked": [acc["cosine+head"]]},
+                                                 groups.counts()), paths["metrics"].parent, name="within-group")
+        echo(f"within-group accuracy (% of {groups.captions.size} grouped test captions whose own video scores "
+             f"highest in its group of {groups.group_size}; chance {100 / groups.group_size:.0f}%)\n{gtable}")
+        echo(f"report: {gpath}")
     html, _ = retrieval_report(paths["metrics"].parent, demo_runs(work))
     echo(f"HTML report: {html}   (open it in a browser; total {time.time() - t0:.0f}s)")
+    echo(f"search it in the browser: {serve_command(work, store, stage_one, stage_two)}")
     return paths["metrics"]
+
+
+def serve_command(work: WorkDir, store: str, stage_one: str | Path, stage_two: str | Path) -> str:
+    """The one command that serves the demo's store, stage one and re-ranker (``cli.py serve``)."""
+    import shlex
+
+    parts = ["python", "cli.py", "serve", "--store", str(store), "--stage-one", str(stage_one),
+             "--stage-two", str(stage_two), "--work-dir", str(work.root)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def per_head_config(pairs: Sequence[str], heads: Sequence[str]) -> dict[str, dict]:
@@ -186,6 +227,16 @@ def manifest_groups(work: WorkDir, split: Any, manifest: str | Path | None = Non
     return info.videos if info.has_groups else None
 
 
+def within_group(work: WorkDir, split: Any, groups: Any, sim: np.ndarray, stage_two: str | Path,
+                 device: str = "cpu", manifest: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Within-group accuracy (%) per varied attribute of stage one's cosine (``"stage one"``) and of
+    ``cosine + head`` for the stage-two checkpoint ``stage_two`` (``"cosine+head"``) on ``split``'s
+    near-duplicate groups (``groups``: ``group_queries``; ``sim``: stage one's similarity)."""
+    loaded, _, head_split = load_head(stage_two, split, captions=lambda: caption_texts(work, split, manifest))
+    acc = head_group_accuracy(groups, sim, {"h": loaded}, split=head_split, device=device)
+    return {"stage one": acc["stage one"], "cosine+head": acc["h cosine+head"]}
+
+
 def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, store: str | None = None,
              stage_one: str | None = None, candidates: int = DEMO_CANDIDATES, out: str | Path | None = None,
              demo_defaults: bool = False, echo: Echo = print, allow_incomplete: bool = False,
@@ -250,11 +301,10 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             line = (f"      T2V R@1 {m['re-ranked']['t2v']['R@1']:.1f} (stage one {m['stage one']['t2v']['R@1']:.1f}), "
                     f"{train_s:.0f}s training, {res.seconds['total']:.0f}s re-ranking")
             if groups is not None:
-                loaded, _, head_split = load_head(ckpt, test, captions=lambda: caption_texts(work, test, manifest))
-                acc = head_group_accuracy(groups, s1.sim, {"h": loaded}, split=head_split, device=config.device)
+                acc = within_group(work, test, groups, s1.sim, ckpt, device=config.device, manifest=manifest)
                 stage_one_groups = acc["stage one"]
-                run["within_group"] = acc["h cosine+head"]
-                group_results.setdefault(label, []).append(acc["h cosine+head"])
+                run["within_group"] = acc["cosine+head"]
+                group_results.setdefault(label, []).append(acc["cosine+head"])
                 line += "; within group " + ", ".join(f"{a} {v:.0f}" for a, v in acc["h cosine+head"].items())
             runs[tag] = run
             echo(line)

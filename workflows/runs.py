@@ -29,7 +29,7 @@ from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_one.train import train_stage_one
 from heads.stage_two.scoring import pair_scorer
 from heads.stage_two.config import StageTwoTrainConfig
-from heads.stage_two.qformer_pretrain import pretrain_qformer
+from heads.stage_two.qformer_pretrain import QFORMER_SHAPE, pretrain_qformer
 from heads.stage_two.tokenizer import build_word_tokenizer, caption_tokenizer, with_caption_ids
 from heads.stage_two.train import train_stage_two
 from pipeline.store import CacheStore
@@ -220,14 +220,6 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
     results = {f"external {ext.name}": retrieval_metrics(ext.similarity(), ids.caption_video)}
     _, table = write_report(results, out_dir, name="report", split=coverage)
     return ext, ids, table
-
-
-# A Q-Former with BLIP-2's layout at the synthetic benchmark's size (the demo head's width, depth and
-# queries): the frozen tokens go unprojected into the cross attention, captions through its own words.
-QFORMER_SHAPE = {"width": 128, "layers": 2, "heads": 4, "num_queries": 8, "cross_every": 1, "ff_mult": 4.0,
-                 "ln_eps": 1e-12, "embed_norm": True, "prenorm": False, "dropout": 0.0, "text_input": "ids",
-                 "max_positions": 64, "text_cross": False, "visual_proj": False, "standardize": False,
-                 "itc_dim": 128, "itc_text_pool": "cls"}
 
 
 def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = None, steps: int = 2000,

@@ -1,6 +1,8 @@
 """Pre-training a Q-Former the way BLIP-2's first stage does, on cached frame tokens: image-text
 contrastive (ITC) and image-text matching (ITM, with hard negatives drawn from the batch's own ITC
-similarities) on single frames, each paired with a caption of its video. The result is saved as a
+similarities) on single frames, each paired with a caption of its video or, where the data has them,
+with a caption of that frame (``FrameTexts``: what the frame shows, as BLIP-2's image captions do).
+The result is saved as a
 Hugging Face-format BLIP-2 checkpoint (``blip2.save_blip2`` + the tokenizer's files), so
 ``train-head --init-from`` loads it exactly as it loads a downloaded BLIP-2: the synthetic
 benchmark's stand-in for BLIP-2's 129M-pair pre-training (docs/METHOD.md).
@@ -8,8 +10,10 @@ benchmark's stand-in for BLIP-2's 129M-pair pre-training (docs/METHOD.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,38 @@ from heads.training.common import check_not_test, make_optimizer, torch_threads,
 
 DONE_NAME = "pretrain.json"
 
+# A Q-Former with BLIP-2's layout at the synthetic benchmark's size (the demo head's width, depth and
+# queries): the frozen tokens go unprojected into the cross attention, captions through its own words.
+QFORMER_SHAPE = {"width": 128, "layers": 2, "heads": 4, "num_queries": 8, "cross_every": 1, "ff_mult": 4.0,
+                 "ln_eps": 1e-12, "embed_norm": True, "prenorm": False, "dropout": 0.0, "text_input": "ids",
+                 "max_positions": 64, "text_cross": False, "visual_proj": False, "standardize": False,
+                 "itc_dim": 128, "itc_text_pool": "cls"}
+
+
+@dataclass(frozen=True)
+class FrameTexts:
+    """A caption of every frame of a split's videos as token ids: ``ids`` (V, T, L) and ``mask``
+    (V, T, L) bool, row ``v`` frame ``t`` the caption of that frame (masked frames: any valid ids)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+
+    def digest(self) -> str:
+        """What identifies these captions in a finished run's arguments."""
+        h = hashlib.sha256()
+        for a in (self.ids, self.mask):
+            h.update(str((a.dtype.str, a.shape)).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def rows(self, videos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame captions of video rows ``videos`` (ascending, as a batch holds them), cut to
+        their longest caption: ``(ids, mask)`` of shape (Vb, T, L')."""
+        mask = self.mask[videos]
+        length = max(1, int(np.flatnonzero(mask.any(axis=(0, 1))).max(initial=-1)) + 1)
+        return (torch.from_numpy(np.ascontiguousarray(self.ids[videos][..., :length])).long(),
+                torch.from_numpy(np.ascontiguousarray(mask[..., :length])))
+
 
 def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,12 +78,15 @@ def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator | None =
     return neg_video, neg_text
 
 
-def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None = None
+def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None = None,
+                   frame_text: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre-training step's losses on ``batch`` (aligned pairs of distinct videos, on the head's
     device): one random valid frame of each video makes image-text pairs; their ITC loss, and the
     ITM loss of the positives with in-batch negatives (``generator`` draws the frames and the
-    negatives, on that device). Returns (itc, itm, match logits, match labels)."""
+    negatives, on that device). ``frame_text`` ((Vb, T, L) ids and mask of the batch's video rows,
+    ``FrameTexts.rows``): each frame is paired with its own caption instead of its video's. Returns
+    (itc, itm, match logits, match labels)."""
     device = batch.tokens.device
     b = batch.pair_video.shape[0]
     valid = batch.frame_mask.float()
@@ -55,14 +94,19 @@ def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None
     tokens = batch.tokens[torch.arange(batch.tokens.shape[0], device=device), frame][:, None]
     fm = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
     video = head.encode_video(tokens, fm)
-    text = head.text_features(batch.text_tokens, batch.text_mask)[batch.pair_text]
+    text_tokens, text_mask, own_text = batch.text_tokens, batch.text_mask, batch.pair_text
+    if frame_text is not None:  # the chosen frame's own caption, one per video row
+        rows = torch.arange(tokens.shape[0], device=device)
+        text_tokens, text_mask = frame_text[0][rows, frame], frame_text[1][rows, frame]
+        own_text = batch.pair_video
+    text = head.text_features(text_tokens, text_mask)[own_text]
     logits = head.itc_logits(head.video_queries(video)[batch.pair_video], text)  # (b, b)
     neg_video, neg_text = in_batch_negatives(logits, generator)
-    pair_text = torch.cat([batch.pair_text, batch.pair_text, batch.pair_text[neg_text]])
+    pair_text = torch.cat([own_text, own_text, own_text[neg_text]])
     pair_video = torch.cat([batch.pair_video, batch.pair_video[neg_video], batch.pair_video])
     labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
                         torch.zeros(2 * b, dtype=torch.long, device=device)])
-    match = head.match(batch.text_tokens, batch.text_mask, video, pair_text, pair_video)
+    match = head.match(text_tokens, text_mask, video, pair_text, pair_video)
     return itc_loss(logits), F.cross_entropy(match, labels), match, labels
 
 
@@ -76,17 +120,20 @@ def _upgraded(args: Any) -> Any:
 def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, Any], tokenizer: CaptionTokenizer,
                      steps: int = 2000, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.05,
                      seed: int = 0, device: str = "cpu", num_threads: int | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, frame_texts: FrameTexts | None = None) -> Path:
     """Pre-train a CrossTVR head with BLIP-2's layout on ``train``'s single frames (ITC + ITM) and
     save it to ``out_dir`` as a BLIP-2 checkpoint; returns ``out_dir``. ``train`` must carry the
     captions' ids (``tokenizer.with_caption_ids``). A finished run with the same arguments in
-    ``out_dir`` is reused."""
+    ``out_dir`` is reused. ``frame_texts`` (aligned with ``train``'s video rows): pair each frame
+    with its own caption rather than one of its video's."""
     check_not_test(train, "pre-training")
     require_tokens(train)
     out = Path(out_dir)
     args = jsonable({"head_config": head_config, "steps": steps, "batch_size": batch_size, "lr": lr,
                      "weight_decay": weight_decay, "seed": seed, "store_fingerprint": train.store_fingerprint,
                      "vocab_size": tokenizer.vocab_size})
+    if frame_texts is not None:
+        args["frame_texts"] = frame_texts.digest()
     done = out / DONE_NAME
     if done.is_file() and _upgraded(json.loads(done.read_text()).get("args")) == args:
         return out
@@ -110,7 +157,10 @@ def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, A
             captions, videos = itc_batch(cv, num_videos, batch_size, rng)
             batch = load_pairs(view, captions, videos).to(device)
             b = videos.size
-            itc, itm, match, labels = qformer_losses(head, batch, gen)
+            frame_text = None
+            if frame_texts is not None:
+                frame_text = tuple(t.to(device) for t in frame_texts.rows(np.unique(videos)))
+            itc, itm, match, labels = qformer_losses(head, batch, gen, frame_text)
             loss = itc + itm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
