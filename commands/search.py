@@ -11,6 +11,14 @@ from heads.evaluation.index import INDEX_KINDS
 from workflows.workdir import WorkDir, resolve_device
 
 
+def echo_recall(vi) -> None:
+    """An approximate index's measured recall against exact search, when it has one."""
+    rec = vi.meta.get("recall")
+    if rec:
+        click.echo(f"recall vs exact on {rec['queries']} captions: R@10 {100 * rec['recall@10']:.1f}%  "
+                   f"R@100 {100 * rec['recall@100']:.1f}% (of the top {rec['k_max']})")
+
+
 # -- index and search ------------------------------------------------------------------------------
 @click.group("index")
 def index_group() -> None:
@@ -43,10 +51,7 @@ def index_build_cmd(store, stage_one, split, kind, options, out, threads, work_d
                            threads=threads, seed=seed)
     click.echo(f"{vi.kind} index of {vi.size} videos ({vi.meta['dim']}-d, split {split!r}) built in "
                f"{vi.meta['build_seconds']:.1f}s: {vi.path}")
-    rec = vi.meta.get("recall")
-    if rec:
-        click.echo(f"recall vs exact on {rec['queries']} captions: R@10 {100 * rec['recall@10']:.1f}%  "
-                   f"R@100 {100 * rec['recall@100']:.1f}% (of the top {rec['k_max']})")
+    echo_recall(vi)
 
 
 @index_group.command("add")
@@ -73,10 +78,7 @@ def index_add_cmd(index_dir, store, stage_one, threads, work_dir, stage_dir, dev
         return
     click.echo(f"added {done.added:,} vectors to the {vi.kind} index {vi.path} in {done.seconds:.1f}s: now "
                f"{vi.size:,} videos of split {vi.meta['split']!r}")
-    rec = vi.meta.get("recall")
-    if rec:
-        click.echo(f"recall vs exact on {rec['queries']} captions: R@10 {100 * rec['recall@10']:.1f}%  "
-                   f"R@100 {100 * rec['recall@100']:.1f}% (of the top {rec['k_max']})")
+    echo_recall(vi)
 
 
 @click.command("search")

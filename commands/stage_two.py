@@ -171,7 +171,9 @@ def ablation_cmd(ctx, store, stage_one, variants, candidates, head_option, work_
     run's outputs to OUT/<variant>/ (OUT/<variant>-seed<S>/ with --seeds); finished runs are
     reused. On a benchmark with near-duplicate groups (the synthetic one) it also writes the
     within-group accuracy per varied attribute of each variant, OUT/ablation-groups.{json,txt}.
-    Without --store the demo's store is used (the demo runs first when it is missing).
+    Without --store the demo's store is used (the demo runs first when it is missing), with the
+    demo's recipe: CrossTVR heads start from the world's pre-trained Q-Former unless --init-from says
+    otherwise.
     """
     from workflows.experiments import ablation
 
@@ -184,7 +186,13 @@ def ablation_cmd(ctx, store, stage_one, variants, candidates, head_option, work_
     given = {k: v for k, v in config.items() if v is not None}
     head_config = parse_key_values(head_option, "--head-option")
     demo_defaults = store is None and stage_one is None and out is None and not given
-    cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=resolve_device(device))
+    if store is None and "init_from" not in given:  # the demo's recipe: heads start from the world's Q-Former
+        from workflows.experiments import demo_stage_two_config
+
+        cfg = demo_stage_two_config(work, work.default_store(), seed=seed, device=resolve_device(device),
+                                    echo=click.echo, head_config=head_config, **given)
+    else:
+        cfg = StageTwoTrainConfig(**given, head_config=head_config, seed=seed, device=resolve_device(device))
     names = [v.strip() for v in variants.split(",") if v.strip()]
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None

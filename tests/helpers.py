@@ -409,3 +409,19 @@ def hog_decode(video_id, path, num_frames, short_side, start, end, **kw):
     res = decode_video(video_id, path, num_frames, short_side, start, end, **kw)
     res.extra.update(pid=os.getpid(), address_space=resource.getrlimit(resource.RLIMIT_AS)[0])
     return res
+
+
+def chrome_driver(chromium: dict, profile: str | Path):
+    """A headless Chromium driven by selenium (``chromium``: the conftest fixture's paths), its profile
+    in ``profile``, logging the page's console; the caller quits it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium["browser"]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(chromium["driver"]), options=opts)
+

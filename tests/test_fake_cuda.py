@@ -54,9 +54,14 @@ rerank             stage one's similarity: ``test_loaded_stage_one_similarity``;
 ablation           as train-head and rerank; within-group accuracy scores pairs:
                    ``test_pair_scores``
 index build        ``encode_videos`` / ``encode_texts``: ``test_stage_one_encode_and_similarity``
+index add          ``encode_videos`` of the appended videos only, as index build:
+                   ``test_stage_one_encode_and_similarity``
 search             the query encoder: ``test_frozen_encoder_batch_path``; stage one's text
                    embeddings: ``test_loaded_stage_one_similarity``; re-ranking:
                    ``test_loaded_head_scores_pairs``
+serve              as search, once per request (the query encoder, stage one's text embeddings,
+                   the head on the K candidates): ``test_frozen_encoder_batch_path``,
+                   ``test_loaded_stage_one_similarity``, ``test_loaded_head_scores_pairs``
 demo               extract, train-stage-one, eval, train-head and rerank above
 =================  ===========================================================================
 """

@@ -18,7 +18,7 @@ import cli
 from reports.analysis import positive_ranks, recall_curve
 from reports.build import build_context
 from reports.inputs import load_rerank_dir
-from helpers import TINY_HEAD, run_cli
+from helpers import TINY_HEAD, chrome_driver, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -173,19 +173,10 @@ def test_an_older_rerank_dir_and_runs_without_logs_still_make_a_report(reranked:
 
 # ------------------------------------------------------------------------------------------ the browser
 def test_report_in_headless_chromium(reranked: dict, chromium: dict, tmp_path: Path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     page = tmp_path / "report.html"
     run_cli(["report", "--rerank-dir", reranked["rerank"], "--run", reranked["runs"][0], "--run", reranked["runs"][1],
              "-o", page])
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium["browser"]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromium["driver"]), options=opts)
+    driver = chrome_driver(chromium, tmp_path / "profile")
     try:
         driver.get(page.as_uri())
         driver.execute_script("return document.readyState")

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from helpers import run_cli
+from helpers import chrome_driver, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -252,16 +252,7 @@ def test_an_index_the_store_has_moved_on_from_still_answers_and_says_so(world: d
 # ------------------------------------------------------------------------------------------ the browser
 @pytest.fixture(scope="module")
 def browser(chromium: dict, tmp_path_factory: pytest.TempPathFactory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium["browser"]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromium["driver"]), options=opts)
+    driver = chrome_driver(chromium, tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield driver
     finally:

@@ -282,6 +282,8 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             run_config = replace(config, head=head, head_config=head_config, seed=seed, **variant_options)
             if not supports(head, "contrastive"):  # the contrastive options concern heads with learnable queries
                 run_config = replace(run_config, itc_steps=None, itc_weight=None)
+            if head != "crosstvr":  # a BLIP-2 Q-Former initialises CrossTVR only
+                run_config = replace(run_config, init_from=None, tokenizer=None)
             tag = f"{name}-seed{seed}" if tagged else name
             echo(f"[{label}] seed {seed}: training {head} {head_config or ''}")
             t0 = time.time()
@@ -305,7 +307,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
                 stage_one_groups = acc["stage one"]
                 run["within_group"] = acc["cosine+head"]
                 group_results.setdefault(label, []).append(acc["cosine+head"])
-                line += "; within group " + ", ".join(f"{a} {v:.0f}" for a, v in acc["h cosine+head"].items())
+                line += "; within group " + ", ".join(f"{a} {v:.0f}" for a, v in acc["cosine+head"].items())
             runs[tag] = run
             echo(line)
     json_path, table = write_report(ablation_table(stage_one_metrics, results, candidates), out_dir, name="ablation",

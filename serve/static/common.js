@@ -53,5 +53,19 @@ window.serve = (function () {
 
   function setState(state) { document.body.dataset.state = state; }
 
-  return {el: el, getJSON: getJSON, videoCard: videoCard, setState: setState};
+  // a page's data: the API's answer (state "done" once draw(body) has run), or its error line in #message
+  async function loadPage(url, draw, onError) {
+    setState("loading");
+    const got = await getJSON(url);
+    if (!got.ok) {
+      if (onError) onError();
+      document.getElementById("message").textContent = got.body.error;
+      setState("error");
+      return;
+    }
+    draw(got.body);
+    setState("done");
+  }
+
+  return {el: el, getJSON: getJSON, videoCard: videoCard, setState: setState, loadPage: loadPage};
 })();

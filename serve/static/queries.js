@@ -49,25 +49,17 @@
     draw();
   });
 
-  async function load() {
-    S.setState("loading");
-    const got = await S.getJSON(main.dataset.api);
-    if (!got.ok) {
-      document.getElementById("message").textContent = got.body.error;
-      S.setState("error");
-      return;
-    }
-    const s = got.body.summary;
-    let text = s.captions + " captions of split " + got.body.split + "; R@1 stage one " + pct(s.stage_one_r1);
+  function show(body) {
+    const s = body.summary;
+    let text = s.captions + " captions of split " + body.split + "; R@1 stage one " + pct(s.stage_one_r1);
     if (s.reranked_r1 !== null) {
       text += ", re-ranked (top " + s.candidates + ") " + pct(s.reranked_r1) + "; " + s.improved +
         " improved, " + s.hurt + " hurt";
     }
     document.getElementById("summary").textContent = text + " (ranked in " + s.seconds.toFixed(1) + " s)";
-    rows = got.body.queries;
+    rows = body.queries;
     draw();
-    S.setState("done");
   }
 
-  load();
+  S.loadPage(main.dataset.api, show);
 })();

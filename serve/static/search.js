@@ -44,17 +44,10 @@
     }
     const params = new URLSearchParams({q: query, k: k.value, mode: mode});
     history.replaceState(null, "", "?" + params.toString());
-    S.setState("loading");
-    const got = await S.getJSON(main.dataset.api + "?" + params.toString());
-    if (!got.ok) {
+    await S.loadPage(main.dataset.api + "?" + params.toString(), render, function () {
       results.replaceChildren();
       timings.textContent = "";
-      message.textContent = got.body.error;
-      S.setState("error");
-      return;
-    }
-    render(got.body);
-    S.setState("done");
+    });
   }
 
   form.addEventListener("submit", function (event) {

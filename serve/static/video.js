@@ -5,15 +5,7 @@
   const S = window.serve;
   const main = document.getElementById("video");
 
-  async function load() {
-    S.setState("loading");
-    const got = await S.getJSON(main.dataset.api);
-    if (!got.ok) {
-      document.getElementById("message").textContent = got.body.error;
-      S.setState("error");
-      return;
-    }
-    const v = got.body;
+  function show(v) {
     const frames = document.getElementById("frames");
     if (!v.thumbnails.length) frames.appendChild(S.el("p", "note", "the store holds no thumbnails of this video"));
     v.thumbnails.forEach(function (t) {
@@ -38,8 +30,7 @@
     v.nearest.forEach(function (n) {
       nearest.appendChild(S.videoCard(n, ["cosine " + n.score.toFixed(3)]));
     });
-    S.setState("done");
   }
 
-  load();
+  S.loadPage(main.dataset.api, show);
 })();
