@@ -5,9 +5,12 @@ was pre-trained on images and their captions before it ever saw a video. The syn
 such checkpoint, so it makes one the same way, once, and reuses it like its CLIP: a Q-Former with
 BLIP-2's layout (``QFORMER_SHAPE``, at the demo head's size) trained by image-text contrast and
 matching (``heads.stage_two.qformer_pretrain``) on the frozen encoder's tokens of single train-split
-frames. Each frame is paired with a caption of what it shows (``captions="frame"``, the default:
-``synthetic.world.frame_caption``, with the detail named at ``p_detail``), as an image caption
-describes its image, or with a caption of its whole video (``captions="video"``).
+frames. Each frame is paired with a caption of its whole video (``captions="video"``, the default,
+as ``pretrain-qformer`` does for any store), or with a caption of what that frame shows
+(``captions="frame"``: ``synthetic.world.frame_caption``, the detail named at ``p_detail``), as an
+image caption describes its image. The default and the step count are the measured choice
+(docs/benchmarks/qformer.md): video captions teach the words of motion and timing that a single
+frame's caption cannot name, and the matching (ITM) half only starts to learn after ~1,000 steps.
 
 The result is a BLIP-2 checkpoint directory (weights + the word tokenizer of the train captions),
 keyed by everything it was trained on: the store's identity, the settings, the layout and the
@@ -34,12 +37,12 @@ CAPTION_KINDS = ("frame", "video")
 class QFormerSettings:
     """How the world's Q-Former is pre-trained (every field is part of its key)."""
 
-    steps: int = 500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 5e-4
     seed: int = 0
     text_len: int = 32
-    captions: str = "frame"
+    captions: str = "video"
     p_detail: float = DEFAULT_P_DETAIL
 
     def __post_init__(self) -> None:

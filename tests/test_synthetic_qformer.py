@@ -119,13 +119,13 @@ def test_the_worlds_qformer_is_made_once_and_keyed_by_what_it_was_trained_on(tin
 
     work, manifest, _ = staged_train(tiny_world)
     store = str(tiny_world["store"])
-    first = synthetic_qformer(work, manifest, store, SMALL, progress=False)
+    first = synthetic_qformer(work, manifest, store, {**SMALL, "captions": "frame"}, progress=False)
     assert first.parent == work.encoders_dir and first.name.startswith("qformer-")
     record = json.loads((first / "pretrain.json").read_text())
     assert record["args"]["steps"] == 3 and "frame_texts" in record["args"]
     weights = sorted(p for p in first.iterdir() if p.suffix in (".safetensors", ".bin"))
     stamps = [p.stat().st_mtime_ns for p in weights]
-    assert synthetic_qformer(work, manifest, store, SMALL, progress=False) == first
+    assert synthetic_qformer(work, manifest, store, {**SMALL, "captions": "frame"}, progress=False) == first
     assert [p.stat().st_mtime_ns for p in weights] == stamps  # reused, not trained again
     tok = CaptionTokenizer.from_dir(first)
     ids, _ = tok.encode(["a tiny red star appears at the top left"], 12)
@@ -133,4 +133,6 @@ def test_the_worlds_qformer_is_made_once_and_keyed_by_what_it_was_trained_on(tin
     assert read_blip2(first).layout["vocab_size"] == tok.vocab_size
     video = synthetic_qformer(work, manifest, store, {**SMALL, "captions": "video"}, progress=False)
     assert video != first and "frame_texts" not in json.loads((video / "pretrain.json").read_text())["args"]
-    assert synthetic_qformer(work, manifest, store, {**SMALL, "p_detail": 0.2}, progress=False) not in (first, video)
+    assert synthetic_qformer(work, manifest, store, SMALL, progress=False) == video  # the default: video captions
+    assert synthetic_qformer(work, manifest, store, {**SMALL, "captions": "frame", "p_detail": 0.2},
+                             progress=False) not in (first, video)
