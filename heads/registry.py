@@ -10,6 +10,8 @@ scorer that re-ranks stage one's top K), the dimensions it is built for, where i
 * ``contrastive``: the stage-two head has learnable queries and can be trained with BLIP-2's
   contrastive objective (ITC), after which its score is ITM log-odds + ITC logit;
 * ``token_selector``: the stage-two head keeps the M most informative tokens per frame.
+* ``blip2_init``: the stage-two head can start from a BLIP-2 Q-Former checkpoint (``--init-from``)
+  and read captions through its tokenizer.
 
 Every head's options are the fields of its ``Config`` dataclass (``head_defaults(name)``);
 ``create_head(name, *dims, **options)`` refuses unknown options naming the known ones, and
@@ -54,7 +56,7 @@ HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
              frozenset({"text_tokens"})),
     HeadSpec("crosstvr", 2, "heads.stage_two.models:CrossTVR",
              "CrossTVR: decoupled spatial / temporal text-video cross attention with a token selector",
-             frozenset({"contrastive", "token_selector"})),
+             frozenset({"contrastive", "token_selector", "blip2_init"})),
     HeadSpec("t2v2t", 2, "heads.stage_two.models:T2V2T",
              "T2V2T: text-to-video bypass cross attention, then video-to-text attention"),
 )}
@@ -78,7 +80,7 @@ def get_spec(name: str, stage: int | None = None) -> HeadSpec:
 
 def supports(head: Any, feature: str) -> bool:
     """Whether a head (name, class or instance; anything with a registered ``name``) supports
-    ``feature`` (``text_tokens``, ``contrastive``, ``token_selector``)."""
+    ``feature`` (``text_tokens``, ``contrastive``, ``token_selector``, ``blip2_init``)."""
     name = head if isinstance(head, str) else getattr(head, "name", None)
     spec = HEADS.get(name) if isinstance(name, str) else None
     return spec is not None and feature in spec.supports

@@ -53,7 +53,7 @@ def test_heads_lists_the_registry():
     rows = {line.split()[0]: i for i, line in enumerate(lines) if not line.startswith((" ", "preset "))}
     assert list(rows) == list_heads() and {"meanP", "seqTransf", "clip2video", "crosstvr", "t2v2t"} <= set(rows)
     # each head's row: its stage and what it supports; with --options, the next line its options
-    assert lines[rows["crosstvr"]].split()[1:4] == ["stage", "2", "contrastive,token_selector"]
+    assert lines[rows["crosstvr"]].split()[1:4] == ["stage", "2", "blip2_init,contrastive,token_selector"]
     assert lines[rows["clip2video"]].split()[1:4] == ["stage", "1", "text_tokens"]
     assert lines[rows["meanP"]].split()[1:4] == ["stage", "1", "-"]
     assert {"num_selected=4", "width=128"} <= set(lines[rows["crosstvr"] + 1].strip().split(", "))

@@ -48,6 +48,7 @@ def test_registry_listing_and_capabilities() -> None:
     assert list_heads(stage=2) == ["crosstvr", "t2v2t"]
     assert list_heads(supports="contrastive") == ["crosstvr"]
     assert supports(create_head("crosstvr", 16, 12), "token_selector") and not supports("t2v2t", "contrastive")
+    assert supports("crosstvr", "blip2_init") and not supports("t2v2t", "blip2_init")
     assert not supports(object(), "text_tokens")
     with pytest.raises(UnknownHeadError, match="unknown stage-two head 'meanP'; known heads: crosstvr, t2v2t"):
         get_spec("meanP", stage=2)

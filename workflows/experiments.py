@@ -104,7 +104,7 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
         gpath, gtable = write_report(group_table(acc["stage one"], {"re-ranked": [acc["cosine+head"]]},
                                                  groups.counts()), paths["metrics"].parent, name="within-group")
         echo(f"within-group accuracy (% of {groups.captions.size} grouped test captions whose own video scores "
-             f"highest in its group of {groups.group_size}; chance {100 / groups.group_size:.0f}%)\n{gtable}")
+             f"highest among its group's members; chance {groups.chance()})\n{gtable}")
         echo(f"report: {gpath}")
     html, _ = retrieval_report(paths["metrics"].parent, demo_runs(work))
     echo(f"HTML report: {html}   (open it in a browser; total {time.time() - t0:.0f}s)")
@@ -283,7 +283,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             run_config = replace(config, head=head, head_config=head_config, seed=seed, **variant_options)
             if not supports(head, "contrastive"):  # the contrastive options concern heads with learnable queries
                 run_config = replace(run_config, itc_steps=None, itc_weight=None)
-            if head != "crosstvr":  # a BLIP-2 Q-Former initialises CrossTVR only
+            if not supports(head, "blip2_init"):  # the Q-Former start concerns heads that can load it
                 run_config = replace(run_config, init_from=None, tokenizer=None)
             tag = f"{name}-seed{seed}" if tagged else name
             echo(f"[{label}] seed {seed}: training {head} {head_config or ''}")

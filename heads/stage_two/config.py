@@ -10,7 +10,7 @@ from typing import Any
 from core.errors import ConfigError, UsageError
 from core.fileio import jsonable
 from core.split import Split
-from heads.registry import get_spec, list_heads
+from heads.registry import get_spec, list_heads, supports
 
 HARD_NEGATIVE_MODES = ("random", "hard", "anneal")
 NEGATIVE_SOURCES = ("text", "video", "mixed")
@@ -112,8 +112,9 @@ class StageTwoTrainConfig:
             raise ConfigError(f"neg_video_pool must be >= 1, got {self.neg_video_pool}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.init_from and self.head != "crosstvr":
-            raise ConfigError(f"--init-from loads a BLIP-2 Q-Former into the crosstvr head, not {self.head!r}")
+        if self.init_from and not supports(self.head, "blip2_init"):
+            raise ConfigError(f"--init-from loads a BLIP-2 Q-Former into a head that can take it "
+                              f"({', '.join(list_heads(stage=2, supports='blip2_init'))}), not {self.head!r}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 (random negatives come from the batch), got {self.batch_size}")
         return replace(self, itc_steps=steps, itc_weight=weight, head_config=dict(self.head_config or {}))
