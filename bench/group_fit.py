@@ -47,29 +47,15 @@ ATTRIBUTES = ("detail_color", "detail_shape", "motion", "timing")
 TRAIN_EVAL = 400
 
 
-def real_columns(cand: np.ndarray) -> np.ndarray:
-    """(Q, G) bool: column j of ``group_queries``' candidates is a member, not the padding that
-    repeats an earlier one (groups smaller than the largest)."""
-    valid = np.ones(cand.shape, dtype=bool)
-    for j in range(1, cand.shape[1]):
-        valid[:, j] = ~(cand[:, :j] == cand[:, j:j + 1]).any(axis=1)
-    return valid
-
-
-def group_accuracy(scores: np.ndarray, own: np.ndarray, valid: np.ndarray, attribute: np.ndarray) -> dict:
+def group_accuracy(scores: np.ndarray, cand: np.ndarray, own: np.ndarray, attribute: np.ndarray) -> dict:
     """{attribute: {"acc": %, "n": captions, "chance": %}, ..., "all": ...}: the own video strictly
-    above every other real member of its group."""
-    s = np.where(valid, scores, -np.inf)
-    rows = np.arange(len(own))
-    pos = s[rows, own].copy()
-    s[rows, own] = -np.inf
-    right = pos > s.max(axis=1)
-    chance = 100.0 / valid.sum(axis=1)
-    out = {}
-    for a in [*sorted(set(attribute.tolist())), "all"]:
-        m = np.ones(len(own), bool) if a == "all" else attribute == a
-        out[a] = {"acc": float(100.0 * right[m].mean()), "n": int(m.sum()), "chance": float(chance[m].mean())}
-    return out
+    above every other real member of its group (``synthetic.groups.within_group_accuracy``)."""
+    from synthetic.groups import member_columns, within_group_accuracy
+
+    acc = within_group_accuracy({"head": scores}, np.arange(len(own)), cand, own, attribute)["head"]
+    chance = 100.0 / member_columns(cand).sum(axis=1)
+    return {a: {"acc": v, "n": int(m.sum()), "chance": float(chance[m].mean())}
+            for a, v in acc.items() for m in [np.ones(len(own), bool) if a == "all" else attribute == a]}
 
 
 def text_side(emb: np.ndarray, caption_video: np.ndarray, caps: np.ndarray, cand: np.ndarray,
@@ -132,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     from heads.stage_two.scoring import score_pairs
     from heads.stage_two.tokenizer import caption_tokenizer, text_view, with_caption_ids
     from heads.training.common import evaluating, make_optimizer, warmup_steps
+    from synthetic.groups import member_columns
     from synthetic.head_groups import group_queries
     from workflows.data import caption_texts
     from workflows.experiments import manifest_groups
@@ -152,10 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         if gq is None:
             raise SystemExit(f"split {name!r} of {store} has no grouped captions")
         view = text_view(with_caption_ids(split, tok, caption_texts(work, split), 32), "ids")
-        return view, gq, real_columns(gq.candidates)
+        return view, gq
 
-    train, gq_tr, valid_tr = load("train")
-    val, gq_va, valid_va = load("val")
+    train, gq_tr = load("train")
+    val, gq_va = load("val")
+    valid_tr = member_columns(gq_tr.candidates)  # a smaller group's padding is no class of the softmax
 
     # the head exactly as train-head --init-from builds it (train_stage_two)
     cfg = StageTwoTrainConfig(init_from=args.qformer).resolved()
@@ -188,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def evaluate(step: int, loss: float | None) -> dict:
         all_va = np.arange(gq_va.captions.size)
-        tr = group_accuracy(scores(train, gq_tr, sample), gq_tr.own[sample], valid_tr[sample], gq_tr.attribute[sample])
-        va = group_accuracy(scores(val, gq_va, all_va), gq_va.own, valid_va, gq_va.attribute)
+        tr = group_accuracy(scores(train, gq_tr, sample), gq_tr.candidates[sample], gq_tr.own[sample], gq_tr.attribute[sample])
+        va = group_accuracy(scores(val, gq_va, all_va), gq_va.candidates, gq_va.own, gq_va.attribute)
         rec = {"step": step, "seconds": round(time.time() - t_start, 1), "loss": loss, "train": tr, "val": va}
         fmt = lambda r: " ".join(f"{a} {r[a]['acc']:.1f}" for a in r)  # noqa: E731
         print(f"step {step} ({rec['seconds']:.0f}s) loss {'-' if loss is None else f'{loss:.3f}'} | "

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             selectors[name] = sel
     counts = gq.counts()
     attrs = sorted(counts)
-    print(f"split {args.split}: {caps.size} grouped captions, groups of {size} (chance {100 / size:.1f}%)")
+    print(f"split {args.split}: {caps.size} grouped captions, groups of up to {size} (chance {gq.chance()})")
     print("| scorer | " + " | ".join(f"{a} (n={counts[a]})" for a in attrs) + " | all |")
     print("|---|" + "---|" * (len(attrs) + 1))
     for name, res in table.items():

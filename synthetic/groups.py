@@ -45,15 +45,27 @@ def group_members(video_ids: Sequence[str], by_id: Mapping[str, Mapping[str, Any
     return group, varied
 
 
+def member_columns(cand: np.ndarray) -> np.ndarray:
+    """(Q, G) bool: column j of ``cand`` (each caption's group members, smaller groups padded by
+    repeating a member) is a member in its own right, not the padding that repeats an earlier one."""
+    cand = np.asarray(cand)
+    valid = np.ones(cand.shape, dtype=bool)
+    for j in range(1, cand.shape[1]):
+        valid[:, j] = ~(cand[:, :j] == cand[:, j:j + 1]).any(axis=1)
+    return valid
+
+
 def within_group_accuracy(scores: Mapping[str, np.ndarray], caps: np.ndarray, cand: np.ndarray,
                           own: np.ndarray, attr: np.ndarray) -> dict[str, dict[str, float]]:
     """``scores[name]`` (Q, G): each caption's score against its group's members ``cand`` (Q, G);
     ``own`` (Q,) column of the right member; ``attr`` (Q,) the varied attribute.
-    Returns {name: {attribute: accuracy %, "all": ...}} (strictly highest counts as right)."""
+    Returns {name: {attribute: accuracy %, "all": ...}} (strictly highest among the real members
+    counts as right; the padding of a smaller group, a repeated member, is not a rival)."""
     out: dict[str, dict[str, float]] = {}
+    rival = member_columns(cand) & (np.arange(np.asarray(cand).shape[1])[None, :] != own[:, None])
     for name, s in scores.items():
         pos = s[np.arange(len(own)), own]
-        others = np.where(np.arange(s.shape[1])[None, :] == own[:, None], -np.inf, s)
+        others = np.where(rival, s, -np.inf)
         right = pos > others.max(axis=1)
         res = {a: float(100.0 * right[attr == a].mean()) for a in sorted(set(attr.tolist()))}
         res["all"] = float(100.0 * right.mean())

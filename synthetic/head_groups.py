@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from synthetic.groups import group_members, within_group_accuracy
+from synthetic.groups import group_members, member_columns, within_group_accuracy
 
 __all__ = ["GroupQueries", "group_queries", "head_group_accuracy"]
 
@@ -39,6 +39,12 @@ class GroupQueries:
     def counts(self) -> dict[str, int]:
         """Captions per varied attribute."""
         return {a: int((self.attribute == a).sum()) for a in sorted(set(self.attribute.tolist()))}
+
+    def chance(self) -> str:
+        """The chance accuracy per varied attribute, as text ("detail_color 25%, ..., timing 33%"):
+        1 / the members of its groups (a smaller group's padding is no member)."""
+        per = 100.0 / member_columns(self.candidates).sum(axis=1)
+        return ", ".join(f"{a} {per[self.attribute == a].mean():.0f}%" for a in sorted(set(self.attribute.tolist())))
 
 
 def group_queries(video_ids: list[str], caption_video: np.ndarray, by_id: Mapping[str, Mapping[str, Any]],

@@ -19,11 +19,26 @@ def test_within_group_accuracy_per_attribute_and_ties() -> None:
                   [0.0, 0.0, 0.4]])   # own = 2, right
     own = np.array([0, 1, 2, 2])
     attr = np.array(["motion", "motion", "timing", "timing"])
-    cand = np.zeros_like(s, dtype=np.int64)
+    cand = np.tile(np.arange(3), (4, 1))  # three distinct members in every group
     res = within_group_accuracy({"x": s}, np.arange(4), cand, own, attr)["x"]
     assert res == pytest.approx({"motion": 50.0, "timing": 50.0, "all": 50.0})
     flipped = within_group_accuracy({"neg": -s}, np.arange(4), cand, own, attr)["neg"]
     assert flipped["all"] == 0.0  # no row has its own video strictly highest after the flip
+
+
+def test_the_padding_of_a_smaller_group_is_no_rival() -> None:
+    """A group of 3 in a table of groups of 4 repeats its first member; a caption of that member
+    must not lose to its own copy, and the copy counts for nothing else either."""
+    from synthetic.groups import member_columns
+
+    cand = np.array([[10, 11, 12, 10],    # a group of 3, padded with its first member
+                     [20, 21, 22, 23]])   # a full group
+    assert member_columns(cand).tolist() == [[True, True, True, False], [True, True, True, True]]
+    s = np.array([[0.9, 0.1, 0.2, 0.9],   # own = 0, strictly above the real rivals: right
+                  [0.9, 0.1, 0.2, 0.9]])  # own = 0, tied with a real member: wrong
+    own = np.array([0, 0])
+    res = within_group_accuracy({"x": s}, np.arange(2), cand, own, np.array(["timing", "motion"]))["x"]
+    assert res == pytest.approx({"motion": 0.0, "timing": 100.0, "all": 50.0})
 
 
 def test_error_types_splits_errors_into_near_duplicates_and_other_scenes(tmp_path) -> None:
