@@ -10,6 +10,7 @@ ANNOTATIONS ?=
 VIDEOS ?=
 FRAMES ?=
 WORKERS ?= 2
+QFORMER ?=
 STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 0
@@ -17,7 +18,7 @@ export HF_HUB_OFFLINE ?= 0
 .PHONY: install test test-faults browser demo compare extract bench bench-gpu gpu-wheels clean-work help
 
 help:
-	@echo "make demo                 set up and run the synthetic benchmark end to end"
+	@echo "make demo                 set up and run the synthetic benchmark end to end [QFORMER='steps=2000 batch_size=32 ...']"
 	@echo "make test                 set up and run the test suite"
 	@echo "make test-faults          the crash tests at every kill point (tests/test_faults.py; CI runs 3 of each)"
 	@echo "make compare [STORE=zarr] train meanP / seqTransf / clip2video on the demo store, one test table"
@@ -47,7 +48,7 @@ test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) cli.py demo --work-dir $(WORK)
+	$(PY) cli.py demo --work-dir $(WORK) $(foreach o,$(QFORMER),--qformer-option $(o))
 
 compare: $(STAMP)
 	$(PY) cli.py compare-stage-one --work-dir $(WORK) $(if $(STORE),--store $(STORE)) $(if $(HEADS),--heads $(HEADS))

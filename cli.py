@@ -184,13 +184,18 @@ def extract_cmd(source, work_dir, encoders, stores, max_failed, part, device, **
 @work_dir_option
 @seed_option
 @device_option
-def demo_cmd(work_dir, seed, device) -> None:
+@click.option("--qformer-option", "qformer_options", multiple=True,
+              help="The world's Q-Former setting key=value, repeatable (steps, batch_size, lr, itm_negatives, "
+                   "captions, ...); docs/benchmarks/qformer.md measures the choices.")
+def demo_cmd(work_dir, seed, device, qformer_options) -> None:
     """The synthetic benchmark end to end: generate, pretrain encoder, extract, train stage one and
     stage two, evaluate stage one and the re-ranked top 15 on the test split; ends with the path of
     its HTML report."""
+    from core.options import parse_key_values
     from workflows.experiments import demo
 
-    demo(WorkDir(work_dir), seed=seed, device=resolve_device(device), echo=click.echo)
+    demo(WorkDir(work_dir), seed=seed, device=resolve_device(device), echo=click.echo,
+         qformer_options=parse_key_values(qformer_options, "--qformer-option"))
 
 
 # -- the commands of each stage (commands/) ---------------------------------------------------------

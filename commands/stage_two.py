@@ -70,6 +70,9 @@ def train_head_cmd(ctx, store, stage_one, mode, shared, num_selected, head_optio
 @click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--text-len", default=32, show_default=True, help="Caption length in tokens.")
+@click.option("--itm-negatives", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="ITM negatives per positive: 2 (BLIP-2's: another video and another caption) or 1 (half the "
+                   "batch each; a third less ITM work per step).")
 @threads_option
 @click.option("--option", "options", multiple=True, help="Q-Former option key=value (width, layers, heads, ...).")
 @work_dir_option
@@ -78,14 +81,15 @@ def train_head_cmd(ctx, store, stage_one, mode, shared, num_selected, head_optio
 @manifest_text_option
 @device_option
 @renamed("--num-threads", "--threads", "threads", type=int)
-def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, threads, options, work_dir, stage_dir, out,
-                         manifest, device) -> None:
+def pretrain_qformer_cmd(store, steps, batch_size, lr, seed, text_len, itm_negatives, threads, options, work_dir,
+                         stage_dir, out, manifest, device) -> None:
     """Pre-train a Q-Former as BLIP-2's first stage does (ITC + ITM) on the store's train-split frames and
     captions; it is saved as a BLIP-2 checkpoint directory for `train-head --init-from`."""
     from workflows.runs import pretrain_qformer_run
 
     path = pretrain_qformer_run(WorkDir(work_dir, stage_dir), store, out=out, steps=steps, batch_size=batch_size,
-                                lr=lr, seed=seed, text_len=text_len, device=resolve_device(device),
+                                lr=lr, seed=seed, text_len=text_len, itm_negatives=itm_negatives,
+                                device=resolve_device(device),
                                 manifest=manifest, options=parse_key_values(options, "--option"),
                                 num_threads=threads)
     click.echo(f"BLIP-2 checkpoint: {path}")

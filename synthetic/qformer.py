@@ -8,9 +8,11 @@ matching (``heads.stage_two.qformer_pretrain``) on the frozen encoder's tokens o
 frames. Each frame is paired with a caption of its whole video (``captions="video"``, the default,
 as ``pretrain-qformer`` does for any store), or with a caption of what that frame shows
 (``captions="frame"``: ``synthetic.world.frame_caption``, the detail named at ``p_detail``), as an
-image caption describes its image. The default and the step count are the measured choice
-(docs/benchmarks/qformer.md): video captions teach the words of motion and timing that a single
-frame's caption cannot name, and the matching (ITM) half only starts to learn after ~1,000 steps.
+image caption describes its image. The defaults are the measured choice (docs/benchmarks/qformer.md):
+video captions teach the words of motion and timing that a single frame's caption cannot name; the
+head needs a start whose matching (ITM) half has begun to learn (~1,000 steps of 64 at lr 5e-4);
+and what the head gains past that grows with the frames seen: half of them (2,000 steps of 32, one
+ITM negative, ``itm_negatives=1``) fits the demo in 15 minutes but costs the head 3-7 test points.
 
 The result is a BLIP-2 checkpoint directory (weights + the word tokenizer of the train captions),
 keyed by everything it was trained on: the store's identity, the settings, the layout and the
@@ -44,6 +46,7 @@ class QFormerSettings:
     text_len: int = 32
     captions: str = "video"
     p_detail: float = DEFAULT_P_DETAIL
+    itm_negatives: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):  # options from the command line come as JSON values: bring each to its type
@@ -110,10 +113,13 @@ def world_qformer(train: Any, video_captions: Sequence[str], attrs: Mapping[str,
         shape = (len(per_frame), len(per_frame[0]), -1)
         frame_texts = FrameTexts(np.asarray(ids).reshape(shape), np.asarray(mask, dtype=bool).reshape(shape))
     opts = {**QFORMER_SHAPE, "vocab_size": tokenizer.vocab_size}
-    key = json.dumps({"store": train.store_fingerprint, "layout": opts, "settings": asdict(s),
+    settings_key = asdict(s)
+    if s.itm_negatives == 2:  # keyed only when set, so the Q-Formers made before it existed stay valid
+        del settings_key["itm_negatives"]
+    key = json.dumps({"store": train.store_fingerprint, "layout": opts, "settings": settings_key,
                       "video_captions": caption_digest(video_captions), "frame_captions": caption_digest(flat)},
                      sort_keys=True)
     out = out_dir(hashlib.sha256(key.encode()).hexdigest()[:12])
     return pretrain_qformer(train, out, opts, tokenizer, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                             seed=s.seed, device=device, num_threads=num_threads, progress=progress,
-                            frame_texts=frame_texts)
+                            frame_texts=frame_texts, itm_negatives=s.itm_negatives)

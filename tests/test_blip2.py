@@ -242,9 +242,10 @@ def test_pretrain_qformer_writes_a_blip2_checkpoint_that_init_from_loads(tiny_wo
     work, store = tiny_world["work"], tiny_world["store"]
     out = run_cli(["pretrain-qformer", "--store", store, "--work-dir", work, "--steps", "30", "--batch-size", "8",
                    "--lr", "1e-3", "--option", "width=32", "--option", "heads=2", "--option", "num_queries=4",
-                   "--option", "itc_dim=16", "--out", tmp_path / "qformer"])
+                   "--option", "itc_dim=16", "--itm-negatives", "1", "--out", tmp_path / "qformer"])
     assert f"BLIP-2 checkpoint: {tmp_path / 'qformer'}" in out
     record = json.loads((tmp_path / "qformer" / "pretrain.json").read_text())
+    assert record["args"]["itm_negatives"] == 1
     hist = record["history"]
     assert hist[-1]["itc"] < hist[0]["itc"]
     w = read_blip2(tmp_path / "qformer")

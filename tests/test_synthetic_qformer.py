@@ -100,6 +100,39 @@ def test_pretraining_pairs_each_frame_with_its_own_caption() -> None:
     assert head.texts[0][:, 0].tolist() == [-1] * b  # without frame captions: the video's caption
 
 
+class _PairProbe(_Probe):
+    """Records the ITM pairs the losses ask for."""
+
+    def match(self, ids, mask, video, pair_text, pair_video):
+        self.pairs = (pair_text.clone(), pair_video.clone())
+        return super().match(ids, mask, video, pair_text, pair_video)
+
+
+@pytest.mark.parametrize("itm_negatives", [1, 2])
+def test_itm_pairs_are_the_positives_and_one_or_two_in_batch_negatives_each(itm_negatives: int) -> None:
+    from heads.stage_two.pairs import ItmBatch
+
+    b, T = 6, 2
+    tokens = torch.randn(b, T, 2, 2)
+    batch = ItmBatch(text_tokens=torch.arange(b)[:, None], text_mask=torch.ones(b, 1, dtype=torch.bool),
+                     tokens=tokens, frame_mask=torch.ones(b, T, dtype=torch.bool), pair_text=torch.arange(b),
+                     pair_video=torch.arange(b), labels=torch.zeros(b, dtype=torch.long))
+    head = _PairProbe()
+    _, itm, match, labels = qformer_losses(head, batch, torch.Generator().manual_seed(0), itm_negatives=itm_negatives)
+    text, video = head.pairs
+    assert labels.tolist() == [1] * b + [0] * (itm_negatives * b)
+    assert match.shape[0] == labels.shape[0] == text.shape[0] and torch.isfinite(itm)
+    assert (text[:b] == video[:b]).all()  # the positives: each caption with its own video
+    neg_text, neg_video = text[b:], video[b:]
+    assert (neg_text != neg_video).all()  # every negative pairs a caption with another batch member's video
+    changed_video = (neg_text == torch.arange(b).repeat(itm_negatives)).sum()
+    changed_text = (neg_video == torch.arange(b).repeat(itm_negatives)).sum()
+    # two negatives: each positive with another video and with another caption; one: half of each
+    assert (int(changed_video), int(changed_text)) == ((b, b) if itm_negatives == 2 else (b // 2, b - b // 2))
+    with pytest.raises(ValueError, match="itm_negatives must be 1 or 2"):
+        qformer_losses(head, batch, torch.Generator().manual_seed(0), itm_negatives=3)
+
+
 def test_frame_texts_rows_cut_to_the_longest_caption() -> None:
     ids = np.zeros((3, 2, 6), dtype=np.int32)
     mask = np.zeros((3, 2, 6), dtype=bool)
@@ -136,3 +169,26 @@ def test_the_worlds_qformer_is_made_once_and_keyed_by_what_it_was_trained_on(tin
     assert synthetic_qformer(work, manifest, store, SMALL, progress=False) == video  # the default: video captions
     assert synthetic_qformer(work, manifest, store, {**SMALL, "captions": "frame", "p_detail": 0.2},
                              progress=False) not in (first, video)
+
+
+def test_the_demo_takes_the_qformer_settings_and_refuses_a_bad_one_before_any_work(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    import cli
+    from workflows import experiments
+
+    work = tmp_path / "work"
+    result = CliRunner().invoke(cli.main, ["demo", "--work-dir", str(work), "--qformer-option", "stepz=10"])
+    assert result.exit_code == 2 and "stepz" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not work.exists() or not any(work.iterdir())  # nothing rendered or trained
+    seen = {}
+
+    def fake_qformer(work, manifest, store, options, device="cpu"):
+        seen.update(options or {})
+        return tmp_path / "qformer"
+
+    monkeypatch.setattr(experiments, "synthetic_qformer", fake_qformer)
+    monkeypatch.setattr("manifests.Manifest.read", staticmethod(lambda path: None))
+    config = experiments.demo_stage_two_config(WorkDir(work), "store.zarr",
+                                               qformer_options={"batch_size": 32, "itm_negatives": 1})
+    assert seen == {"batch_size": 32, "itm_negatives": 1} and config.init_from == str(tmp_path / "qformer")

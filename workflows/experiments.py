@@ -54,10 +54,15 @@ def demo_stage_two_config(work: WorkDir, store: str, seed: int = 0, device: str 
     base = {"seed": seed, "device": device, "init_from": qformer, "tokenizer": qformer, "itc_steps": DEMO_ITC_STEPS}
     return StageTwoTrainConfig(**{**base, **options})
 
-def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) -> Path:
+def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print,
+         qformer_options: dict | None = None) -> Path:
     """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
     and stage two, evaluate stage one and the re-ranked top 15 on the test split, and write the HTML
-    report of it (``<work>/reports/rerank-test/report.html``). Returns the re-ranking metrics file."""
+    report of it (``<work>/reports/rerank-test/report.html``). Returns the re-ranking metrics file.
+    ``qformer_options``: the world's Q-Former settings (``QFormerSettings`` fields), checked first."""
+    from synthetic.qformer import QFormerSettings
+
+    QFormerSettings.from_options(qformer_options)  # a bad setting fails now, not after the encoders
     t0 = time.time()
     echo("[1/6] synthetic benchmark")
     m = make_manifest(work, "synthetic", options={"seed": seed})
@@ -83,7 +88,8 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print) 
     echo("[5/6] stage-two training: the world's Q-Former (BLIP-2's first stage on train frames and their "
          "captions, made once), then the CrossTVR head started from it (ITM with hard negatives from stage one)")
     stage_one = best_stage_one(work)
-    config = demo_stage_two_config(work, store, seed=seed, device=device, echo=echo)
+    config = demo_stage_two_config(work, store, seed=seed, device=device, echo=echo,
+                                   qformer_options=qformer_options)
     try:
         stage_two = train_head(work, store, stage_one, config)
     except RunMismatchError as exc:  # the demo owns its run directory: start it again

@@ -79,14 +79,19 @@ def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator | None =
 
 
 def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None = None,
-                   frame_text: tuple[torch.Tensor, torch.Tensor] | None = None
+                   frame_text: tuple[torch.Tensor, torch.Tensor] | None = None, itm_negatives: int = 2
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre-training step's losses on ``batch`` (aligned pairs of distinct videos, on the head's
     device): one random valid frame of each video makes image-text pairs; their ITC loss, and the
     ITM loss of the positives with in-batch negatives (``generator`` draws the frames and the
     negatives, on that device). ``frame_text`` ((Vb, T, L) ids and mask of the batch's video rows,
-    ``FrameTexts.rows``): each frame is paired with its own caption instead of its video's. Returns
-    (itc, itm, match logits, match labels)."""
+    ``FrameTexts.rows``): each frame is paired with its own caption instead of its video's.
+    ``itm_negatives``: 2, BLIP-2's, gives every positive both a negative video and a negative caption
+    (3 x b ITM pairs); 1 gives it one (2 x b pairs: the first half of the batch a negative video, the
+    second half a negative caption), a third less ITM work per step. Returns (itc, itm, match
+    logits, match labels)."""
+    if itm_negatives not in (1, 2):
+        raise ValueError(f"itm_negatives must be 1 or 2, got {itm_negatives}")
     device = batch.tokens.device
     b = batch.pair_video.shape[0]
     valid = batch.frame_mask.float()
@@ -102,10 +107,17 @@ def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None
     text = head.text_features(text_tokens, text_mask)[own_text]
     logits = head.itc_logits(head.video_queries(video)[batch.pair_video], text)  # (b, b)
     neg_video, neg_text = in_batch_negatives(logits, generator)
-    pair_text = torch.cat([own_text, own_text, own_text[neg_text]])
-    pair_video = torch.cat([batch.pair_video, batch.pair_video[neg_video], batch.pair_video])
+    if itm_negatives == 2:
+        neg_pair_text = torch.cat([own_text, own_text[neg_text]])
+        neg_pair_video = torch.cat([batch.pair_video[neg_video], batch.pair_video])
+    else:  # the first half's negatives change the video, the second half's the caption
+        half = b // 2
+        neg_pair_text = torch.cat([own_text[:half], own_text[neg_text][half:]])
+        neg_pair_video = torch.cat([batch.pair_video[neg_video][:half], batch.pair_video[half:]])
+    pair_text = torch.cat([own_text, neg_pair_text])
+    pair_video = torch.cat([batch.pair_video, neg_pair_video])
     labels = torch.cat([torch.ones(b, dtype=torch.long, device=device),
-                        torch.zeros(2 * b, dtype=torch.long, device=device)])
+                        torch.zeros(neg_pair_text.shape[0], dtype=torch.long, device=device)])
     match = head.match(text_tokens, text_mask, video, pair_text, pair_video)
     return itc_loss(logits), F.cross_entropy(match, labels), match, labels
 
@@ -120,12 +132,13 @@ def _upgraded(args: Any) -> Any:
 def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, Any], tokenizer: CaptionTokenizer,
                      steps: int = 2000, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.05,
                      seed: int = 0, device: str = "cpu", num_threads: int | None = None,
-                     progress: bool = True, frame_texts: FrameTexts | None = None) -> Path:
+                     progress: bool = True, frame_texts: FrameTexts | None = None, itm_negatives: int = 2) -> Path:
     """Pre-train a CrossTVR head with BLIP-2's layout on ``train``'s single frames (ITC + ITM) and
     save it to ``out_dir`` as a BLIP-2 checkpoint; returns ``out_dir``. ``train`` must carry the
     captions' ids (``tokenizer.with_caption_ids``). A finished run with the same arguments in
     ``out_dir`` is reused. ``frame_texts`` (aligned with ``train``'s video rows): pair each frame
-    with its own caption rather than one of its video's."""
+    with its own caption rather than one of its video's. ``itm_negatives``: ITM negatives per
+    positive (``qformer_losses``)."""
     check_not_test(train, "pre-training")
     require_tokens(train)
     out = Path(out_dir)
@@ -134,6 +147,8 @@ def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, A
                      "vocab_size": tokenizer.vocab_size})
     if frame_texts is not None:
         args["frame_texts"] = frame_texts.digest()
+    if itm_negatives != 2:  # only when set, so runs finished before it existed stay valid
+        args["itm_negatives"] = int(itm_negatives)
     done = out / DONE_NAME
     if done.is_file() and _upgraded(json.loads(done.read_text()).get("args")) == args:
         return out
@@ -160,7 +175,7 @@ def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, A
             frame_text = None
             if frame_texts is not None:
                 frame_text = tuple(t.to(device) for t in frame_texts.rows(np.unique(videos)))
-            itc, itm, match, labels = qformer_losses(head, batch, gen, frame_text)
+            itc, itm, match, labels = qformer_losses(head, batch, gen, frame_text, itm_negatives)
             loss = itc + itm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
