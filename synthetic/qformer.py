@@ -46,7 +46,7 @@ class QFormerSettings:
     text_len: int = 32
     captions: str = "video"
     p_detail: float = DEFAULT_P_DETAIL
-    itm_negatives: int = 2
+    itm_negatives: int = 2  # BLIP-2's (heads.stage_two.qformer_pretrain.BLIP2_ITM_NEGATIVES)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # options from the command line come as JSON values: bring each to its type
@@ -54,6 +54,9 @@ class QFormerSettings:
             object.__setattr__(self, f.name, kind(getattr(self, f.name)))
         if self.captions not in CAPTION_KINDS:
             raise ValueError(f"captions must be one of {', '.join(CAPTION_KINDS)}, got {self.captions!r}")
+        from heads.stage_two.qformer_pretrain import check_itm_negatives
+
+        check_itm_negatives(self.itm_negatives)  # a bad value fails with the settings, not at the first step
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> QFormerSettings:
@@ -99,7 +102,7 @@ def world_qformer(train: Any, video_captions: Sequence[str], attrs: Mapping[str,
     """Pre-train (once; a finished run with the same key is reused) the world's Q-Former on ``train``
     (the store's staged train split with its tokens; ``video_captions`` aligned with its caption rows)
     and return its BLIP-2 checkpoint directory, ``out_dir(key)`` (``WorkDir.qformer_dir``)."""
-    from heads.stage_two.qformer_pretrain import QFORMER_SHAPE, FrameTexts, pretrain_qformer
+    from heads.stage_two.qformer_pretrain import QFORMER_SHAPE, FrameTexts, itm_negatives_key, pretrain_qformer
     from heads.stage_two.tokenizer import build_word_tokenizer, with_caption_ids
 
     s = settings
@@ -113,9 +116,8 @@ def world_qformer(train: Any, video_captions: Sequence[str], attrs: Mapping[str,
         shape = (len(per_frame), len(per_frame[0]), -1)
         frame_texts = FrameTexts(np.asarray(ids).reshape(shape), np.asarray(mask, dtype=bool).reshape(shape))
     opts = {**QFORMER_SHAPE, "vocab_size": tokenizer.vocab_size}
-    settings_key = asdict(s)
-    if s.itm_negatives == 2:  # keyed only when set, so the Q-Formers made before it existed stay valid
-        del settings_key["itm_negatives"]
+    settings_key = {k: v for k, v in asdict(s).items() if k != "itm_negatives"}  # keyed as the runs key it:
+    settings_key.update(itm_negatives_key(s.itm_negatives))  # only when not BLIP-2's, so older keys stay valid
     key = json.dumps({"store": train.store_fingerprint, "layout": opts, "settings": settings_key,
                       "video_captions": caption_digest(video_captions), "frame_captions": caption_digest(flat)},
                      sort_keys=True)

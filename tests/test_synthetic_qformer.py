@@ -52,6 +52,8 @@ def test_settings_refuse_unknown_options_and_bad_caption_kinds() -> None:
         QFormerSettings.from_options({"stepz": 1})
     with pytest.raises(ValueError, match="captions must be one of"):
         QFormerSettings(captions="paragraph")
+    with pytest.raises(ValueError, match="itm_negatives must be 1 or 2"):  # at once, not after the encoders
+        QFormerSettings.from_options({"itm_negatives": 3})
 
 
 class _Probe(torch.nn.Module):

@@ -29,7 +29,7 @@ from heads.stage_one.config import StageOneTrainConfig
 from heads.stage_one.train import train_stage_one
 from heads.stage_two.scoring import pair_scorer
 from heads.stage_two.config import StageTwoTrainConfig
-from heads.stage_two.qformer_pretrain import QFORMER_SHAPE, pretrain_qformer
+from heads.stage_two.qformer_pretrain import BLIP2_ITM_NEGATIVES, QFORMER_SHAPE, itm_negatives_key, pretrain_qformer
 from heads.stage_two.tokenizer import build_word_tokenizer, caption_tokenizer, with_caption_ids
 from heads.stage_two.train import train_stage_two
 from pipeline.store import CacheStore
@@ -224,7 +224,7 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
 
 def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = None, steps: int = 2000,
                          batch_size: int = 64, lr: float = 5e-4, seed: int = 0, text_len: int = 32,
-                         itm_negatives: int = 2, device: str = "cpu", manifest: str | Path | None = None,
+                         itm_negatives: int = BLIP2_ITM_NEGATIVES, device: str = "cpu", manifest: str | Path | None = None,
                          options: dict | None = None, progress: bool = True, num_threads: int | None = None) -> Path:
     """BLIP-2's first-stage pre-training (ITC + ITM on single frames) of a Q-Former on ``store``'s
     train split, with a word tokenizer built from the train captions; saved as a BLIP-2 checkpoint
@@ -236,8 +236,8 @@ def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = Non
     opts = {**QFORMER_SHAPE, **(options or {}), "vocab_size": tokenizer.vocab_size}
     if out is None:
         key = json.dumps({"store": train.store_fingerprint, "opts": opts, "steps": steps, "batch": batch_size,
-                          "lr": lr, "seed": seed, "text_len": text_len,
-                          **({"itm_negatives": itm_negatives} if itm_negatives != 2 else {})}, sort_keys=True)
+                          "lr": lr, "seed": seed, "text_len": text_len, **itm_negatives_key(itm_negatives)},
+                         sort_keys=True)
         out = work.qformer_dir(hashlib.sha256(key.encode()).hexdigest()[:12])
     return pretrain_qformer(train, out, opts, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                             device=device, num_threads=num_threads, progress=progress, itm_negatives=itm_negatives)

@@ -32,6 +32,22 @@ from heads.stage_two.tokenizer import CaptionTokenizer, text_view
 from heads.training.common import check_not_test, make_optimizer, torch_threads, warmup_steps
 
 DONE_NAME = "pretrain.json"
+BLIP2_ITM_NEGATIVES = 2  # BLIP-2's ITM: each positive with a negative video and a negative caption
+ITM_NEGATIVES = (1, 2)
+
+
+def check_itm_negatives(itm_negatives: int) -> int:
+    """``itm_negatives`` if it is 1 or 2, else ``ValueError`` naming it."""
+    if itm_negatives not in ITM_NEGATIVES:
+        raise ValueError(f"itm_negatives must be 1 or 2, got {itm_negatives}")
+    return int(itm_negatives)
+
+
+def itm_negatives_key(itm_negatives: int) -> dict[str, int]:
+    """What ``itm_negatives`` adds to a run's key or arguments: nothing for BLIP-2's two, so the runs
+    finished before the setting existed keep their keys."""
+    n = check_itm_negatives(itm_negatives)
+    return {} if n == BLIP2_ITM_NEGATIVES else {"itm_negatives": n}
 
 # A Q-Former with BLIP-2's layout at the synthetic benchmark's size (the demo head's width, depth and
 # queries): the frozen tokens go unprojected into the cross attention, captions through its own words.
@@ -79,7 +95,8 @@ def in_batch_negatives(logits: torch.Tensor, generator: torch.Generator | None =
 
 
 def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None = None,
-                   frame_text: tuple[torch.Tensor, torch.Tensor] | None = None, itm_negatives: int = 2
+                   frame_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   itm_negatives: int = BLIP2_ITM_NEGATIVES
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre-training step's losses on ``batch`` (aligned pairs of distinct videos, on the head's
     device): one random valid frame of each video makes image-text pairs; their ITC loss, and the
@@ -90,8 +107,7 @@ def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None
     (3 x b ITM pairs); 1 gives it one (2 x b pairs: the first half of the batch a negative video, the
     second half a negative caption), a third less ITM work per step. Returns (itc, itm, match
     logits, match labels)."""
-    if itm_negatives not in (1, 2):
-        raise ValueError(f"itm_negatives must be 1 or 2, got {itm_negatives}")
+    check_itm_negatives(itm_negatives)
     device = batch.tokens.device
     b = batch.pair_video.shape[0]
     valid = batch.frame_mask.float()
@@ -107,7 +123,7 @@ def qformer_losses(head: Any, batch: ItmBatch, generator: torch.Generator | None
     text = head.text_features(text_tokens, text_mask)[own_text]
     logits = head.itc_logits(head.video_queries(video)[batch.pair_video], text)  # (b, b)
     neg_video, neg_text = in_batch_negatives(logits, generator)
-    if itm_negatives == 2:
+    if itm_negatives == BLIP2_ITM_NEGATIVES:
         neg_pair_text = torch.cat([own_text, own_text[neg_text]])
         neg_pair_video = torch.cat([batch.pair_video[neg_video], batch.pair_video])
     else:  # the first half's negatives change the video, the second half's the caption
@@ -132,7 +148,8 @@ def _upgraded(args: Any) -> Any:
 def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, Any], tokenizer: CaptionTokenizer,
                      steps: int = 2000, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.05,
                      seed: int = 0, device: str = "cpu", num_threads: int | None = None,
-                     progress: bool = True, frame_texts: FrameTexts | None = None, itm_negatives: int = 2) -> Path:
+                     progress: bool = True, frame_texts: FrameTexts | None = None,
+                     itm_negatives: int = BLIP2_ITM_NEGATIVES) -> Path:
     """Pre-train a CrossTVR head with BLIP-2's layout on ``train``'s single frames (ITC + ITM) and
     save it to ``out_dir`` as a BLIP-2 checkpoint; returns ``out_dir``. ``train`` must carry the
     captions' ids (``tokenizer.with_caption_ids``). A finished run with the same arguments in
@@ -147,8 +164,7 @@ def pretrain_qformer(train: Split, out_dir: str | Path, head_config: dict[str, A
                      "vocab_size": tokenizer.vocab_size})
     if frame_texts is not None:
         args["frame_texts"] = frame_texts.digest()
-    if itm_negatives != 2:  # only when set, so runs finished before it existed stay valid
-        args["itm_negatives"] = int(itm_negatives)
+    args.update(itm_negatives_key(itm_negatives))
     done = out / DONE_NAME
     if done.is_file() and _upgraded(json.loads(done.read_text()).get("args")) == args:
         return out
