@@ -159,7 +159,9 @@ def load_run(path: str | os.PathLike, option: str = "--run") -> RunCurves:
         ph["lr"].append(r.get("lr"))
         if r.get("val") is not None:
             ph["val_step"].append(r.get("step"))
-            ph["val_score"].append(r.get("val_rsum") if not stage_two else (r["val"] or {}).get("reranked_R@1"))
+            val = r["val"] or {}  # stage two: what the epoch was selected on (T2V alone in older runs)
+            score = val.get("selection_R@1", val.get("reranked_R@1")) if stage_two else r.get("val_rsum")
+            ph["val_score"].append(score)
             ph["val_metrics"].append(r.get("val"))
     return RunCurves(name, run_dir, "history.json (per epoch: trained before training logs existed)", phases,
                      h.get("selected_on"))

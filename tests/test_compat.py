@@ -38,7 +38,7 @@ def test_an_old_finished_run_is_reused(tmp_path: Path) -> None:
     before = ckpt.read_bytes()
     again = train_stage_two(train, val, tmp_path / "old" / "s1" / "stage_one.pt", ckpt.parent, head_config=TINY,
                             epochs=1, batch_size=16, lr=3e-3, seed=0, progress=False, val_queries=16, val_candidates=4,
-                            num_threads=1, itc_steps=3, itc_batch=8)
+                            num_threads=1, itc_steps=3, itc_batch=8, val_directions="t2v")  # selected on T2V then
     assert again == ckpt and ckpt.read_bytes() == before  # same arguments under today's names: not retrained
     with pytest.raises(ValueError, match="other arguments"):
         train_stage_two(train, val, tmp_path / "old" / "s1" / "stage_one.pt", ckpt.parent, head_config=TINY,

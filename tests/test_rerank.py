@@ -318,6 +318,12 @@ def test_ablation_cli_on_a_tiny_store(tiny_runs, tmp_path):
     before = {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()}
     run_cli(args)
     assert {name: Path(run["checkpoint"]).stat().st_mtime_ns for name, run in runs.items()} == before
+    # ... and trains again, with a line saying why, a head of its own made with other arguments
+    out = run_cli(args + ["--val-candidates", "2"])
+    assert "belongs to a run with other arguments (val_candidates" in out and "training the head again" in out
+    assert all(Path(run["checkpoint"]).stat().st_mtime_ns != before[name] for name, run in runs.items())
+    assert all(torch.load(run["checkpoint"], weights_only=True)["train_args"]["val_candidates"] == 2
+               for run in runs.values())
 
 
 def test_ablation_over_seeds_reports_means_and_within_group_accuracy(tiny_runs, tmp_path):

@@ -336,8 +336,12 @@ def test_training_learns_to_match(trained: Path, splits: dict) -> None:
     assert epochs[-1]["hard_share"] == 1.0 and epochs[0]["hard_share"] < 0.5  # annealed
     # the head learns to match (val ITM accuracy on stage one's top candidates, balanced) ...
     assert max(e["val"]["itm_acc_balanced"] for e in epochs) > 0.7
-    # ... and the epoch is selected on val re-ranked R@1 (32 queries: noisy, so not always that epoch)
-    scores = [e["val"]["reranked_R@1"] + 1e-3 * e["val"]["score_acc_balanced"] for e in epochs]
+    # ... and the epoch is selected on val re-ranked R@1, the mean of T2V and V2T (32 queries each:
+    # noisy, so not always that epoch)
+    for e in epochs:
+        assert e["val"]["selection_R@1"] == pytest.approx((e["val"]["reranked_R@1"] + e["val"]["v2t_reranked_R@1"]) / 2)
+    assert history["selected_on"] == "val re-ranked T2V and V2T R@1 (their mean) of stage-one top-8"
+    scores = [e["val"]["selection_R@1"] + 1e-3 * e["val"]["score_acc_balanced"] for e in epochs]
     assert all(e["val"]["score_acc_balanced"] == e["val"]["itm_acc_balanced"] for e in epochs)  # no ITC
     assert history["best_epoch"] == int(np.argmax(scores))
     # the selected head separates the true pairs from stage one's top candidates on test too
@@ -346,6 +350,35 @@ def test_training_learns_to_match(trained: Path, splits: dict) -> None:
     pos = score_pairs(head, test, np.arange(32), np.arange(32))
     neg = score_pairs(head, test, np.arange(32), (np.arange(32) + 5) % 32)
     assert (pos > neg).mean() > 0.8
+
+
+def test_val_selection_scores_both_directions_as_the_reranker_does(trained: Path, splits: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model selection's T2V and V2T R@1 over every val query equal the re-ranker's on the same split,
+    each distinct pair scored once; a bad direction is refused with the option's name."""
+    from heads.evaluation.rerank import rerank
+    from heads.stage_two.scoring import pair_scorer
+    from heads.stage_two import selection
+    from heads.stage_two.selection import ValSet, selection_score
+
+    head, val = load_stage_two(trained).head, splits["val"]
+    sim = similarity(load_stage_one(splits["stage_one"]).head, val)
+    want = rerank(sim, val, pair_scorer(head, val, progress=False), k=6).metrics()["re-ranked"]
+    scored: list[np.ndarray] = []
+    real = selection.score_pairs
+    monkeypatch.setattr(selection, "score_pairs",
+                        lambda h, sp, c, v, **kw: scored.append(c * 10**6 + v) or real(h, sp, c, v, **kw))
+    got = ValSet(val, sim, 6, 0, seed=0, directions="t2v,v2t").evaluate(head, batch=64, device="cpu")
+    pairs = np.concatenate(scored)
+    assert np.unique(pairs).size == pairs.size < 2 * 6 * len(val.caption_ids)  # shared pairs scored once
+    assert got["reranked_R@1"] == pytest.approx(want["t2v"]["R@1"])
+    assert got["v2t_reranked_R@1"] == pytest.approx(want["v2t"]["R@1"])
+    assert got["selection_R@1"] == pytest.approx((want["t2v"]["R@1"] + want["v2t"]["R@1"]) / 2)
+    assert selection_score(got) == pytest.approx(got["selection_R@1"] + 1e-3 * got["score_acc_balanced"])
+    t2v_only = ValSet(val, sim, 6, 0, seed=0, directions="t2v").evaluate(head, batch=64, device="cpu")
+    assert "v2t_reranked_R@1" not in t2v_only and t2v_only["selection_R@1"] == got["reranked_R@1"]
+    with pytest.raises(ConfigError, match="val_directions must be t2v, v2t or t2v,v2t, got 'v2t,t2i'"):
+        StageTwoTrainConfig(val_directions="v2t,t2i").resolved()
 
 
 def test_checkpoint_contents(trained: Path, splits: dict) -> None:

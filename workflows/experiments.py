@@ -260,7 +260,8 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
     Writes ``OUT/ablation.{json,txt}``, ``OUT/ablation-groups.{json,txt}`` (with groups),
     ``OUT/ablation.runs.json`` (every run's metrics) and each run's ranked lists under
     ``OUT/<variant>-seed<S>`` (``OUT/<variant>`` when ``seeds`` is not given), its run under
-    ``OUT/runs/`` by the same name, so ablations over other seeds or variants reuse it.
+    ``OUT/runs/`` by the same name, so ablations over other seeds or variants reuse it (a run there
+    made with other arguments is trained again).
     """
     unknown = [v for v in variants if v not in ABLATION_VARIANTS]
     if not variants or unknown:
@@ -296,7 +297,11 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             t0 = time.time()
             run_dir = (work.run_dir(2, "crosstvr") if name == "both" and not head_config and demo_defaults
                        and seed == config.seed else out_dir / "runs" / tag)
-            ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
+            try:
+                ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
+            except RunMismatchError as exc:  # the ablation owns its runs (and the demo its head): start again
+                echo(f"      {exc}: training the head again")
+                ckpt = train_head(work, store, stage_one, run_config, out=run_dir, resume=False)
             train_s = time.time() - t0
             _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=candidates, out=out_dir / tag,
                                      device=config.device, sim=s1.sim, allow_incomplete=allow_incomplete)

@@ -10,6 +10,7 @@ from typing import Any
 from core.errors import ConfigError, UsageError
 from core.fileio import jsonable
 from core.split import Split
+from heads.evaluation.rerank import DIRECTIONS
 from heads.registry import get_spec, list_heads, supports
 
 HARD_NEGATIVE_MODES = ("random", "hard", "anneal")
@@ -19,11 +20,20 @@ DEFAULT_ITC_DIM = 128   # width of the contrastive projection of a head trained 
 # arguments added after runs were first saved: a saved state without them ran with these values
 _ARG_DEFAULTS = {"rank_weight": 0.0, "itc_steps": 0, "itc_batch": 64, "itc_cluster": 1, "itc_lr": 5e-4,
                  "itc_weight": 0.0, "init_from": None, "tokenizer": None, "reinit_visual_kv": False, "text_len": 32,
-                 "neg_source": "text", "neg_video_pool": 4}
+                 "neg_source": "text", "neg_video_pool": 4, "val_directions": "t2v"}
 PRECISIONS = ("auto", "bf16", "fp32")  # no fp16: training in it would need loss scaling
 # arguments renamed since runs were first saved: old name -> today's (values too, where they changed)
 _RENAMED_ARGS = {"amp": "precision", "val_k": "val_candidates"}
 _RENAMED_VALUES = {"precision": {"off": "fp32"}}
+
+
+def check_directions(directions: str) -> tuple[str, ...]:
+    """The re-ranking directions named by ``directions`` (``"t2v"``, ``"v2t"`` or ``"t2v,v2t"``), in
+    their usual order, or ``ValueError`` naming the bad value."""
+    names = [d.strip() for d in str(directions).split(",") if d.strip()]
+    if not names or len(set(names)) != len(names) or set(names) - set(DIRECTIONS):
+        raise ValueError(f"val_directions must be t2v, v2t or t2v,v2t, got {directions!r}")
+    return tuple(d for d in DIRECTIONS if d in names)
 
 
 def _opt(default: Any, help: str, resume_free: bool = False, **kw: Any) -> Any:
@@ -79,8 +89,11 @@ class StageTwoTrainConfig:
                           "fp32 elsewhere), bf16 (autocast) or fp32.", resume_free=True)
     grad_checkpoint: bool = _opt(False, "Recompute the Q-Former layers' activations in the backward pass "
                                  "(less memory, ~30% more time).", resume_free=True)
-    val_candidates: int = _opt(10, "Stage-one candidates re-ranked per val query for model selection.")
-    val_queries: int = _opt(256, "Val captions used for model selection (0: all).")
+    val_candidates: int = _opt(15, "Stage-one candidates re-ranked per val query for model selection (the "
+                               "re-ranking's K).")
+    val_directions: str = _opt("t2v,v2t", "Directions whose mean re-ranked val R@1 selects the epoch: t2v, v2t "
+                               "or t2v,v2t.")
+    val_queries: int = _opt(256, "Val captions (and, for V2T, val videos) used for model selection (0: all).")
     seed: int = _opt(0, "Seed of initialisation, batches and negatives.")
     device: str = _opt("cpu", "Torch device.", resume_free=True)
     max_steps: int | None = _opt(None, "Stop after this many steps in all (resumable: run again to continue).",
@@ -110,6 +123,10 @@ class StageTwoTrainConfig:
             raise ConfigError(f"neg_source must be one of {NEGATIVE_SOURCES}, got {self.neg_source!r}")
         if self.neg_video_pool < 1:
             raise ConfigError(f"neg_video_pool must be >= 1, got {self.neg_video_pool}")
+        try:
+            check_directions(self.val_directions)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.init_from and not supports(self.head, "blip2_init"):

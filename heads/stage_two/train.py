@@ -50,7 +50,7 @@ from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_two.blip2 import SHAPE_OPTIONS, blip2_init, read_blip2
 from heads.stage_two.blip2 import options_from_layout
 from heads.stage_two.checkpoint import CHECKPOINT_NAME, KIND, stage_one_identity
-from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, upgrade_args
+from heads.stage_two.config import RESUME_FREE, StageTwoTrainConfig, check_directions, upgrade_args
 from heads.stage_two.itc import ITC_STATE_NAME, batch_itc_loss, pretrain_itc
 from heads.stage_two.negatives import HardNegativeSampler, MixedNegatives, PlanItem, epoch_plan, video_sampler
 from heads.stage_two.pairs import load_pairs, require_tokens
@@ -126,6 +126,13 @@ def hard_negatives(head: Any, train: Split, cfg: StageTwoTrainConfig) -> HardNeg
     return text if video is None else video
 
 
+def selected_on(split: str, cfg: StageTwoTrainConfig) -> str:
+    """What a run's epoch was selected on, in words."""
+    directions = check_directions(cfg.val_directions)
+    what = " and ".join(d.upper() for d in directions) + (" R@1 (their mean)" if len(directions) > 1 else " R@1")
+    return f"{split} re-ranked {what} of stage-one top-{cfg.val_candidates}"
+
+
 def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_dir: str | Path,
                     config: StageTwoTrainConfig | None = None, resume: bool = True, **options: Any) -> Path:
     """Train a stage-two head on ``train``; select the epoch on ``val``; return ``stage_two.pt``.
@@ -199,7 +206,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
         valset = None
         if val is not None:
             valset = ValSet(text_view(val, text_input), similarity(s1.head, val, device=cfg.device), cfg.val_candidates,
-                            cfg.val_queries, cfg.seed)
+                            cfg.val_queries, cfg.seed, cfg.val_directions)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             text_dim = 0 if text_input == "ids" else int(train.text_tokens.shape[-1])
@@ -298,8 +305,10 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
                 history.append(jsonable(record))
                 if cfg.progress and valset is not None and d.is_main:
                     v = record["val"]
+                    v2t = (f", V2T {v['v2t_stage_one_R@1']:.1f} -> {v['v2t_reranked_R@1']:.1f}"
+                           if "v2t_reranked_R@1" in v else "")
                     bar.write(f"epoch {epoch}: loss {record['loss']:.3f} acc {record['itm_acc']:.3f} | val R@1 "
-                              f"stage one {v['stage_one_R@1']:.1f} -> re-ranked {v['reranked_R@1']:.1f} "
+                              f"stage one {v['stage_one_R@1']:.1f} -> re-ranked {v['reranked_R@1']:.1f}{v2t} "
                               f"(itm acc {v['itm_acc_balanced']:.3f})")
                 state = None
                 _save_state(d, state_path, model, optimizer, scheduler, step, history, best, train_args,
@@ -315,7 +324,7 @@ def train_stage_two(train: Split, val: Split | None, stage_one: str | Path, out_
     summary = {
         "best_epoch": best.epoch, "finished": finished, "steps": step, "total_steps": total,
         "itc_steps": int(cfg.itc_steps), "itc": itc_history,
-        "selected_on": None if val is None else f"{val.split} re-ranked T2V R@1 of stage-one top-{cfg.val_candidates}",
+        "selected_on": None if val is None else selected_on(val.split, cfg),
         "best_score": None if val is None or best.epoch is None else best.score, "epochs": history,
     }
     if d.is_main:
