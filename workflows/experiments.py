@@ -54,6 +54,18 @@ def demo_stage_two_config(work: WorkDir, store: str, seed: int = 0, device: str 
     base = {"seed": seed, "device": device, "init_from": qformer, "tokenizer": qformer, "itc_steps": DEMO_ITC_STEPS}
     return StageTwoTrainConfig(**{**base, **options})
 
+
+def train_own_head(work: WorkDir, store: str, stage_one: str | Path, config: StageTwoTrainConfig,
+                   out: str | Path | None = None, echo: Echo = print) -> Path:
+    """``train_head`` into a run directory the caller owns (the demo's head, the ablation's runs): a
+    run there made with other arguments is started again, with a line saying why."""
+    try:
+        return train_head(work, store, stage_one, config, out=out)
+    except RunMismatchError as exc:
+        echo(f"      {exc}: training the head again")
+        return train_head(work, store, stage_one, config, out=out, resume=False)
+
+
 def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print,
          qformer_options: dict | None = None) -> Path:
     """The synthetic benchmark end to end: generate, pretrain the encoder, extract, train stage one
@@ -90,11 +102,7 @@ def demo(work: WorkDir, seed: int = 0, device: str = "cpu", echo: Echo = print,
     stage_one = best_stage_one(work)
     config = demo_stage_two_config(work, store, seed=seed, device=device, echo=echo,
                                    qformer_options=qformer_options)
-    try:
-        stage_two = train_head(work, store, stage_one, config)
-    except RunMismatchError as exc:  # the demo owns its run directory: start it again
-        echo(f"      {exc}: training the head again")
-        stage_two = train_head(work, store, stage_one, config, resume=False)
+    stage_two = train_own_head(work, store, stage_one, config, echo=echo)
     echo(f"      stage one {stage_one.parent.name} (best val), head {stage_two}  ({time.time() - t0:.0f}s)")
     echo(f"[6/6] test split: stage one vs its top {DEMO_CANDIDATES} re-ranked")
     test = work.stage(store, "test", STAGE_TWO_ARRAYS)
@@ -297,11 +305,7 @@ def ablation(work: WorkDir, variants: list[str], config: StageTwoTrainConfig, st
             t0 = time.time()
             run_dir = (work.run_dir(2, "crosstvr") if name == "both" and not head_config and demo_defaults
                        and seed == config.seed else out_dir / "runs" / tag)
-            try:
-                ckpt = train_head(work, store, stage_one, run_config, out=run_dir)
-            except RunMismatchError as exc:  # the ablation owns its runs (and the demo its head): start again
-                echo(f"      {exc}: training the head again")
-                ckpt = train_head(work, store, stage_one, run_config, out=run_dir, resume=False)
+            ckpt = train_own_head(work, store, stage_one, run_config, out=run_dir, echo=echo)
             train_s = time.time() - t0
             _, _, res = rerank_split(work, store, stage_one, ckpt, split="test", candidates=candidates, out=out_dir / tag,
                                      device=config.device, sim=s1.sim, allow_incomplete=allow_incomplete)

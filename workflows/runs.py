@@ -224,7 +224,8 @@ def import_external(work: WorkDir, store: str, split: str, out: str | Path | Non
 
 def pretrain_qformer_run(work: WorkDir, store: str, out: str | Path | None = None, steps: int = 2000,
                          batch_size: int = 64, lr: float = 5e-4, seed: int = 0, text_len: int = 32,
-                         itm_negatives: int = BLIP2_ITM_NEGATIVES, device: str = "cpu", manifest: str | Path | None = None,
+                         itm_negatives: int = BLIP2_ITM_NEGATIVES, device: str = "cpu",
+                         manifest: str | Path | None = None,
                          options: dict | None = None, progress: bool = True, num_threads: int | None = None) -> Path:
     """BLIP-2's first-stage pre-training (ITC + ITM on single frames) of a Q-Former on ``store``'s
     train split, with a word tokenizer built from the train captions; saved as a BLIP-2 checkpoint

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.split import Split
-from heads.evaluation.rerank import v2t_query_videos
+from heads.evaluation.rerank import top_k, v2t_query_videos
 from heads.stage_two.config import check_directions
 from heads.stage_two.models import StageTwoHead
 from heads.stage_two.scoring import score_pairs
@@ -55,17 +55,6 @@ def rerank_r1(sim: np.ndarray, caption_video: np.ndarray, top: np.ndarray, head_
             "score_acc_pos": s_pos, "score_acc_neg": s_neg, "score_acc_balanced": s_bal}
 
 
-def _top(sim_rows: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` best columns of each row of ``sim_rows``, best first (ties: the lower column)."""
-    q, n = sim_rows.shape
-    if k >= n:
-        part = np.broadcast_to(np.arange(n), (q, n)).copy()
-    else:
-        part = np.argpartition(-sim_rows, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(sim_rows, part, axis=1)
-    return np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), axis=1)
-
-
 class ValSet:
     """Fixed val queries, their stage-one top-K candidates, and the metric of a head on them."""
 
@@ -77,14 +66,14 @@ class ValSet:
         rng = np.random.default_rng([int(seed), 0x7A1])
         q = num_c if max_queries <= 0 else min(num_c, int(max_queries))
         self.queries = np.sort(rng.choice(num_c, size=q, replace=False))
-        self.top = _top(sim[self.queries], min(int(k), num_v))
+        self.top = top_k(sim[self.queries], k)  # the re-ranker's candidates: ties to the lower row
         self.video_queries = self.video_top = None
         if "v2t" in self.directions:
             videos = v2t_query_videos(val.caption_video, num_v)
             if 0 < max_queries < videos.size:
                 videos = np.sort(rng.choice(videos, size=int(max_queries), replace=False))
             self.video_queries = videos
-            self.video_top = _top(np.ascontiguousarray(sim[:, videos].T), min(int(k), num_c))  # caption rows
+            self.video_top = top_k(sim[:, videos].T, k)  # caption rows
 
     def evaluate(self, head: StageTwoHead, batch: int, device: str) -> dict[str, float]:
         num_v = self.sim.shape[1]
