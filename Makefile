@@ -45,7 +45,7 @@ browser:
 		|| echo "chromium not installed (needs root and apt-get): the browser test will be skipped"; }
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal
 
 demo: $(STAMP)
 	$(PY) cli.py demo --work-dir $(WORK) $(foreach o,$(QFORMER),--qformer-option $(o))

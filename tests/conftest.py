@@ -31,11 +31,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_and_threads() -> None:
-    """No downloads; two torch threads (the machine has two cores)."""
+    """No downloads; the machine's cores shared among pytest-xdist's workers (``-n``), at most two
+    torch threads each."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,10 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 def chromium() -> dict:
     """Debian's headless Chromium and its driver for the browser tests: installed with apt-get where missing
     and this process may (root, apt-get present, CROSSTVR_NO_APT unset), else the test is skipped saying why."""
+    import fcntl
     import shutil
     import subprocess
+    import tempfile
 
     def found() -> bool:
         return Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()
@@ -135,12 +139,17 @@ def chromium() -> dict:
                         f"apt-get install chromium chromium-driver")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         cmd = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode != 0:  # a clean machine may not have the package lists yet
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        with open(Path(tempfile.gettempdir()) / "crosstvr-tests-apt.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # one pytest-xdist worker installs, the others wait for it
+            said = ""
+            if not found():
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode != 0:  # a clean machine may not have the package lists yet
+                    subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
+                    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                said = (done.stderr or done.stdout).strip()[-300:]
         if not found():
-            pytest.skip(f"could not install chromium with apt-get: {(done.stderr or done.stdout).strip()[-300:]}")
+            pytest.skip(f"could not install chromium with apt-get: {said}")
     try:
         import selenium  # noqa: F401
     except ImportError:
