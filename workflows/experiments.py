@@ -21,7 +21,7 @@ from heads.evaluation.sources import load_head, stage_one_scores
 from heads.registry import list_heads, supports
 from heads.stage_one.checkpoint import load_stage_one
 from heads.stage_one.config import StageOneTrainConfig
-from heads.stage_two.config import ABLATION_VARIANTS, StageTwoTrainConfig
+from heads.stage_two.config import ABLATION_VARIANTS, ITC_DEFAULTS, StageTwoTrainConfig
 from reports.inputs import load_manifest_info
 from synthetic.head_groups import group_queries, head_group_accuracy
 from workflows.data import caption_texts, extract_stores, make_manifest, synthetic_encoder, synthetic_qformer
@@ -35,7 +35,7 @@ DEMO_CANDIDATES = 15
 # The demo's re-ranker starts from the world's pre-trained Q-Former (1,000 steps) and keeps the head's
 # own contrastive phase on whole videos (the trainer's default): that split of the first demo's time
 # beat 2,000 pre-training steps without the phase on test (docs/benchmarks/qformer.md, fourth round).
-DEMO_ITC_STEPS = 1200
+DEMO_ITC_STEPS = ITC_DEFAULTS["itc_steps"]
 
 
 def demo_stage_two_config(work: WorkDir, store: str, seed: int = 0, device: str = "cpu", echo: Echo | None = None,
