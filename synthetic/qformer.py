@@ -13,7 +13,9 @@ video captions teach the words of motion and timing that a single frame's captio
 head needs a start whose matching (ITM) half has begun to learn (~500 steps of 64 at lr 1e-3, ~1,000
 at lr 5e-4); past that, the demo's time is worth more in the head's own contrastive phase on whole
 videos than in more frames here (1,000 steps at lr 1e-3 then the head's 1,200 contrastive steps beat
-2,000 steps at lr 5e-4 without them by 4.8 / 6.0 test R@1 points, at about the same cost).
+2,000 steps at lr 5e-4 without them by 4.8 / 6.0 test R@1 points, at about the same cost); and one
+ITM negative per positive instead of BLIP-2's two costs a quarter less per step and gave the head as
+much (fifth round), while fewer steps, or a higher learning rate to turn the ITM sooner, did not.
 
 The result is a BLIP-2 checkpoint directory (weights + the word tokenizer of the train captions),
 keyed by everything it was trained on: the store's identity, the settings, the layout and the
@@ -47,7 +49,7 @@ class QFormerSettings:
     text_len: int = 32
     captions: str = "video"
     p_detail: float = DEFAULT_P_DETAIL
-    itm_negatives: int = 2  # BLIP-2's (heads.stage_two.qformer_pretrain.BLIP2_ITM_NEGATIVES)
+    itm_negatives: int = 1  # BLIP-2's is 2 (heads.stage_two.qformer_pretrain.BLIP2_ITM_NEGATIVES); 1 measured
 
     def __post_init__(self) -> None:
         for f in fields(self):  # options from the command line come as JSON values: bring each to its type
