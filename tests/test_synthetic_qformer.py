@@ -169,6 +169,10 @@ def test_the_worlds_qformer_is_made_once_and_keyed_by_what_it_was_trained_on(tin
     video = synthetic_qformer(work, manifest, store, {**SMALL, "captions": "video"}, progress=False)
     assert video != first and "frame_texts" not in json.loads((video / "pretrain.json").read_text())["args"]
     assert synthetic_qformer(work, manifest, store, SMALL, progress=False) == video  # the default: video captions
+    assert json.loads((video / "pretrain.json").read_text())["args"]["itm_negatives"] == 1  # and one ITM negative
+    blip2 = synthetic_qformer(work, manifest, store, {**SMALL, "itm_negatives": 2}, progress=False)
+    assert blip2 not in (first, video)  # BLIP-2's two negatives: another Q-Former, keyed as runs before the option
+    assert "itm_negatives" not in json.loads((blip2 / "pretrain.json").read_text())["args"]
     assert synthetic_qformer(work, manifest, store, {**SMALL, "captions": "frame", "p_detail": 0.2},
                              progress=False) not in (first, video)
 
