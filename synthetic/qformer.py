@@ -14,7 +14,7 @@ head needs a start whose matching (ITM) half has begun to learn (~500 steps of 6
 at lr 5e-4); past that, the demo's time is worth more in the head's own contrastive phase on whole
 videos than in more frames here (1,000 steps at lr 1e-3 then the head's 1,200 contrastive steps beat
 2,000 steps at lr 5e-4 without them by 4.8 / 6.0 test R@1 points, at about the same cost); and one
-ITM negative per positive instead of BLIP-2's two costs a quarter less per step and gave the head as
+ITM negative per positive instead of BLIP-2's two costs a sixth to a quarter less per step and gave the head as
 much (fifth round), while fewer steps, or a higher learning rate to turn the ITM sooner, did not.
 
 The result is a BLIP-2 checkpoint directory (weights + the word tokenizer of the train captions),
