@@ -14,8 +14,9 @@ head needs a start whose matching (ITM) half has begun to learn (~500 steps of 6
 at lr 5e-4); past that, the demo's time is worth more in the head's own contrastive phase on whole
 videos than in more frames here (1,000 steps at lr 1e-3 then the head's 1,200 contrastive steps beat
 2,000 steps at lr 5e-4 without them by 4.8 / 6.0 test R@1 points, at about the same cost); and one
-ITM negative per positive instead of BLIP-2's two costs a sixth to a quarter less per step and gave the head as
-much (fifth round), while fewer steps, or a higher learning rate to turn the ITM sooner, did not.
+ITM negative per positive instead of BLIP-2's two costs a sixth to a quarter less per step and gave
+the head as much (fifth round), while fewer steps, or a higher learning rate to turn the ITM sooner,
+did not.
 
 The result is a BLIP-2 checkpoint directory (weights + the word tokenizer of the train captions),
 keyed by everything it was trained on: the store's identity, the settings, the layout and the
@@ -49,7 +50,7 @@ class QFormerSettings:
     text_len: int = 32
     captions: str = "video"
     p_detail: float = DEFAULT_P_DETAIL
-    itm_negatives: int = 1  # BLIP-2's is 2 (heads.stage_two.qformer_pretrain.BLIP2_ITM_NEGATIVES); 1 measured
+    itm_negatives: int = 1  # BLIP-2's is 2 (BLIP2_ITM_NEGATIVES); 1: docs/benchmarks/qformer.md, fifth round
 
     def __post_init__(self) -> None:
         for f in fields(self):  # options from the command line come as JSON values: bring each to its type
